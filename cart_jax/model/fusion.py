@@ -1,0 +1,152 @@
+"""CART's coarse-to-fine fusion of ALL encoder layers into the decoder.
+
+Given the encoder's layer outputs ``E_1..E_S`` (each ``[batch, src, d]``):
+
+* **coarse**: ``Z = W [E_1; ...; E_S] + b`` (features concatenated, projected once
+  per query by :class:`CoarseProjection`); each decoder layer cross-attends to
+  ``Z`` and gates the result with a self-gated sigmoid ``c * sigmoid(W_g c)``.
+* **fine**: each decoder layer cross-attends to every ``E_i`` separately (an
+  "expert" per encoder layer, with its own key/value projections and a shared
+  query/output projection) and mixes the S results with learnable weights
+  ``alpha_i`` (``softmax`` over layers, or an independent ``sigmoid`` each).
+  Because the output projection is linear, mixing happens before it:
+  ``O(sum_i alpha_i attn_i) = sum_i alpha_i O(attn_i)``.
+* the coarse and fine outputs are added; the decoder layer adds the sum to its
+  residual stream, which feeds the next layer.
+* ``none``: standard T5 cross-attention to the last encoder layer ``E_S``.
+
+Encoder-side keys/values depend only on the query, so :meth:`FusedCrossAttention.precompute`
+computes them ONCE per query (at encode time); the per-step call only projects
+the decoder queries. Keys/values have no beam axis and are broadcast over beams
+inside the einsums (never tiled). Diagnostics (``alpha``) are returned, not printed.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cart_jax.model.config import ModelConfig
+from cart_jax.model.layers import Dense, MultiHeadAttention, attention_probs, param
+from cart_jax.partitioning import with_logical_constraint
+
+
+class CoarseProjection(nnx.Module):
+  """``Z = W [E_1; ...; E_S] + b``: all encoder layers concatenated on features, projected to d."""
+
+  def __init__(self, num_layers: int, width: int, d_model: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.proj = Dense((num_layers * width,), (d_model,), ("fused_embed", "embed"), use_bias=True,
+                      dtype=dtype, rngs=rngs)
+
+  def __call__(self, layers: jax.Array) -> jax.Array:
+    """``layers [batch, S, src, width]`` -> ``Z [batch, src, d_model]``."""
+    b, s_layers, src, width = layers.shape
+    concat = jnp.transpose(layers, (0, 2, 1, 3)).reshape(b, src, s_layers * width)  # [b, src, S*w]
+    return self.proj(concat)
+
+
+def _stacked_kv_init(key, shape, dtype):
+  """Per-expert fan-in init for ``[S, d, heads, kv]`` kernels (fan-in = d)."""
+  std = math.sqrt(1.0 / shape[1]) / 0.87962566103423978
+  return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
+
+class FineFusion(nnx.Module):
+  """Cross-attention to each encoder layer separately, mixed by learnable ``alpha``."""
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    c = config
+    s = c.num_fused_layers
+    self.query = Dense((c.d_model,), (c.num_heads, c.head_dim), ("embed", "heads", "kv"),
+                       dtype=dtype, rngs=rngs)
+    self.key = param(rngs, _stacked_kv_init, (s, c.d_model, c.num_heads, c.head_dim),
+                     ("layers", "embed", "heads", "kv"))
+    self.value = param(rngs, _stacked_kv_init, (s, c.d_model, c.num_heads, c.head_dim),
+                       ("layers", "embed", "heads", "kv"))
+    self.out = Dense((c.num_heads, c.head_dim), (c.d_model,), ("heads", "kv", "embed"),
+                     dtype=dtype, rngs=rngs)
+    # alpha logits: zeros = uniform weights at init (1/S for softmax, 1/2 for sigmoid).
+    self.alpha_logits = nnx.Param(jnp.zeros((s,), jnp.float32), logical_axes=("layers",))
+    self.weighting = c.fine_weighting
+    self.head_dim = c.head_dim
+    self.dropout_rate = c.dropout_rate
+    self.dtype = dtype
+
+  def alpha(self) -> jax.Array:
+    """``[S]`` mixing weights of the encoder layers."""
+    logits = self.alpha_logits.get_value()
+    return jax.nn.softmax(logits) if self.weighting == "softmax" else jax.nn.sigmoid(logits)
+
+  def precompute(self, layers: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``layers [b, S, src, d]`` -> keys, values ``[b, S, src, heads, kv]``."""
+    x = layers.astype(self.dtype)
+    k = jnp.einsum("bLsd,Ldhk->bLshk", x, self.key.get_value().astype(self.dtype))
+    v = jnp.einsum("bLsd,Ldhk->bLshk", x, self.value.get_value().astype(self.dtype))
+    return k, v
+
+  def __call__(self, h: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+               rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
+    """``h [b, beam, t, d]``; k/v ``[b, S, src, heads, kv]``; bias ``[b, 1, 1, 1, src]``."""
+    q = self.query(h) * (1.0 / math.sqrt(self.head_dim))  # [b, beam, t, heads, kv]
+    scores = jnp.einsum("bkthd,bLshd->bkLhts", q, k) + bias[:, :, None]  # [b, beam, S, heads, t, src]
+    probs = attention_probs(scores, self.dropout_rate, rngs).astype(v.dtype)
+    ctx = jnp.einsum("bkLhts,bLshd->bkLthd", probs, v)  # [b, beam, S, t, heads, kv]
+    alpha = self.alpha()
+    mixed = jnp.einsum("bkLthd,L->bkthd", ctx, alpha.astype(ctx.dtype))  # [b, beam, t, heads, kv]
+    return self.out(mixed), alpha
+
+
+class FusedCrossAttention(nnx.Module):
+  """The cross-attention block of one decoder layer under ``config.fusion``."""
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    c = config
+    self.fusion = c.fusion
+    if c.fusion == "none":
+      self.cross = MultiHeadAttention(c.d_model, c.num_heads, c.head_dim, dropout_rate=c.dropout_rate,
+                                      dtype=dtype, rngs=rngs)
+    if c.uses_coarse:
+      self.coarse = MultiHeadAttention(c.d_model, c.num_heads, c.head_dim,
+                                       dropout_rate=c.dropout_rate, dtype=dtype, rngs=rngs)
+      self.coarse_gate = Dense((c.d_model,), (c.d_model,), ("embed", "embed"), dtype=dtype, rngs=rngs)
+    if c.uses_fine:
+      self.fine = FineFusion(c, dtype=dtype, rngs=rngs)
+
+  def precompute(self, layers: jax.Array, z: jax.Array | None) -> dict[str, jax.Array]:
+    """Encoder-side keys/values for this decoder layer, once per query.
+
+    Args:
+      layers: ``[b, S, src, d]`` all encoder layer outputs.
+      z: ``[b, src, d]`` coarse fusion input (None unless coarse fusion is on).
+    Returns:
+      dict of arrays with leading axis ``batch`` (no beam axis).
+    """
+    kv = {}
+    if self.fusion == "none":
+      kv["k"], kv["v"] = self.cross.project_kv(layers[:, -1])  # [b, src, heads, kv]
+    if self.fusion in ("coarse", "both"):
+      kv["coarse_k"], kv["coarse_v"] = self.coarse.project_kv(z)  # [b, src, heads, kv]
+    if self.fusion in ("fine", "both"):
+      kv["fine_k"], kv["fine_v"] = self.fine.precompute(layers)  # [b, S, src, heads, kv]
+    return {name: with_logical_constraint(a, ("batch",) + (None,) * (a.ndim - 3) + ("heads", "kv"))
+            for name, a in kv.items()}
+
+  def __call__(self, h: jax.Array, kv: dict[str, jax.Array], bias: jax.Array,
+               rngs: nnx.Rngs | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``h [b, beam, t, d]`` (normed decoder stream) -> (update ``[b, beam, t, d]``, aux)."""
+    aux = {}
+    if self.fusion == "none":
+      out = self.cross.cross_attend(self.cross.project_query(h), kv["k"], kv["v"], bias, rngs)
+      return out, aux
+    out = jnp.zeros_like(h)
+    if self.fusion in ("coarse", "both"):
+      c = self.coarse.cross_attend(self.coarse.project_query(h), kv["coarse_k"], kv["coarse_v"],
+                                   bias, rngs)  # [b, beam, t, d]
+      out = out + c * jax.nn.sigmoid(self.coarse_gate(c))  # self-gated sigmoid
+    if self.fusion in ("fine", "both"):
+      f, alpha = self.fine(h, kv["fine_k"], kv["fine_v"], bias, rngs)
+      out = out + f
+      aux["alpha"] = alpha
+    return out, aux

@@ -1,0 +1,211 @@
+"""T5.1.1 building blocks in Flax NNX: RMSNorm, projections, gated-GELU MLP, attention.
+
+Conventions:
+  * every parameter is an ``nnx.Param`` carrying ``logical_axes`` metadata (see
+    ``cart_jax.partitioning``); no biases anywhere (T5.1.1) except where a caller
+    asks for one (the coarse-fusion projection ``W [E_1; ...; E_S] + b``);
+  * the decoder stream always has a beam axis: ``[batch, beam, length, d]``
+    (teacher forcing uses ``beam = 1``), so training and cached decoding share one
+    code path and encoder-side keys/values broadcast over beams without copies;
+  * dropout is functional: pass ``rngs=nnx.Rngs(dropout=key)`` to train, ``None``
+    to run deterministically. Modules hold no RNG state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cart_jax.partitioning import with_logical_constraint
+
+NEG_INF = -1e9  # additive mask value; finite so fully-masked rows stay NaN-free
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], logical_axes: Sequence[str | None]) -> nnx.Param:
+  """An ``nnx.Param`` initialised by ``init`` with its logical axis names attached."""
+  if len(shape) != len(logical_axes):
+    raise ValueError(f"shape {tuple(shape)} vs logical axes {tuple(logical_axes)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(logical_axes))
+
+
+def fan_in_init(num_in_dims: int, scale: float = 1.0):
+  """Truncated-normal variance scaling over the first ``num_in_dims`` (input) dimensions."""
+  def init(key, shape, dtype):
+    fan_in = math.prod(shape[:num_in_dims])
+    std = math.sqrt(scale / fan_in) / 0.87962566103423978  # truncated-normal correction
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+  return init
+
+
+def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+  """Inverted dropout; identity when ``rngs`` is None (deterministic) or ``rate == 0``."""
+  if rngs is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class RMSNorm(nnx.Module):
+  """T5 layer norm: scale only, no mean subtraction, no bias."""
+
+  def __init__(self, dim: int, *, epsilon: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+    del rngs
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+    self.epsilon = epsilon
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.epsilon)
+    return (y * self.scale.get_value()).astype(self.dtype)
+
+
+class Dense(nnx.Module):
+  """``y = x . W (+ b)`` contracting the last ``len(in_shape)`` axes of ``x``."""
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
+               logical_axes: Sequence[str | None], *, use_bias: bool = False,
+               init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    self.num_in = len(in_shape)
+    self.kernel = param(rngs, fan_in_init(len(in_shape), init_scale), in_shape + out_shape, logical_axes)
+    self.bias = (nnx.Param(jnp.zeros(out_shape, jnp.float32),
+                           logical_axes=tuple(logical_axes[len(in_shape):])) if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel.get_value().astype(self.dtype)
+    n = self.num_in
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel,
+                            ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias.get_value().astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding table ``[vocab, embed]``."""
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.embedding = param(rngs, jax.nn.initializers.normal(1.0), (num_embeddings, features),
+                           ("vocab", "embed"))
+    self.dtype = dtype
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding.get_value(), ids, axis=0).astype(self.dtype)
+
+
+class GatedGeluMlp(nnx.Module):
+  """T5.1.1 MLP: ``wo(gelu(wi_0 x) * wi_1 x)`` with dropout on the hidden layer."""
+
+  def __init__(self, d_model: int, d_ff: int, *, dropout_rate: float, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.wi_0 = Dense((d_model,), (d_ff,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.wi_1 = Dense((d_model,), (d_ff,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.wo = Dense((d_ff,), (d_model,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.dropout_rate = dropout_rate
+
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    h = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)  # [..., d_ff]
+    h = with_logical_constraint(h, (None,) * (h.ndim - 1) + ("mlp",))
+    h = dropout(h, self.dropout_rate, rngs)
+    return self.wo(h)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jax.Array:
+  """T5's bucketing of ``key_pos - query_pos``: exact for small offsets, log-spaced beyond.
+
+  Bidirectional: half the buckets for keys after the query, half for keys before.
+  Causal: offsets to future keys all map to bucket 0 (they are masked anyway).
+  """
+  n = -relative_position  # > 0 when the key lies before the query
+  bucket = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  n_safe = jnp.maximum(n, 1).astype(jnp.float32)
+  log_ratio = jnp.log(n_safe / max_exact) / math.log(max_distance / max_exact)
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+  """Learned per-head scalar bias per relative-position bucket, shared by all layers of a stack."""
+
+  def __init__(self, num_buckets: int, max_distance: int, num_heads: int, *, bidirectional: bool,
+               rngs: nnx.Rngs):
+    self.rel_embedding = param(rngs, fan_in_init(1), (num_buckets, num_heads),
+                               ("relpos_buckets", "heads"))
+    self.num_buckets = num_buckets
+    self.max_distance = max_distance
+    self.bidirectional = bidirectional
+
+  def __call__(self, query_pos: jax.Array, key_pos: jax.Array) -> jax.Array:
+    """``query_pos [t]``, ``key_pos [s]`` -> bias ``[heads, t, s]``."""
+    rel = key_pos[None, :] - query_pos[:, None]  # [t, s]
+    buckets = relative_position_bucket(rel, bidirectional=self.bidirectional,
+                                       num_buckets=self.num_buckets, max_distance=self.max_distance)
+    bias = jnp.take(self.rel_embedding.get_value(), buckets, axis=0)  # [t, s, heads]
+    return jnp.transpose(bias, (2, 0, 1))  # [heads, t, s]
+
+
+def attention_probs(scores: jax.Array, dropout_rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  return dropout(probs, dropout_rate, rngs)
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head attention with separate q/k/v/o projections (no biases).
+
+  The decoder stream has a beam axis; keys/values either carry it too (self
+  attention, KV cache per beam) or not (cross attention: ``[batch, src, heads, kv]``
+  broadcast over beams by the einsum, never tiled).
+  """
+
+  def __init__(self, d_model: int, num_heads: int, head_dim: int, *, dropout_rate: float,
+               kv_features: int | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+    kv_features = d_model if kv_features is None else kv_features
+    self.query = Dense((d_model,), (num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+    self.key = Dense((kv_features,), (num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+    self.value = Dense((kv_features,), (num_heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+    self.out = Dense((num_heads, head_dim), (d_model,), ("heads", "kv", "embed"), dtype=dtype, rngs=rngs)
+    self.head_dim = head_dim
+    self.dropout_rate = dropout_rate
+
+  def project_query(self, x: jax.Array) -> jax.Array:
+    """``[..., d] -> [..., heads, kv]``, pre-scaled by ``1/sqrt(head_dim)``."""
+    return self.query(x) * (1.0 / math.sqrt(self.head_dim))
+
+  def project_kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[..., d] -> ([..., heads, kv], [..., heads, kv])``."""
+    return self.key(x), self.value(x)
+
+  def self_attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                  rngs: nnx.Rngs | None) -> jax.Array:
+    """q ``[b, k, t, h, d]``, k/v ``[b, k, s, h, d]``, bias broadcastable to ``[b, k, h, t, s]``."""
+    scores = jnp.einsum("bkthd,bkshd->bkhts", q, k) + bias  # [batch, beam, heads, t, s]
+    probs = attention_probs(scores, self.dropout_rate, rngs).astype(v.dtype)
+    ctx = jnp.einsum("bkhts,bkshd->bkthd", probs, v)  # [batch, beam, t, heads, kv]
+    return self.out(ctx)
+
+  def cross_attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                   rngs: nnx.Rngs | None) -> jax.Array:
+    """q ``[b, k, t, h, d]``, k/v ``[b, s, h, d]`` (shared by beams), bias ``[b, 1, 1, 1, s]``."""
+    scores = jnp.einsum("bkthd,bshd->bkhts", q, k) + bias  # [batch, beam, heads, t, src]
+    probs = attention_probs(scores, self.dropout_rate, rngs).astype(v.dtype)
+    ctx = jnp.einsum("bkhts,bshd->bkthd", probs, v)  # [batch, beam, t, heads, kv]
+    return self.out(ctx)

@@ -1,0 +1,199 @@
+"""Mesh, logical axis rules and shardings: the one place that maps names to devices.
+
+Every parameter of the network carries a tuple of *logical* axis names in its
+``nnx.Param`` metadata (key ``logical_axes``, e.g. ``("embed", "mlp")``), and key
+activations are constrained with :func:`with_logical_constraint`. One rules table,
+:data:`LOGICAL_AXIS_RULES`, maps each logical name to a mesh axis (``data``,
+``model``) or to ``None`` (replicated). Nothing else in the code base names mesh
+axes.
+
+Creating state already sharded::
+
+  mesh = make_mesh(data=-1, model=1)
+  model = create_sharded(lambda: CARTNetwork(cfg, rngs=nnx.Rngs(0)), mesh)
+
+``create_sharded`` traces the constructor with ``nnx.eval_shape`` (no memory),
+derives a ``NamedSharding`` per variable, then runs the constructor under
+``jax.jit(..., out_shardings=...)`` so every array is born on its shards.
+
+A dimension whose size is not divisible by its mesh axis is replicated instead
+(e.g. an identifier vocabulary of 1314 rows on ``model = 4``); the golden file
+records the rules' intent, :func:`partition_spec` the shape-checked result.
+
+No gin, no TensorFlow.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+DATA = "data"
+MODEL = "model"
+
+# logical axis name -> mesh axis (or None = replicated). Megatron-style tensor
+# parallelism on ``model`` (heads, MLP width, vocabularies), data parallelism on ``data``.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", DATA),          # examples / queries
+    ("beam", None),           # beams of one query stay on the query's device
+    ("length", None),         # sequence positions (input or identifier)
+    ("embed", None),          # d_model (residual stream), replicated
+    ("heads", MODEL),         # attention heads
+    ("kv", None),             # per-head width
+    ("mlp", MODEL),           # gated-GELU hidden width
+    ("vocab", MODEL),         # input and identifier vocabularies
+    ("layers", None),         # encoder layers stacked for fine fusion
+    ("fused_embed", None),    # concatenated encoder layers [E_1; ...; E_S] (S * width)
+    ("relpos_buckets", None), # relative position buckets
+    ("positions", None),      # MiniLM absolute positions
+    ("token_types", None),    # MiniLM token types
+    ("encoder_embed", None),  # width of a pretrained encoder (MiniLM: 384)
+)
+
+
+def rules_dict(rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> dict[str, str | None]:
+  names = [r[0] for r in rules]
+  if len(set(names)) != len(names):
+    raise ValueError(f"logical axis rules name an axis twice: {names}")
+  return dict(rules)
+
+
+def logical_to_mesh_axes(logical_axes: Sequence[str | None],
+                         rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+  """Logical names -> ``PartitionSpec`` by the rules table (no shape check).
+
+  A mesh axis is used at most once per spec: a later dimension asking for an axis
+  already taken is replicated.
+  """
+  table = rules_dict(rules)
+  used: set[str] = set()
+  out: list[str | None] = []
+  for name in logical_axes:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+    axis = table[name]
+    if axis is not None and axis in used:
+      axis = None
+    if axis is not None:
+      used.add(axis)
+    out.append(axis)
+  return PartitionSpec(*out)
+
+
+def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                   rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+  """Like :func:`logical_to_mesh_axes`, replicating dimensions the mesh axis does not divide."""
+  spec = logical_to_mesh_axes(logical_axes, rules)
+  if shape is None or mesh is None:
+    return spec
+  if len(shape) != len(spec):
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+  sizes = dict(zip(mesh.axis_names, mesh.axis_shape if hasattr(mesh, "axis_shape") else mesh.devices.shape))
+  out = []
+  for dim, axis in zip(shape, spec):
+    if axis is not None and dim % sizes.get(axis, 1) != 0:
+      axis = None
+    out.append(axis)
+  return PartitionSpec(*out)
+
+
+def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A 2-D ``(data, model)`` mesh over all (or the given) devices; ``-1`` = the rest."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if model < 1 or n % model != 0:
+    raise ValueError(f"model={model} must be >= 1 and divide the {n} devices")
+  if data == -1:
+    data = n // model
+  if data * model != n:
+    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, have {n}")
+  return jax.make_mesh((data, model), (DATA, MODEL),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
+
+
+def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names under the ambient mesh (``jax.set_mesh``); no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = partition_spec(logical_axes, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def variable_logical_axes(variable: Any) -> tuple | None:
+  """The ``logical_axes`` metadata of an ``nnx.Variable`` (None when it has none)."""
+  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+  axes = meta.get("logical_axes")
+  return None if axes is None else tuple(axes)
+
+
+def state_partition_specs(state: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """``nnx.State`` -> same tree of ``PartitionSpec`` (replicated where no logical axes)."""
+  from flax import nnx
+
+  def spec(v):
+    axes = variable_logical_axes(v)
+    shape = np.shape(v.get_value()) if hasattr(v, "get_value") else np.shape(v)
+    if axes is None:
+      return PartitionSpec()
+    if len(axes) != len(shape):
+      raise ValueError(f"variable with logical axes {axes} has shape {shape}")
+    return partition_spec(axes, shape, mesh)
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
+  """``nnx.State`` -> same tree of ``NamedSharding`` on ``mesh``."""
+  specs = state_partition_specs(state, mesh)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def create_sharded(constructor: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
+  """Builds an NNX module whose arrays are created directly with their shardings."""
+  from flax import nnx
+
+  abstract = nnx.eval_shape(constructor)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh)
+
+  init = jax.jit(lambda: nnx.split(constructor())[1], out_shardings=shardings)
+  with jax.set_mesh(mesh):
+    state = init()
+  return nnx.merge(graphdef, state)
+
+
+def shard_state(state: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places an existing (host or single-device) state on ``mesh`` by the rules."""
+  return jax.device_put(state, state_shardings(state, mesh))
+
+
+def param_logical_axes_table(state: Any) -> dict[str, dict]:
+  """``{"path/to/param": {"shape": [...], "logical": [...], "spec": [...]}}`` for goldens."""
+  from flax import nnx
+
+  out = {}
+  for path, v in nnx.to_flat_state(state):
+    if not isinstance(v, nnx.Param):
+      continue
+    axes = variable_logical_axes(v)
+    key = "/".join(str(p) for p in path)
+    spec = logical_to_mesh_axes(axes) if axes is not None else None
+    out[key] = {
+        "shape": [int(d) for d in v.get_value().shape],
+        "logical": None if axes is None else list(axes),
+        "spec": None if spec is None else [s for s in spec],
+    }
+  return out
+
+
+def num_elements(shape: Sequence[int]) -> int:
+  return int(math.prod(shape))
