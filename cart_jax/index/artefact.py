@@ -1,0 +1,72 @@
+"""Atomic writes and content hashes for on-disk artefacts (index directories, JSON, npy).
+
+An artefact directory is written into a temporary sibling and renamed into place
+only once complete, so readers never see a half-written directory and a failed
+build leaves nothing behind (an existing artefact at the target stays intact
+until the new one is complete).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+  """Yield a temporary directory that replaces ``target`` when the block succeeds."""
+  target = Path(target)
+  parent = target.parent if str(target.parent) else Path(".")
+  parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if target.exists():
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
+    os.rmdir(old)
+    os.replace(target, old)
+  try:
+    os.replace(tmp, target)
+  except BaseException:
+    if old is not None:
+      os.replace(old, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Write ``text`` to ``path`` via a temporary file in the same directory + rename."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(block), b""):
+      h.update(chunk)
+  return h.hexdigest()
