@@ -1,0 +1,406 @@
+"""The one corpus directory format that everything downstream reads.
+
+A corpus is a directory::
+
+  corpus.json    {"format": "cart-corpus", "version": 1, "name": ..., "modality": ...,
+                  "num_items": N, "counts": {split: {kind: n}}, "meta": {...}}
+  items.jsonl    one candidate per line: {"id": str, "modality": "image"|"audio"|"video",
+                  "media": "media/<file>"}   (path relative to the corpus directory)
+  texts.jsonl    one text per line: {"item_id": str, "text": str,
+                  "split": "train"|"val"|"test", "kind": "query"|"caption",
+                  "source": str (optional provenance tag)}
+  media/         the media files (or symbolic links to them)
+
+Splits belong to texts, not items: every item is a retrieval candidate (it gets an
+identifier), and a test item's human queries are simply all ``split=test``. ``kind=query``
+texts are human queries; ``kind=caption`` texts are caption-enhancement descriptions of the
+item (from a captioner), used only for training.
+
+``load_corpus`` validates everything and raises :class:`CorpusFormatError` naming the file
+and line. ``write_corpus`` writes into a temporary directory next to the target and renames
+it into place, so a failed write leaves nothing behind.
+
+Pure Python: importing this module never imports TensorFlow or JAX.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+FORMAT_NAME = "cart-corpus"
+FORMAT_VERSION = 1
+CORPUS_FILE = "corpus.json"
+ITEMS_FILE = "items.jsonl"
+TEXTS_FILE = "texts.jsonl"
+MEDIA_DIR = "media"
+
+MODALITIES = ("image", "audio", "video")
+SPLITS = ("train", "val", "test")
+KINDS = ("query", "caption")
+
+
+class CorpusFormatError(ValueError):
+  """A corpus (or an importer's source file) is malformed; the message names file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One retrieval candidate."""
+  id: str
+  modality: str
+  media: str  # path relative to the corpus directory
+
+  def to_json(self) -> dict:
+    return {"id": self.id, "modality": self.modality, "media": self.media}
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  """One text attached to an item: a human query or a caption-enhancement description."""
+  item_id: str
+  text: str
+  split: str = "train"
+  kind: str = "query"
+  source: str | None = None
+
+  def to_json(self) -> dict:
+    d = {"item_id": self.item_id, "text": self.text, "split": self.split, "kind": self.kind}
+    if self.source is not None:
+      d["source"] = self.source
+    return d
+
+
+def normalize_text(text: str) -> str:
+  """Canonical form used to compare texts (dedupe and leak checks).
+
+  NFKC, case-folded, ``_``/``:``/``,``/``.``/quotes and word-internal hyphens become
+  spaces, whitespace collapsed. ``"Flag: Germany"``, ``"flag_germany"`` and
+  ``"flag germany"`` are the same text.
+  """
+  t = unicodedata.normalize("NFKC", text).casefold()
+  t = t.replace("\u2019", "'").replace("\u2018", "'")
+  t = re.sub(r"(?<=\w)-(?=\w)", " ", t)
+  t = re.sub(r"[_:,.;!?\"()\[\]{}\u201c\u201d\u3001\u3002\uff0c\uff1a]", " ", t)
+  return " ".join(t.split())
+
+
+class Corpus:
+  """An in-memory corpus: items, texts and helpers. Build with ``load_corpus`` or directly."""
+
+  def __init__(self, name: str, modality: str, items: Sequence[Item], texts: Sequence[Text],
+               root: str | os.PathLike | None = None, meta: Mapping | None = None):
+    self.name = name
+    self.modality = modality
+    self.items: tuple[Item, ...] = tuple(items)
+    self.all_texts: tuple[Text, ...] = tuple(texts)
+    self.root = Path(root) if root is not None else None
+    self.meta = dict(meta or {})
+    self._index = {it.id: i for i, it in enumerate(self.items)}
+
+  def __repr__(self) -> str:
+    return (f"Corpus(name={self.name!r}, modality={self.modality!r}, items={len(self.items)}, "
+            f"texts={len(self.all_texts)}, root={str(self.root) if self.root else None!r})")
+
+  @property
+  def item_ids(self) -> list[str]:
+    return [it.id for it in self.items]
+
+  def item_index(self, item_id: str) -> int:
+    """Row of ``item_id`` in ``items`` (KeyError if unknown)."""
+    return self._index[item_id]
+
+  def __contains__(self, item_id: str) -> bool:
+    return item_id in self._index
+
+  def texts(self, split: str | None = None, kind: str | None = None) -> list[Text]:
+    """Texts filtered by split and/or kind (``None`` = any)."""
+    if split is not None and split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if kind is not None and kind not in KINDS:
+      raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    return [t for t in self.all_texts
+            if (split is None or t.split == split) and (kind is None or t.kind == kind)]
+
+  def pairs(self, split: str | None = None, kind: str | None = None) -> tuple[list[str], np.ndarray]:
+    """(texts, item rows int32 [n]) for a split/kind: the retrieval ground truth."""
+    sel = self.texts(split, kind)
+    rows = np.asarray([self._index[t.item_id] for t in sel], np.int32)  # [n]
+    return [t.text for t in sel], rows
+
+  def media_path(self, item: Item | str) -> Path:
+    """Absolute path of an item's media file."""
+    if isinstance(item, str):
+      item = self.items[self._index[item]]
+    if self.root is None:
+      raise ValueError("corpus has no root directory; media paths are relative to it")
+    return self.root / item.media
+
+  def counts(self) -> dict[str, dict[str, int]]:
+    """``{split: {kind: number of texts}}`` for every split and kind (zeros included)."""
+    c = collections.Counter((t.split, t.kind) for t in self.all_texts)
+    return {s: {k: c[(s, k)] for k in KINDS} for s in SPLITS}
+
+  def summary(self) -> dict:
+    return {"name": self.name, "modality": self.modality, "num_items": len(self.items),
+            "num_texts": len(self.all_texts), "counts": self.counts()}
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and validation.
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise CorpusFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+      if not isinstance(rec, dict):
+        raise CorpusFormatError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
+      yield lineno, rec
+
+
+def _field(rec: dict, key: str, where: str) -> str:
+  if key not in rec:
+    raise CorpusFormatError(f"{where}: missing field {key!r} (found fields {sorted(rec)})")
+  val = rec[key]
+  if not isinstance(val, str):
+    raise CorpusFormatError(f"{where}: field {key!r} must be a string, found {val!r}")
+  return val
+
+
+def check_text(text: Text, where: str, known_ids: Mapping[str, int] | set | None = None) -> None:
+  """Validates one text record (raises CorpusFormatError naming ``where``)."""
+  if known_ids is not None and text.item_id not in known_ids:
+    raise CorpusFormatError(f"{where}: unknown item id {text.item_id!r}")
+  if not text.text.strip():
+    raise CorpusFormatError(f"{where}: empty text for item {text.item_id!r}")
+  if text.split not in SPLITS:
+    raise CorpusFormatError(f"{where}: bad split {text.split!r}; expected one of {list(SPLITS)}")
+  if text.kind not in KINDS:
+    raise CorpusFormatError(f"{where}: bad kind {text.kind!r}; expected one of {list(KINDS)}")
+
+
+def _check_item(item: Item, where: str, root: Path | None, check_media: bool) -> None:
+  if not item.id:
+    raise CorpusFormatError(f"{where}: empty item id")
+  if item.modality not in MODALITIES:
+    raise CorpusFormatError(f"{where}: bad modality {item.modality!r}; expected one of {list(MODALITIES)}")
+  if not item.media:
+    raise CorpusFormatError(f"{where}: empty media path for item {item.id!r}")
+  if os.path.isabs(item.media) or ".." in Path(item.media).parts:
+    raise CorpusFormatError(f"{where}: media path {item.media!r} must be relative and inside the corpus")
+  if check_media and root is not None and not (root / item.media).is_file():
+    raise CorpusFormatError(f"{where}: media file {item.media!r} of item {item.id!r} not found "
+                            f"under {root}")
+
+
+def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpus:
+  """Reads and validates a corpus directory.
+
+  Args:
+    directory: the corpus directory (holds ``corpus.json``, ``items.jsonl``, ``texts.jsonl``).
+    check_media: also check that every item's media file exists.
+
+  Raises:
+    CorpusFormatError: naming the file and line of the first problem.
+  """
+  root = Path(directory)
+  if not root.is_dir():
+    raise CorpusFormatError(f"{root}: not a directory (expected a corpus directory)")
+  meta_path = root / CORPUS_FILE
+  if not meta_path.is_file():
+    raise CorpusFormatError(f"{meta_path}: missing (not a corpus directory?)")
+  try:
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise CorpusFormatError(f"{meta_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+    raise CorpusFormatError(f"{meta_path}: field 'format' must be {FORMAT_NAME!r}")
+  if meta.get("version") != FORMAT_VERSION:
+    raise CorpusFormatError(f"{meta_path}: unsupported version {meta.get('version')!r} "
+                            f"(this reader knows {FORMAT_VERSION})")
+  name = meta.get("name")
+  modality = meta.get("modality")
+  if not isinstance(name, str) or not name:
+    raise CorpusFormatError(f"{meta_path}: field 'name' must be a non-empty string")
+  if modality not in MODALITIES:
+    raise CorpusFormatError(f"{meta_path}: bad modality {modality!r}; expected one of {list(MODALITIES)}")
+
+  items_path = root / ITEMS_FILE
+  if not items_path.is_file():
+    raise CorpusFormatError(f"{items_path}: missing")
+  items: list[Item] = []
+  seen: dict[str, int] = {}
+  for lineno, rec in _read_jsonl(items_path):
+    where = f"{items_path}:{lineno}"
+    item = Item(_field(rec, "id", where), _field(rec, "modality", where), _field(rec, "media", where))
+    if item.id in seen:
+      raise CorpusFormatError(f"{where}: duplicate item id {item.id!r} (first on line {seen[item.id]})")
+    seen[item.id] = lineno
+    _check_item(item, where, root, check_media)
+    items.append(item)
+  if not items:
+    raise CorpusFormatError(f"{items_path}: no items")
+
+  texts_path = root / TEXTS_FILE
+  if not texts_path.is_file():
+    raise CorpusFormatError(f"{texts_path}: missing")
+  texts: list[Text] = []
+  for lineno, rec in _read_jsonl(texts_path):
+    where = f"{texts_path}:{lineno}"
+    src = rec.get("source")
+    if src is not None and not isinstance(src, str):
+      raise CorpusFormatError(f"{where}: field 'source' must be a string, found {src!r}")
+    text = Text(_field(rec, "item_id", where), _field(rec, "text", where),
+                _field(rec, "split", where), _field(rec, "kind", where), src)
+    check_text(text, where, seen)
+    texts.append(text)
+
+  corpus = Corpus(name, modality, items, texts, root=root, meta=meta.get("meta", {}))
+  if meta.get("num_items") not in (None, len(items)):
+    raise CorpusFormatError(f"{meta_path}: num_items {meta['num_items']} but {items_path} has "
+                            f"{len(items)} items")
+  return corpus
+
+
+# ---------------------------------------------------------------------------------------
+# Writing.
+
+MediaWriter = Callable[[Path], None]  # called with the corpus temp dir; writes media/...
+
+
+def _place_media(src: Path, dst: Path, mode: str) -> None:
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  if mode == "copy":
+    shutil.copyfile(src, dst)
+  elif mode == "symlink":
+    os.symlink(os.path.abspath(src), dst)
+  elif mode == "hardlink":
+    os.link(src, dst)
+  else:
+    raise ValueError(f"unknown media mode {mode!r}; expected copy, symlink or hardlink")
+
+
+def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Sequence[Item],
+                 texts: Sequence[Text], *, media_sources: Mapping[str, str | os.PathLike] | None = None,
+                 media_mode: str = "symlink", media_writer: MediaWriter | None = None,
+                 meta: Mapping | None = None, overwrite: bool = False) -> Corpus:
+  """Writes a corpus directory atomically and returns it (loaded back and validated).
+
+  Args:
+    out_dir: target directory; must not exist unless ``overwrite``.
+    name, modality: corpus name and modality.
+    items, texts: the records; ``item.media`` is the path inside the corpus.
+    media_sources: item id -> existing file to copy/link to ``item.media``.
+    media_mode: ``copy``, ``symlink`` (absolute link) or ``hardlink``.
+    media_writer: alternatively a function that writes the media into the temp directory.
+    meta: free-form provenance stored in ``corpus.json``.
+    overwrite: replace an existing corpus directory.
+  """
+  out = Path(out_dir)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    # Validate records before writing anything heavy.
+    ids: dict[str, int] = {}
+    for i, it in enumerate(items):
+      if it.id in ids:
+        raise CorpusFormatError(f"item #{i}: duplicate item id {it.id!r}")
+      ids[it.id] = i
+      _check_item(it, f"item #{i} ({it.id!r})", None, check_media=False)
+    for i, t in enumerate(texts):
+      check_text(t, f"text #{i}", ids)
+    if media_sources is not None:
+      for it in items:
+        src = media_sources.get(it.id)
+        if src is None:
+          raise CorpusFormatError(f"item {it.id!r}: no media source given")
+        _place_media(Path(src), tmp / it.media, media_mode)
+    if media_writer is not None:
+      media_writer(tmp)
+    (tmp / MEDIA_DIR).mkdir(exist_ok=True)
+    with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
+      for it in items:
+        f.write(json.dumps(it.to_json(), ensure_ascii=False) + "\n")
+    with open(tmp / TEXTS_FILE, "w", encoding="utf-8") as f:
+      for t in texts:
+        f.write(json.dumps(t.to_json(), ensure_ascii=False) + "\n")
+    corpus = Corpus(name, modality, items, texts)
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "name": name, "modality": modality,
+              "num_items": len(items), "num_texts": len(texts), "counts": corpus.counts(),
+              "meta": dict(meta or {})}
+    (tmp / CORPUS_FILE).write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+    load_corpus(tmp)  # full validation, media included, before it becomes visible
+    _swap_into_place(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return load_corpus(out, check_media=False)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+  if out.exists():
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, out)
+
+
+def rewrite_texts(corpus_dir: str | os.PathLike, texts: Sequence[Text]) -> Corpus:
+  """Replaces ``texts.jsonl`` (and the counts in ``corpus.json``) of an existing corpus atomically."""
+  root = Path(corpus_dir)
+  corpus = load_corpus(root, check_media=False)
+  ids = {it.id: i for i, it in enumerate(corpus.items)}
+  for i, t in enumerate(texts):
+    check_text(t, f"text #{i}", ids)
+  tmp_texts = root / f".{TEXTS_FILE}.tmp-{os.getpid()}"
+  tmp_meta = root / f".{CORPUS_FILE}.tmp-{os.getpid()}"
+  try:
+    with open(tmp_texts, "w", encoding="utf-8") as f:
+      for t in texts:
+        f.write(json.dumps(t.to_json(), ensure_ascii=False) + "\n")
+    header = json.loads((root / CORPUS_FILE).read_text(encoding="utf-8"))
+    header["num_texts"] = len(texts)
+    header["counts"] = Corpus(corpus.name, corpus.modality, corpus.items, texts).counts()
+    tmp_meta.write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp_texts, root / TEXTS_FILE)
+    os.replace(tmp_meta, root / CORPUS_FILE)
+  finally:
+    for p in (tmp_texts, tmp_meta):
+      if p.exists():
+        p.unlink()
+  return load_corpus(root, check_media=False)
+
+
+def find_leaks(corpus: Corpus) -> list[tuple[Text, Text]]:
+  """(held-out text, training text) pairs whose normalised texts are equal.
+
+  A held-out text is any ``val``/``test`` text; a training text is any ``train`` text of any
+  item or kind. An honest corpus returns ``[]``.
+  """
+  train = {}
+  for t in corpus.all_texts:
+    if t.split == "train":
+      train.setdefault(normalize_text(t.text), t)
+  return [(t, train[normalize_text(t.text)]) for t in corpus.all_texts
+          if t.split != "train" and normalize_text(t.text) in train]
