@@ -214,6 +214,8 @@ def import_clotho(sources: Sequence[Path], media_root: Path, *, name: str | None
       files.append((f, key))
   if not files:
     raise CorpusFormatError(f"no clotho_captions_*.csv found in {[str(s) for s in sources]}")
+  order = list(CLOTHO_SPLITS)
+  files.sort(key=lambda f: order.index(f[1]))  # development, validation, evaluation
   col = _Collector("audio")
   columns = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
   for path, key in files:
