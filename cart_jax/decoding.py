@@ -121,9 +121,20 @@ def _top_k_padded(cand_bm: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return jax.lax.top_k(cand_bm, k)
 
 
-def _select(state: BeamState, cand_bkf: jax.Array, child_bkf: jax.Array, code_bkf: jax.Array,
+def select_beams(state: BeamState, cand_bkf: jax.Array, child_bkf: jax.Array, code_bkf: jax.Array,
             level: int, offset: int, beam: int) -> BeamState:
-  """Top-k over beam x fan-out, then reorders the state by parent beam."""
+  """Top-k over beam x candidates, then reorders the state by parent beam.
+
+  Args:
+    state: the state before the step (cache already advanced by the model call).
+    cand_bkf: float32 [batch, parents, fanout] candidate scores, -inf where not allowed;
+      ``parents`` is 1 at step 0 (only beam 0 is live) and ``beam`` afterwards.
+    child_bkf: int32 [batch, parents, fanout] trie node each candidate leads to.
+    code_bkf: int32 [batch, parents, fanout] level-local code of each candidate.
+    level: the level decided by this step.
+    offset: first global token id of ``level``.
+    beam: beam width.
+  """
   batch, n_parents, fanout = cand_bkf.shape
   flat_scores, flat_idx = _top_k_padded(cand_bkf.reshape(batch, n_parents * fanout), beam)
   # Padded slots (only possible when n_parents * fanout < beam) point past the end: clip them.
@@ -213,7 +224,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, trie: TrieTables
       code = next_code[child]  # [batch, beam, fanout]
       logp = jnp.take_along_axis(logp_bkv, code + off, axis=-1)  # [batch, beam, fanout]
       cand = jnp.where(valid, state.scores[:, :, None] + logp, NEG_INF)  # [batch, beam, fanout]
-    state = _select(state, cand, child, code, level, off, beam)
+    state = select_beams(state, cand, child, code, level, off, beam)
 
   n = config.n_results
   scores = state.scores[:, :n]  # [batch, n]  (top_k output is sorted, best first)
@@ -254,7 +265,7 @@ def unconstrained_beam_search(tokens_to_logits: TokensToLogits, cache: Cache,
     logp = logp_bkv[:, :n_parents, off:off + size]  # [batch, parents, size]
     cand = state.scores[:, :n_parents, None] + logp  # [batch, parents, size]
     code = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), cand.shape)  # [batch, parents, size]
-    state = _select(state, cand, jnp.zeros_like(code), code, level, off, beam)
+    state = select_beams(state, cand, jnp.zeros_like(code), code, level, off, beam)
   n = config.n_results
   scores = state.scores[:, :n]
   valid = scores > NEG_INF
