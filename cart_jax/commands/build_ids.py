@@ -24,7 +24,7 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--clusters", type=int, default=256, help="K, K-Means clusters of the coarse token (default 256)")
   p.add_argument("--levels", type=int, default=3, help="M, fine levels (RQ-VAE codebooks) (default 3)")
   p.add_argument("--codebook-size", type=int, default=256, help="C, codes per fine level (default 256)")
-  p.add_argument("--rq-steps", type=int, default=1500, help="RQ-VAE training steps (default 1500)")
+  p.add_argument("--rq-steps", type=int, default=1000, help="RQ-VAE training steps (default 1000)")
   p.add_argument("--rq-latent-dim", type=int, default=64, help="RQ-VAE latent width (default 64)")
   p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
   g = p.add_mutually_exclusive_group()

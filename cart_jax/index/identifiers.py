@@ -64,10 +64,10 @@ class IdentifierConfig:
   kmeans_tol: float = 1e-4
   rq_latent_dim: int = 64
   rq_hidden_dims: tuple[int, ...] = (256, 128)
-  rq_steps: int = 1500
+  rq_steps: int = 1000
   rq_batch_size: int = 1024
   rq_beta: float = 0.25
-  rq_learning_rate: float = 1e-3
+  rq_learning_rate: float = 3e-3
   seed: int = 0
 
   @property

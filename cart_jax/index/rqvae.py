@@ -48,8 +48,8 @@ class RQVAEConfig:
   num_levels: int = 3
   codebook_size: int = 256
   beta: float = 0.25
-  learning_rate: float = 1e-3
-  steps: int = 1500
+  learning_rate: float = 3e-3
+  steps: int = 1000
   batch_size: int = 1024
   restart_every: int = 100
 
