@@ -12,8 +12,8 @@ Texts (from ``emoji.EMOJI_DATA``):
 * English wordings, ``kind=query``, with a ``source`` tag:
   ``name`` (CLDR short name, ``:thumbs_up:`` -> ``thumbs up``), ``alias`` (GitHub/Slack
   aliases, ``:+1:`` -> ``+1``), ``unicode`` (the Unicode character names of the code points,
-  joined; skin-tone modifiers -> ``light skin tone`` etc., keycap -> ``keycap``; ``:grinning:``
-  ... e.g. ``man personal computer`` for U+1F468 U+200D U+1F4BB), ``flag`` (for flags:
+  joined; skin-tone modifiers -> ``light skin tone`` etc., keycap -> ``keycap``; e.g.
+  ``man personal computer`` for U+1F468 U+200D U+1F4BB), ``flag`` (for flags:
   ``flag of X``, ``X flag``) and, unless disabled, ``template`` (``<name> emoji``,
   ``<name> icon``). All are deterministic functions of the package data.
 * Names in the other 13 languages (ar de es fa fr id it ja ko pt ru tr zh), ``kind=caption``,
