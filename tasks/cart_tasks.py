@@ -62,6 +62,17 @@ def identifier_accuracy(targets: Sequence[tuple], predictions: Sequence[tuple]) 
   return {"recall@1": 100.0 * hits / max(1, len(targets))}
 
 
+def parse_identifier(output, example=None, is_target: bool = False) -> tuple[int, ...]:
+  """Task postprocessor: a code string (``b"3 17 0 2"``, the pretokenized target) or a decoded
+  code sequence -> tuple of ints, so targets and predictions compare equal in the metric."""
+  del example, is_target
+  if isinstance(output, bytes):
+    output = output.decode("utf-8")
+  if isinstance(output, str):
+    return tuple(int(x) for x in output.split())
+  return tuple(int(x) for x in output)
+
+
 def _prefix(name: str) -> str:
   return "cart_" + re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_").lower()
 
@@ -108,7 +119,7 @@ def _add_task(name: str, source: seqio.DataSource, output_features: dict, metric
   seqio.TaskRegistry.add(
       name, source=source,
       preprocessors=[seqio.preprocessors.tokenize, finalize_inputs],
-      output_features=output_features,
+      output_features=output_features, postprocess_fn=parse_identifier,
       metric_fns=[identifier_accuracy] if metrics else [])
 
 

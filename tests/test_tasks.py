@@ -193,6 +193,14 @@ def test_captions_file_and_errors(toy, tmp_path):
   with pytest.raises(ValueError, match="out of range"):
     cart_tasks.register_corpus_tasks(corpus_dir, item_ids, bad, VOCAB, name="toy_e")
   assert cart_tasks.identifier_accuracy([(1, 2), (3, 4)], [(1, 2), (3, 5)]) == {"recall@1": 50.0}
+  # the metric sees targets (pretokenized code strings) and predictions (decoded tuples) alike
+  task = seqio.get_mixture_or_task(names.eval_test)
+  ex = _examples(task.get_dataset(LENGTHS, split="test", shuffle=False), 1)[0]
+  target = task.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
+  pred = task.postprocess_fn(task.output_features["targets"].vocabulary.decode(ex["targets"]),
+                             example=ex, is_target=False)
+  assert target == pred == tuple(int(c) for c in codes[item_ids.index("it0")])
+  assert task.metric_fns[0]([target], [pred]) == {"recall@1": 100.0}
 
 
 def test_tfds_builder(toy, tmp_path):
