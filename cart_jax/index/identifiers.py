@@ -456,12 +456,14 @@ def build_index(embeddings: np.ndarray, item_ids: list[str] | None, config: Iden
     stats["kmeans_empty_clusters"] = int((np.asarray(km.counts) == 0).sum())
     residual = emb - centroids[labels]
     parts.append(labels[:, None])
+    stats["kmeans_seconds"] = time.perf_counter() - t0
     if progress:
       progress("k-means", 1, 1)
   else:
     labels, residual = None, emb
     stats["kmeans_inertia"] = None
   rq_params, scale, tables = None, 1.0, None
+  t1 = time.perf_counter()
   if config.use_rqvae:
     scale = float(np.sqrt(np.mean(residual.astype(np.float64) ** 2)) + 1e-12)
     x = residual / scale
@@ -484,6 +486,7 @@ def build_index(embeddings: np.ndarray, item_ids: list[str] | None, config: Iden
     stats["rq_mse_per_level"] = mse
     stats["codebook_usage_per_level"] = [
         float(np.unique(fine[:, m]).size / config.codebook_size) for m in range(config.num_levels)]
+  stats["fine_levels_seconds"] = time.perf_counter() - t1
   prefixes = np.concatenate(parts, axis=1).astype(np.int32)
   u = assign_counters(prefixes)
   codes = np.concatenate([prefixes, u[:, None]], axis=1).astype(np.int32)
