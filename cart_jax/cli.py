@@ -13,7 +13,7 @@ import sys
 # (subcommand name, module under cart_jax.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("build-ids", "build_ids", "build semantic identifiers (K-Means + RQ-VAE + counter) for embeddings"),
-    ("data", "data", "prepare the built-in data sets and import the paper's data set formats"),
+    ("data", "data", "corpora: import data sets, prepare the emoji corpus, add captions, validate"),
     ("demo", "demo", "run the main job on the embedded default data set"),
 ]
 
