@@ -5,10 +5,13 @@ Run:
   python benchmarks/decode_bench.py --json benchmarks/results/decode_cpu.json \
       --plot benchmarks/results/decode_cpu.png                                 # full sweep
 
-All methods drive the SAME small decoder (2 layers, d=256, 4 heads, MLP 1024, random float32
-weights, a real self-attention KV cache, cross-attention to a fixed random encoder output
-[batch, 16, 256] that is not copied per beam), the same beam search skeleton and the same
-identifiers. Only the constraint differs:
+Two decoders, both with the same step interface (cart_jax.decoding.TokensToLogits):
+  small  2 layers, d=256, 4 heads, MLP 1024, random float32 weights, a real self-attention KV cache
+         and cross-attention to a fixed random encoder output [batch, 16, 256] that is not copied
+         per beam: the end-to-end cost of a query (default in --quick).
+  stub   table lookups (near-free model): what is left is the cost of the search and the
+         constraint, which is what the methods differ in.
+All methods run the same search skeleton on the same identifiers; only the constraint differs:
 
   cart         the trie as arrays (cart_jax.index.trie) + cart_jax.decoding.beam_search
   host_trie    a Python nested-dict trie walked for every beam at every step, called from the jitted
@@ -16,14 +19,22 @@ identifiers. Only the constraint differs:
   prefix_scan  every step compares every beam's prefix with all N identifiers, in JAX, and scatters
                the next codes of the matches into a mask (how TIGER-style repositories do it)
 
-Each (method, corpus size) runs in its own subprocess with the same environment (thread settings
-included). Timing: compile apart (AOT lower+compile), >= 3 warm-up calls, >= 10 timed calls with
-jax.block_until_ready; median and spread. A configuration whose single call is too slow to time
-in the budget gets fewer repeats (recorded in "n_timed") or is recorded as skipped with a reason.
+Mask overhead: in the cart process the same decoder also runs an unconstrained beam search (every
+code of the level allowed) and the decoder alone (L steps, no search), interleaved call by call
+with the constrained search so that they share the machine's load; the share is
+(cart - unconstrained) / cart.
+
+Each method runs in its own subprocess (all corpus sizes in turn) with the same environment
+(thread settings included). Timing: compile apart (AOT lower+compile), >= 3 warm-up calls, >= 10
+timed calls with jax.block_until_ready; median and spread. A configuration whose single call is too
+slow for the time budget gets fewer repeats (recorded in "n_warmup"/"n_timed"/"note") or is
+recorded under "skipped" with the reason (prefix_scan is predicted linearly in N from the previous
+corpus size). The machine's 1-minute load average is logged with every row.
 
 Identifiers (L = 6): (k, v1, v2, v3, v4, u); k in 256 clusters with skewed sizes (p ~ 1/(i+8)),
 v1..v4 uniform in 256 codes, u a counter over colliding (k, v1..v4) (vocabulary 16). The vocabulary
-(and so the decoder) is the same for every corpus size.
+(and so the decoder) is the same for every corpus size; the trie's per-level fan-out is not
+(reported as "max_fanout").
 """
 from __future__ import annotations
 
@@ -35,6 +46,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -136,7 +148,42 @@ def make_decoder(seed: int = 0):
   return params, make_tokens_to_logits, init_cache
 
 
+def make_stub_decoder(seed: int = 1):
+  """Near-free model (table lookups) with the same interface: isolates the constraint's cost.
+
+  logits = table[last_token] + pos_bias[step] + query_bias(encoder output) + hash term; the cache
+  holds a rolling hash of the prefix (so reordering it matters) with leading [batch, beam].
+  """
+  import jax.numpy as jnp
+  from cart_jax.index.vocab import IdentifierVocab
+
+  vocab_size = IdentifierVocab(LEVEL_SIZES).vocab_size
+  rng = np.random.default_rng(seed)
+  params = {"table": jnp.asarray(rng.normal(size=(vocab_size, vocab_size)), jnp.float32),
+            "pos": jnp.asarray(rng.normal(size=(ID_LEN, vocab_size)), jnp.float32),
+            "proj": jnp.asarray(rng.normal(size=(D_MODEL, vocab_size)) * 0.1, jnp.float32)}
+
+  def init_cache(batch, beam):
+    return {"hash": jnp.zeros((batch, beam), jnp.int32)}
+
+  def make_tokens_to_logits(params, enc_bsd):
+    query_bias = enc_bsd.mean(axis=1) @ params["proj"]  # [batch, vocab], once per query
+
+    def tokens_to_logits(tok_bk, cache, step):
+      h = cache["hash"] * 31 + tok_bk
+      hash_term = 0.01 * (h % 7).astype(jnp.float32)[..., None]  # [batch, beam, 1]
+      logits = params["table"][tok_bk] + params["pos"][step] + query_bias[:, None] + hash_term
+      return logits, {"hash": h}  # [batch, beam, vocab]
+
+    return tokens_to_logits
+
+  return params, make_tokens_to_logits, init_cache
+
+
 # ----------------------------------------------------------------------------- methods
+
+HOST_TRIE = {}  # the current host trie, read by the callback at run time
+
 
 class HostTrie:
   """GENRE-style trie: nested dicts walked from the root for every prefix."""
@@ -157,13 +204,13 @@ class HostTrie:
     return list(node.keys())
 
 
-def build_search(method: str, codes: np.ndarray, beam: int, trie_or_host=None):
-  """Returns search(params, enc, tables) -> DecodeResult-like (codes, scores)."""
+def build_search(method: str, beam: int, decoder: str = "small"):
+  """Returns (params, search) with search(params, enc, tables) -> (codes, scores)."""
   import jax
   import jax.numpy as jnp
   from cart_jax import decoding
 
-  params, make_t2l, init_cache = make_decoder()
+  params, make_t2l, init_cache = make_decoder() if decoder == "small" else make_stub_decoder()
   config = decoding.DecodeConfig(beam, beam)
   offsets = decoding.level_offsets(LEVEL_SIZES)
 
@@ -192,7 +239,7 @@ def build_search(method: str, codes: np.ndarray, beam: int, trie_or_host=None):
     return params, search
 
   def allowed_host(prefix_bkl, level):
-    host = trie_or_host
+    host = HOST_TRIE["trie"]
     prefix_bkl, level = np.asarray(prefix_bkl), int(level)
     b, k, _ = prefix_bkl.shape
     mask = np.zeros((b, k, LEVEL_SIZES[level]), bool)
@@ -255,98 +302,135 @@ def rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_calls(fn, args, budget_s: float, max_call_s: float, min_warmup=3, min_timed=10):
-  """Warm-up then timed calls; fewer repeats when one call is too slow for the budget."""
+def time_calls(calls: dict, budget_s: float, max_call_s: float, min_warmup=3, min_timed=10):
+  """Warm-up then timed calls of each ``calls[name] = (fn, args)``, interleaved round-robin.
+
+  Interleaving makes the variants of one row (cart / unconstrained / decoder only) share the
+  same background load on a busy machine. When one call is too slow for ``budget_s`` (per
+  variant), fewer repeats are made and recorded ("n_warmup", "n_timed", "note").
+  """
   import jax
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - t0
-  if first > max_call_s:
-    return {"skipped": f"one call took {first:.1f} s > {max_call_s:.0f} s limit per call",
-            "first_call_s": first}
-  n_warm, n_timed = min_warmup, min_timed
-  note = None
-  if first * (min_warmup - 1 + min_timed) > budget_s:
-    n_warm = 1 if first * 4 > budget_s else min_warmup - 1
-    n_timed = max(3, int(budget_s / first) - n_warm)
-    note = f"slow call ({first:.2f} s): {n_warm + 1} warm-up, {n_timed} timed calls"
-  for _ in range(n_warm - 1):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n_timed):
+  first = {}
+  for name, (fn, args) in calls.items():
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  times = np.asarray(times)
-  out = {"call_ms_p50": 1e3 * float(np.median(times)), "call_ms_min": 1e3 * float(times.min()),
-         "call_ms_max": 1e3 * float(times.max()),
-         "spread_iqr_pct": 100.0 * float((np.percentile(times, 75) - np.percentile(times, 25))
-                                         / np.median(times)),
-         "n_warmup": n_warm, "n_timed": n_timed}
-  if note:
-    out["note"] = note
+    first[name] = time.perf_counter() - t0
+  slowest = max(first.values())
+  if slowest > max_call_s:
+    msg = f"one call took {slowest:.1f} s > {max_call_s:.0f} s limit per call"
+    return {name: {"skipped": msg, "first_call_s": first[name]} for name in calls}
+  n_warm, n_timed, note = min_warmup, min_timed, None  # n_warm counts the first call
+  if slowest * (min_warmup - 1 + min_timed) > budget_s:
+    n_warm = 2 if slowest * 5 <= budget_s else 1
+    n_timed = max(3, int(budget_s / slowest) - (n_warm - 1))
+    note = f"slow call ({slowest:.2f} s): {n_warm} warm-up, {n_timed} timed calls"
+  times = {name: [] for name in calls}
+  for i in range(n_warm - 1 + n_timed):
+    for name, (fn, args) in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      if i >= n_warm - 1:
+        times[name].append(time.perf_counter() - t0)
+  out = {}
+  for name, ts in times.items():
+    ts = np.asarray(ts)
+    out[name] = {
+        "call_ms_p50": 1e3 * float(np.median(ts)), "call_ms_min": 1e3 * float(ts.min()),
+        "call_ms_max": 1e3 * float(ts.max()),
+        "spread_iqr_pct": 100.0 * float((np.percentile(ts, 75) - np.percentile(ts, 25))
+                                        / np.median(ts)),
+        "n_warmup": n_warm, "n_timed": n_timed}
+    if note:
+      out[name]["note"] = note
   return out
 
 
 def worker(spec: dict) -> None:
-  """Runs one (method, n_ids) over the requested batch sizes; prints one JSON line per result."""
+  """Runs one method over all requested corpus sizes, decoders and batch sizes, in this process.
+
+  Prints one JSON line per measurement (streamed, so a timeout keeps what was measured).
+  """
   import jax
   import jax.numpy as jnp
   from cart_jax.index.trie import build_trie_timed
   from cart_jax.index.vocab import IdentifierVocab
 
-  method, n, beam = spec["method"], spec["n_ids"], spec["beam"]
-  codes = make_corpus(n)
-  extra = {}
-  if method == "cart":
-    trie, stats = build_trie_timed(codes, IdentifierVocab(LEVEL_SIZES))
-    tables = trie.to_device()
-    extra = {"trie_build_s": stats["build_s"], "trie_memory_bytes": stats["memory_bytes"],
-             "max_fanout": stats["max_fanout"]}
-    host = None
-  elif method == "host_trie":
-    rss0 = rss_mb()
-    t0 = time.perf_counter()
-    host = HostTrie(codes)
-    extra = {"trie_build_s": time.perf_counter() - t0, "trie_rss_growth_mb": rss_mb() - rss0}
-    tables = jnp.zeros(())
-  else:
-    host = None
-    tables = jax.device_put(jnp.asarray(codes))
-    extra = {"table_bytes": int(codes.nbytes)}
-
-  params, search = build_search(method, codes, beam, host)
-  variants = [method] + (["unconstrained", "decoder_only"] if method == "cart" else [])
-  for batch in spec["batches"]:
-    enc = jax.device_put(jnp.asarray(
-        np.random.default_rng(batch).normal(size=(batch, SRC_LEN, D_MODEL)), jnp.float32))
-    row_ms = {}
-    for variant in variants:
-      if variant != method:
-        params_v, search_v = build_search(variant, codes, beam)
-      else:
-        params_v, search_v = params, search
-      args = (params_v, enc, tables)
+  method, beam = spec["method"], spec["beam"]
+  last_call_s = {}  # (decoder, batch) -> (n, seconds per call): to predict linear-in-N methods
+  compiled_cache = {}
+  for n in spec["n_ids"]:
+    codes = make_corpus(n)
+    extra, host = {}, None
+    if method == "cart":
+      trie, stats = build_trie_timed(codes, IdentifierVocab(LEVEL_SIZES))
+      tables = trie.to_device()
+      extra = {"trie_build_s": stats["build_s"], "trie_memory_bytes": stats["memory_bytes"],
+               "max_fanout": stats["max_fanout"], "num_nodes": stats["num_nodes"]}
+    elif method == "host_trie":
+      rss0 = rss_mb()
       t0 = time.perf_counter()
-      compiled = jax.jit(search_v).lower(*args).compile()
-      compile_s = time.perf_counter() - t0
-      timing = time_calls(compiled, args, spec["budget_s"], spec["max_call_s"])
-      rec = {"method": variant, "n_ids": n, "batch": batch, "beam": beam, "compile_s": compile_s,
-             **timing}
-      if "call_ms_p50" in timing:
-        rec["qps"] = batch / (timing["call_ms_p50"] / 1e3)
-        rec["step_ms"] = timing["call_ms_p50"] / ID_LEN
-        row_ms[variant] = timing["call_ms_p50"]
-      if variant == method:
-        rec.update(extra)
-      rec["peak_rss_mb"] = rss_mb()
-      print(json.dumps(rec), flush=True)
-    if method == "cart" and len(row_ms) == 3:
-      c, u, d = row_ms["cart"], row_ms["unconstrained"], row_ms["decoder_only"]
-      print(json.dumps({"kind": "mask_overhead", "n_ids": n, "batch": batch, "beam": beam,
-                        "cart_ms": c, "unconstrained_ms": u, "decoder_only_ms": d,
-                        "mask_share_vs_unconstrained": (c - u) / c,
-                        "search_share_beyond_decoder": (c - d) / c}), flush=True)
+      host = HostTrie(codes)
+      HOST_TRIE.clear()
+      HOST_TRIE["trie"] = host
+      extra = {"trie_build_s": time.perf_counter() - t0, "trie_rss_growth_mb": rss_mb() - rss0}
+      tables = jnp.zeros(())
+    else:
+      tables = jax.device_put(jnp.asarray(codes))
+      extra = {"table_bytes": int(codes.nbytes)}
+
+    for decoder in spec["decoders"]:
+      variants = [method]
+      if method == "cart" and decoder == "small" and n in spec["overhead_n"]:
+        variants += spec["overhead_variants"]
+      for batch in spec["batches"]:
+        base = {"decoder": decoder, "n_ids": n, "batch": batch, "beam": beam}
+        prev = last_call_s.get((decoder, batch))
+        if (method == "prefix_scan" and prev and n <= 10 * prev[0]
+            and prev[1] * n / prev[0] > spec["max_call_s"]):
+          predicted = prev[1] * n / prev[0]
+          print(json.dumps({"method": method, **base, "skipped": (
+              f"predicted {predicted:.0f} s per call (linear in N from {prev[1]:.1f} s at "
+              f"N={prev[0]}) > {spec['max_call_s']:.0f} s limit per call")}), flush=True)
+          continue
+        enc = jax.device_put(jnp.asarray(
+            np.random.default_rng(batch).normal(size=(batch, SRC_LEN, D_MODEL)), jnp.float32))
+        calls, compile_s = {}, {}
+        for variant in variants:
+          args_shapes = (variant, decoder, batch, tables.shape if hasattr(tables, "shape") else
+                         jax.tree_util.tree_structure(tables))
+          reused = args_shapes in compiled_cache and method == "host_trie"
+          params, search = build_search(variant, beam, decoder)
+          if reused:  # same program: the host trie is read through HOST_TRIE at run time
+            compiled, compile_s[variant] = compiled_cache[args_shapes], 0.0
+          else:
+            t0 = time.perf_counter()
+            compiled = jax.jit(search).lower(params, enc, tables).compile()
+            compile_s[variant] = time.perf_counter() - t0
+            compiled_cache[args_shapes] = compiled
+          calls[variant] = (compiled, (params, enc, tables))
+        timings = time_calls(calls, spec["budget_s"][decoder], spec["max_call_s"])
+        row_ms = {}
+        for variant in variants:
+          timing = timings[variant]
+          rec = {"method": variant, **base, "compile_s": compile_s[variant], **timing}
+          if "call_ms_p50" in timing:
+            rec["qps"] = batch / (timing["call_ms_p50"] / 1e3)
+            rec["step_ms"] = timing["call_ms_p50"] / ID_LEN
+            row_ms[variant] = timing["call_ms_p50"]
+            if variant == method:
+              last_call_s[(decoder, batch)] = (n, timing["call_ms_p50"] / 1e3)
+          if variant == method:
+            rec.update(extra)
+          rec["peak_rss_mb"] = rss_mb()
+          rec["load_avg_1m"] = os.getloadavg()[0]  # the machine is shared: context for noise
+          print(json.dumps(rec), flush=True)
+        if "cart" in row_ms and "unconstrained" in row_ms:
+          c, u = row_ms["cart"], row_ms["unconstrained"]
+          d = row_ms.get("decoder_only")
+          print(json.dumps({"kind": "mask_overhead", **base, "cart_ms": c, "unconstrained_ms": u,
+                            "decoder_only_ms": d, "mask_share_vs_unconstrained": (c - u) / c,
+                            "search_share_beyond_decoder": None if d is None else (c - d) / c}),
+                flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -358,58 +442,77 @@ def machine_info() -> dict:
           "cpu_count": os.cpu_count(), "python": platform.python_version(),
           "jax": jax.__version__, "backend": jax.default_backend(),
           "device": getattr(dev, "device_kind", str(dev)), "n_devices": jax.device_count(),
-          "float32_matmul_precision": "default (TF32 on NVIDIA GPUs, plain f32 on CPU)"}
+          "float32_matmul_precision": "default (TF32 on NVIDIA GPUs, plain f32 on CPU)",
+          "load_avg_at_start": os.getloadavg()}
 
 
-def run_worker_subprocess(spec: dict, env: dict, timeout_s: float) -> tuple[list[dict], str | None]:
+def run_worker_subprocess(spec: dict, env: dict, timeout_s: float, on_line) -> str | None:
+  """Runs a worker, feeding each JSON line it prints to ``on_line``; returns an error or None."""
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  killer = threading.Timer(timeout_s, proc.kill)
+  killer.start()
   try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    out, err = proc.stdout, None if proc.returncode == 0 else (
-        f"worker exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-  except subprocess.TimeoutExpired as e:
-    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-    err = f"worker exceeded {timeout_s:.0f} s"
-  recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-  return recs, err
+    for line in proc.stdout:
+      if line.startswith("{"):
+        on_line(json.loads(line))
+    proc.wait()
+    err_tail = proc.stderr.read().strip().splitlines()[-1:]
+  finally:
+    killer.cancel()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  if proc.returncode == 0:
+    return None
+  if proc.returncode == -9:
+    return f"worker exceeded {timeout_s:.0f} s and was stopped"
+  return f"worker exit {proc.returncode}: {err_tail}"
 
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, write) -> None:
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def plot(report: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  styles = {"cart": "o-", "host_trie": "s--", "prefix_scan": "^:"}
-  batches = sorted({r["batch"] for r in report["results"]})
-  for method in METHODS:
-    for b in batches:
-      pts = sorted((r["n_ids"], r["qps"]) for r in report["results"]
-                   if r["method"] == method and r["batch"] == b and "qps" in r)
-      if pts:
-        ax.plot(*zip(*pts), styles[method], label=f"{method}, batch {b}")
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlabel("identifiers in the corpus (N)")
-  ax.set_ylabel("queries / s")
-  ax.set_title(f"Constrained beam search (beam {report['beam']}, L={ID_LEN}), "
-               f"{report['machine']['device']}", fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7)
+  decoders = sorted({r["decoder"] for r in report["results"]}, reverse=True)  # small, stub
+  fig, axes = plt.subplots(1, len(decoders), figsize=(6.2 * len(decoders), 4.4), squeeze=False)
+  colors = {"cart": "tab:blue", "host_trie": "tab:orange", "prefix_scan": "tab:green"}
+  marks = {1: "o--", 100: "s-"}
+  titles = {"small": "2-layer d=256 decoder with KV cache (end to end)",
+            "stub": "table-lookup stub decoder (cost of the constraint)"}
+  for ax, decoder in zip(axes[0], decoders):
+    for method in METHODS:
+      for b in sorted({r["batch"] for r in report["results"]}):
+        pts = sorted((r["n_ids"], r["qps"]) for r in report["results"] if r["method"] == method
+                     and r["batch"] == b and r["decoder"] == decoder and "qps" in r)
+        if pts:
+          ax.plot(*zip(*pts), marks.get(b, "^-"), color=colors[method],
+                  label=f"{method}, batch {b}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("identifiers in the corpus (N)")
+    ax.set_ylabel("queries / s")
+    ax.set_title(titles.get(decoder, decoder), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+  m = report["machine"]
+  fig.suptitle(f"Constrained beam search, beam {report['beam']}, L={ID_LEN} - {m['device']} "
+               f"({m['backend']}, {m['cpu_count']} CPUs)", fontsize=10)
   fig.tight_layout()
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".png")
-  os.close(fd)
-  fig.savefig(tmp, dpi=120)
-  os.replace(tmp, path)
+  write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def main(argv=None) -> int:
@@ -419,6 +522,8 @@ def main(argv=None) -> int:
   ap.add_argument("--plot", help="where to write the PNG plot (queries/s vs N)")
   ap.add_argument("--beam", type=int, default=10)
   ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--decoders", default=None,
+                  help="small: 2-layer KV-cached decoder; stub: table lookups (constraint cost)")
   ap.add_argument("--n_ids", default=None, help="comma list, overrides the sweep")
   ap.add_argument("--batches", default=None, help="comma list, overrides the sweep")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -433,15 +538,25 @@ def main(argv=None) -> int:
   for m in methods:
     if m not in METHODS:
       ap.error(f"--methods: unknown method {m!r}, expected some of {METHODS}")
+  decoders = (args.decoders or ("small" if args.quick else "small,stub")).split(",")
+  for d in decoders:
+    if d not in ("small", "stub"):
+      ap.error(f"--decoders: unknown decoder {d!r}, expected small and/or stub")
   ns = [1_000, 100_000] if args.quick else [1_000, 10_000, 100_000, 1_000_000]
   batches = [100] if args.quick else [1, 100]
   if args.n_ids:
     ns = [int(x) for x in args.n_ids.split(",")]
   if args.batches:
     batches = [int(x) for x in args.batches.split(",")]
-  budget_s = 8.0 if args.quick else 25.0  # timing budget per (method, N, batch)
-  max_call_s = 15.0 if args.quick else 40.0
-  worker_timeout_s = 90.0 if args.quick else 300.0
+  spec_common = {
+      "beam": args.beam, "batches": batches, "decoders": decoders,
+      # Timing budget per (method, N, decoder, batch); slower calls get fewer repeats.
+      "budget_s": {"small": 4.0, "stub": 3.0} if args.quick else {"small": 12.0, "stub": 4.0},
+      "max_call_s": 8.0 if args.quick else 20.0,
+      "overhead_n": [max(ns)] if args.quick else [min(ns), max(ns)],
+      "overhead_variants": ["unconstrained"] if args.quick else ["unconstrained", "decoder_only"],
+  }
+  worker_timeout_s = 100.0 if args.quick else 900.0
 
   # Same environment for every method: same thread settings, same device.
   env = dict(os.environ)
@@ -454,82 +569,94 @@ def main(argv=None) -> int:
 
   t_start = time.perf_counter()
   results, overhead, skipped = [], [], []
+
+  def on_line(r):
+    if r.get("kind") == "mask_overhead":
+      overhead.append(r)
+      d = r["decoder_only_ms"]
+      print(f"  mask overhead N={r['n_ids']:,} b{r['batch']}: cart {r['cart_ms']:.1f} ms, "
+            f"unconstrained {r['unconstrained_ms']:.1f} ms, decoder only "
+            + ("-" if d is None else f"{d:.1f} ms"), flush=True)
+      return
+    if "skipped" in r:
+      skipped.append({k: r[k] for k in ("method", "decoder", "n_ids", "batch", "skipped")})
+    elif r["method"] in METHODS:
+      results.append(r)
+    else:
+      overhead.append({"kind": "variant", **r})
+    print(f"  [{time.perf_counter() - t_start:6.1f}s] {r['method']:13s} {r['decoder']:5s} "
+          f"N={r['n_ids']:>9,d} b{r['batch']:<4d} " + (
+              f"{r['qps']:10.1f} q/s  compile {r['compile_s']:.1f}s" if "qps" in r
+              else f"skipped: {r['skipped']}"), flush=True)
+
   for method in methods:
+    spec = {"method": method, "n_ids": ns, **spec_common}
+    err = run_worker_subprocess(spec, env, worker_timeout_s, on_line)
+    have = {(r["decoder"], r["n_ids"], r["batch"]) for r in results + skipped
+            if r["method"] == method}
     for n in ns:
-      spec = {"method": method, "n_ids": n, "beam": args.beam, "batches": batches,
-              "budget_s": budget_s, "max_call_s": max_call_s}
-      if method == "host_trie" and n > 100_000 and args.quick:
-        skipped.append({"method": method, "n_ids": n, "reason": "not in --quick"})
-        continue
-      t0 = time.perf_counter()
-      recs, err = run_worker_subprocess(spec, env, worker_timeout_s)
-      for r in recs:
-        if r.get("kind") == "mask_overhead":
-          overhead.append(r)
-        elif "skipped" in r:
-          skipped.append({"method": r["method"], "n_ids": n, "batch": r["batch"],
-                          "reason": r["skipped"]})
-        elif r["method"] in METHODS:
-          results.append(r)
-        else:
-          overhead.append({"kind": "variant", **r})
-      done = {(r["method"], r["batch"]) for r in recs if "method" in r}
-      for b in batches:
-        if (method, b) not in done:
-          skipped.append({"method": method, "n_ids": n, "batch": b,
-                          "reason": err or "no result from worker"})
-      print(f"[{time.perf_counter() - t_start:6.1f}s] {method:12s} N={n:>9,d} "
-            f"({time.perf_counter() - t0:5.1f}s): " + ", ".join(
-                f"b{r['batch']} {r['qps']:.1f} q/s" for r in recs
-                if r.get("method") == method and "qps" in r) + (f"  [{err}]" if err else ""),
-            flush=True)
+      for d in decoders:
+        for b in batches:
+          if (d, n, b) not in have:
+            skipped.append({"method": method, "decoder": d, "n_ids": n, "batch": b,
+                            "skipped": err or "no result from worker"})
+    if err:
+      print(f"  {method}: {err}", flush=True)
 
   report = {
-      "machine": machine_info(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "machine": machine_info(),
+      "command": " ".join(["python", os.path.relpath(__file__)] + (argv or sys.argv[1:])),
       "quick": args.quick, "beam": args.beam, "id_length": ID_LEN, "level_sizes": list(LEVEL_SIZES),
-      "decoder": {"layers": N_LAYERS, "d_model": D_MODEL, "heads": N_HEADS, "d_mlp": D_MLP,
-                  "src_len": SRC_LEN, "dtype": "float32", "kv_cache": True},
+      "decoders": {
+          "small": {"layers": N_LAYERS, "d_model": D_MODEL, "heads": N_HEADS, "d_mlp": D_MLP,
+                    "src_len": SRC_LEN, "dtype": "float32", "kv_cache": True},
+          "stub": "logits = table[last token] + position + query bias + prefix-hash term"},
       "threads_env": {k: env.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                               "MKL_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS")},
       "results": results, "mask_overhead": overhead, "skipped": skipped,
       "wall_s": time.perf_counter() - t_start,
   }
   report["summary"] = summarize(results, overhead)
-  write_atomic(args.json, json.dumps(report, indent=1))
+  write_atomic(args.json, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1)))
   if args.plot:
     plot(report, args.plot)
   print(json.dumps(report["summary"], indent=1))
+  print(f"wrote {args.json} in {report['wall_s']:.0f} s")
   return 0
 
 
 def summarize(results: list[dict], overhead: list[dict]) -> dict:
   """The figures the issue asks for, where the sweep measured them."""
-  def qps(method, n, b):
+  def qps(method, decoder, n, b):
     for r in results:
-      if r["method"] == method and r["n_ids"] == n and r["batch"] == b and "qps" in r:
-        return r["qps"]
+      if (r["method"], r["decoder"], r["n_ids"], r["batch"]) == (method, decoder, n, b):
+        return r.get("qps")
     return None
 
   s = {}
-  for b in sorted({r["batch"] for r in results}):
-    ns = sorted({r["n_ids"] for r in results if r["method"] == "cart" and r["batch"] == b})
-    if len(ns) >= 2:
-      lo, hi = qps("cart", ns[0], b), qps("cart", ns[-1], b)
-      s[f"cart_qps_ratio_N{ns[-1]}_vs_N{ns[0]}_batch{b}"] = hi / lo
-    for n in ns:
-      c, h, p = qps("cart", n, b), qps("host_trie", n, b), qps("prefix_scan", n, b)
-      if h:
-        s[f"speedup_vs_host_trie_N{n}_batch{b}"] = c / h
-      if p:
-        s[f"speedup_vs_prefix_scan_N{n}_batch{b}"] = c / p
+  for decoder in sorted({r["decoder"] for r in results}):
+    for b in sorted({r["batch"] for r in results}):
+      ns = sorted({r["n_ids"] for r in results
+                   if r["method"] == "cart" and r["batch"] == b and r["decoder"] == decoder})
+      if len(ns) >= 2:
+        s[f"{decoder}/cart_qps_N{ns[-1]}_over_N{ns[0]}_b{b}"] = (
+            qps("cart", decoder, ns[-1], b) / qps("cart", decoder, ns[0], b))
+      for n in ns:
+        c = qps("cart", decoder, n, b)
+        for other in ("host_trie", "prefix_scan"):
+          o = qps(other, decoder, n, b)
+          if o:
+            s[f"{decoder}/speedup_vs_{other}_N{n}_b{b}"] = c / o
   for o in overhead:
     if o.get("kind") == "mask_overhead":
-      s[f"mask_share_N{o['n_ids']}_batch{o['batch']}"] = o["mask_share_vs_unconstrained"]
-  builds = [r for r in results if r["method"] == "cart" and "trie_build_s" in r]
-  for r in builds:
-    s[f"trie_build_N{r['n_ids']}"] = {"build_s": r["trie_build_s"],
-                                      "memory_mb": r["trie_memory_bytes"] / 2**20,
-                                      "max_fanout": r["max_fanout"]}
+      s[f"{o['decoder']}/mask_share_of_decode_N{o['n_ids']}_b{o['batch']}"] = (
+          o["mask_share_vs_unconstrained"])
+  for r in results:
+    if r["method"] == "cart" and "trie_build_s" in r and r["n_ids"] == max(
+        x["n_ids"] for x in results if x["method"] == "cart"):
+      s[f"trie_build_N{r['n_ids']}"] = {"build_s": r["trie_build_s"],
+                                        "memory_mb": r["trie_memory_bytes"] / 2**20,
+                                        "max_fanout": r["max_fanout"]}
   return s
 
 
