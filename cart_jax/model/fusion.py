@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cart_jax.model.config import ModelConfig
-from cart_jax.model.layers import Dense, MultiHeadAttention, attention_probs, param
+from cart_jax.model.layers import (Dense, MultiHeadAttention, attention_probs, const_param, fan_in_std,
+                                   normal_param)
 from cart_jax.partitioning import with_logical_constraint
 
 
@@ -47,12 +48,6 @@ class CoarseProjection(nnx.Module):
     return self.proj(concat)
 
 
-def _stacked_kv_init(key, shape, dtype):
-  """Per-expert fan-in init for ``[S, d, heads, kv]`` kernels (fan-in = d)."""
-  std = math.sqrt(1.0 / shape[1]) / 0.87962566103423978
-  return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
-
-
 class FineFusion(nnx.Module):
   """Cross-attention to each encoder layer separately, mixed by learnable ``alpha``."""
 
@@ -61,14 +56,14 @@ class FineFusion(nnx.Module):
     s = c.num_fused_layers
     self.query = Dense((c.d_model,), (c.num_heads, c.head_dim), ("embed", "heads", "kv"),
                        dtype=dtype, rngs=rngs)
-    self.key = param(rngs, _stacked_kv_init, (s, c.d_model, c.num_heads, c.head_dim),
+    self.key = normal_param(rngs, fan_in_std((c.d_model,), 1), (s, c.d_model, c.num_heads, c.head_dim),
                      ("layers", "embed", "heads", "kv"))
-    self.value = param(rngs, _stacked_kv_init, (s, c.d_model, c.num_heads, c.head_dim),
+    self.value = normal_param(rngs, fan_in_std((c.d_model,), 1), (s, c.d_model, c.num_heads, c.head_dim),
                        ("layers", "embed", "heads", "kv"))
     self.out = Dense((c.num_heads, c.head_dim), (c.d_model,), ("heads", "kv", "embed"),
                      dtype=dtype, rngs=rngs)
     # alpha logits: zeros = uniform weights at init (1/S for softmax, 1/2 for sigmoid).
-    self.alpha_logits = nnx.Param(jnp.zeros((s,), jnp.float32), logical_axes=("layers",))
+    self.alpha_logits = const_param(0.0, (s,), ("layers",))
     self.weighting = c.fine_weighting
     self.head_dim = c.head_dim
     self.dropout_rate = c.dropout_rate

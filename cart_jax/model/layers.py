@@ -24,20 +24,55 @@ from cart_jax.partitioning import with_logical_constraint
 NEG_INF = -1e9  # additive mask value; finite so fully-masked rows stay NaN-free
 
 
-def param(rngs: nnx.Rngs, init, shape: Sequence[int], logical_axes: Sequence[str | None]) -> nnx.Param:
-  """An ``nnx.Param`` initialised by ``init`` with its logical axis names attached."""
+def normal_param(rngs: nnx.Rngs, std: float, shape: Sequence[int],
+                 logical_axes: Sequence[str | None]) -> nnx.Param:
+  """``std * N(0, 1)`` parameter with its logical axis names (and ``init_std`` for host init)."""
   if len(shape) != len(logical_axes):
     raise ValueError(f"shape {tuple(shape)} vs logical axes {tuple(logical_axes)}")
-  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), logical_axes=tuple(logical_axes))
+  value = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+  return nnx.Param(value, logical_axes=tuple(logical_axes), init_std=float(std))
 
 
-def fan_in_init(num_in_dims: int, scale: float = 1.0):
-  """Truncated-normal variance scaling over the first ``num_in_dims`` (input) dimensions."""
-  def init(key, shape, dtype):
-    fan_in = math.prod(shape[:num_in_dims])
-    std = math.sqrt(scale / fan_in) / 0.87962566103423978  # truncated-normal correction
-    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
-  return init
+def const_param(value: float, shape: Sequence[int], logical_axes: Sequence[str | None]) -> nnx.Param:
+  """Constant-initialised parameter (norm scales, biases, fusion logits)."""
+  if len(shape) != len(logical_axes):
+    raise ValueError(f"shape {tuple(shape)} vs logical axes {tuple(logical_axes)}")
+  return nnx.Param(jnp.full(tuple(shape), value, jnp.float32), logical_axes=tuple(logical_axes),
+                   init_const=float(value))
+
+
+def fan_in_std(shape: Sequence[int], num_in_dims: int, scale: float = 1.0) -> float:
+  """Variance scaling: ``sqrt(scale / fan_in)`` with fan-in the product of the input dims.
+
+  Plain normal, not truncated: the model is small and XLA compiles it faster on CPU.
+  """
+  return math.sqrt(scale / math.prod(shape[:num_in_dims]))
+
+
+def init_on_host(module: nnx.Module, seed: int = 0) -> nnx.Module:
+  """Fills every parameter of a (possibly abstract, ``nnx.eval_shape``) module with numpy.
+
+  Same distributions as the jitted constructor (from the ``init_std`` / ``init_const``
+  metadata), different draws. For tests and CPU tools: XLA spends seconds
+  compiling one RNG kernel per parameter, numpy spends microseconds.
+  """
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  graphdef, state = nnx.split(module)
+  for path, var in nnx.to_flat_state(state):
+    meta = var.get_metadata()
+    shape = tuple(var.get_value().shape)
+    if "init_std" in meta:
+      value = meta["init_std"] * rng.standard_normal(shape, dtype=np.float32)
+    elif "init_const" in meta:
+      value = np.full(shape, meta["init_const"], np.float32)
+    elif isinstance(var, nnx.Param):
+      raise ValueError(f"parameter {path} has no init metadata")
+    else:
+      continue
+    var.set_value(jnp.asarray(value))
+  return nnx.merge(graphdef, state)
 
 
 def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
@@ -53,7 +88,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, epsilon: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
     del rngs
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+    self.scale = const_param(1.0, (dim,), ("embed",))
     self.epsilon = epsilon
     self.dtype = dtype
 
@@ -72,9 +107,9 @@ class Dense(nnx.Module):
                init_scale: float = 1.0, dtype=jnp.float32, rngs: nnx.Rngs):
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     self.num_in = len(in_shape)
-    self.kernel = param(rngs, fan_in_init(len(in_shape), init_scale), in_shape + out_shape, logical_axes)
-    self.bias = (nnx.Param(jnp.zeros(out_shape, jnp.float32),
-                           logical_axes=tuple(logical_axes[len(in_shape):])) if use_bias else None)
+    self.kernel = normal_param(rngs, fan_in_std(in_shape, len(in_shape), init_scale), in_shape + out_shape,
+                               logical_axes)
+    self.bias = const_param(0.0, out_shape, logical_axes[len(in_shape):]) if use_bias else None
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -91,8 +126,7 @@ class Embed(nnx.Module):
   """Token embedding table ``[vocab, embed]``."""
 
   def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.embedding = param(rngs, jax.nn.initializers.normal(1.0), (num_embeddings, features),
-                           ("vocab", "embed"))
+    self.embedding = normal_param(rngs, 1.0, (num_embeddings, features), ("vocab", "embed"))
     self.dtype = dtype
 
   def __call__(self, ids: jax.Array) -> jax.Array:
@@ -148,8 +182,8 @@ class RelativePositionBias(nnx.Module):
 
   def __init__(self, num_buckets: int, max_distance: int, num_heads: int, *, bidirectional: bool,
                rngs: nnx.Rngs):
-    self.rel_embedding = param(rngs, fan_in_init(1), (num_buckets, num_heads),
-                               ("relpos_buckets", "heads"))
+    self.rel_embedding = normal_param(rngs, fan_in_std((num_buckets,), 1), (num_buckets, num_heads),
+                                      ("relpos_buckets", "heads"))
     self.num_buckets = num_buckets
     self.max_distance = max_distance
     self.bidirectional = bidirectional

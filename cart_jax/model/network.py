@@ -319,3 +319,26 @@ def param_groups(state: Any) -> dict[str, int]:
     counts[part] += n
   counts["total"] = sum(counts.values())
   return counts
+
+
+def create_model(config: ModelConfig, seed: int = 0, mesh=None, *, host_init: bool = False) -> CARTNetwork:
+  """A freshly initialised network.
+
+  Default: one jitted init whose outputs are born sharded over ``mesh`` (one device
+  if None). ``host_init=True`` draws the same distributions with numpy instead
+  (no XLA compile of per-parameter RNG kernels; seconds faster on CPU, for tests
+  and tools), then places the state on ``mesh`` if given. With ``encoder='minilm'``
+  the MiniLM weights stay random until :func:`load_pretrained_encoder`.
+  """
+  from cart_jax.model.layers import init_on_host
+  from cart_jax.partitioning import create_sharded, make_mesh, shard_state
+
+  if host_init:
+    model = init_on_host(nnx.eval_shape(lambda: CARTNetwork(config, rngs=nnx.Rngs(0))), seed)
+    if mesh is not None:
+      graphdef, state = nnx.split(model)
+      model = nnx.merge(graphdef, shard_state(state, mesh))
+    return model
+  if mesh is None:
+    mesh = make_mesh(1, 1, devices=[jax.devices()[0]])
+  return create_sharded(lambda: CARTNetwork(config, rngs=nnx.Rngs(params=seed)), mesh)
