@@ -224,6 +224,6 @@ def load_minilm_weights(encoder: MiniLMEncoder, directory: str | os.PathLike | N
     new = np.asarray(fn(tensors[key]), dtype=np.float32)
     if new.shape != tuple(old.shape):
       raise ValueError(f"{weights_path}: {key} has shape {new.shape}, expected {tuple(old.shape)}")
-    sharding = getattr(old, "sharding", None)
-    var.set_value(jax.device_put(new, sharding) if sharding is not None else jnp.asarray(new))
+    # keep a live array's placement; an abstract (eval_shape) encoder just gets the values
+    var.set_value(jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else jnp.asarray(new))
   return encoder
