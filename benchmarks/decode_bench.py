@@ -24,8 +24,9 @@ code of the level allowed) and the decoder alone (L steps, no search), interleav
 with the constrained search so that they share the machine's load; the share is
 (cart - unconstrained) / cart.
 
-Each method runs in its own subprocess (all corpus sizes in turn) with the same environment
-(thread settings included). Timing: compile apart (AOT lower+compile), >= 3 warm-up calls, >= 10
+Each method runs in its own subprocess with the same environment (thread settings included);
+inside it, all corpus sizes (and the mask-overhead variants) are timed interleaved, call by call,
+so the curve over N is not bent by the load of a shared machine. Timing: compile apart (AOT lower+compile), >= 3 warm-up calls, >= 10
 timed calls with jax.block_until_ready; median and spread. A configuration whose single call is too
 slow for the time budget gets fewer repeats (recorded in "n_warmup"/"n_timed"/"note") or is
 recorded under "skipped" with the reason (prefix_scan is predicted linearly in N from the previous
@@ -42,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import queue
 import resource
 import subprocess
 import sys
@@ -182,7 +184,7 @@ def make_stub_decoder(seed: int = 1):
 
 # ----------------------------------------------------------------------------- methods
 
-HOST_TRIE = {}  # the current host trie, read by the callback at run time
+HOST_TRIES = {}  # corpus size -> HostTrie; the callback picks one by an operand at run time
 
 
 class HostTrie:
@@ -238,8 +240,8 @@ def build_search(method: str, beam: int, decoder: str = "small"):
       return acc, acc
     return params, search
 
-  def allowed_host(prefix_bkl, level):
-    host = HOST_TRIE["trie"]
+  def allowed_host(prefix_bkl, level, n_ids):
+    host = HOST_TRIES[int(n_ids)]
     prefix_bkl, level = np.asarray(prefix_bkl), int(level)
     b, k, _ = prefix_bkl.shape
     mask = np.zeros((b, k, LEVEL_SIZES[level]), bool)
@@ -283,7 +285,7 @@ def build_search(method: str, beam: int, decoder: str = "small"):
       if method == "host_trie":
         allowed = jax.pure_callback(
             allowed_host, jax.ShapeDtypeStruct((batch, beam, size), jnp.bool_), state.codes,
-            jnp.int32(level))
+            jnp.int32(level), codes_nl)  # codes_nl: here the corpus size (int32 scalar)
       else:
         allowed = allowed_scan(state.codes, level, codes_nl)
       n_par = 1 if level == 0 else beam
@@ -302,138 +304,112 @@ def rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def time_calls(calls: dict, budget_s: float, max_call_s: float, min_warmup=3, min_timed=10):
-  """Warm-up then timed calls of each ``calls[name] = (fn, args)``, interleaved round-robin.
-
-  Interleaving makes the variants of one row (cart / unconstrained / decoder only) share the
-  same background load on a busy machine. When one call is too slow for ``budget_s`` (per
-  variant), fewer repeats are made and recorded ("n_warmup", "n_timed", "note").
-  """
-  import jax
-  first = {}
-  for name, (fn, args) in calls.items():
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first[name] = time.perf_counter() - t0
-  slowest = max(first.values())
-  if slowest > max_call_s:
-    msg = f"one call took {slowest:.1f} s > {max_call_s:.0f} s limit per call"
-    return {name: {"skipped": msg, "first_call_s": first[name]} for name in calls}
-  n_warm, n_timed, note = min_warmup, min_timed, None  # n_warm counts the first call
-  if slowest * (min_warmup - 1 + min_timed) > budget_s:
-    n_warm = 2 if slowest * 5 <= budget_s else 1
-    n_timed = max(3, int(budget_s / slowest) - (n_warm - 1))
-    note = f"slow call ({slowest:.2f} s): {n_warm} warm-up, {n_timed} timed calls"
-  times = {name: [] for name in calls}
-  for i in range(n_warm - 1 + n_timed):
-    for name, (fn, args) in calls.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      if i >= n_warm - 1:
-        times[name].append(time.perf_counter() - t0)
-  out = {}
-  for name, ts in times.items():
-    ts = np.asarray(ts)
-    out[name] = {
-        "call_ms_p50": 1e3 * float(np.median(ts)), "call_ms_min": 1e3 * float(ts.min()),
-        "call_ms_max": 1e3 * float(ts.max()),
-        "spread_iqr_pct": 100.0 * float((np.percentile(ts, 75) - np.percentile(ts, 25))
-                                        / np.median(ts)),
-        "n_warmup": n_warm, "n_timed": n_timed}
-    if note:
-      out[name]["note"] = note
-  return out
+def summarize_times(ts: list[float]) -> dict:
+  ts = np.asarray(ts)
+  return {"call_ms_p50": 1e3 * float(np.median(ts)), "call_ms_min": 1e3 * float(ts.min()),
+          "call_ms_max": 1e3 * float(ts.max()),
+          "spread_iqr_pct": 100.0 * float((np.percentile(ts, 75) - np.percentile(ts, 25))
+                                          / np.median(ts))}
 
 
 def worker(spec: dict) -> None:
-  """Runs one method over all requested corpus sizes, decoders and batch sizes, in this process.
+  """One method's process: builds its tables, compiles and warms every call kind, then times calls
+  on request.
 
-  Prints one JSON line per measurement (streamed, so a timeout keeps what was measured).
+  Protocol (JSON lines on stdout, requests on stdin): prints one {"kind": "key", ...} line per call
+  kind (method/variant, decoder, N, batch) with its compile time and first-call time (or the reason
+  it is skipped), then {"kind": "ready"}; afterwards every stdin line "<key id>" runs that call once
+  and answers {"kind": "time", "id": ..., "s": ...}; "quit" or end of input exits.
   """
   import jax
   import jax.numpy as jnp
   from cart_jax.index.trie import build_trie_timed
   from cart_jax.index.vocab import IdentifierVocab
 
+  def emit(rec):
+    sys.stdout.write(json.dumps(rec) + "\n")
+    sys.stdout.flush()
+
   method, beam = spec["method"], spec["beam"]
-  last_call_s = {}  # (decoder, batch) -> (n, seconds per call): to predict linear-in-N methods
-  compiled_cache = {}
+  tables, extra = {}, {}
   for n in spec["n_ids"]:
     codes = make_corpus(n)
-    extra, host = {}, None
     if method == "cart":
       trie, stats = build_trie_timed(codes, IdentifierVocab(LEVEL_SIZES))
-      tables = trie.to_device()
-      extra = {"trie_build_s": stats["build_s"], "trie_memory_bytes": stats["memory_bytes"],
-               "max_fanout": stats["max_fanout"], "num_nodes": stats["num_nodes"]}
+      tables[n] = trie.to_device()
+      extra[n] = {"trie_build_s": stats["build_s"], "trie_memory_bytes": stats["memory_bytes"],
+                  "max_fanout": stats["max_fanout"], "num_nodes": stats["num_nodes"]}
     elif method == "host_trie":
       rss0 = rss_mb()
       t0 = time.perf_counter()
-      host = HostTrie(codes)
-      HOST_TRIE.clear()
-      HOST_TRIE["trie"] = host
-      extra = {"trie_build_s": time.perf_counter() - t0, "trie_rss_growth_mb": rss_mb() - rss0}
-      tables = jnp.zeros(())
+      HOST_TRIES[n] = HostTrie(codes)
+      extra[n] = {"trie_build_s": time.perf_counter() - t0, "trie_rss_growth_mb": rss_mb() - rss0}
+      tables[n] = jnp.int32(n)
     else:
-      tables = jax.device_put(jnp.asarray(codes))
-      extra = {"table_bytes": int(codes.nbytes)}
+      tables[n] = jax.device_put(jnp.asarray(codes))
+      extra[n] = {"table_bytes": int(codes.nbytes)}
 
-    for decoder in spec["decoders"]:
-      variants = [method]
-      if method == "cart" and decoder == "small" and n in spec["overhead_n"]:
-        variants += spec["overhead_variants"]
-      for batch in spec["batches"]:
-        base = {"decoder": decoder, "n_ids": n, "batch": batch, "beam": beam}
-        prev = last_call_s.get((decoder, batch))
-        if (method == "prefix_scan" and prev and n <= 10 * prev[0]
-            and prev[1] * n / prev[0] > spec["max_call_s"]):
-          predicted = prev[1] * n / prev[0]
-          print(json.dumps({"method": method, **base, "skipped": (
-              f"predicted {predicted:.0f} s per call (linear in N from {prev[1]:.1f} s at "
-              f"N={prev[0]}) > {spec['max_call_s']:.0f} s limit per call")}), flush=True)
-          continue
-        enc = jax.device_put(jnp.asarray(
-            np.random.default_rng(batch).normal(size=(batch, SRC_LEN, D_MODEL)), jnp.float32))
-        calls, compile_s = {}, {}
+  calls, first = {}, {}
+  compiled_by_shape = {}
+  for decoder in spec["decoders"]:
+    for batch in spec["batches"]:
+      enc = jax.device_put(jnp.asarray(
+          np.random.default_rng(batch).normal(size=(batch, SRC_LEN, D_MODEL)), jnp.float32))
+      for n in spec["n_ids"]:
+        variants = [method]
+        if method == "cart" and decoder == "small" and n in spec["overhead_n"]:
+          variants += spec["overhead_variants"]
         for variant in variants:
-          args_shapes = (variant, decoder, batch, tables.shape if hasattr(tables, "shape") else
-                         jax.tree_util.tree_structure(tables))
-          reused = args_shapes in compiled_cache and method == "host_trie"
+          key = {"id": len(calls) + len(first), "method": variant, "decoder": decoder, "n_ids": n,
+                 "batch": batch, "beam": beam}
+          if variant == method:
+            key.update(extra[n])
+          # prefix_scan is linear in N: predict from the previous corpus size, skip if too slow.
+          prev = first.get((variant, decoder, batch))
+          if method == "prefix_scan" and prev:
+            m, t = prev
+            if t is None:
+              emit({"kind": "key", **key, "skipped": "a smaller corpus was already too slow"})
+              first[(variant, decoder, batch)] = (n, None)
+              continue
+            if t * n / m > spec["max_call_s"]:
+              emit({"kind": "key", **key, "skipped": (
+                  f"predicted {t * n / m:.0f} s per call (linear in N from {t:.1f} s at N={m}) "
+                  f"> {spec['max_call_s']:.0f} s limit per call")})
+              first[(variant, decoder, batch)] = (n, None)
+              continue
           params, search = build_search(variant, beam, decoder)
-          if reused:  # same program: the host trie is read through HOST_TRIE at run time
-            compiled, compile_s[variant] = compiled_cache[args_shapes], 0.0
+          args = (params, enc, tables[n])
+          shape_key = (variant, decoder, batch, jax.tree_util.tree_structure(args[2]),
+                       tuple(x.shape for x in jax.tree_util.tree_leaves(args[2])))
+          if shape_key in compiled_by_shape:  # same program (host_trie: N is an operand)
+            compiled, compile_s = compiled_by_shape[shape_key], 0.0
           else:
             t0 = time.perf_counter()
-            compiled = jax.jit(search).lower(params, enc, tables).compile()
-            compile_s[variant] = time.perf_counter() - t0
-            compiled_cache[args_shapes] = compiled
-          calls[variant] = (compiled, (params, enc, tables))
-        timings = time_calls(calls, spec["budget_s"][decoder], spec["max_call_s"])
-        row_ms = {}
-        for variant in variants:
-          timing = timings[variant]
-          rec = {"method": variant, **base, "compile_s": compile_s[variant], **timing}
-          if "call_ms_p50" in timing:
-            rec["qps"] = batch / (timing["call_ms_p50"] / 1e3)
-            rec["step_ms"] = timing["call_ms_p50"] / ID_LEN
-            row_ms[variant] = timing["call_ms_p50"]
-            if variant == method:
-              last_call_s[(decoder, batch)] = (n, timing["call_ms_p50"] / 1e3)
-          if variant == method:
-            rec.update(extra)
-          rec["peak_rss_mb"] = rss_mb()
-          rec["load_avg_1m"] = os.getloadavg()[0]  # the machine is shared: context for noise
-          print(json.dumps(rec), flush=True)
-        if "cart" in row_ms and "unconstrained" in row_ms:
-          c, u = row_ms["cart"], row_ms["unconstrained"]
-          d = row_ms.get("decoder_only")
-          print(json.dumps({"kind": "mask_overhead", **base, "cart_ms": c, "unconstrained_ms": u,
-                            "decoder_only_ms": d, "mask_share_vs_unconstrained": (c - u) / c,
-                            "search_share_beyond_decoder": None if d is None else (c - d) / c}),
-                flush=True)
+            compiled = jax.jit(search).lower(*args).compile()
+            compile_s = time.perf_counter() - t0
+            compiled_by_shape[shape_key] = compiled
+          t0 = time.perf_counter()
+          jax.block_until_ready(compiled(*args))
+          first_s = time.perf_counter() - t0
+          key.update(compile_s=compile_s, first_call_s=first_s, peak_rss_mb=rss_mb())
+          if first_s > spec["max_call_s"]:
+            key["skipped"] = f"one call took {first_s:.1f} s > {spec['max_call_s']:.0f} s limit"
+            first[(variant, decoder, batch)] = (n, None)
+          else:
+            calls[key["id"]] = (compiled, args)
+            first[(variant, decoder, batch)] = (n, first_s)
+          emit({"kind": "key", **key})
+  emit({"kind": "ready", "peak_rss_mb": rss_mb()})
+  for line in sys.stdin:
+    line = line.strip()
+    if not line or line == "quit":
+      break
+    fn, args = calls[int(line)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    emit({"kind": "time", "id": int(line), "s": time.perf_counter() - t0})
 
-
-# ----------------------------------------------------------------------------- driver
 
 def machine_info() -> dict:
   import jax
@@ -446,28 +422,57 @@ def machine_info() -> dict:
           "load_avg_at_start": os.getloadavg()}
 
 
-def run_worker_subprocess(spec: dict, env: dict, timeout_s: float, on_line) -> str | None:
-  """Runs a worker, feeding each JSON line it prints to ``on_line``; returns an error or None."""
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  killer = threading.Timer(timeout_s, proc.kill)
-  killer.start()
-  try:
-    for line in proc.stdout:
+class WorkerProcess:
+  """A running worker: JSON lines from its stdout through a queue (so reads can time out)."""
+
+  def __init__(self, spec: dict, env: dict):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    self.method = spec["method"]
+    self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    self.lines = queue.Queue()
+    self.stderr_tail = []
+    threading.Thread(target=self._pump_out, daemon=True).start()
+    threading.Thread(target=self._pump_err, daemon=True).start()
+
+  def _pump_out(self):
+    for line in self.proc.stdout:
       if line.startswith("{"):
-        on_line(json.loads(line))
-    proc.wait()
-    err_tail = proc.stderr.read().strip().splitlines()[-1:]
-  finally:
-    killer.cancel()
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  if proc.returncode == 0:
-    return None
-  if proc.returncode == -9:
-    return f"worker exceeded {timeout_s:.0f} s and was stopped"
-  return f"worker exit {proc.returncode}: {err_tail}"
+        self.lines.put(json.loads(line))
+    self.lines.put(None)
+
+  def _pump_err(self):
+    for line in self.proc.stderr:
+      self.stderr_tail = (self.stderr_tail + [line.rstrip()])[-3:]
+
+  def read(self, timeout_s: float) -> dict:
+    try:
+      rec = self.lines.get(timeout=timeout_s)
+    except queue.Empty:
+      raise RuntimeError(f"{self.method} worker sent nothing for {timeout_s:.0f} s") from None
+    if rec is None:
+      self.proc.wait()
+      raise RuntimeError(f"{self.method} worker exited {self.proc.returncode}: "
+                         f"{self.stderr_tail}")
+    return rec
+
+  def run(self, key_id: int, timeout_s: float) -> float:
+    self.proc.stdin.write(f"{key_id}\n")
+    self.proc.stdin.flush()
+    rec = self.read(timeout_s)
+    return rec["s"]
+
+  def close(self):
+    try:
+      if self.proc.poll() is None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+      pass
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
 
 
 def write_atomic(path: str, write) -> None:
@@ -487,7 +492,7 @@ def plot(report: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  decoders = sorted({r["decoder"] for r in report["results"]}, reverse=True)  # small, stub
+  decoders = [d for d in ("small", "stub") if any(r["decoder"] == d for r in report["results"])]
   fig, axes = plt.subplots(1, len(decoders), figsize=(6.2 * len(decoders), 4.4), squeeze=False)
   colors = {"cart": "tab:blue", "host_trie": "tab:orange", "prefix_scan": "tab:green"}
   marks = {1: "o--", 100: "s-"}
@@ -550,13 +555,15 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
   spec_common = {
       "beam": args.beam, "batches": batches, "decoders": decoders,
-      # Timing budget per (method, N, decoder, batch); slower calls get fewer repeats.
-      "budget_s": {"small": 4.0, "stub": 3.0} if args.quick else {"small": 12.0, "stub": 4.0},
       "max_call_s": 8.0 if args.quick else 20.0,
       "overhead_n": [max(ns)] if args.quick else [min(ns), max(ns)],
       "overhead_variants": ["unconstrained"] if args.quick else ["unconstrained", "decoder_only"],
   }
-  worker_timeout_s = 100.0 if args.quick else 900.0
+  # Timing budget per call kind (method/variant, N) for each decoder: slower calls get fewer
+  # repeats (recorded).
+  budget_s = {"small": 3.0, "stub": 3.0} if args.quick else {"small": 12.0, "stub": 4.0}
+  setup_timeout_s = 120.0 if args.quick else 600.0  # per line while a worker compiles
+  call_timeout_s = 3 * spec_common["max_call_s"] + 30.0
 
   # Same environment for every method: same thread settings, same device.
   env = dict(os.environ)
@@ -569,39 +576,101 @@ def main(argv=None) -> int:
 
   t_start = time.perf_counter()
   results, overhead, skipped = [], [], []
+  keys = []  # (worker, key record)
+  workers = []
+  try:
+    # 1. Start the methods one after the other (compiles do not overlap), keep them alive.
+    for method in methods:
+      w = WorkerProcess({"method": method, "n_ids": ns, **spec_common}, env)
+      workers.append(w)
+      try:
+        while True:
+          rec = w.read(setup_timeout_s)
+          if rec["kind"] == "ready":
+            break
+          if "skipped" in rec:
+            skipped.append(rec)
+          else:
+            keys.append((w, rec))
+          print(f"  [{time.perf_counter() - t_start:6.1f}s] {rec['method']:13s} "
+                f"{rec['decoder']:5s} N={rec['n_ids']:>9,d} b{rec['batch']:<4d} " + (
+                    f"skipped: {rec['skipped']}" if "skipped" in rec else
+                    f"compile {rec['compile_s']:5.1f}s, first call {rec['first_call_s']:.3f}s"),
+                flush=True)
+      except RuntimeError as e:
+        print(f"  {method}: {e}", flush=True)
+        keys = [(kw, k) for kw, k in keys if kw is not w]
+        for n in ns:
+          for d in decoders:
+            for b in batches:
+              skipped.append({"method": method, "decoder": d, "n_ids": n, "batch": b,
+                              "skipped": f"worker failed during setup: {e}"})
+        w.close()
+        workers.remove(w)
 
-  def on_line(r):
-    if r.get("kind") == "mask_overhead":
-      overhead.append(r)
-      d = r["decoder_only_ms"]
-      print(f"  mask overhead N={r['n_ids']:,} b{r['batch']}: cart {r['cart_ms']:.1f} ms, "
-            f"unconstrained {r['unconstrained_ms']:.1f} ms, decoder only "
-            + ("-" if d is None else f"{d:.1f} ms"), flush=True)
-      return
-    if "skipped" in r:
-      skipped.append({k: r[k] for k in ("method", "decoder", "n_ids", "batch", "skipped")})
-    elif r["method"] in METHODS:
-      results.append(r)
-    else:
-      overhead.append({"kind": "variant", **r})
-    print(f"  [{time.perf_counter() - t_start:6.1f}s] {r['method']:13s} {r['decoder']:5s} "
-          f"N={r['n_ids']:>9,d} b{r['batch']:<4d} " + (
-              f"{r['qps']:10.1f} q/s  compile {r['compile_s']:.1f}s" if "qps" in r
-              else f"skipped: {r['skipped']}"), flush=True)
+    # 2. Time every call kind of one (decoder, batch) group round-robin ACROSS the processes, so
+    #    all methods, corpus sizes and variants share the same background load.
+    times = {id(k): [] for _, k in keys}
+    for decoder in decoders:
+      for batch in batches:
+        group = [(w, k) for w, k in keys if k["decoder"] == decoder and k["batch"] == batch]
+        if not group:
+          continue
+        round_s = sum(k["first_call_s"] for _, k in group)
+        n_warm, n_timed, note = 2, 10, None  # warm-ups after the first call made at setup
+        if round_s * (n_warm + n_timed) > budget_s[decoder] * len(group):
+          n_warm = 1 if round_s * 4 > budget_s[decoder] * len(group) else 2
+          n_timed = max(3, int(budget_s[decoder] * len(group) / round_s) - n_warm)
+          note = f"slow round ({round_s:.2f} s): {n_warm + 1} warm-up, {n_timed} timed calls"
+        dead = set()
+        for i in range(n_warm + n_timed):
+          for w, k in group:
+            if w in dead:
+              continue
+            try:
+              t = w.run(k["id"], call_timeout_s)
+            except RuntimeError as e:
+              print(f"  {w.method}: {e}", flush=True)
+              dead.add(w)
+              continue
+            if i >= n_warm:
+              times[id(k)].append(t)
+        for w, k in group:
+          ts = times[id(k)]
+          if len(ts) < 3:
+            skipped.append({**k, "skipped": f"only {len(ts)} timed calls (worker failed)"})
+            continue
+          rec = {kk: v for kk, v in k.items() if kk not in ("kind", "id")}
+          rec.update(summarize_times(ts), n_warmup=n_warm + 1, n_timed=len(ts))
+          if note:
+            rec["note"] = note
+          rec["qps"] = batch / (rec["call_ms_p50"] / 1e3)
+          rec["step_ms"] = rec["call_ms_p50"] / ID_LEN
+          rec["load_avg_1m"] = os.getloadavg()[0]
+          (results if rec["method"] in METHODS else overhead).append(
+              rec if rec["method"] in METHODS else {"kind": "variant", **rec})
+          print(f"  [{time.perf_counter() - t_start:6.1f}s] {rec['method']:13s} {decoder:5s} "
+                f"N={rec['n_ids']:>9,d} b{batch:<4d} {rec['qps']:10.1f} q/s "
+                f"({rec['call_ms_p50']:.1f} ms/call, IQR {rec['spread_iqr_pct']:.0f}%)",
+                flush=True)
+  finally:
+    for w in workers:
+      w.close()
 
-  for method in methods:
-    spec = {"method": method, "n_ids": ns, **spec_common}
-    err = run_worker_subprocess(spec, env, worker_timeout_s, on_line)
-    have = {(r["decoder"], r["n_ids"], r["batch"]) for r in results + skipped
-            if r["method"] == method}
-    for n in ns:
-      for d in decoders:
-        for b in batches:
-          if (d, n, b) not in have:
-            skipped.append({"method": method, "decoder": d, "n_ids": n, "batch": b,
-                            "skipped": err or "no result from worker"})
-    if err:
-      print(f"  {method}: {err}", flush=True)
+  # 3. Mask overhead: constrained vs unconstrained (vs decoder only), same process, interleaved.
+  by = {(r["method"], r["decoder"], r["n_ids"], r["batch"]): r["call_ms_p50"]
+        for r in results + [o for o in overhead if o.get("kind") == "variant"]}
+  for (m, d, n, b), c in sorted(by.items()):
+    if m == "cart" and ("unconstrained", d, n, b) in by:
+      u, dec = by[("unconstrained", d, n, b)], by.get(("decoder_only", d, n, b))
+      overhead.append({"kind": "mask_overhead", "decoder": d, "n_ids": n, "batch": b,
+                       "beam": args.beam, "cart_ms": c, "unconstrained_ms": u,
+                       "decoder_only_ms": dec, "mask_share_vs_unconstrained": (c - u) / c,
+                       "search_share_beyond_decoder": None if dec is None else (c - dec) / c})
+      print(f"  mask overhead {d} N={n:,} b{b}: cart {c:.1f} ms, unconstrained {u:.1f} ms, "
+            f"decoder only " + ("-" if dec is None else f"{dec:.1f} ms"), flush=True)
+  skipped = [{k: r[k] for k in ("method", "decoder", "n_ids", "batch", "skipped")}
+             for r in skipped]
 
   report = {
       "machine": machine_info(),
