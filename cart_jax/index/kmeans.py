@@ -39,12 +39,16 @@ class KMeansConfig:
     n_local_trials: candidates per k-means++ step (greedy k-means++); ``None``
       uses scikit-learn's ``2 + floor(log K)``.
     max_block_elements: budget for one ``[chunk, K]`` distance block.
+    init_sample_per_cluster: k-means++ runs on a uniform random subset of
+      ``init_sample_per_cluster * K`` points (all points if fewer); Lloyd
+      iterations always use every point. ``None`` initialises on all points.
   """
   n_clusters: int
   max_iters: int = 100
   tol: float = 1e-4
   n_local_trials: int | None = None
   max_block_elements: int = 1 << 22
+  init_sample_per_cluster: int | None = 256
 
   def trials(self) -> int:
     if self.n_local_trials is not None:
@@ -90,9 +94,8 @@ def _assign_local(x_nd, w_n, c_kd, chunk):
     d2_ck = _sq_dists(x_cd, c_kd, c_sq)  # [chunk, K]
     lab_c = jnp.argmin(d2_ck, axis=-1).astype(jnp.int32)  # [chunk]
     mind_c = jnp.take_along_axis(d2_ck, lab_c[:, None], axis=-1)[:, 0]  # [chunk]
-    onehot_ck = jax.nn.one_hot(lab_c, k, dtype=jnp.float32) * w_c[:, None]  # [chunk, K]
-    sums_kd = sums_kd + jnp.matmul(onehot_ck.T, x_cd, precision=jax.lax.Precision.HIGHEST)
-    counts_k = counts_k + jnp.sum(onehot_ck, axis=0)
+    sums_kd = sums_kd + jax.ops.segment_sum(x_cd * w_c[:, None], lab_c, num_segments=k)  # [K, d]
+    counts_k = counts_k + jax.ops.segment_sum(w_c, lab_c, num_segments=k)  # [K]
     return (sums_kd, counts_k), (lab_c, mind_c)
 
   init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.float32))
@@ -174,11 +177,13 @@ def _reseed_empty(cents_kd, counts_k, x_nd, w_n, mind_n, axis_name):
   return jnp.where(empty_k[:, None], cand_kd[rank_k], cents_kd)
 
 
-def _kmeans_shard(x_nd, w_n, key, tol_abs, *, cfg: KMeansConfig, chunk: int, axis_name):
+def _kmeans_shard(x_nd, w_n, xs_nd, ws_n, key, tol_abs, *, cfg: KMeansConfig, chunk: int,
+                  init_chunk: int, axis_name):
   x_nd = x_nd.astype(jnp.float32)
   w_n = w_n.astype(jnp.float32)
   k = cfg.n_clusters
-  cents = _kmeans_pp(x_nd, w_n, key, k, cfg.trials(), chunk, axis_name)
+  cents = _kmeans_pp(xs_nd.astype(jnp.float32), ws_n.astype(jnp.float32), key, k, cfg.trials(),
+                     init_chunk, axis_name)
 
   def lloyd(cents):
     labels, mind, sums, counts, inertia = _assign_local(x_nd, w_n, cents, chunk)
@@ -220,18 +225,29 @@ def _chunk_for(n_local: int, k: int, budget: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(cfg: KMeansConfig, chunk: int, mesh: jax.sharding.Mesh):
-  fn = functools.partial(_kmeans_shard, cfg=cfg, chunk=chunk, axis_name=DATA_AXIS)
+def _compiled(cfg: KMeansConfig, chunk: int, init_chunk: int, mesh: jax.sharding.Mesh):
+  fn = functools.partial(_kmeans_shard, cfg=cfg, chunk=chunk, init_chunk=init_chunk,
+                         axis_name=DATA_AXIS)
+  rows, vec = P(DATA_AXIS, None), P(DATA_AXIS)
   sharded = jax.shard_map(
       fn, mesh=mesh,
-      in_specs=(P(DATA_AXIS, None), P(DATA_AXIS), P(), P()),
-      out_specs=(P(), P(DATA_AXIS), P(), P(), P()),
+      in_specs=(rows, vec, rows, vec, P(), P()),
+      out_specs=(P(), vec, P(), P(), P()),
       check_vma=False)
+  return jax.jit(sharded)
 
-  def run(x, w, key, tol_abs):
-    return sharded(x, w, key, tol_abs)
 
-  return jax.jit(run)
+def _pad_rows(x: np.ndarray, w: np.ndarray, n_dev: int, k: int, budget: int):
+  """Pad to ``n_dev * n_local`` rows with n_local a multiple of the chunk; returns chunk too."""
+  n, d = x.shape
+  n_local = -(-n // n_dev)
+  chunk = _chunk_for(n_local, k, budget)
+  n_local = -(-n_local // chunk) * chunk
+  xp = np.zeros((n_local * n_dev, d), np.float32)
+  xp[:n] = x
+  wp = np.zeros((n_local * n_dev,), np.float32)
+  wp[:n] = w
+  return xp, wp, chunk
 
 
 def kmeans(x, key: jax.Array, config: KMeansConfig, *, weights=None,
@@ -261,21 +277,28 @@ def kmeans(x, key: jax.Array, config: KMeansConfig, *, weights=None,
     raise ValueError(f"need at least as many points as clusters: {n_real} points, {k} clusters")
   mesh = mesh or data_mesh()
   n_dev = mesh.shape[DATA_AXIS]
-  n_local = -(-n // n_dev)
-  chunk = _chunk_for(n_local, k, config.max_block_elements)
-  n_local = -(-n_local // chunk) * chunk
-  n_pad = n_local * n_dev
-  xf = np.zeros((n_pad, d), np.float32)
-  xf[:n] = np.asarray(x, np.float32)
-  if not np.isfinite(xf[:n]).all():
+  x32 = np.asarray(x, np.float32)
+  if not np.isfinite(x32).all():
     raise ValueError("kmeans input contains NaN or inf")
-  wf = np.zeros((n_pad,), np.float32)
-  wf[:n] = w
-  mean_var = float(np.mean(np.var(xf[:n][w > 0], axis=0)))
+  xf, wf, chunk = _pad_rows(x32, w, n_dev, k, config.max_block_elements)
+  # k-means++ on a random subset (same subset whatever the device count).
+  real = np.flatnonzero(w > 0)
+  n_init = n_real if config.init_sample_per_cluster is None else min(
+      n_real, config.init_sample_per_cluster * k)
+  if n_init < n_real:
+    seed = int(np.asarray(jax.random.key_data(key)).ravel()[-1])
+    pick = np.sort(np.random.default_rng(seed).choice(real, size=n_init, replace=False))
+  else:
+    pick = real
+  xs, ws, init_chunk = _pad_rows(x32[pick], w[pick], n_dev, k,
+                                 config.max_block_elements)
+  mean_var = float(np.mean(np.var(x32[real], axis=0)))
   tol_abs = np.float32(config.tol * mean_var)
-  xs = jax.device_put(xf, NamedSharding(mesh, P(DATA_AXIS, None)))
-  ws = jax.device_put(wf, NamedSharding(mesh, P(DATA_AXIS)))
-  cents, labels, inertia, n_iter, counts = _compiled(config, chunk, mesh)(xs, ws, key, tol_abs)
+  rows, vec = NamedSharding(mesh, P(DATA_AXIS, None)), NamedSharding(mesh, P(DATA_AXIS))
+  out = _compiled(config, chunk, init_chunk, mesh)(
+      jax.device_put(xf, rows), jax.device_put(wf, vec), jax.device_put(xs, rows),
+      jax.device_put(ws, vec), key, tol_abs)
+  cents, labels, inertia, n_iter, counts = out
   return KMeansResult(centroids=cents, labels=labels[:n], inertia=inertia,
                       n_iter=n_iter, counts=counts)
 
