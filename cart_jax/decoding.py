@@ -122,7 +122,7 @@ def _top_k_padded(cand_bm: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def select_beams(state: BeamState, cand_bkf: jax.Array, child_bkf: jax.Array, code_bkf: jax.Array,
-            level: int, offset: int, beam: int) -> BeamState:
+                 level: int, offset: int, beam: int) -> BeamState:
   """Top-k over beam x candidates, then reorders the state by parent beam.
 
   Args:
@@ -183,6 +183,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, trie: TrieTables
   beam = config.beam_size
   depth_l = trie.id_length
   offsets = level_offsets(trie.level_sizes)
+  vocab_size = NUM_RESERVED + sum(trie.level_sizes)
   batch = batch_size if batch_size is not None else _cache_batch_size(cache)
   if batch is None:
     raise ValueError("beam_search: the cache has no leaves, pass batch_size")
@@ -200,6 +201,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, trie: TrieTables
 
   for level in range(depth_l):  # static trip count L; each level has its own static fan-out
     logits_bkv, new_cache = tokens_to_logits(state.last_tokens, state.cache, jnp.int32(level))
+    if logits_bkv.shape != (batch, beam, vocab_size):
+      raise ValueError(f"beam_search: tokens_to_logits returned logits of shape {logits_bkv.shape}, "
+                       f"expected [batch={batch}, beam={beam}, vocab={vocab_size}] for the trie's "
+                       f"level sizes {trie.level_sizes} (build the trie with the model's "
+                       "IdentifierVocab)")
     state = state.replace(cache=new_cache)
     logp_bkv = jax.nn.log_softmax(logits_bkv.astype(jnp.float32), axis=-1)  # [batch, beam, vocab]
     off = int(offsets[level])

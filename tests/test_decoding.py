@@ -258,6 +258,11 @@ def test_config_and_cache_validation():
     beam_search(model.tokens_to_logits, model.init_cache(1, 3), trie, DecodeConfig(4, 2))
   with pytest.raises(ValueError, match="batch_size"):
     beam_search(model.tokens_to_logits, {}, trie, DecodeConfig(2, 2))
+  # A trie whose level sizes do not match the model's vocabulary is refused, not misdecoded.
+  small_trie = build_trie(np.array([[0, 1], [1, 0]]))  # inferred sizes (2, 2): vocab 6
+  other = StubModel(IdentifierVocab((2, 3)).vocab_size, 2, 1, 0)
+  with pytest.raises(ValueError, match=r"vocab=6"):
+    beam_search(other.tokens_to_logits, other.init_cache(1, 2), small_trie, DecodeConfig(2, 2))
 
 
 def test_core_modules_do_not_import_gin_or_tensorflow():
