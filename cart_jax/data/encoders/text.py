@@ -7,6 +7,7 @@ order of the output rows is the order of ``texts``.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Callable, Sequence
@@ -27,6 +28,12 @@ def length_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
   return tuple(out) + (max_length,)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _sentence_embedding(graphdef, state, ids, mask):
+  from cart_jax.model.minilm import sentence_embedding  # pylint: disable=g-import-not-at-top
+  return sentence_embedding(nnx.merge(graphdef, state), ids, mask)  # [b, 384]
+
+
 class MiniLMTextEncoder:
   """Frozen MiniLM sentence encoder (host tokenizer + one jitted program per length bucket)."""
 
@@ -35,8 +42,7 @@ class MiniLMTextEncoder:
   def __init__(self, minilm_dir: str | os.PathLike | None = None, *, batch_size: int = 128,
                max_length: int = 64):
     from cart_jax.model.layers import init_on_host  # pylint: disable=g-import-not-at-top
-    from cart_jax.model.minilm import (MiniLMEncoder, load_minilm_weights,  # pylint: disable=g-import-not-at-top
-                                       sentence_embedding)
+    from cart_jax.model.minilm import MiniLMEncoder, load_minilm_weights  # pylint: disable=g-import-not-at-top
     from cart_jax.model.tokenizer import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
 
     self.tokenizer = WordPieceTokenizer.from_file(
@@ -52,13 +58,9 @@ class MiniLMTextEncoder:
     self.buckets = length_buckets(max_length)
     self.compile_seconds = 0.0
     self._compiled: set[int] = set()
-    graphdef = self.graphdef
 
-    @jax.jit
-    def _embed(state, ids, mask):
-      return sentence_embedding(nnx.merge(graphdef, state), ids, mask)  # [b, 384]
-
-    self._embed = _embed
+  def _embed(self, state, ids, mask):
+    return _sentence_embedding(self.graphdef, state, ids, mask)
 
   def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.tokenizer.encode(t, self.max_length) for t in texts]

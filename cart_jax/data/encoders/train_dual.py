@@ -18,6 +18,7 @@ configs) written atomically into ``checkpoint_dir``; the last ``keep_checkpoints
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -172,7 +173,9 @@ def init_model(config: DualEncoderConfig, seed: int) -> DualEncoder:
   return DualEncoder(config, rngs=nnx.Rngs(params=seed))
 
 
+@functools.lru_cache(maxsize=16)
 def make_optimizer(config: DualTrainConfig) -> optax.GradientTransformation:
+  """AdamW + warm-up/cosine schedule (cached per config, so jitted steps are reused)."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, min(config.warmup_steps, max(config.steps - 1, 1)),
       max(config.steps, 2), end_value=config.learning_rate * 0.05)
@@ -195,8 +198,8 @@ def _unflat(template, arrays, prefix: str, source: str):
     arr = arrays[key]
     if tuple(arr.shape) != tuple(np.shape(leaf)):
       raise ValueError(f"{source}: {key} has shape {tuple(arr.shape)}, expected {tuple(np.shape(leaf))}")
-    out.append(jnp.asarray(arr, dtype=jnp.asarray(leaf).dtype))
-  return jax.tree_util.tree_unflatten(treedef, [o for o in out])
+    out.append(jnp.asarray(arr, dtype=leaf.dtype if hasattr(leaf, "dtype") else None))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _atomic_savez(path: str | os.PathLike, **arrays) -> None:
@@ -300,17 +303,7 @@ def train_dual_encoder(data: TrainData, model_config: DualEncoderConfig, config:
 
   media = jnp.asarray(data.media)  # [N, ...] on device once
   feats = jnp.asarray(data.text_features)  # [T, text_dim]
-  base_key = jax.random.key(config.seed)
-
-  @jax.jit
-  def train_step(params, opt_state, media, feats, text_idx, item_idx, step):
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p)
-      rngs = nnx.Rngs(augment=jax.random.fold_in(base_key, step))
-      return m(feats[text_idx], media[item_idx], train=True, rngs=rngs)  # pairs aligned by row
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, aux
+  seed = jnp.int32(config.seed)
 
   losses, accs = [], []
   bar = progress("training dual encoder", config.steps) if progress else None
@@ -320,8 +313,8 @@ def train_dual_encoder(data: TrainData, model_config: DualEncoderConfig, config:
   for step in range(start, config.steps):
     text_idx, item_idx = batch_rows(data.text_item_rows, batch_size, config.seed, step)
     ts = time.perf_counter()
-    params, opt_state, loss, aux = train_step(params, opt_state, media, feats, text_idx, item_idx,
-                                              jnp.int32(step))
+    params, opt_state, loss, aux = _train_step(graphdef, tx, params, opt_state, media, feats,
+                                               text_idx, item_idx, seed, jnp.int32(step))
     losses.append(float(loss))
     accs.append(float(aux["accuracy"]))
     if step == start:
@@ -342,15 +335,32 @@ def train_dual_encoder(data: TrainData, model_config: DualEncoderConfig, config:
                             seconds_train=seconds, seconds_compile=compile_s)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
+def _train_step(graphdef, tx, params, opt_state, media, feats, text_idx, item_idx, seed, step):
+  """One AdamW step on the InfoNCE loss of the pairs (feats[text_idx[b]], media[item_idx[b]])."""
+  def loss_fn(p):
+    m = nnx.merge(graphdef, p)
+    rngs = nnx.Rngs(augment=jax.random.fold_in(jax.random.key(seed), step))
+    return m(feats[text_idx], media[item_idx], train=True, rngs=rngs)  # [B, ...] rows aligned
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss, aux
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed_items(graphdef, params, x):
+  return nnx.merge(graphdef, params).embed_items(x)  # [B, d]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed_text(graphdef, params, x):
+  return nnx.merge(graphdef, params).embed_text(x)  # [B, d]
+
+
 def embed_items(model: DualEncoder, media: np.ndarray, batch_size: int = 256,
                 progress: Callable[[int], None] | None = None) -> np.ndarray:
   """Unit-norm item embeddings ``float32 [N, embed_dim]`` in row order (fixed batch shape)."""
   graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def f(params, x):
-    return nnx.merge(graphdef, params).embed_items(x)  # [B, d]
-
   n = media.shape[0]
   bs = min(batch_size, n)
   out = np.zeros((n, model.config.embed_dim), np.float32)
@@ -359,7 +369,7 @@ def embed_items(model: DualEncoder, media: np.ndarray, batch_size: int = 256,
     k = chunk.shape[0]
     if k < bs:
       chunk = np.concatenate([chunk, np.zeros((bs - k,) + chunk.shape[1:], chunk.dtype)])
-    out[s:s + k] = np.asarray(f(params, chunk))[:k]
+    out[s:s + k] = np.asarray(_embed_items(graphdef, params, chunk))[:k]
     if progress is not None:
       progress(k)
   return out
@@ -368,11 +378,6 @@ def embed_items(model: DualEncoder, media: np.ndarray, batch_size: int = 256,
 def embed_text_features(model: DualEncoder, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
   """Frozen-encoder features ``[Q, text_dim]`` -> unit-norm query embeddings ``[Q, embed_dim]``."""
   graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def f(params, x):
-    return nnx.merge(graphdef, params).embed_text(x)
-
   q = features.shape[0]
   out = np.zeros((q, model.config.embed_dim), np.float32)
   bs = min(batch_size, max(q, 1))
@@ -381,5 +386,5 @@ def embed_text_features(model: DualEncoder, features: np.ndarray, batch_size: in
     k = chunk.shape[0]
     if k < bs:
       chunk = np.concatenate([chunk, np.zeros((bs - k, chunk.shape[1]), np.float32)])
-    out[s:s + k] = np.asarray(f(params, chunk))[:k]
+    out[s:s + k] = np.asarray(_embed_text(graphdef, params, chunk))[:k]
   return out
