@@ -95,7 +95,7 @@ def partition_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | No
     return spec
   if len(shape) != len(spec):
     raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
-  sizes = dict(zip(mesh.axis_names, mesh.axis_shape if hasattr(mesh, "axis_shape") else mesh.devices.shape))
+  sizes = dict(mesh.shape)  # axis name -> size (Mesh and AbstractMesh alike)
   out = []
   for dim, axis in zip(shape, spec):
     if axis is not None and dim % sizes.get(axis, 1) != 0:
