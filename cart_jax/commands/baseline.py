@@ -189,6 +189,8 @@ def run(args) -> int:
         "topk_lists_equal": float(np.mean(np.all(rows == o_rows, axis=1))),
         "topk_sets_equal": float(np.mean([set(a) == set(b) for a, b in zip(rows, o_rows)])),
         "max_abs_score_diff": float(np.max(np.abs(scores - o_scores))),
+        # Lists that differ only where items tie (pixel-identical media embed identically):
+        "topk_scores_equal_1e-5": float(np.mean(np.all(np.abs(scores - o_scores) <= 1e-5, axis=1))),
         **{f"other_{k}": v for k, v in retrieval_metrics(o_rows, targets).items()
            if k != "num_queries"},
     }
