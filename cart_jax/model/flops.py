@@ -48,9 +48,11 @@ def flops_per_query(c: ModelConfig, *, src_len: int = 32, beam: int = 10, id_len
     per_layer_pre += kv_one
   if c.uses_coarse:
     per_layer_pre += kv_one
-  if c.uses_fine:
+  if c.uses_fine and not c.fine_shared_kv:
     per_layer_pre += s * kv_one
   precompute += c.num_decoder_layers * per_layer_pre
+  if c.uses_fine and c.fine_shared_kv:
+    precompute += s * kv_one  # the experts' keys/values, shared by all decoder layers
   # per decode step, per beam (one token)
   layer = 2 * 4 * d * attn + 4 * id_length * attn + 2 * 3 * d * c.d_ff  # self-attn + MLP
   if c.fusion == "none":

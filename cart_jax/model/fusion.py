@@ -9,6 +9,11 @@ Given the encoder's layer outputs ``E_1..E_S`` (each ``[batch, src, d]``):
   "expert" per encoder layer, with its own key/value projections and a shared
   query/output projection) and mixes the S results with learnable weights
   ``alpha_i`` (``softmax`` over layers, or an independent ``sigmoid`` each).
+  By default (``fine_shared_kv``) the experts' key/value projections are shared by
+  all decoder layers (:class:`FineKeyValue`, computed once per query); each decoder
+  layer keeps its own query/output projections and ``alpha``. Per-decoder-layer
+  expert K/V would cost ``num_decoder_layers x S`` projections: 170 M of ``base``'s
+  parameters and 4x its per-query precompute FLOPs.
   Because the output projection is linear, mixing happens before it:
   ``O(sum_i alpha_i attn_i) = sum_i alpha_i O(attn_i)``.
 * the coarse and fine outputs are added; the decoder layer adds the sum to its
@@ -48,18 +53,39 @@ class CoarseProjection(nnx.Module):
     return self.proj(concat)
 
 
-class FineFusion(nnx.Module):
-  """Cross-attention to each encoder layer separately, mixed by learnable ``alpha``."""
+class FineKeyValue(nnx.Module):
+  """Per-encoder-layer ("expert") key/value projections: ``E_i -> (K_i, V_i)`` for i = 1..S."""
 
-  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, num_layers: int, d_model: int, num_heads: int, head_dim: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    shape = (num_layers, d_model, num_heads, head_dim)
+    axes = ("layers", "embed", "heads", "kv")
+    self.key = normal_param(rngs, fan_in_std((d_model,), 1), shape, axes)
+    self.value = normal_param(rngs, fan_in_std((d_model,), 1), shape, axes)
+    self.dtype = dtype
+
+  def __call__(self, layers: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``layers [b, S, src, d]`` -> keys, values ``[b, S, src, heads, kv]``."""
+    x = layers.astype(self.dtype)
+    k = jnp.einsum("bLsd,Ldhk->bLshk", x, self.key.get_value().astype(self.dtype))
+    v = jnp.einsum("bLsd,Ldhk->bLshk", x, self.value.get_value().astype(self.dtype))
+    return k, v
+
+
+class FineFusion(nnx.Module):
+  """Cross-attention to each encoder layer separately, mixed by learnable ``alpha``.
+
+  Keys/values come from a :class:`FineKeyValue`: the network's single shared one
+  (``config.fine_shared_kv``, default) or this layer's own (``own_kv=True``).
+  """
+
+  def __init__(self, config: ModelConfig, *, own_kv: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
     c = config
     s = c.num_fused_layers
     self.query = Dense((c.d_model,), (c.num_heads, c.head_dim), ("embed", "heads", "kv"),
                        dtype=dtype, rngs=rngs)
-    self.key = normal_param(rngs, fan_in_std((c.d_model,), 1), (s, c.d_model, c.num_heads, c.head_dim),
-                     ("layers", "embed", "heads", "kv"))
-    self.value = normal_param(rngs, fan_in_std((c.d_model,), 1), (s, c.d_model, c.num_heads, c.head_dim),
-                       ("layers", "embed", "heads", "kv"))
+    self.kv = (FineKeyValue(s, c.d_model, c.num_heads, c.head_dim, dtype=dtype, rngs=rngs)
+               if own_kv else None)
     self.out = Dense((c.num_heads, c.head_dim), (c.d_model,), ("heads", "kv", "embed"),
                      dtype=dtype, rngs=rngs)
     # alpha logits: zeros = uniform weights at init (1/S for softmax, 1/2 for sigmoid).
@@ -73,13 +99,6 @@ class FineFusion(nnx.Module):
     """``[S]`` mixing weights of the encoder layers."""
     logits = self.alpha_logits.get_value()
     return jax.nn.softmax(logits) if self.weighting == "softmax" else jax.nn.sigmoid(logits)
-
-  def precompute(self, layers: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``layers [b, S, src, d]`` -> keys, values ``[b, S, src, heads, kv]``."""
-    x = layers.astype(self.dtype)
-    k = jnp.einsum("bLsd,Ldhk->bLshk", x, self.key.get_value().astype(self.dtype))
-    v = jnp.einsum("bLsd,Ldhk->bLshk", x, self.value.get_value().astype(self.dtype))
-    return k, v
 
   def __call__(self, h: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
@@ -107,7 +126,7 @@ class FusedCrossAttention(nnx.Module):
                                        dropout_rate=c.dropout_rate, dtype=dtype, rngs=rngs)
       self.coarse_gate = Dense((c.d_model,), (c.d_model,), ("embed", "embed"), dtype=dtype, rngs=rngs)
     if c.uses_fine:
-      self.fine = FineFusion(c, dtype=dtype, rngs=rngs)
+      self.fine = FineFusion(c, own_kv=not c.fine_shared_kv, dtype=dtype, rngs=rngs)
 
   def precompute(self, layers: jax.Array, z: jax.Array | None) -> dict[str, jax.Array]:
     """Encoder-side keys/values for this decoder layer, once per query.
@@ -124,13 +143,19 @@ class FusedCrossAttention(nnx.Module):
     if self.fusion in ("coarse", "both"):
       kv["coarse_k"], kv["coarse_v"] = self.coarse.project_kv(z)  # [b, src, heads, kv]
     if self.fusion in ("fine", "both"):
-      kv["fine_k"], kv["fine_v"] = self.fine.precompute(layers)  # [b, S, src, heads, kv]
+      if self.fine.kv is not None:  # this layer's own experts; shared ones live in EncodedQuery
+        kv["fine_k"], kv["fine_v"] = self.fine.kv(layers)  # [b, S, src, heads, kv]
     return {name: with_logical_constraint(a, ("batch",) + (None,) * (a.ndim - 3) + ("heads", "kv"))
             for name, a in kv.items()}
 
   def __call__(self, h: jax.Array, kv: dict[str, jax.Array], bias: jax.Array,
-               rngs: nnx.Rngs | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``h [b, beam, t, d]`` (normed decoder stream) -> (update ``[b, beam, t, d]``, aux)."""
+               rngs: nnx.Rngs | None, shared_fine_kv: tuple[jax.Array, jax.Array] | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``h [b, beam, t, d]`` (normed decoder stream) -> (update ``[b, beam, t, d]``, aux).
+
+    ``shared_fine_kv``: the network's fine keys/values ``[b, S, src, heads, kv]`` shared by
+    all decoder layers (``fine_shared_kv``); ignored when this layer owns its experts.
+    """
     aux = {}
     if self.fusion == "none":
       out = self.cross.cross_attend(self.cross.project_query(h), kv["k"], kv["v"], bias, rngs)
@@ -141,7 +166,8 @@ class FusedCrossAttention(nnx.Module):
                                    bias, rngs)  # [b, beam, t, d]
       out = out + c * jax.nn.sigmoid(self.coarse_gate(c))  # self-gated sigmoid
     if self.fusion in ("fine", "both"):
-      f, alpha = self.fine(h, kv["fine_k"], kv["fine_v"], bias, rngs)
+      fine_k, fine_v = (kv["fine_k"], kv["fine_v"]) if "fine_k" in kv else shared_fine_kv
+      f, alpha = self.fine(h, fine_k, fine_v, bias, rngs)
       out = out + f
       aux["alpha"] = alpha
     return out, aux

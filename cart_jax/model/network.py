@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from cart_jax.model.config import ModelConfig
-from cart_jax.model.fusion import CoarseProjection, FusedCrossAttention
+from cart_jax.model.fusion import CoarseProjection, FineKeyValue, FusedCrossAttention
 from cart_jax.model.layers import (NEG_INF, Dense, Embed, GatedGeluMlp, MultiHeadAttention,
                                    RelativePositionBias, RMSNorm, dropout)
 from cart_jax.partitioning import with_logical_constraint
@@ -45,10 +45,13 @@ class EncodedQuery:
   Attributes:
     cross_kv: per decoder layer, a dict of encoder-side keys/values (leading axis
       ``batch``, NO beam axis): ``[b, src, heads, kv]`` (``k``/``v``, ``coarse_k``/``coarse_v``)
-      and ``[b, S, src, heads, kv]`` (``fine_k``/``fine_v``).
+      and ``[b, S, src, heads, kv]`` (``fine_k``/``fine_v``, only with per-layer experts).
+    fine_kv: ``(keys, values)`` ``[b, S, src, heads, kv]`` of the fine-fusion experts shared
+      by all decoder layers (``fine_shared_kv``), stored once; None otherwise.
     bias: ``[b, 1, 1, 1, src]`` additive mask of padded input positions.
   """
   cross_kv: tuple[dict[str, jax.Array], ...]
+  fine_kv: tuple[jax.Array, jax.Array] | None
   bias: jax.Array
 
 
@@ -120,7 +123,8 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, self_bias: jax.Array, cross_kv: dict[str, jax.Array],
                cross_bias: jax.Array, rngs: nnx.Rngs | None, cache: dict | None = None,
-               step: jax.Array | None = None) -> tuple[jax.Array, dict | None, dict]:
+               step: jax.Array | None = None, shared_fine_kv: tuple | None = None
+               ) -> tuple[jax.Array, dict | None, dict]:
     """One decoder layer.
 
     Args:
@@ -131,6 +135,7 @@ class DecoderLayer(nnx.Module):
       rngs: dropout RNGs, None = deterministic.
       cache: ``{"k", "v": [b, beam, max_len, heads, kv]}`` for incremental decoding (t = 1).
       step: position being written into the cache.
+      shared_fine_kv: fine-fusion expert keys/values shared by all decoder layers.
     Returns:
       (new x, new cache or None, aux).
     """
@@ -143,7 +148,8 @@ class DecoderLayer(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), step, axis=2)
       new_cache = {"k": k, "v": v}  # [b, beam, max_len, heads, kv]
     x = x + dropout(self.self_attention.self_attend(q, k, v, self_bias, rngs), self.dropout_rate, rngs)
-    fused, aux = self.cross_attention(self.pre_cross_attention_norm(x), cross_kv, cross_bias, rngs)
+    fused, aux = self.cross_attention(self.pre_cross_attention_norm(x), cross_kv, cross_bias, rngs,
+                                      shared_fine_kv)
     x = x + dropout(fused, self.dropout_rate, rngs)
     x = x + dropout(self.mlp(self.pre_mlp_norm(x), rngs), self.dropout_rate, rngs)
     return with_logical_constraint(x, _STREAM), new_cache, aux
@@ -171,6 +177,8 @@ class CARTNetwork(nnx.Module):
                                        rngs=rngs) if width != c.d_model else None)
     self.coarse_projection = (CoarseProjection(c.num_fused_layers, c.d_model, c.d_model, dtype=dtype,
                                                rngs=rngs) if c.uses_coarse else None)
+    self.fine_kv = (FineKeyValue(c.num_fused_layers, c.d_model, c.num_heads, c.head_dim, dtype=dtype,
+                                 rngs=rngs) if c.uses_fine and c.fine_shared_kv else None)
     self.decoder_embedder = Embed(c.output_vocab_size, c.d_model, dtype=dtype, rngs=rngs)
     self.decoder_relpos = RelativePositionBias(c.relative_attention_num_buckets,
                                                c.relative_attention_max_distance, c.num_heads,
@@ -201,9 +209,12 @@ class CARTNetwork(nnx.Module):
     mask = inputs != 0 if input_mask is None else input_mask.astype(bool)
     layers = self.encode_layers(inputs, mask, rngs)  # [b, S, src, d]
     z = self.coarse_projection(layers) if self.coarse_projection is not None else None  # [b, src, d]
+    fine_kv = self.fine_kv(layers) if self.fine_kv is not None else None  # 2 x [b, S, src, heads, kv]
+    if fine_kv is not None:
+      fine_kv = tuple(with_logical_constraint(a, ("batch", "layers", "length", "heads", "kv")) for a in fine_kv)
     cross_kv = tuple(layer.cross_attention.precompute(layers, z) for layer in self.decoder_layers)
     bias = jnp.where(mask, 0.0, NEG_INF).astype(self.dtype)[:, None, None, None, :]  # [b, 1, 1, 1, src]
-    return EncodedQuery(cross_kv=cross_kv, bias=bias)
+    return EncodedQuery(cross_kv=cross_kv, fine_kv=fine_kv, bias=bias)
 
   # --------------------------------------------------------------------------- decoder
 
@@ -213,7 +224,7 @@ class CARTNetwork(nnx.Module):
     new_cache, alphas = [], []
     for i, layer in enumerate(self.decoder_layers):
       x, layer_cache, aux = layer(x, self_bias, enc.cross_kv[i], enc.bias, rngs,
-                                  None if cache is None else cache[i], step)
+                                  None if cache is None else cache[i], step, enc.fine_kv)
       new_cache.append(layer_cache)
       if "alpha" in aux:
         alphas.append(aux["alpha"])
@@ -297,8 +308,9 @@ def param_groups(state: Any) -> dict[str, int]:
   * embeddings: input/decoder token tables and the output logits projection;
   * encoder: the encoder stack (T5 layers or MiniLM, without its token table) and
     the MiniLM -> d_model projection;
-  * fusion: the coarse projection, coarse cross-attentions + gates and fine
-    cross-attentions (+ alpha); with ``fusion=none`` the plain cross-attention counts here too;
+  * fusion: the coarse projection, the fine experts' key/values, coarse cross-attentions +
+    gates and fine cross-attentions (+ alpha); with ``fusion=none`` the plain
+    cross-attention counts here too;
   * decoder: the rest of the decoder (self-attention, MLP, norms, relative positions).
   """
   counts = {"embeddings": 0, "encoder": 0, "fusion": 0, "decoder": 0}
@@ -312,7 +324,7 @@ def param_groups(state: Any) -> dict[str, int]:
       part = "embeddings"
     elif names[0] in ("encoder", "encoder_projection"):
       part = "encoder"
-    elif names[0] == "coarse_projection" or "cross_attention" in names:
+    elif names[0] in ("coarse_projection", "fine_kv") or "cross_attention" in names:
       part = "fusion"
     else:
       part = "decoder"
