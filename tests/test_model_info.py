@@ -2,7 +2,6 @@
 import argparse
 import json
 
-import numpy as np
 import pytest
 
 from cart_jax.commands import model_info

@@ -6,14 +6,13 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from cart_jax import partitioning
-from cart_jax.model.config import get_config, tiny
+from cart_jax.model.config import get_config
 from cart_jax.model.network import CARTNetwork
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +139,5 @@ def test_sharded_loss_equals_single_device_loss():
   assert r["num_devices_state"] == 8
   assert r["born_spec"] == [None, "model"] and r["born_shard"] == [16, 16]
   assert r["wi_spec"] == [None, "model"] and r["wi_shard"] == [r["wi_shape"][0], r["wi_shape"][1] // 2]
-  sharded_loss, sharded_ce, sharded_kl = r["sharded"]
-  single_loss, single_ce, single_kl = r["single"]
-  assert sharded_kl > 1e-5  # both dropout passes ran and differ
+  assert r["sharded"][2] > 1e-5  # KL: both dropout passes ran and differ
   np.testing.assert_allclose(r["sharded"], r["single"], atol=1e-5, rtol=0)
