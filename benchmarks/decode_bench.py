@@ -24,13 +24,15 @@ code of the level allowed) and the decoder alone (L steps, no search), interleav
 with the constrained search so that they share the machine's load; the share is
 (cart - unconstrained) / cart.
 
-Each method runs in its own subprocess with the same environment (thread settings included);
-inside it, all corpus sizes (and the mask-overhead variants) are timed interleaved, call by call,
-so the curve over N is not bent by the load of a shared machine. Timing: compile apart (AOT lower+compile), >= 3 warm-up calls, >= 10
-timed calls with jax.block_until_ready; median and spread. A configuration whose single call is too
-slow for the time budget gets fewer repeats (recorded in "n_warmup"/"n_timed"/"note") or is
-recorded under "skipped" with the reason (prefix_scan is predicted linearly in N from the previous
-corpus size). The machine's 1-minute load average is logged with every row.
+Each method runs in its own subprocess with the same environment (thread settings included).
+Timing: compile apart (AOT lower+compile), >= 3 warm-up calls, >= 10 timed calls with
+jax.block_until_ready; median and spread. All call kinds of one (decoder, batch) - every method,
+corpus size and variant - are timed round-robin in lockstep across the method processes (one call
+at a time, in a new random order each round; calls under 0.25 s are preceded by an untimed call),
+so that methods, corpus sizes and variants share the same background load of a shared machine.
+A call kind too slow for the time budget gets fewer repeats (recorded in "n_warmup"/"n_timed"/
+"note") or is recorded under "skipped" with the reason (prefix_scan is predicted linearly in N from
+the previous corpus size). The 1-minute load average is logged with every row.
 
 Identifiers (L = 6): (k, v1, v2, v3, v4, u); k in 256 clusters with skewed sizes (p ~ 1/(i+8)),
 v1..v4 uniform in 256 codes, u a counter over colliding (k, v1..v4) (vocabulary 16). The vocabulary
@@ -372,7 +374,7 @@ def worker(spec: dict) -> None:
               emit({"kind": "key", **key, "skipped": "a smaller corpus was already too slow"})
               first[(variant, decoder, batch)] = (n, None)
               continue
-            if t * n / m > spec["max_call_s"]:
+            if n <= 10 * m and t * n / m > spec["max_call_s"]:
               emit({"kind": "key", **key, "skipped": (
                   f"predicted {t * n / m:.0f} s per call (linear in N from {t:.1f} s at N={m}) "
                   f"> {spec['max_call_s']:.0f} s limit per call")})
@@ -405,10 +407,13 @@ def worker(spec: dict) -> None:
     line = line.strip()
     if not line or line == "quit":
       break
-    fn, args = calls[int(line)]
+    key_id, pre = (int(x) for x in line.split())
+    fn, args = calls[key_id]
+    if pre:  # an untimed call first: wakes this idle process's threads and caches
+      jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    emit({"kind": "time", "id": int(line), "s": time.perf_counter() - t0})
+    emit({"kind": "time", "id": key_id, "s": time.perf_counter() - t0})
 
 
 def machine_info() -> dict:
@@ -456,8 +461,8 @@ class WorkerProcess:
                          f"{self.stderr_tail}")
     return rec
 
-  def run(self, key_id: int, timeout_s: float) -> float:
-    self.proc.stdin.write(f"{key_id}\n")
+  def run(self, key_id: int, timeout_s: float, pre: bool = False) -> float:
+    self.proc.stdin.write(f"{key_id} {int(pre)}\n")
     self.proc.stdin.flush()
     rec = self.read(timeout_s)
     return rec["s"]
@@ -555,15 +560,17 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
   spec_common = {
       "beam": args.beam, "batches": batches, "decoders": decoders,
-      "max_call_s": 8.0 if args.quick else 20.0,
-      "overhead_n": [max(ns)] if args.quick else [min(ns), max(ns)],
-      "overhead_variants": ["unconstrained"] if args.quick else ["unconstrained", "decoder_only"],
+      "max_call_s": 15.0 if args.quick else 20.0,
+      # Mask overhead (extra compiles) only in the full sweep, at the smallest and largest N.
+      "overhead_n": [] if args.quick else [min(ns), max(ns)],
+      "overhead_variants": ["unconstrained", "decoder_only"],
   }
   # Timing budget per call kind (method/variant, N) for each decoder: slower calls get fewer
   # repeats (recorded).
   budget_s = {"small": 3.0, "stub": 3.0} if args.quick else {"small": 12.0, "stub": 4.0}
   setup_timeout_s = 120.0 if args.quick else 600.0  # per line while a worker compiles
   call_timeout_s = 3 * spec_common["max_call_s"] + 30.0
+  short_call_s = 0.25
 
   # Same environment for every method: same thread settings, same device.
   env = dict(os.environ)
@@ -623,12 +630,15 @@ def main(argv=None) -> int:
           n_timed = max(3, int(budget_s[decoder] * len(group) / round_s) - n_warm)
           note = f"slow round ({round_s:.2f} s): {n_warm + 1} warm-up, {n_timed} timed calls"
         dead = set()
+        order_rng = np.random.default_rng(0)
         for i in range(n_warm + n_timed):
-          for w, k in group:
+          for j in order_rng.permutation(len(group)):  # a new order every round
+            w, k = group[j]
             if w in dead:
               continue
             try:
-              t = w.run(k["id"], call_timeout_s)
+              # Short calls get an untimed call just before (the process was idle meanwhile).
+              t = w.run(k["id"], call_timeout_s, pre=k["first_call_s"] < short_call_s)
             except RuntimeError as e:
               print(f"  {w.method}: {e}", flush=True)
               dead.add(w)

@@ -134,3 +134,15 @@ def test_build_is_vectorised_large_input():
       node = int(lo + np.searchsorted(kids, codes[row, d]))
       assert trie.codes_at(d + 1)[node] == codes[row, d]
     assert trie.leaf_row[node] == row
+
+
+def test_wide_levels_use_the_general_sort():
+  # 4 levels of 2**20 codes: 80 bits do not pack into one int64 key, np.lexsort path.
+  rng = np.random.default_rng(9)
+  codes = np.unique(rng.integers(0, 2**20, (300, 4)), axis=0).astype(np.int32)
+  codes[::7, 0] = codes[0, 0]  # shared prefixes
+  codes = np.unique(codes, axis=0)
+  codes = codes[rng.permutation(codes.shape[0])]
+  trie = build_trie(codes, IdentifierVocab((2**20,) * 4))
+  assert trie.to_nested_dict() == dict_trie(codes)
+  assert trie.max_fanout[0] == len(set(codes[:, 0].tolist()))

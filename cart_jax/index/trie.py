@@ -153,6 +153,19 @@ def _validate_codes(codes: np.ndarray, level_sizes: tuple[int, ...] | None) -> n
   return codes.astype(np.int32, copy=False)
 
 
+def _lexicographic_order(codes: np.ndarray, level_sizes: tuple[int, ...]) -> np.ndarray:
+  """int32 [N]: row order sorting the identifiers lexicographically (stable)."""
+  bits = [max(1, int(s - 1).bit_length()) for s in level_sizes]
+  if sum(bits) <= 63:
+    # Fast path: pack each identifier into one int64 key (level 0 in the high bits).
+    key = np.zeros(codes.shape[0], np.int64)
+    for col, b in enumerate(bits):  # loop over levels, not items
+      key = (key << b) | codes[:, col].astype(np.int64)
+    return np.argsort(key, kind="stable").astype(np.int32)
+  # np.lexsort sorts by the LAST key first, so pass the columns reversed.
+  return np.lexsort(codes.T[::-1]).astype(np.int32)
+
+
 def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
                device_put: bool = False) -> TrieTables:
   """Builds the trie tables from identifier codes, vectorised (no Python loop over items).
@@ -176,8 +189,7 @@ def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
     level_sizes = IdentifierVocab.from_codes(codes).level_sizes
   n, depth_l = codes.shape
 
-  # Lexicographic order: np.lexsort sorts by the LAST key first, so pass the columns reversed.
-  order = np.lexsort(codes.T[::-1]).astype(np.int32)  # [N]
+  order = _lexicographic_order(codes, level_sizes)  # [N]
   srt = codes[order]  # [N, L]
   # new_prefix[i, l]: sorted row i starts a new distinct prefix of length l+1.
   differs = np.empty((n, depth_l), dtype=bool)
