@@ -57,6 +57,14 @@ def test_embed_builtin_writes_aligned_embeddings_ids_model_and_checkpoints(corpu
   assert load_model(builtin / "E.model.npz").config.embed_dim == 16
 
 
+def test_embed_output_passes_the_index_input_checks(corpus, builtin):
+  """What `cart build-ids --embeddings E.npy --item-ids E.ids.txt` validates before building."""
+  from cart_jax.index.inputs import check_ids, load_embeddings, load_item_ids
+  emb = load_embeddings(builtin / "E.npy")
+  assert check_ids(load_item_ids(builtin / "E.ids.txt"), emb.shape[0]) == corpus.item_ids
+
+
+@pytest.mark.slow  # the fast test above covers the input contract; this runs the whole build
 def test_embed_output_feeds_build_ids(builtin, tmp_path):
   rc = cli.main(["build-ids", "--embeddings", str(builtin / "E.npy"), "--item-ids",
                  str(builtin / "E.ids.txt"), "--out", str(tmp_path / "ix"), "--clusters", "4",

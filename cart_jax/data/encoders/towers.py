@@ -35,8 +35,9 @@ class ImageTowerConfig:
 
   The patch stem is a strided convolution written as a matmul, and the head keeps the spatial
   layout (flatten, not a global pool): emoji differ by where things are, not only by what.
-  XLA's CPU convolutions (backward especially) ran ~10x slower per FLOP than its matmuls
-  here, so the default uses matmuls only.
+  Measured on the shared 2-core CPU: a 4-block 3x3 conv net (32..128 channels at 64 px) took
+  17 s per 256-image training step, this default 0.16 s (one extra conv block: 0.24 s), so the
+  default uses matmuls only.
 
   Attributes:
     image_size: images are resized to ``image_size`` x ``image_size`` when read (emoji: 64).
