@@ -267,7 +267,7 @@ def _restore_checkpoint(directory, params, opt_state, model_config, train_config
     if found != want:
       raise ValueError(f"{path}: checkpoint was written with a different {key.strip('_')} "
                        f"({found}) than this run's ({want}); use another checkpoint directory "
-                       "or start fresh")
+                       "or start fresh (cart embed --no-resume)")
   return (int(arrays["__step__"]), _unflat(params, arrays, "params", path),
           _unflat(opt_state, arrays, "opt", path))
 
