@@ -1,0 +1,402 @@
+"""CART's trainer, in t5x's shape: pure step functions and a thin ``train(*, ...)``.
+
+* :func:`create_train_state`: the network is created already sharded on the mesh
+  (``nnx.eval_shape`` -> jitted init with ``out_shardings``, in ``partitioning.create_sharded``);
+  a pretrained MiniLM encoder is loaded; the optimizer state is initialised by a jitted
+  ``tx.init`` (sharded like the parameters it mirrors).
+* :func:`make_train_step`: one jitted, state-donating step: CE (+ R-Drop KL) loss, AdamW
+  update, metrics (loss, CE, KL, token accuracy, learning rate, gradient norm). Dropout keys
+  are ``fold_in(seed, step)``, so a resumed run draws the same masks as an uninterrupted one.
+* :func:`train`: the loop (big_vision style): batches by step from the input pipeline,
+  periodic checkpoints, validation recall through constrained decoding, TensorBoard + console.
+
+The state is split ``(graphdef, params, frozen)``: ``params`` are the trainable parameters
+(``network.trainable_filter``; a frozen encoder is not among them), ``frozen`` the rest. Both are
+plain nested dicts of arrays (``nnx.to_pure_dict``) so orbax and optax see ordinary pytrees.
+
+No gin here: ``cart_jax/gin_bindings.py`` makes these configurable at the edge.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from cart_jax.model import losses
+from cart_jax.model.config import ModelConfig
+from cart_jax.model.network import CARTNetwork, create_model, load_pretrained_encoder, trainable_filter
+from cart_jax import partitioning
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How CART is trained.
+
+  Attributes:
+    num_steps: optimizer steps in total (a resumed run continues up to this).
+    learning_rate: peak learning rate.
+    warmup_steps: linear warm-up from 0.
+    decay: ``cosine`` (to ``end_lr_fraction`` x peak at ``num_steps``), ``linear`` or ``constant``.
+    end_lr_fraction: final learning rate as a fraction of the peak.
+    weight_decay: AdamW decoupled weight decay.
+    b1, b2: Adam moments.
+    grad_clip: global-norm clipping (0 = none).
+    omega: R-Drop KL weight (0 = the "w/o R-Drop KL" ablation: CE only, one pass).
+    seed: parameter init and dropout seed.
+    log_every: console/TensorBoard metrics every this many steps.
+    checkpoint_every: save every this many steps (and always at the end); 0 = only at the end.
+    keep_checkpoints: checkpoints kept (keep-N).
+    eval_every: validation recall every this many steps (0 = never during training).
+    eval_queries: validation queries used for it (the first n of the split).
+    eval_split: split of the validation queries.
+    beam_size: beams of the constrained search in validation (and the default for eval).
+    mesh_data, mesh_model: mesh shape; ``-1`` fills with the remaining devices.
+  """
+  num_steps: int = 1000
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  decay: str = "cosine"
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.98
+  grad_clip: float = 1.0
+  omega: float = 1.0
+  seed: int = 0
+  log_every: int = 50
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  eval_every: int = 0
+  eval_queries: int = 256
+  eval_split: str = "val"
+  beam_size: int = 10
+  mesh_data: int = -1
+  mesh_model: int = 1
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise ValueError(f"TrainConfig.num_steps must be >= 1, got {self.num_steps}")
+    if self.decay not in ("cosine", "linear", "constant"):
+      raise ValueError(f"TrainConfig.decay must be cosine|linear|constant, got {self.decay!r}")
+    if self.omega < 0:
+      raise ValueError(f"TrainConfig.omega must be >= 0, got {self.omega}")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What the train step updates (donated): step, trainable params, optimizer state."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(c: TrainConfig) -> optax.Schedule:
+  warmup = max(0, min(c.warmup_steps, c.num_steps - 1))
+  end = c.learning_rate * c.end_lr_fraction
+  rest = max(1, c.num_steps - warmup)
+  if c.decay == "cosine":
+    decay = optax.cosine_decay_schedule(c.learning_rate, rest, alpha=c.end_lr_fraction)
+  elif c.decay == "linear":
+    decay = optax.linear_schedule(c.learning_rate, end, rest)
+  else:
+    decay = optax.constant_schedule(c.learning_rate)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, warmup), decay], [warmup])
+
+
+def make_optimizer(c: TrainConfig) -> optax.GradientTransformation:
+  """AdamW with warm-up + decay, global-norm clipping; no weight decay on 1-D params (norms)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  parts = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip > 0 else []
+  parts.append(optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2,
+                           weight_decay=c.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def make_mesh(c: TrainConfig) -> jax.sharding.Mesh:
+  return partitioning.make_mesh(c.mesh_data, c.mesh_model)
+
+
+def create_train_state(model_config: ModelConfig, c: TrainConfig, mesh: jax.sharding.Mesh,
+                       tx: optax.GradientTransformation, *, load_pretrained: bool = True):
+  """``(graphdef, TrainState, frozen)``, all arrays already placed on ``mesh``."""
+  model = create_model(model_config, seed=c.seed, mesh=mesh)
+  if model_config.encoder == "minilm" and load_pretrained:
+    load_pretrained_encoder(model)
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, partitioning.shard_state(state, mesh))
+  graphdef, trainable, frozen = nnx.split(model, trainable_filter(model_config), ...)
+  params = nnx.to_pure_dict(trainable)
+  frozen = nnx.to_pure_dict(frozen)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), jax.sharding.NamedSharding(mesh, jax.P()))
+  return graphdef, TrainState(step=step, params=params, opt_state=opt_state), frozen
+
+
+def abstract_model(model_config: ModelConfig):
+  """``(graphdef, abstract params, abstract frozen)`` without allocating anything."""
+  model = nnx.eval_shape(lambda: CARTNetwork(model_config, rngs=nnx.Rngs(0)))
+  graphdef, trainable, frozen = nnx.split(model, trainable_filter(model_config), ...)
+  return graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+
+
+def loss_fn(graphdef, params, frozen, batch, *, omega: float, dropout_rng):
+  model = nnx.merge(graphdef, params, frozen)
+  return losses.compute_loss(model, batch, omega=omega, dropout_rng=dropout_rng)
+
+
+def train_step(graphdef, tx: optax.GradientTransformation, c: TrainConfig,
+               state: TrainState, frozen, batch) -> tuple[TrainState, dict]:
+  """One optimizer step (pure). ``batch``: ``inputs``, ``targets``, ``decoder_inputs``."""
+  dropout_rng = jax.random.fold_in(jax.random.key(c.seed + 1), state.step)
+  grad_fn = jax.value_and_grad(
+      lambda p: loss_fn(graphdef, p, frozen, batch, omega=c.omega, dropout_rng=dropout_rng),
+      has_aux=True)
+  (loss, aux), grads = grad_fn(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "ce": aux["ce"], "kl": aux["kl"], "token_accuracy": aux["token_accuracy"],
+             "grad_norm": optax.global_norm(grads),
+             "learning_rate": learning_rate_schedule(c)(state.step)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(graphdef, params, frozen, batch) -> dict:
+  """Teacher-forced CE and token accuracy without dropout (pure)."""
+  _, aux = loss_fn(graphdef, params, frozen, batch, omega=0.0, dropout_rng=None)
+  return {"ce": aux["ce"], "token_accuracy": aux["token_accuracy"]}
+
+
+def make_train_step(graphdef, tx, c: TrainConfig) -> Callable:
+  """The jitted step; the state (argument 0) is donated."""
+  return jax.jit(lambda state, frozen, batch: train_step(graphdef, tx, c, state, frozen, batch),
+                 donate_argnums=(0,))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Global numpy batch -> arrays sharded over ``data`` (each host contributes its slice)."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.P(partitioning.DATA))
+  n_data = mesh.shape[partitioning.DATA]
+  out = {}
+  for k, v in batch.items():
+    if v.shape[0] % n_data:
+      raise ValueError(f"global batch {v.shape[0]} is not divisible by the data axis ({n_data})")
+    if jax.process_count() == 1:
+      out[k] = jax.device_put(v, sharding)
+    else:
+      per = v.shape[0] // jax.process_count()
+      local = v[jax.process_index() * per:(jax.process_index() + 1) * per]
+      out[k] = jax.make_array_from_process_local_data(sharding, local, v.shape)
+  return out
+
+
+def maybe_initialize_distributed() -> bool:
+  """``jax.distributed.initialize()`` when the environment says this is a multi-host launch.
+
+  Detected from ``JAX_COORDINATOR_ADDRESS`` (launch/multi_gpu.sh), SLURM with several tasks, or
+  a TPU VM pod slice (``TPU_WORKER_HOSTNAMES`` with several hosts). ``CART_DISTRIBUTED=0``
+  disables it.
+  """
+  env = os.environ
+  if env.get("CART_DISTRIBUTED") == "0":
+    return False
+  multi = bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("SLURM_NTASKS", "1") or 1) > 1 \
+      or "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("CART_DISTRIBUTED") == "1"
+  if multi:
+    jax.distributed.initialize()
+  return multi
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class MetricWriter:
+  """TensorBoard (tensorboardX) + JSONL, on process 0 only."""
+
+  def __init__(self, directory: Path | None):
+    self.tb = None
+    self.jsonl = None
+    if directory is None or jax.process_index() != 0:
+      return
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tb = SummaryWriter(str(directory / "tensorboard"))
+    except ImportError:
+      self.tb = None
+    self.jsonl = open(directory / "metrics.jsonl", "a", encoding="utf-8")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if self.tb is not None:
+      for k, v in scalars.items():
+        self.tb.add_scalar(k, float(v), step)
+      self.tb.flush()
+    if self.jsonl is not None:
+      self.jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+      self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+    if self.jsonl is not None:
+      self.jsonl.close()
+
+
+@dataclasses.dataclass
+class TrainResult:
+  graphdef: Any
+  state: TrainState
+  frozen: Any
+  start_step: int
+  history: list[dict]
+  validation: list[dict]
+  seconds: float
+  compile_seconds: float
+
+
+def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, index,
+          checkpoint_dir: str | os.PathLike | None, metrics_dir: str | os.PathLike | None = None,
+          validation: tuple[list[str], np.ndarray] | None = None, input_length: int = 32,
+          progress: bool = True, stop_after: int | None = None, log: Callable[[str], None] = print,
+          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+  """Trains (or resumes) CART up to ``train_config.num_steps``.
+
+  Args:
+    model_config: the network (``output_vocab_size`` must match ``index.vocab``).
+    train_config: optimizer, loop and mesh settings.
+    pipeline: an input pipeline with ``iterate(start_step)`` yielding model-feature batches.
+    index: the SemanticIndex (for validation decoding).
+    checkpoint_dir: orbax directory (None = no checkpoints, no resume).
+    metrics_dir: where ``tensorboard/`` and ``metrics.jsonl`` go (None = console only).
+    validation: ``(texts, target index rows)`` scored every ``eval_every`` steps.
+    stop_after: stop (after saving a checkpoint) once this many steps ran in this call (tests).
+  """
+  from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  from cart_jax.train.input_pipeline import to_loss_batch  # pylint: disable=g-import-not-at-top
+
+  c = train_config
+  if model_config.output_vocab_size != index.vocab.vocab_size:
+    raise ValueError(f"model output_vocab_size {model_config.output_vocab_size} != index vocabulary "
+                     f"{index.vocab.vocab_size} (use model.config.with_vocab)")
+  mesh = mesh or make_mesh(c)
+  tx = make_optimizer(c)
+  graphdef, state, frozen = create_train_state(model_config, c, mesh, tx)
+  ckpt = None
+  start = 0
+  if checkpoint_dir is not None:
+    ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
+    if ckpt.latest_step() is not None:
+      restored, meta = ckpt.restore({"params": state.params, "opt_state": state.opt_state,
+                                     "frozen": frozen})
+      start = int(meta["step"])
+      state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), state.step.sharding),
+                         params=restored["params"], opt_state=restored["opt_state"])
+      frozen = restored["frozen"]
+      log(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start})")
+  step_fn = make_train_step(graphdef, tx, c)
+  writer = MetricWriter(Path(metrics_dir) if metrics_dir is not None else None)
+  searcher = None
+  if validation is not None and c.eval_every > 0:
+    from cart_jax.train.search import CartSearcher  # pylint: disable=g-import-not-at-top
+    searcher = CartSearcher(graphdef, index, beam_size=c.beam_size, n_results=c.beam_size,
+                            input_length=input_length, mesh=mesh)
+  bar = None
+  if progress and jax.process_index() == 0 and start < c.num_steps:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=c.num_steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+  history, val_history = [], []
+  t_start = time.perf_counter()
+  compile_s = 0.0
+  window_t, window_n = time.perf_counter(), 0
+  last = c.num_steps
+  ran = 0
+  it = pipeline.iterate(start)
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, c.num_steps):
+        batch = shard_batch(to_loss_batch(next(it)), mesh)
+        if step == start:
+          t0 = time.perf_counter()
+          state, metrics = step_fn(state, frozen, batch)
+          jax.block_until_ready(state.step)
+          compile_s = time.perf_counter() - t0
+          window_t = time.perf_counter()
+        else:
+          state, metrics = step_fn(state, frozen, batch)
+          window_n += 1
+        ran += 1
+        done = step + 1
+        if bar is not None:
+          bar.update(1)
+        if done % c.log_every == 0 or done == last:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          elapsed = time.perf_counter() - window_t
+          m["steps_per_second"] = window_n / elapsed if window_n and elapsed > 0 else float("nan")
+          window_t, window_n = time.perf_counter(), 0
+          history.append({"step": done, **m})
+          writer.write(done, {f"train/{k}": v for k, v in m.items() if math.isfinite(v)})
+          if bar is not None:
+            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_accuracy']:.3f}",
+                            sps=f"{m['steps_per_second']:.1f}")
+          else:
+            log(f"step {done}: loss {m['loss']:.4f} token_acc {m['token_accuracy']:.3f} "
+                f"{m['steps_per_second']:.2f} steps/s")
+        if searcher is not None and (done % c.eval_every == 0 or done == last):
+          from cart_jax.train.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+          texts, targets = validation
+          res, _, _ = evaluate(searcher, state.params, frozen, texts, targets, warm_up=not val_history)
+          val_history.append({"step": done, **res})
+          writer.write(done, {f"val/{k}": res[k] for k in ("r@1", "r@10", "mrr@10", "qps") if k in res})
+          msg = (f"step {done}: {c.eval_split} R@1 {res['r@1']:.3f} R@10 {res.get('r@10', float('nan')):.3f} "
+                 f"({res['num_queries']} queries)")
+          if bar is not None:
+            bar.write(msg)
+          else:
+            log(msg)
+          window_t = time.perf_counter()
+        stopping = stop_after is not None and ran >= stop_after
+        if ckpt is not None and (ckpt.should_save(done, last) or stopping):
+          ckpt.save(done, {"params": state.params, "opt_state": state.opt_state, "frozen": frozen},
+                    {"metrics": history[-1] if history else {}, "time": time.time()})
+        if stopping:
+          break
+  finally:
+    if bar is not None:
+      bar.close()
+    if ckpt is not None:
+      ckpt.close()
+    writer.close()
+  return TrainResult(graphdef=graphdef, state=state, frozen=frozen, start_step=start, history=history,
+                     validation=val_history, seconds=time.perf_counter() - t_start,
+                     compile_seconds=compile_s)
+
+
+def restore_for_inference(model_config: ModelConfig, checkpoint_dir: str | os.PathLike,
+                          step: int | None = None, mesh: jax.sharding.Mesh | None = None):
+  """``(graphdef, params, frozen, step)`` from a checkpoint (no optimizer state kept)."""
+  from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  mesh = mesh or partitioning.make_mesh(1, 1, devices=[jax.devices()[0]])
+  graphdef, params, frozen = abstract_model(model_config)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          {"params": params, "frozen": frozen})
+  ckpt = Checkpointer(checkpoint_dir, keep=0)
+  try:
+    restored, meta = ckpt.restore(template, step)
+  finally:
+    ckpt.close()
+  return graphdef, restored["params"], restored["frozen"], int(meta["step"])
