@@ -22,7 +22,6 @@ All methods run the same search skeleton on the same identifiers; only the const
 Mask overhead (full sweep, smallest and largest N): in the cart process the same decoder also runs
 an unconstrained beam search (every code of the level allowed, same top-k and cache reordering),
 timed interleaved with the constrained search; the share is (cart - unconstrained) / cart.
-(`--methods cart` with a build_search("decoder_only") variant times the decoder alone.)
 
 Each method runs in its own subprocess with the same environment (thread settings included).
 Timing: compile apart (AOT lower+compile), >= 3 warm-up calls, >= 10 timed calls with
@@ -30,8 +29,8 @@ jax.block_until_ready; median and spread. All call kinds of one (decoder, batch)
 corpus size and variant - are timed round-robin in lockstep across the method processes (one call
 at a time, in a new random order each round; calls under 0.25 s are preceded by an untimed call),
 so that methods, corpus sizes and variants share the same background load of a shared machine.
-A call kind too slow for the time budget gets fewer repeats (recorded in "n_warmup"/"n_timed"/
-"note") or is recorded under "skipped" with the reason (prefix_scan is predicted linearly in N from
+A call kind too slow for the time budget gets fewer repeats and leaves the rounds early (recorded
+in "n_warmup"/"n_timed"/"note") or is recorded under "skipped" with the reason (prefix_scan is predicted linearly in N from
 N=100K). The 1-minute load average is logged with every row.
 
 Identifiers (L = 6): (k, v1, v2, v3, v4, u); k in 256 clusters with skewed sizes (p ~ 1/(i+8)),
@@ -561,14 +560,14 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
   spec_common = {
       "beam": args.beam, "batches": batches, "decoders": decoders,
-      "max_call_s": 15.0 if args.quick else 20.0,
+      "max_call_s": 15.0,
       # Mask overhead (extra compiles) only in the full sweep, at the smallest and largest N.
       "overhead_n": [] if args.quick else [min(ns), max(ns)],
       "overhead_variants": ["unconstrained"],
   }
   # Timing budget per call kind (method/variant, N) for each decoder: slower calls get fewer
   # repeats (recorded).
-  budget_s = {"small": 3.0, "stub": 3.0} if args.quick else {"small": 30.0, "stub": 4.0}
+  budget_s = {"small": 3.0, "stub": 3.0} if args.quick else {"small": 36.0, "stub": 4.0}
   setup_timeout_s = 120.0 if args.quick else 600.0  # per line while a worker compiles
   call_timeout_s = 3 * spec_common["max_call_s"] + 30.0
   short_call_s = 0.25
@@ -624,18 +623,27 @@ def main(argv=None) -> int:
         group = [(w, k) for w, k in keys if k["decoder"] == decoder and k["batch"] == batch]
         if not group:
           continue
-        round_s = sum(k["first_call_s"] for _, k in group)
-        n_warm, n_timed, note = 2, 10, None  # warm-ups after the first call made at setup
-        if round_s * (n_warm + n_timed) > budget_s[decoder] * len(group):
-          n_warm = 1 if round_s * 4 > budget_s[decoder] * len(group) else 2
-          n_timed = max(3, int(budget_s[decoder] * len(group) / round_s) - n_warm)
-          note = f"slow round ({round_s:.2f} s): {n_warm + 1} warm-up, {n_timed} timed calls"
+        # Per call kind: 2 more warm-ups and 10 timed calls, fewer when its calls are too slow
+        # for the budget (then it drops out of the later rounds; the others go on).
+        plan = {}
+        for _, k in group:
+          f = k["first_call_s"]
+          if f * 12 <= budget_s[decoder]:
+            plan[id(k)] = (2, 10, None)
+          else:
+            n_warm = 1 if f * 5 > budget_s[decoder] else 2
+            n_timed = max(3, int(budget_s[decoder] / f) - n_warm)
+            plan[id(k)] = (n_warm, n_timed,
+                           f"slow call ({f:.2f} s): {n_warm + 1} warm-up, {n_timed} timed calls")
+        made = {id(k): 0 for _, k in group}
         dead = set()
         order_rng = np.random.default_rng(0)
-        for i in range(n_warm + n_timed):
+        while any(made[id(k)] < plan[id(k)][0] + plan[id(k)][1] and w not in dead
+                  for w, k in group):
           for j in order_rng.permutation(len(group)):  # a new order every round
             w, k = group[j]
-            if w in dead:
+            n_warm, n_timed, _ = plan[id(k)]
+            if w in dead or made[id(k)] >= n_warm + n_timed:
               continue
             try:
               # Short calls get an untimed call just before (the process was idle meanwhile).
@@ -644,14 +652,16 @@ def main(argv=None) -> int:
               print(f"  {w.method}: {e}", flush=True)
               dead.add(w)
               continue
-            if i >= n_warm:
+            if made[id(k)] >= n_warm:
               times[id(k)].append(t)
+            made[id(k)] += 1
         for w, k in group:
           ts = times[id(k)]
           if len(ts) < 3:
             skipped.append({**k, "skipped": f"only {len(ts)} timed calls (worker failed)"})
             continue
           rec = {kk: v for kk, v in k.items() if kk not in ("kind", "id")}
+          n_warm, _, note = plan[id(k)]
           rec.update(summarize_times(ts), n_warmup=n_warm + 1, n_timed=len(ts))
           if note:
             rec["note"] = note
