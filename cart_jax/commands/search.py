@@ -1,0 +1,56 @@
+"""``cart search``: the top items a trained CART run generates for a text query.
+
+  cart search --model_dir /tmp/cart_emoji "smiling cat" -k 5
+
+Encodes the query once, runs the constrained beam search over the run's index and prints each
+result's rank, item id, identifier (k, v1..vM, u), log-probability and media path.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+  p = subparsers.add_parser(name, help=help_text, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model_dir", "--model-dir", required=True, help="a MODEL_DIR written by cart train")
+  p.add_argument("query", nargs="+", help="query text(s); each is searched separately")
+  p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+  p.add_argument("--beam", type=int, default=None, help="beam size (default max(k, 10))")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+  p.set_defaults(func=run)
+  return p
+
+
+def run(args) -> int:
+  import json
+
+  from cart_jax.cli import CliError
+  from cart_jax.train.jobs import RunError, load_run
+  from cart_jax.train.search import CartSearcher, describe
+
+  if args.k < 1:
+    raise CliError(f"-k {args.k}: must be >= 1")
+  beam = args.beam or max(args.k, 10)
+  if beam < args.k:
+    raise CliError(f"--beam {beam} is smaller than -k {args.k}")
+  try:
+    r = load_run(args.model_dir, args.step)
+  except (RunError, FileNotFoundError) as e:
+    raise CliError(str(e)) from None
+  searcher = CartSearcher(r.graphdef, r.index, beam_size=beam, n_results=args.k,
+                          input_length=r.input_length, batch_size=max(1, len(args.query)))
+  rows, scores, _ = searcher.search_texts(r.params, r.frozen, args.query)
+  out = []
+  for q, rr, ss in zip(args.query, rows, scores):
+    results = describe(r.index, rr, ss, r.corpus)
+    out.append({"query": q, "results": results})
+    print(f"query: {q}")
+    for d in results:
+      print(f"  {d['rank']:>3}  {d['item_id']:<16} id={tuple(d['identifier'])}  "
+            f"logp={d['score']:.3f}  {d.get('media', '')}")
+  if args.json:
+    from cart_jax.index.artefact import atomic_write_json
+    atomic_write_json(args.json, {"model_dir": str(r.model_dir), "step": r.step, "queries": out})
+  return 0

@@ -1,0 +1,208 @@
+"""Run-level jobs (train, eval, search) and the MODEL_DIR layout they share.
+
+``MODEL_DIR`` holds everything ``cart eval`` and ``cart search`` need::
+
+  MODEL_DIR/
+    run.json            {"format": "cart-run", "version": 1, "corpus_dir": <absolute path>,
+                         "index_dir": "index", "model_config": {...}, "train_config": {...},
+                         "input_config": {...}, "captions_file": ...}
+    config.gin          the operative gin config of `cart train` (when launched through gin)
+    index/              a copy of the SemanticIndex directory the run was trained on
+    checkpoints/<step>/ orbax checkpoints (params, frozen, opt_state, meta), newest N kept
+    tensorboard/        TensorBoard event files (train/*, val/*)
+    metrics.jsonl       the same scalars, one JSON line per logged step
+    train_summary.json  last metrics, validation recall, timings
+
+The corpus itself is not copied (media can be large): ``run.json`` points at it by absolute
+path. A second ``cart train`` on the same MODEL_DIR resumes; it refuses a different model
+config or index.
+
+No gin here (``cart_jax/gin_bindings.py`` makes :func:`train_job` configurable).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+RUN_FORMAT = "cart-run"
+RUN_VERSION = 1
+RUN_FILE = "run.json"
+INDEX_SUBDIR = "index"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class RunError(ValueError):
+  """A MODEL_DIR that is missing, malformed or incompatible with the requested job."""
+
+
+def _atomic_json(path: Path, obj) -> None:
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def _index_fingerprint(index_dir: Path) -> dict:
+  meta = json.loads((index_dir / "meta.json").read_text(encoding="utf-8"))
+  return meta.get("files", {})
+
+
+def _ensure_index(index_dir: Path | None, model_dir: Path, embeddings, identifier_config,
+                  log: Callable[[str], None]) -> Path:
+  """Copies (or first builds) the index into ``MODEL_DIR/index``; returns that path."""
+  from cart_jax.index import identifiers  # pylint: disable=g-import-not-at-top
+  dest = model_dir / INDEX_SUBDIR
+  if index_dir is None:
+    if (dest / "meta.json").exists():
+      return dest
+    raise RunError(f"no index: pass index_dir (INDEX_DIR), or resume a MODEL_DIR that has {dest}")
+  index_dir = Path(index_dir)
+  if not (index_dir / "meta.json").exists():
+    if embeddings is None:
+      raise RunError(f"{index_dir}: not an index directory (no meta.json); build it with "
+                     f"`cart build-ids`, or set EMBEDDINGS so the job builds it")
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    emb = np.load(embeddings, allow_pickle=False)
+    ids_path = Path(str(embeddings)[:-4] + ".ids.txt") if str(embeddings).endswith(".npy") else None
+    ids = ids_path.read_text(encoding="utf-8").splitlines() if ids_path and ids_path.exists() else None
+    log(f"building the index {index_dir} from {embeddings}")
+    cfg = identifier_config or identifiers.IdentifierConfig()
+    identifiers.build_index(emb, ids, cfg).save(index_dir)
+  if (dest / "meta.json").exists():
+    if _index_fingerprint(dest) != _index_fingerprint(index_dir):
+      raise RunError(f"{model_dir} was trained on another index than {index_dir} "
+                     f"(use a new MODEL_DIR)")
+    return dest
+  tmp = model_dir / f".{INDEX_SUBDIR}.tmp-{os.getpid()}"
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  shutil.copytree(index_dir, tmp)
+  os.replace(tmp, dest)
+  return dest
+
+
+def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_config,
+              train_config, input_config, captions_file: str | None = None,
+              embeddings: str | None = None, identifier_config=None, operative_config: str | None = None,
+              progress: bool = True, stop_after: int | None = None,
+              log: Callable[[str], None] = print) -> dict:
+  """Trains CART into ``model_dir`` (resuming if it holds checkpoints). Returns a summary."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
+  from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
+  from cart_jax.model.config import with_vocab  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import evaluation, input_pipeline, trainer  # pylint: disable=g-import-not-at-top
+
+  trainer.maybe_initialize_distributed()
+  t0 = time.perf_counter()
+  model_dir = Path(model_dir).absolute()
+  model_dir.mkdir(parents=True, exist_ok=True)
+  corpus_dir = Path(corpus_dir).absolute()
+  corpus = load_corpus(corpus_dir, check_media=False)
+  index_path = _ensure_index(index_dir, model_dir, embeddings, identifier_config, log)
+  index = load_index(index_path)
+  model_config = with_vocab(model_config, index.vocab)
+  run = {"format": RUN_FORMAT, "version": RUN_VERSION, "corpus_dir": str(corpus_dir),
+         "index_dir": INDEX_SUBDIR, "model_config": model_config.to_dict(),
+         "train_config": dataclasses.asdict(train_config),
+         "input_config": dataclasses.asdict(input_config),
+         "captions_file": None if captions_file is None else str(Path(captions_file).absolute())}
+  run_path = model_dir / RUN_FILE
+  if run_path.exists():
+    old = json.loads(run_path.read_text(encoding="utf-8"))
+    if old.get("model_config") != run["model_config"]:
+      raise RunError(f"{run_path}: this MODEL_DIR holds a run of another model config; use a new "
+                     f"MODEL_DIR (or the same config to resume)")
+  if jax.process_index() == 0:
+    _atomic_json(run_path, run)
+    if operative_config is not None:
+      (model_dir / "config.gin").write_text(operative_config, encoding="utf-8")
+  pipeline = input_pipeline.make_pipeline(corpus_dir, corpus, index, input_config, captions_file)
+  validation = None
+  if train_config.eval_every > 0:
+    validation = evaluation.split_queries(corpus, index, train_config.eval_split,
+                                          train_config.eval_queries)
+  result = trainer.train(model_config=model_config, train_config=train_config, pipeline=pipeline,
+                         index=index, checkpoint_dir=model_dir / CHECKPOINT_SUBDIR,
+                         metrics_dir=model_dir, validation=validation,
+                         input_length=input_config.input_length, progress=progress,
+                         stop_after=stop_after, log=log)
+  summary = {"model_dir": str(model_dir), "start_step": result.start_step,
+             "step": int(jax.device_get(result.state.step)),
+             "last_metrics": result.history[-1] if result.history else None,
+             "validation": result.validation, "input": pipeline.summary(),
+             "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
+             "compile_seconds": result.compile_seconds}
+  if jax.process_index() == 0:
+    _atomic_json(model_dir / "train_summary.json", summary)
+  return summary
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A trained run ready for inference."""
+  model_dir: Path
+  run: dict
+  model_config: object
+  index: object
+  corpus: object
+  graphdef: object
+  params: object
+  frozen: object
+  step: int
+  input_length: int
+
+
+def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corpus: bool = True) -> LoadedRun:
+  """Reads ``run.json``, the index copy and the newest (or given) checkpoint of a MODEL_DIR."""
+  from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
+  from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
+  from cart_jax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  d = Path(model_dir)
+  run_path = d / RUN_FILE
+  if not run_path.exists():
+    raise RunError(f"{d}: not a CART model directory (no {RUN_FILE}; train one with `cart train`)")
+  try:
+    run = json.loads(run_path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise RunError(f"{run_path}: unreadable JSON ({e})") from None
+  if run.get("format") != RUN_FORMAT or run.get("version") != RUN_VERSION:
+    raise RunError(f"{run_path}: format {run.get('format')!r} v{run.get('version')}, expected "
+                   f"{RUN_FORMAT!r} v{RUN_VERSION}")
+  model_config = ModelConfig(**run["model_config"])
+  index = load_index(d / run.get("index_dir", INDEX_SUBDIR))
+  corpus = None
+  if need_corpus:
+    if not Path(run["corpus_dir"]).exists():
+      raise RunError(f"{run_path}: corpus_dir {run['corpus_dir']} does not exist")
+    corpus = load_corpus(run["corpus_dir"], check_media=False)
+  ckpt_dir = d / CHECKPOINT_SUBDIR
+  if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+    raise RunError(f"{ckpt_dir}: no checkpoint yet")
+  graphdef, params, frozen, got_step = trainer.restore_for_inference(model_config, ckpt_dir, step)
+  return LoadedRun(model_dir=d, run=run, model_config=model_config, index=index, corpus=corpus,
+                   graphdef=graphdef, params=params, frozen=frozen, step=got_step,
+                   input_length=int(run["input_config"]["input_length"]))
+
+
+def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_size: int = 64,
+             limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None) -> dict:
+  """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries."""
+  from cart_jax.train import evaluation  # pylint: disable=g-import-not-at-top
+  from cart_jax.train.search import CartSearcher  # pylint: disable=g-import-not-at-top
+  r = loaded or load_run(model_dir, step)
+  texts, targets = evaluation.split_queries(r.corpus, r.index, split, limit)
+  if not texts:
+    raise RunError(f"{r.run['corpus_dir']}: no '{split}' queries")
+  searcher = CartSearcher(r.graphdef, r.index, beam_size=beam_size, n_results=min(10, beam_size),
+                          input_length=r.input_length, batch_size=batch_size)
+  metrics, rows, scores = evaluation.evaluate(searcher, r.params, r.frozen, texts, targets)
+  return {"model_dir": str(r.model_dir), "step": r.step, "split": split, **metrics,
+          "num_items": r.index.n_items, "corpus_dir": r.run["corpus_dir"]}
