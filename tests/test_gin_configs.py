@@ -1,0 +1,89 @@
+"""Every gin file parses, its configurables build, and each ablation changes what it claims."""
+from pathlib import Path
+
+import gin
+import jax
+import pytest
+from flax import nnx
+
+from cart_jax import gin_bindings
+from cart_jax.index.vocab import IdentifierVocab
+from cart_jax.model.config import with_vocab
+from cart_jax.model.network import CARTNetwork
+
+ROOT = Path(__file__).resolve().parents[1] / "gin_configs"
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.gin"))
+RUNS = sorted((ROOT / "runs").glob("*.gin"))
+MODELS = sorted((ROOT / "models").glob("*.gin"))
+VOCAB = IdentifierVocab((64, 64, 64, 22))
+
+
+def _build(files, bindings=()):
+  gin_bindings.parse([str(f) for f in files], list(bindings))
+  made = {name: gin.get_configurable(name)() for name in ("ModelConfig", "TrainConfig", "InputConfig")}
+  made["macros"] = {m: gin.query_parameter(f"%{m}") for m in ("MODEL_DIR", "CORPUS_DIR", "INDEX_DIR")}
+  try:
+    made["IdentifierConfig"] = gin.query_parameter("train_job.identifier_config") and \
+        gin.get_configurable("IdentifierConfig")()
+  except ValueError:
+    made["IdentifierConfig"] = None
+  return made
+
+
+def _params(model_config) -> int:
+  abstract = nnx.eval_shape(lambda: CARTNetwork(with_vocab(model_config, VOCAB), rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def test_every_file_is_found():
+  names = {p.name for p in EXPERIMENTS}
+  for want in ("emoji_demo.gin", "emoji_cart.gin", "flickr30k.gin", "mscoco.gin", "clotho.gin",
+               "audiocaps.gin", "msrvtt.gin", "msvd.gin"):
+    assert want in names
+  assert {p.name for p in RUNS} == {"train.gin", "eval.gin", "build_ids.gin"}
+  for p in EXPERIMENTS + RUNS:  # each opens with what it is, then the command that runs it
+    lines = p.read_text().splitlines()
+    assert lines[0].startswith("# ") and any(l.startswith("#   cart ") for l in lines[:6]), p.name
+    assert any("Expected" in l for l in lines[:12]), p.name
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_parses_and_builds(path):
+  made = _build([path], ["MODEL_DIR=/tmp/x"])
+  assert made["macros"]["MODEL_DIR"] == "/tmp/x"  # bare paths are quoted for the user
+  assert made["macros"]["CORPUS_DIR"] and made["macros"]["INDEX_DIR"]
+  assert made["TrainConfig"].num_steps >= 1000 and made["InputConfig"].batch_size >= 64
+  assert _params(made["ModelConfig"]) > 100_000
+
+
+def test_runs_and_models_parse():
+  for m in MODELS:
+    made = _build([m, ROOT / "runs" / "train.gin"])
+    assert made["ModelConfig"].d_model >= 32
+  gin_bindings.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split='val'"])
+  assert gin_bindings.eval_config() == gin_bindings.EvalConfig(split="val", beam_size=10, batch_size=64)
+
+
+def test_ablations_change_one_thing_each():
+  full = _build([ROOT / "experiments" / "emoji_cart.gin"])
+  assert full["ModelConfig"].fusion == "both" and full["TrainConfig"].omega > 0
+  assert full["InputConfig"].caption_rate > 0 and full["IdentifierConfig"] is None
+  ab = {p.stem.split("ablation_")[1]: _build([p]) for p in EXPERIMENTS if "ablation" in p.stem}
+  assert set(ab) == {"no_fusion", "no_rdrop", "no_caption", "no_kmeans", "no_rqvae"}
+  assert ab["no_fusion"]["ModelConfig"].fusion == "none"
+  assert ab["no_rdrop"]["TrainConfig"].omega == 0.0
+  assert ab["no_caption"]["InputConfig"].caption_rate == 0.0
+  assert ab["no_kmeans"]["IdentifierConfig"].use_kmeans is False
+  assert ab["no_rqvae"]["IdentifierConfig"].use_rqvae is False
+  for name in ("no_kmeans", "no_rqvae"):  # their own index, never the full recipe's
+    assert ab[name]["macros"]["INDEX_DIR"] != full["macros"]["INDEX_DIR"]
+  for name, made in ab.items():  # everything else as in the full recipe
+    for key in ("ModelConfig", "TrainConfig", "InputConfig"):
+      diff = {f for f in vars(full[key]) if getattr(full[key], f) != getattr(made[key], f)}
+      assert len(diff) <= 1, (name, key, diff)
+  assert _params(ab["no_fusion"]["ModelConfig"]) < _params(full["ModelConfig"])
+
+
+def test_bad_binding_is_a_clear_error():
+  with pytest.raises(ValueError, match="NAME=VALUE"):
+    gin_bindings.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split"])
