@@ -14,6 +14,8 @@ import sys
 COMMANDS: list[tuple[str, str, str]] = [
     ("build-ids", "build_ids", "build semantic identifiers (K-Means + RQ-VAE + counter) for embeddings"),
     ("data", "data", "corpora: import data sets, prepare the emoji corpus, add captions, validate"),
+    ("embed", "embed", "item embeddings of a corpus: built-in dual encoder (MiniLM + item tower) or precomputed"),
+    ("baseline", "baseline", "dual-tower baseline: exact/FAISS top-k over item embeddings, R@K, MRR@10, q/s"),
     ("model-info", "model_info", "parameter counts per part and FLOPs per query of a model config"),
     ("demo", "demo", "run the main job on the embedded default data set"),
 ]
