@@ -487,6 +487,7 @@ def write_atomic(path: str, write) -> None:
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
