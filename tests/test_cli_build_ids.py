@@ -41,7 +41,7 @@ def test_ablation_flags(emb_file, tmp_path):
                    "--no-kmeans", *FAST]) == 0
   assert np.load(tmp_path / "a" / "codes.npy").shape == (200, 3)
   assert cli.main(["build-ids", "--embeddings", str(emb_file), "--out", str(tmp_path / "b"),
-                   "--no-rqvae", *FAST]) == 0
+                   "--no-rqvae", *FAST, "--codebook-size", "64"]) == 0
   assert np.load(tmp_path / "b" / "codes.npy").shape == (200, 4)
 
 
