@@ -1,0 +1,84 @@
+"""Tiny end to end through the command modules: data prepare (--limit) -> embed -> build-ids ->
+train (gin, a few steps) -> eval -> search, plus the user-error paths.
+
+Commands run in this process through each module's own argparse parser (as ``cart`` does), which
+saves a JAX start-up per command. Resume through MODEL_DIR is covered by test_trainer.py.
+"""
+import argparse
+import importlib
+import json
+
+import pytest
+
+from cart_jax.cli import CliError
+
+
+def cart(*argv: str) -> int:
+  """``cart ARGV`` in process: parse with the command module's parser, run, map CliError to 2."""
+  name = argv[0]
+  mod = importlib.import_module(f"cart_jax.commands.{name.replace('-', '_')}")
+  parser = argparse.ArgumentParser(prog="cart")
+  sub = parser.add_subparsers()
+  mod.register(sub, name, name)
+  args = parser.parse_args(list(argv))
+  try:
+    return int(args.func(args) or 0)
+  except CliError as e:
+    print(f"cart {name}: error: {e}")
+    return 2
+
+
+def test_tiny_pipeline_through_the_cli(tmp_path, capsys):
+  corpus, emb, index, run = tmp_path / "corpus", tmp_path / "emb" / "e.npy", tmp_path / "index", tmp_path / "run"
+  assert cart("data", "prepare", "emoji", "--out", str(corpus), "--limit", "24") == 0
+  assert cart("embed", "--corpus", str(corpus), "--out", str(emb), "--steps", "3", "--batch-size", "16",
+              "--checkpoint-every", "0", "--no-progress") == 0
+  assert cart("build-ids", "--embeddings", str(emb), "--item-ids", str(emb.with_suffix(".ids.txt")),
+              "--out", str(index), "--clusters", "3", "--levels", "1", "--codebook-size", "4",
+              "--rq-steps", "10", "--rq-latent-dim", "8", "--quiet") == 0
+  capsys.readouterr()
+  gin = ["--gin_file=gin_configs/experiments/emoji_demo.gin", f"--gin.MODEL_DIR={run}",
+         f"--gin.CORPUS_DIR={corpus}", f"--gin.INDEX_DIR={index}", "--gin.ModelConfig.d_model=16",
+         "--gin.ModelConfig.d_ff=16", "--gin.ModelConfig.num_heads=2", "--gin.ModelConfig.head_dim=8",
+         "--gin.InputConfig.batch_size=8", "--gin.InputConfig.input_length=16",
+         "--gin.TrainConfig.warmup_steps=1", "--gin.TrainConfig.checkpoint_every=2",
+         "--gin.TrainConfig.log_every=1"]
+  assert cart("train", *gin, "--gin.TrainConfig.num_steps=2", "--no-progress",
+              "--json", str(tmp_path / "t1.json")) == 0
+  s1 = json.loads((tmp_path / "t1.json").read_text())
+  assert s1["start_step"] == 0 and s1["step"] == 2 and s1["input"]["pipeline"] == "numpy"
+  # MODEL_DIR layout: everything eval/search need.
+  for name in ("run.json", "config.gin", "index/meta.json", "checkpoints/2", "metrics.jsonl",
+               "train_summary.json", "tensorboard"):
+    assert (run / name).exists(), name
+  assert "ModelConfig.d_model = 16" in (run / "config.gin").read_text()
+  losses = [json.loads(l)["train/loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert len(losses) == 2 and all(l > 0 for l in losses)
+  # A different model in the same MODEL_DIR is refused.
+  assert cart("train", *gin, "--gin.ModelConfig.d_model=32", "--no-progress") == 2
+  assert "another model config" in capsys.readouterr().out
+
+  assert cart("eval", "--model_dir", str(run), "--split", "test", "--json", str(tmp_path / "ev.json")) == 0
+  ev = json.loads((tmp_path / "ev.json").read_text())
+  assert ev["step"] == 2 and ev["num_queries"] == 24 and ev["num_items"] == 24
+  assert 0.0 <= ev["r@1"] <= ev["r@5"] <= ev["r@10"] <= 1.0 and ev["qps"] > 0
+  assert ev["r@10"] >= 10 / 24 - 1e-9  # 10 distinct valid items out of 24: at least chance
+
+  capsys.readouterr()
+  assert cart("search", "--model_dir", str(run), "grinning face", "-k", "3",
+              "--json", str(tmp_path / "s.json")) == 0
+  res = json.loads((tmp_path / "s.json").read_text())["queries"][0]["results"]
+  assert [r["rank"] for r in res] == [1, 2, 3]
+  assert len({r["item_id"] for r in res}) == 3 and all(r["media"].endswith(".png") for r in res)
+  assert res[0]["score"] >= res[1]["score"] >= res[2]["score"]
+  assert "grinning face" in capsys.readouterr().out
+
+
+def test_user_errors(tmp_path, capsys):
+  assert cart("eval", "--model_dir", str(tmp_path)) == 2
+  assert "not a CART model directory" in capsys.readouterr().out
+  assert cart("search", "--model_dir", str(tmp_path), "x") == 2
+  assert cart("train", "--gin.MODEL_DIR=/tmp/x") == 2
+  assert "--gin_file is required" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    cart("eval", "--model_dir", str(tmp_path), "--split", "nope")
