@@ -216,9 +216,15 @@ def maybe_initialize_distributed() -> bool:
     return False
   multi = bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("SLURM_NTASKS", "1") or 1) > 1 \
       or "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("CART_DISTRIBUTED") == "1"
-  if multi:
-    jax.distributed.initialize()
-  return multi
+  if not multi:
+    return False
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env.get("JAX_PROCESS_ID", "0")))
+  else:
+    jax.distributed.initialize()  # TPU pod slices and SLURM are auto-detected
+  return True
 
 
 # --------------------------------------------------------------------------- the loop
