@@ -205,7 +205,7 @@ def test_cache_reordering_is_needed():
   assert np.all(np.isfinite(np.asarray(good)))
 
 
-@hypothesis.settings(max_examples=12, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True,
                      suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(
     sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple),
