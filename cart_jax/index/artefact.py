@@ -24,6 +24,9 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
   parent = target.parent if str(target.parent) else Path(".")
   parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
   try:
     yield tmp
   except BaseException:
@@ -51,6 +54,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
     os.replace(tmp, path)
