@@ -316,6 +316,9 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
     raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the corpus gets the usual permissions
   try:
     # Validate records before writing anything heavy.
     ids: dict[str, int] = {}
