@@ -11,6 +11,7 @@ pytest.importorskip("ipykernel")
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "cart_colab.ipynb"
 
 
+@pytest.mark.slow  # the same pipeline runs faster in test_e2e_cli.py
 def test_notebook_executes_at_reduced_size(tmp_path, monkeypatch):
   monkeypatch.setenv("CART_NB_LIMIT", "24")
   monkeypatch.setenv("CART_NB_EMBED_STEPS", "3")
