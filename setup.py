@@ -13,6 +13,7 @@ CORE = [
     "scikit-learn>=1.4",
     "pillow>=10",
     "matplotlib>=3.8",
+    "tensorboardX>=2.6",  # training metrics for TensorBoard without TensorFlow
 ]
 EXTRAS = {
     # SeqIO tasks, TFDS builder and the WordPiece tokenizer; pulls TensorFlow.
