@@ -79,6 +79,7 @@ def run(args) -> int:
   from cart_jax.commands import baseline, build_ids, data, embed
 
   t_start = time.perf_counter()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow, if a step imports it, stays quiet
   recipe = FULL if args.full else DEMO
   work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cart-demo-"))
   work.mkdir(parents=True, exist_ok=True)
