@@ -16,6 +16,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("data", "data", "corpora: import data sets, prepare the emoji corpus, add captions, validate"),
     ("embed", "embed", "item embeddings of a corpus: built-in dual encoder (MiniLM + item tower) or precomputed"),
     ("baseline", "baseline", "dual-tower baseline: exact/FAISS top-k over item embeddings, R@K, MRR@10, q/s"),
+    ("train", "train", "train CART with a gin-configured job (resumes from MODEL_DIR)"),
+    ("eval", "eval", "recall (R@1/5/10, MRR@10) and queries/s of a trained CART run"),
+    ("search", "search", "the top items a trained CART run generates for a text query"),
     ("model-info", "model_info", "parameter counts per part and FLOPs per query of a model config"),
     ("demo", "demo", "run the main job on the embedded default data set"),
 ]
