@@ -6,7 +6,7 @@ import jax
 import pytest
 from flax import nnx
 
-from cart_jax import gin_bindings
+from cart_jax import cli_gin
 from cart_jax.index.vocab import IdentifierVocab
 from cart_jax.model.config import with_vocab
 from cart_jax.model.network import CARTNetwork
@@ -19,7 +19,7 @@ VOCAB = IdentifierVocab((64, 64, 64, 22))
 
 
 def _build(files, bindings=()):
-  gin_bindings.parse([str(f) for f in files], list(bindings))
+  cli_gin.parse([str(f) for f in files], list(bindings))
   made = {name: gin.get_configurable(name)() for name in ("ModelConfig", "TrainConfig", "InputConfig")}
   made["macros"] = {m: gin.query_parameter(f"%{m}") for m in ("MODEL_DIR", "CORPUS_DIR", "INDEX_DIR")}
   try:
@@ -60,8 +60,8 @@ def test_runs_and_models_parse():
   for m in MODELS:
     made = _build([m, ROOT / "runs" / "train.gin"])
     assert made["ModelConfig"].d_model >= 32
-  gin_bindings.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split='val'"])
-  assert gin_bindings.eval_config() == gin_bindings.EvalConfig(split="val", beam_size=10, batch_size=64)
+  cli_gin.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split='val'"])
+  assert cli_gin.eval_config() == cli_gin.EvalConfig(split="val", beam_size=10, batch_size=64)
 
 
 def test_ablations_change_one_thing_each():
@@ -86,4 +86,4 @@ def test_ablations_change_one_thing_each():
 
 def test_bad_binding_is_a_clear_error():
   with pytest.raises(ValueError, match="NAME=VALUE"):
-    gin_bindings.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split"])
+    cli_gin.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split"])

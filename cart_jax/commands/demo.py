@@ -114,13 +114,13 @@ def run(args) -> int:
           str(index_dir), "--quiet"] + ids_args)), "build-ids")
 
   with stage("train", f"training CART ({recipe['experiment']})"):
-    from cart_jax import gin_bindings
+    from cart_jax import cli_gin
     bindings = [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{corpus_dir}'", f"INDEX_DIR='{index_dir}'"]
     if args.train_steps:
       bindings.append(f"TrainConfig.num_steps={args.train_steps}")
-    gin_bindings.parse([recipe["experiment"]], bindings)
+    cli_gin.parse([recipe["experiment"]], bindings)
     with contextlib.redirect_stderr(sys.stdout):
-      train_summary = gin_bindings.run_train(progress=False)
+      train_summary = cli_gin.run_train(progress=False)
     print(json.dumps(train_summary, indent=2, default=str))
 
   with stage("eval", "evaluating CART and the dual tower on the test queries (cart eval, cart baseline)"):

@@ -39,12 +39,12 @@ def run(args) -> int:
 
   split, beam, batch, limit = "test", 10, 64, None
   if args.gin_file or args.gin_bindings:
-    from cart_jax import gin_bindings
+    from cart_jax import cli_gin
     try:
-      gin_bindings.parse(args.gin_file, args.gin_bindings)
+      cli_gin.parse(args.gin_file, args.gin_bindings)
     except (ValueError, OSError) as e:
       raise CliError(f"gin: {e}") from None
-    ec = gin_bindings.eval_config()
+    ec = cli_gin.eval_config()
     split, beam, batch, limit = ec.split, ec.beam_size, ec.batch_size, ec.limit
   split = args.split or split
   beam = args.beam or beam

@@ -49,7 +49,7 @@ def run(args) -> int:
 
   import gin
 
-  from cart_jax import gin_bindings
+  from cart_jax import cli_gin
   from cart_jax.cli import CliError
   from cart_jax.data.corpus import CorpusFormatError
   from cart_jax.index.inputs import InputError
@@ -58,11 +58,11 @@ def run(args) -> int:
   if not args.gin_file:
     raise CliError("--gin_file is required (e.g. gin_configs/experiments/emoji_tiny.gin)")
   try:
-    gin_bindings.parse(args.gin_file, args.gin_bindings)
+    cli_gin.parse(args.gin_file, args.gin_bindings)
   except (ValueError, OSError, gin.config.ParseError if hasattr(gin.config, "ParseError") else ValueError) as e:
     raise CliError(f"gin: {e}") from None
   try:
-    summary = gin_bindings.run_train(progress=args.progress)
+    summary = cli_gin.run_train(progress=args.progress)
   except (RunError, CorpusFormatError, InputError, FileNotFoundError) as e:
     raise CliError(str(e)) from None
   except TypeError as e:

@@ -17,7 +17,7 @@ The corpus itself is not copied (media can be large): ``run.json`` points at it 
 path. A second ``cart train`` on the same MODEL_DIR resumes; it refuses a different model
 config or index.
 
-No gin here (``cart_jax/gin_bindings.py`` makes :func:`train_job` configurable).
+No gin here (``cart_jax/cli_gin.py`` makes :func:`train_job` configurable).
 """
 from __future__ import annotations
 
