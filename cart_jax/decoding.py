@@ -161,6 +161,16 @@ def select_beams(state: BeamState, cand_bkf: jax.Array, child_bkf: jax.Array, co
       cache=cache)
 
 
+def _initial_state(batch: int, beam: int, depth_l: int, cache: Cache) -> BeamState:
+  """One live beam per query (score 0), the others -inf so step 0 yields no duplicates."""
+  return BeamState(
+      scores=jnp.full((batch, beam), NEG_INF, jnp.float32).at[:, 0].set(0.0),  # [batch, beam]
+      nodes=jnp.zeros((batch, beam), jnp.int32),  # [batch, beam] trie node of each beam
+      codes=jnp.full((batch, beam, depth_l), -1, jnp.int32),  # [batch, beam, L]
+      last_tokens=jnp.full((batch, beam), START_ID, jnp.int32),  # [batch, beam]
+      cache=cache)
+
+
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, trie: TrieTables,
                 config: DecodeConfig, *, batch_size: int | None = None) -> DecodeResult:
   """Constrained beam search: returns the best ``n_results`` identifiers that exist in ``trie``.
@@ -192,12 +202,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, trie: TrieTables
       raise ValueError(f"beam_search: every cache leaf needs leading axes [batch={batch}, "
                        f"beam={beam}], found a leaf of shape {leaf.shape}")
 
-  state = BeamState(
-      scores=jnp.full((batch, beam), NEG_INF, jnp.float32).at[:, 0].set(0.0),
-      nodes=jnp.zeros((batch, beam), jnp.int32),
-      codes=jnp.full((batch, beam, depth_l), -1, jnp.int32),
-      last_tokens=jnp.full((batch, beam), START_ID, jnp.int32),
-      cache=cache)
+  state = _initial_state(batch, beam, depth_l, cache)
 
   for level in range(depth_l):  # static trip count L; each level has its own static fan-out
     logits_bkv, new_cache = tokens_to_logits(state.last_tokens, state.cache, jnp.int32(level))
@@ -256,12 +261,7 @@ def unconstrained_beam_search(tokens_to_logits: TokensToLogits, cache: Cache,
   batch = batch_size if batch_size is not None else _cache_batch_size(cache)
   if batch is None:
     raise ValueError("unconstrained_beam_search: the cache has no leaves, pass batch_size")
-  state = BeamState(
-      scores=jnp.full((batch, beam), NEG_INF, jnp.float32).at[:, 0].set(0.0),
-      nodes=jnp.zeros((batch, beam), jnp.int32),
-      codes=jnp.full((batch, beam, depth_l), -1, jnp.int32),
-      last_tokens=jnp.full((batch, beam), START_ID, jnp.int32),
-      cache=cache)
+  state = _initial_state(batch, beam, depth_l, cache)
   for level in range(depth_l):
     logits_bkv, new_cache = tokens_to_logits(state.last_tokens, state.cache, jnp.int32(level))
     state = state.replace(cache=new_cache)
