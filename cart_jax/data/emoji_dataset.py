@@ -238,9 +238,10 @@ def build_texts(entries: list[tuple[str, dict]], templates: bool = True) -> tupl
                  "captions_dropped_shared": shared}
 
 
-def prepare_emoji(out_dir: str | os.PathLike, *, limit: int | None = None, size: int = 64,
+def prepare_emoji(out_dir: str | os.PathLike, *, limit: int | None = None, size: int | None = 64,
                   templates: bool = True, overwrite: bool = False) -> tuple[Corpus, EmojiStats]:
   """Renders the emoji corpus into ``out_dir`` (atomically). Returns the corpus and stats."""
+  size = 64 if size is None else size
   if size < 8:
     raise ValueError(f"--size must be at least 8 pixels, got {size}")
   if limit is not None and limit < 1:
