@@ -110,8 +110,8 @@ def test_image_tower_shapes_config_and_loader(tmp_path):
   assert out.shape == (3, 12) and cfg.grid == 4
   with pytest.raises(ValueError, match="divisible"):
     towers.ImageTowerConfig(image_size=60)
-  with pytest.raises(NotImplementedError, match="no built-in item tower for modality 'audio'"):
-    towers.config_from_dict({"modality": "audio"})
+  with pytest.raises(NotImplementedError, match="no built-in item tower for modality 'text'"):
+    towers.config_from_dict({"modality": "text"})
   assert towers.config_from_dict({**TINY_TOWER.__dict__, "channels": [8]}).channels == (8,)
   # RGBA is composited onto white, other sizes are resized.
   Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(tmp_path / "clear.png")

@@ -53,7 +53,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   b.add_argument("--dim", type=int, default=256, help="embedding dimension (default 256)")
   b.add_argument("--captions", action="store_true",
                  help="also train on the train captions (default: train queries only)")
-  b.add_argument("--max-shift", type=int, default=0,
+  b.add_argument("--max-shift", type=int, default=None,
                  help="augmentation: random translation up to this many pixels (default 0)")
   b.add_argument("--text-batch", type=int, default=128, help="MiniLM batch size (default 128)")
   b.add_argument("--checkpoint-dir", default=None, help="default: <out without .npy>.ckpt")
@@ -155,11 +155,10 @@ def _builtin(args, corpus, files):
   from cart_jax.data.encoders.dual_encoder import DualEncoderConfig  # pylint: disable=g-import-not-at-top
   from cart_jax.data.encoders.text import MiniLMTextEncoder  # pylint: disable=g-import-not-at-top
 
-  if corpus.modality not in towers.TOWERS:
+  if not towers.has_tower(corpus.modality):
     raise NotImplementedError(
-        f"corpus modality {corpus.modality!r}: no built-in item tower yet (have "
-        f"{sorted(towers.TOWERS)}); use --encoder precomputed")
-  tower = towers.ImageTowerConfig(out_dim=args.dim, max_shift=args.max_shift)
+        f"corpus modality {corpus.modality!r}: no built-in item tower; use --encoder precomputed")
+  tower = towers.default_config(corpus.modality, out_dim=args.dim, max_shift=args.max_shift)
   model_config = DualEncoderConfig(tower=tower)
   kinds = ("query", "caption") if args.captions else ("query",)
   train_config = train_dual.DualTrainConfig(

@@ -10,8 +10,8 @@ modality:
   is NOT normalised (the dual encoder L2-normalises).
 
 ``TOWERS`` maps a modality to ``(config class, module class, media loader)``. Images are here;
-audio (log-mel spectrograms ``[B, frames, mels]``) and video (frames ``[B, T, H, W, 3]``) plug
-into the same table with their own loader and module.
+audio (``encoders/audio.py``: log-mel spectrograms) and video (``encoders/video.py``: frames
+``[B, T, H, W, 3]``) are imported on first use and plug into the same table.
 """
 from __future__ import annotations
 
@@ -149,6 +149,20 @@ def random_shift(x: jax.Array, s: int, key: jax.Array) -> jax.Array:
   return jax.vmap(crop)(padded, offsets)  # [B, H, W, C]
 
 
+def default_config(modality: str, **overrides):
+  """The tower config ``cart embed`` uses for a corpus of ``modality``; ``overrides`` set fields.
+
+  Overrides that the modality's config does not have (e.g. ``max_shift`` for audio) are
+  ignored when their value is ``None``; otherwise they are an error.
+  """
+  cls = _entry(modality)[0]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  bad = sorted(k for k, v in overrides.items() if k not in fields and v is not None)
+  if bad:
+    raise ValueError(f"{modality} tower: option(s) {bad} do not apply to {cls.__name__}")
+  return cls(**{k: v for k, v in overrides.items() if k in fields and v is not None})
+
+
 def make_tower(config, *, rngs: nnx.Rngs) -> nnx.Module:
   """Builds the tower module for ``config.modality``."""
   return _entry(config.modality)[1](config, rngs=rngs)
@@ -170,14 +184,24 @@ def config_from_dict(d: dict):
 
 
 def _entry(modality: str):
+  if modality not in TOWERS and modality in _LAZY:
+    # Audio/video towers live in their own modules (they pull soundfile / PyAV on use only);
+    # each exposes TOWER_ENTRY = (config class, module class, media loader).
+    import importlib  # pylint: disable=g-import-not-at-top
+    TOWERS[modality] = importlib.import_module(_LAZY[modality]).TOWER_ENTRY
   if modality not in TOWERS:
     raise NotImplementedError(
-        f"no built-in item tower for modality {modality!r} yet (have {sorted(TOWERS)}); "
+        f"no built-in item tower for modality {modality!r} (have {sorted(set(TOWERS) | set(_LAZY))}); "
         "bring precomputed embeddings instead (cart embed --encoder precomputed)")
   return TOWERS[modality]
 
 
-# modality -> (config class, module class, media loader). Audio and video go here.
+def has_tower(modality: str) -> bool:
+  return modality in TOWERS or modality in _LAZY
+
+
+# modality -> (config class, module class, media loader).
 TOWERS: dict[str, tuple[type, type, Callable]] = {
     "image": (ImageTowerConfig, ImageTower, load_images),
 }
+_LAZY = {"audio": "cart_jax.data.encoders.audio", "video": "cart_jax.data.encoders.video"}
