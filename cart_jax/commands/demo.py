@@ -1,6 +1,12 @@
-"""``cart demo``: the whole system on the embedded emoji corpus, next to the dual-tower baseline.
+"""``cart demo``: the whole system on a built-in corpus, next to the dual-tower baseline.
 
-  cart demo [--json PATH] [--full] [--workdir DIR]
+  cart demo [--modality image|audio|video] [--json PATH] [--full] [--workdir DIR]
+
+``--modality`` picks the built-in data set: image -> ``emoji`` (default), audio ->
+``instruments`` (General MIDI clips rendered by fluidsynth + freedesktop event sounds),
+video -> ``emoji-motion`` (emoji sprites moving, zooming, rotating, fading). The steps below
+are the image demo's; the audio and video demos run the same five steps with their data set's
+recipe (``DEMO_RECIPE`` in its module: embed steps, identifier shape, gin experiment).
 
 Steps (each the code path of its own command):
   1. prepare the emoji corpus (``cart data prepare emoji``): 3,944 rendered emoji, English
@@ -27,21 +33,47 @@ import tempfile
 import time
 from pathlib import Path
 
-DEMO = {"experiment": "gin_configs/experiments/emoji_demo.gin", "embed_steps": 300}
-FULL = {"experiment": "gin_configs/experiments/emoji_cart.gin", "embed_steps": 600}
 IDS = ["--clusters", "64", "--levels", "2", "--codebook-size", "64", "--rq-steps", "300"]
 SMOKE_IDS = ["--clusters", "4", "--levels", "1", "--codebook-size", "8", "--rq-steps", "50"]  # --limit
+DEMO = {"dataset": "emoji", "items": "emoji", "experiment": "gin_configs/experiments/emoji_demo.gin",
+        "embed_args": ["--steps", "300"], "ids_args": IDS, "smoke_ids_args": SMOKE_IDS}
+FULL = dict(DEMO, experiment="gin_configs/experiments/emoji_cart.gin", embed_args=["--steps", "600"])
+# --modality -> the module whose DEMO_RECIPE (same keys as DEMO) the demo runs; image is DEMO itself.
+RECIPE_MODULES = {"audio": "cart_jax.data.instruments_dataset", "video": "cart_jax.data.emoji_motion"}
+MODALITIES = ("image", "audio", "video")
+
+
+def recipe_for(modality: str, full: bool = False) -> dict:
+  """The demo recipe of a modality (``--full`` exists for images only)."""
+  from cart_jax.cli import CliError
+  if modality not in MODALITIES:
+    raise CliError(f"--modality {modality!r}: expected one of {list(MODALITIES)}")
+  if modality == "image":
+    return FULL if full else DEMO
+  if full:
+    raise CliError(f"--full is the image recipe (emoji_cart.gin); not available with --modality {modality}")
+  import importlib
+  recipe = dict(importlib.import_module(RECIPE_MODULES[modality]).DEMO_RECIPE)
+  missing = sorted({"dataset", "experiment", "embed_args", "ids_args"} - set(recipe))
+  if missing:
+    raise CliError(f"{RECIPE_MODULES[modality]}.DEMO_RECIPE lacks {missing}")
+  recipe.setdefault("smoke_ids_args", SMOKE_IDS)
+  recipe.setdefault("items", {"audio": "clips", "video": "clips"}[modality])
+  return recipe
 
 
 def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p = sub.add_parser(name, help=help_text, description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--modality", choices=MODALITIES, default="image",
+                 help="built-in data set: image = emoji (default), audio = instruments, "
+                      "video = emoji-motion")
   p.add_argument("--full", action="store_true",
                  help="the full CART recipe (R-Drop, 4,000 steps) and a longer item encoder")
   p.add_argument("--workdir", default=None,
                  help="keep everything here (default: a new temporary directory); steps whose "
                       "outputs already exist there are reused")
-  p.add_argument("--limit", type=int, default=None, help="only the first N emoji (smoke runs)")
+  p.add_argument("--limit", type=int, default=None, help="only the first N items (smoke runs)")
   p.add_argument("--embed-steps", type=int, default=None, help="override the item encoder's steps")
   p.add_argument("--train-steps", type=int, default=None, help="override CART's training steps")
   p.add_argument("--json", default=None, metavar="PATH", help="write the JSON summary here")
@@ -80,32 +112,37 @@ def run(args) -> int:
 
   t_start = time.perf_counter()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow, if a step imports it, stays quiet
-  recipe = FULL if args.full else DEMO
-  work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cart-demo-"))
+  recipe = recipe_for(args.modality, args.full)
+  work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"cart-demo-{args.modality}-"))
   work.mkdir(parents=True, exist_ok=True)
   logs = work / "logs"
   logs.mkdir(exist_ok=True)
-  corpus_dir, emb, index_dir = work / "corpus", work / "emb" / "emoji.npy", work / "index"
+  dataset = recipe["dataset"]
+  stem = dataset.replace("-", "_")
+  corpus_dir, emb, index_dir = work / "corpus", work / "emb" / f"{stem}.npy", work / "index"
   model_dir = work / ("cart_full" if args.full else "cart")
   times: dict[str, float] = {}
   stage = _Stage(logs, times)
-  print(f"cart demo{' --full' if args.full else ''}: working in {work}")
+  flags = (" --full" if args.full else "") + (f" --modality {args.modality}" if args.modality != "image" else "")
+  print(f"cart demo{flags}: working in {work}")
 
-  with stage("prepare", "preparing the emoji corpus (cart data prepare emoji)"):
+  with stage("prepare", f"preparing the {dataset} corpus (cart data prepare {dataset})"):
     if not (corpus_dir / "corpus.json").exists():
-      argv = ["prepare", "emoji", "--out", str(corpus_dir)]
+      argv = ["prepare", dataset, "--out", str(corpus_dir)]
       if args.limit:
         argv += ["--limit", str(args.limit)]
       _check(data.run(_sub_args(data, "data", argv)), "data prepare")
 
-  embed_steps = args.embed_steps or recipe["embed_steps"]
+  embed_args = list(recipe["embed_args"])
+  if args.embed_steps:
+    embed_args += ["--steps", str(args.embed_steps)]  # argparse: the last --steps wins
+  embed_steps = int(_last_value(embed_args, "--steps", 600))
   with stage("embed", f"training the item encoder, {embed_steps} steps (cart embed)"):
     if not emb.exists():
       _check(embed.run(_sub_args(embed, "embed", [
-          "--corpus", str(corpus_dir), "--out", str(emb), "--steps", str(embed_steps),
-          "--no-progress"])), "embed")
+          "--corpus", str(corpus_dir), "--out", str(emb), "--no-progress"] + embed_args)), "embed")
 
-  ids_args = IDS if not args.limit else SMOKE_IDS
+  ids_args = recipe["ids_args"] if not args.limit else recipe["smoke_ids_args"]
   with stage("build_ids", f"building identifiers K={ids_args[1]}, M={ids_args[3]} x C={ids_args[5]} "
                           f"+ counter (cart build-ids)"):
     if not (index_dir / "meta.json").exists():
@@ -146,6 +183,7 @@ def run(args) -> int:
       "n_items": cart["num_items"], "n_test_queries": cart["num_queries"], "seconds": seconds,
       "stage_seconds": times, "full": bool(args.full), "experiment": recipe["experiment"],
       "embed_steps": embed_steps, "train_steps": train_summary["step"],
+      "modality": args.modality, "dataset": dataset, "items": recipe.get("items", "items"),
       "workdir": str(work), "model_dir": str(model_dir), "example": example,
       "cpu_seconds": _cpu_seconds(), "machine": {"cpus": os.cpu_count(), "load_avg_1m": _load()},
   }
@@ -154,11 +192,20 @@ def run(args) -> int:
   print()
   print(example_text(example))
   print(f"\ntotal {seconds:.0f} s (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
-  print(f"try: cart search --model_dir {model_dir} \"smiling cat\" -k 5")
+  print(f"try: cart search --model_dir {model_dir} \"{example['query']}\" -k 5")
   if args.json:
     from cart_jax.index.artefact import atomic_write_json
     atomic_write_json(args.json, summary)
   return 0
+
+
+def _last_value(argv: list[str], flag: str, default):
+  """The value argparse would give ``flag`` in ``argv`` (the last occurrence wins)."""
+  value = default
+  for i, a in enumerate(argv[:-1]):
+    if a == flag:
+      value = argv[i + 1]
+  return value
 
 
 def _check(rc, what: str) -> None:
@@ -182,7 +229,7 @@ def _load() -> float | None:
 def table(summary: dict) -> str:
   """The demo's results table (plain text)."""
   n, q = summary["n_items"], summary["n_test_queries"]
-  lines = [f"test queries: {q} (never seen in training), candidates: {n} emoji",
+  lines = [f"test queries: {q} (never seen in training), candidates: {n} {summary.get('items', 'emoji')}",
            f"{'method':<12} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7} {'queries/s':>10}"]
   for name, key in (("CART", "cart"), ("dual tower", "dual_tower")):
     m = summary[key]
