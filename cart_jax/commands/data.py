@@ -99,11 +99,8 @@ def _parse_split_lists(values: list[str]):
 def _emit(summary: dict, json_path: str | None) -> None:
   print(json.dumps(summary, indent=2, ensure_ascii=False))
   if json_path:
-    import os
-    tmp = f"{json_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, json_path)
+    from cart_jax.index.artefact import atomic_write_json
+    atomic_write_json(json_path, summary, ensure_ascii=False)
 
 
 def run(args) -> int:

@@ -7,6 +7,13 @@ run was trained on (``MODEL_DIR/run.json``), against the run's own index copy. R
 R@10, MRR@10 (cart_jax.metrics, as the dual-tower baseline) and queries/s: one timed pass after a
 warm-up that compiled the search (tokenisation + encoder + beam search included; compile time
 reported apart). Settings may also come from gin (gin_configs/runs/eval.gin, EvalConfig.*).
+
+``--modality image|audio|video`` (an index over several modalities, from ``cart data merge``):
+only the queries whose target item has that modality, searched against the trie of that
+modality's identifiers; ``unrestricted`` then reports the same queries over the whole index and
+how many of its top-1 results were items of another modality.
+
+  cart eval --model_dir /tmp/cart_mixed --split test --modality audio
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--beam", type=int, default=None, help="beam size (default 10)")
   p.add_argument("--batch", type=int, default=None, help="queries per compiled call (default 64)")
   p.add_argument("--limit", type=int, default=None, help="only the first N queries")
+  p.add_argument("--modality", default=None, metavar="MODALITY",
+                 help="only queries of items of this modality, against that modality's trie")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--json", default=None, metavar="PATH", help="write the metrics here")
   add_gin_flags(p)
@@ -36,6 +45,7 @@ def run(args) -> int:
   from cart_jax.data.corpus import CorpusFormatError
   from cart_jax.index.inputs import InputError
   from cart_jax.train.jobs import RunError, eval_job
+  from cart_jax.train.search import ModalityError
 
   split, beam, batch, limit = "test", 10, 64, None
   if args.gin_file or args.gin_bindings:
@@ -54,7 +64,9 @@ def run(args) -> int:
     raise CliError(f"--beam {beam}: R@10 and MRR@10 need a beam of at least 10")
   try:
     summary = eval_job(args.model_dir, split=split, beam_size=beam, batch_size=batch, limit=limit,
-                       step=args.step)
+                       step=args.step, modality=args.modality)
+  except ModalityError as e:
+    raise CliError(f"--modality {args.modality}: {e}") from None
   except (RunError, CorpusFormatError, InputError, FileNotFoundError) as e:
     raise CliError(str(e)) from None
   print(json.dumps(summary, indent=2))

@@ -11,9 +11,6 @@ count of the compiled encode + cached steps as a cross-check.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 
 PRESET_NAMES = ("tiny", "small", "base", "minilm_small")
 
@@ -84,11 +81,6 @@ def run(args) -> int:
     print(f"  XLA cost analysis: {info['xla_cost_analysis_flops'] / 1e9:.3f} GFLOP "
           f"({info['xla_over_analytic']:.3f} x analytic)")
   if args.json:
-    out = os.path.abspath(args.json)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".model_info.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-      json.dump(info, fh, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    from cart_jax.index.artefact import atomic_write_json
+    atomic_write_json(args.json, info)
   return 0

@@ -1,9 +1,12 @@
 """``cart search``: the top items a trained CART run generates for a text query.
 
   cart search --model_dir /tmp/cart_emoji "smiling cat" -k 5
+  cart search --model_dir /tmp/cart_mixed --modality audio "a piano"   # a mixed index, audio only
 
 Encodes the query once, runs the constrained beam search over the run's index and prints each
-result's rank, item id, identifier (k, v1..vM, u), log-probability and media path.
+result's rank, item id, identifier (k, v1..vM, u), log-probability, modality and media path.
+``--modality`` restricts the search to the trie of that modality's identifiers (an index over
+several modalities, built from ``cart data merge``): nothing else can be generated.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("query", nargs="+", help="query text(s); each is searched separately")
   p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
   p.add_argument("--beam", type=int, default=None, help="beam size (default max(k, 10))")
+  p.add_argument("--modality", default=None, metavar="MODALITY",
+                 help="only items of this modality (image, audio or video; must be in the index)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
   p.set_defaults(func=run)
@@ -27,8 +32,8 @@ def run(args) -> int:
   import json
 
   from cart_jax.cli import CliError
-  from cart_jax.train.jobs import RunError, load_run
-  from cart_jax.train.search import CartSearcher, describe
+  from cart_jax.train.jobs import RunError, load_run, searcher_for_run
+  from cart_jax.train.search import ModalityError, describe
 
   if args.k < 1:
     raise CliError(f"-k {args.k}: must be >= 1")
@@ -39,8 +44,13 @@ def run(args) -> int:
     r = load_run(args.model_dir, args.step)
   except (RunError, FileNotFoundError) as e:
     raise CliError(str(e)) from None
-  searcher = CartSearcher(r.graphdef, r.index, beam_size=beam, n_results=args.k,
-                          input_length=r.input_length, batch_size=max(1, len(args.query)))
+  try:
+    searcher = searcher_for_run(r, beam_size=beam, n_results=args.k,
+                                batch_size=max(1, len(args.query)), modality=args.modality)
+  except ModalityError as e:
+    raise CliError(f"--modality {args.modality}: {e}") from None
+  except RunError as e:
+    raise CliError(str(e)) from None
   rows, scores, _ = searcher.search_texts(r.params, r.frozen, args.query)
   out = []
   for q, rr, ss in zip(args.query, rows, scores):
@@ -49,8 +59,9 @@ def run(args) -> int:
     print(f"query: {q}")
     for d in results:
       print(f"  {d['rank']:>3}  {d['item_id']:<16} id={tuple(d['identifier'])}  "
-            f"logp={d['score']:.3f}  {d.get('media', '')}")
+            f"logp={d['score']:.3f}  {d.get('modality', '')}  {d.get('media', '')}")
   if args.json:
     from cart_jax.index.artefact import atomic_write_json
-    atomic_write_json(args.json, {"model_dir": str(r.model_dir), "step": r.step, "queries": out})
+    atomic_write_json(args.json, {"model_dir": str(r.model_dir), "step": r.step,
+                                  "modality": args.modality, "queries": out})
   return 0

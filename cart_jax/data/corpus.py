@@ -2,7 +2,8 @@
 
 A corpus is a directory::
 
-  corpus.json    {"format": "cart-corpus", "version": 1, "name": ..., "modality": ...,
+  corpus.json    {"format": "cart-corpus", "version": 1, "name": ..., "modality": ...
+                  (image|audio|video, or "mixed" when the items are of several modalities),
                   "num_items": N, "counts": {split: {kind: n}}, "meta": {...}}
   items.jsonl    one candidate per line: {"id": str, "modality": "image"|"audio"|"video",
                   "media": "media/<file>"}   (path relative to the corpus directory)
@@ -10,6 +11,10 @@ A corpus is a directory::
                   "split": "train"|"val"|"test", "kind": "query"|"caption",
                   "source": str (optional provenance tag)}
   media/         the media files (or symbolic links to them)
+
+The header's ``modality`` names the corpus's kind; every item carries its own. A ``mixed``
+corpus (``cart data merge``) holds items of any of the three modalities in one index;
+:meth:`Corpus.modalities` says which ones.
 
 Splits belong to texts, not items: every item is a retrieval candidate (it gets an
 identifier), and a test item's human queries are simply all ``split=test``. ``kind=query``
@@ -44,7 +49,9 @@ ITEMS_FILE = "items.jsonl"
 TEXTS_FILE = "texts.jsonl"
 MEDIA_DIR = "media"
 
-MODALITIES = ("image", "audio", "video")
+MODALITIES = ("image", "audio", "video")  # what an item is
+MIXED = "mixed"
+CORPUS_MODALITIES = MODALITIES + (MIXED,)  # what a corpus header may say
 SPLITS = ("train", "val", "test")
 KINDS = ("query", "caption")
 
@@ -145,14 +152,31 @@ class Corpus:
       raise ValueError("corpus has no root directory; media paths are relative to it")
     return self.root / item.media
 
+  def modalities(self) -> tuple[str, ...]:
+    """The item modalities present, in ``MODALITIES`` order (one entry unless ``mixed``)."""
+    present = {it.modality for it in self.items}
+    return tuple(m for m in MODALITIES if m in present)
+
+  def modality_counts(self) -> dict[str, int]:
+    """``{modality: number of items}`` for the modalities present."""
+    c = collections.Counter(it.modality for it in self.items)
+    return {m: c[m] for m in MODALITIES if c[m]}
+
+  def item_modality(self, item_id: str) -> str:
+    """Modality of one item (KeyError if unknown)."""
+    return self.items[self._index[item_id]].modality
+
   def counts(self) -> dict[str, dict[str, int]]:
     """``{split: {kind: number of texts}}`` for every split and kind (zeros included)."""
     c = collections.Counter((t.split, t.kind) for t in self.all_texts)
     return {s: {k: c[(s, k)] for k in KINDS} for s in SPLITS}
 
   def summary(self) -> dict:
-    return {"name": self.name, "modality": self.modality, "num_items": len(self.items),
-            "num_texts": len(self.all_texts), "counts": self.counts()}
+    out = {"name": self.name, "modality": self.modality, "num_items": len(self.items),
+           "num_texts": len(self.all_texts), "counts": self.counts()}
+    if self.modality == MIXED:
+      out["modality_counts"] = self.modality_counts()
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,8 +261,9 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
   modality = meta.get("modality")
   if not isinstance(name, str) or not name:
     raise CorpusFormatError(f"{meta_path}: field 'name' must be a non-empty string")
-  if modality not in MODALITIES:
-    raise CorpusFormatError(f"{meta_path}: bad modality {modality!r}; expected one of {list(MODALITIES)}")
+  if modality not in CORPUS_MODALITIES:
+    raise CorpusFormatError(f"{meta_path}: bad modality {modality!r}; expected one of "
+                            f"{list(CORPUS_MODALITIES)}")
 
   items_path = root / ITEMS_FILE
   if not items_path.is_file():
@@ -303,7 +328,8 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
 
   Args:
     out_dir: target directory; must not exist unless ``overwrite``.
-    name, modality: corpus name and modality.
+    name, modality: corpus name and modality (one of ``MODALITIES``, or ``mixed`` for items of
+      several modalities; each item keeps its own).
     items, texts: the records; ``item.media`` is the path inside the corpus.
     media_sources: item id -> existing file to copy/link to ``item.media``.
     media_mode: ``copy``, ``symlink`` (absolute link) or ``hardlink``.
@@ -311,6 +337,9 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
     meta: free-form provenance stored in ``corpus.json``.
     overwrite: replace an existing corpus directory.
   """
+  if modality not in CORPUS_MODALITIES:
+    raise CorpusFormatError(f"corpus {name!r}: bad modality {modality!r}; expected one of "
+                            f"{list(CORPUS_MODALITIES)}")
   out = Path(out_dir)
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")

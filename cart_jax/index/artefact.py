@@ -66,8 +66,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     raise
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj, **dumps_kwargs) -> None:
+  """``json.dumps(obj, indent=2, **dumps_kwargs)`` written atomically (see atomic_write_text)."""
+  atomic_write_text(path, json.dumps(obj, indent=2, **dumps_kwargs) + "\n")
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:

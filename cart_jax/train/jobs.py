@@ -192,17 +192,77 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
                    input_length=int(run["input_config"]["input_length"]))
 
 
+def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size: int,
+                     modality: str | None = None):
+  """A CartSearcher over the run's index; item modalities from the run's corpus (when loaded).
+
+  With ``modality`` the searcher only generates identifiers of that modality's items; an unknown
+  modality raises ``ModalityError`` listing the index's modalities.
+  """
+  from cart_jax.train.search import CartSearcher, index_modalities  # pylint: disable=g-import-not-at-top
+  modalities = None
+  if r.corpus is not None:
+    try:
+      modalities = index_modalities(r.index, r.corpus)
+    except ValueError as e:
+      if modality is not None:  # restricting needs every row's modality
+        raise RunError(f"{r.model_dir}: cannot restrict by modality: {e}") from None
+  searcher = CartSearcher(r.graphdef, r.index, beam_size=beam_size, n_results=n_results,
+                          input_length=r.input_length, batch_size=batch_size,
+                          item_modalities=modalities)
+  return searcher.restrict(modality) if modality is not None else searcher
+
+
 def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_size: int = 64,
-             limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None) -> dict:
-  """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries."""
+             limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None,
+             modality: str | None = None) -> dict:
+  """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries.
+
+  With ``modality`` (image/audio/video): only the queries whose target item has that modality,
+  searched against the trie of that modality's identifiers. The summary then also holds
+  ``unrestricted``: the same queries searched over the whole index (R@k, and how many top-1
+  results were items of another modality -- what the restriction removes).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
   from cart_jax.train import evaluation  # pylint: disable=g-import-not-at-top
-  from cart_jax.train.search import CartSearcher  # pylint: disable=g-import-not-at-top
   r = loaded or load_run(model_dir, step)
-  texts, targets = evaluation.split_queries(r.corpus, r.index, split, limit)
+  full = searcher_for_run(r, beam_size=beam_size, n_results=min(10, beam_size),
+                          batch_size=batch_size)
+  searcher = full.restrict(modality) if modality is not None else full
+  texts, targets = evaluation.split_queries(r.corpus, r.index, split,
+                                            None if modality is not None else limit)
+  if modality is not None:
+    keep = full.item_modalities[targets] == modality  # [Q]
+    texts = [t for t, k in zip(texts, keep) if k]
+    targets = targets[keep]
+    if limit is not None:
+      texts, targets = texts[:limit], targets[:limit]
   if not texts:
-    raise RunError(f"{r.run['corpus_dir']}: no '{split}' queries")
-  searcher = CartSearcher(r.graphdef, r.index, beam_size=beam_size, n_results=min(10, beam_size),
-                          input_length=r.input_length, batch_size=batch_size)
+    what = f"'{split}' queries" + (f" of {modality} items" if modality is not None else "")
+    raise RunError(f"{r.run['corpus_dir']}: no {what}")
   metrics, rows, scores = evaluation.evaluate(searcher, r.params, r.frozen, texts, targets)
-  return {"model_dir": str(r.model_dir), "step": r.step, "split": split, **metrics,
-          "num_items": r.index.n_items, "corpus_dir": r.run["corpus_dir"]}
+  summary = {"model_dir": str(r.model_dir), "step": r.step, "split": split, **metrics,
+             "num_items": r.index.n_items, "corpus_dir": r.run["corpus_dir"]}
+  if full.item_modalities is not None:
+    summary["index_modalities"] = full.available_modalities()
+  if len(summary.get("index_modalities", ())) > 1:
+    summary["top1_wrong_modality"] = _wrong_modality(full.item_modalities, rows[:, 0], targets)
+  if modality is not None:
+    summary["modality"] = modality
+    summary["num_items_searched"] = int(np.sum(full.item_modalities == modality))
+    un_metrics, un_rows, _ = evaluation.evaluate(full, r.params, r.frozen, texts, targets)
+    summary["unrestricted"] = {
+        **{k: un_metrics[k] for k in ("r@1", "r@5", "r@10", "mrr@10") if k in un_metrics},
+        "top1_wrong_modality": _wrong_modality(full.item_modalities, un_rows[:, 0], targets)}
+  return summary
+
+
+def _wrong_modality(item_modalities, top1_rows, targets) -> dict:
+  """How many top-1 results (rows, -1 = none) are items of another modality than the target."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  top1_rows = np.asarray(top1_rows)
+  found = top1_rows >= 0  # [Q]
+  wrong = found & (item_modalities[np.where(found, top1_rows, 0)] != item_modalities[targets])
+  return {"count": int(wrong.sum()), "of": int(len(targets)),
+          "rate": float(wrong.mean()) if len(targets) else 0.0}

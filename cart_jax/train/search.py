@@ -4,9 +4,17 @@
 that encodes a batch of queries once and runs :func:`cart_jax.decoding.beam_search` over the
 index's trie (rows are rows of ``SemanticIndex.codes``). Queries are processed in fixed-size
 batches (the last one padded) so one compiled program serves any number of queries.
+
+**Restricting by modality.** Over a mixed index (images, audio and video in one index, see
+``cart data merge``) a query can be limited to one modality: :meth:`CartSearcher.restrict`
+returns a searcher whose trie holds only that modality's identifiers (:func:`subset_trie`), so
+the beam search can generate nothing else. The sub-trie's leaves point at *global* index rows,
+so results need no remapping. Tries are built once per modality and shared by all restricted
+views; ``jax.jit`` compiles one program per trie shape (the fan-outs are static).
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Sequence
 
@@ -16,21 +24,76 @@ import numpy as np
 from flax import nnx
 
 from cart_jax.decoding import DecodeConfig, beam_search
-from cart_jax.index.trie import build_trie
+from cart_jax.index.trie import TrieTables, build_trie
+
+
+class ModalityError(ValueError):
+  """A search was restricted to a modality the index does not hold (the message lists those it does)."""
+
+
+def subset_trie(codes: np.ndarray, rows: np.ndarray, vocab=None, device_put: bool = False) -> TrieTables:
+  """The trie of ``codes[rows]`` whose leaves point at the *global* rows (rows of ``codes``).
+
+  Args:
+    codes: int [N, L] all identifiers of the index.
+    rows: int [n] the rows to keep (distinct, any order).
+    vocab: the index's IdentifierVocab (same level sizes as the full trie, so the model's logits fit).
+    device_put: commit the tables to the default device.
+  """
+  rows = np.asarray(rows, np.int64)  # [n]
+  if rows.ndim != 1 or rows.size == 0:
+    raise ValueError(f"subset_trie: need a non-empty 1-D array of rows, got shape {rows.shape}")
+  if len(np.unique(rows)) != rows.size:
+    raise ValueError("subset_trie: rows must be distinct")
+  codes = np.asarray(codes)
+  if rows.min() < 0 or rows.max() >= codes.shape[0]:
+    raise ValueError(f"subset_trie: rows out of range [0, {codes.shape[0]})")
+  sub = build_trie(codes[rows], vocab)  # leaf_row: rows of codes[rows]  [n]
+  sub = sub.replace(leaf_row=rows[np.asarray(sub.leaf_row)].astype(np.int32))  # -> global rows [n]
+  return sub.to_device() if device_put else sub
+
+
+def index_modalities(index, corpus) -> np.ndarray:
+  """Modality (str) of every index row, from the corpus's items: ``[N]`` in ``index.item_ids`` order."""
+  missing = [i for i in index.item_ids if i not in corpus]
+  if missing:
+    raise ValueError(f"{len(missing)} index item(s) are not items of corpus {corpus.name!r}, e.g. "
+                     f"{missing[:3]}: the index was not built from this corpus")
+  return np.asarray([corpus.item_modality(i) for i in index.item_ids])
 
 
 class CartSearcher:
-  """Constrained beam search over an index for a network given as (graphdef, params, frozen)."""
+  """Constrained beam search over an index for a network given as (graphdef, params, frozen).
+
+  Args:
+    graphdef: the network's graph definition (``nnx.split``).
+    index: the SemanticIndex (codes, vocab, item ids).
+    beam_size, n_results: decode settings.
+    input_length: query token length.
+    batch_size: queries per compiled call.
+    mesh: optional mesh the search runs under.
+    item_modalities: optional modality (str) per index row (:func:`index_modalities`); needed by
+      :meth:`restrict`.
+  """
 
   def __init__(self, graphdef, index, *, beam_size: int = 10, n_results: int = 10,
-               input_length: int = 32, batch_size: int = 64, mesh=None):
+               input_length: int = 32, batch_size: int = 64, mesh=None,
+               item_modalities: Sequence[str] | None = None):
     self.graphdef = graphdef
     self.index = index
     self.input_length = int(input_length)
     self.batch_size = int(batch_size)
     self.mesh = mesh
     self.decode_config = DecodeConfig(beam_size=beam_size, n_results=n_results)
+    self.modality: str | None = None  # None: the whole index
+    self.item_modalities = None
+    if item_modalities is not None:
+      self.item_modalities = np.asarray(item_modalities)  # [N]
+      if self.item_modalities.shape != (index.n_items,):
+        raise ValueError(f"item_modalities: {self.item_modalities.shape[0]} entries for an index of "
+                         f"{index.n_items} items")
     self.trie = build_trie(np.asarray(index.codes), index.vocab, device_put=True)
+    self._tries: dict[str | None, TrieTables] = {None: self.trie}  # shared by restricted views
     id_length = index.vocab.id_length
     config = self.decode_config
 
@@ -41,6 +104,37 @@ class CartSearcher:
       return beam_search(step_fn, cache, trie, config)
 
     self._search = jax.jit(search)
+
+  def available_modalities(self) -> dict[str, int]:
+    """``{modality: number of index items}`` (empty when no item modalities were given)."""
+    if self.item_modalities is None:
+      return {}
+    names, counts = np.unique(self.item_modalities, return_counts=True)
+    return {str(m): int(c) for m, c in zip(names, counts)}
+
+  def trie_for(self, modality: str | None) -> TrieTables:
+    """The trie of the whole index (``None``) or of one modality's items (built once, cached)."""
+    if modality not in self._tries:
+      available = self.available_modalities()
+      if modality not in available:
+        listed = ", ".join(f"{m} ({n} items)" for m, n in available.items()) or "none known"
+        raise ModalityError(f"modality {modality!r} is not in this index; available: {listed}")
+      rows = np.flatnonzero(self.item_modalities == modality)  # [n_modality] global rows
+      self._tries[modality] = subset_trie(np.asarray(self.index.codes), rows, self.index.vocab,
+                                          device_put=True)
+    return self._tries[modality]
+
+  def restrict(self, modality: str | None) -> "CartSearcher":
+    """A view of this searcher that only generates identifiers of ``modality`` (None: all).
+
+    The view shares the compiled search function and the trie cache; rows it returns are rows
+    of the whole index. Raises ModalityError listing the modalities present.
+    """
+    self.trie_for(modality)  # validates and builds once
+    view = copy.copy(self)
+    view.modality = modality
+    view.trie = self._tries[modality]
+    return view
 
   def search_ids(self, params, frozen, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``input_ids int32 [Q, src]`` -> (rows int32 [Q, n], scores float32 [Q, n], codes [Q, n, L]).
@@ -70,6 +164,7 @@ class CartSearcher:
     return np.concatenate(rows), np.concatenate(scores), np.concatenate(codes)
 
   def search_texts(self, params, frozen, texts: Sequence[str]):
+    """Tokenises ``texts`` and searches them (see :meth:`search_ids`)."""
     from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
     return self.search_ids(params, frozen, encode_texts(list(texts), self.input_length))
 
@@ -83,7 +178,7 @@ class CartSearcher:
 
 
 def describe(index, rows: np.ndarray, scores: np.ndarray, corpus=None) -> list[dict[str, Any]]:
-  """One query's results as dicts: rank, item id, identifier codes, score, media path."""
+  """One query's results as dicts: rank, item id, identifier codes, score, modality, media path."""
   out = []
   for rank, (r, s) in enumerate(zip(rows, scores)):
     if r < 0:
@@ -92,6 +187,7 @@ def describe(index, rows: np.ndarray, scores: np.ndarray, corpus=None) -> list[d
     d = {"rank": rank + 1, "item_id": item,
          "identifier": [int(c) for c in index.codes[int(r)]], "score": float(s)}
     if corpus is not None and item in corpus:
+      d["modality"] = corpus.item_modality(item)
       d["media"] = str(corpus.media_path(item))
     out.append(d)
   return out
