@@ -19,10 +19,12 @@ name, GM family, register, loudness and articulation, in several phrasings; ever
 by its name (``dialog-warning`` -> "a dialog warning sound", with per-sound descriptions of
 what is heard). No two items share a text.
 
-Split (honest): phrasings are *templates* in three disjoint sets. Every ``train`` text of an
-item uses a train template; its ``val`` text a val template and its ``test`` text a test
-template (picked per item by a hash), whose wording and synonyms ("quietly", "high-pitched",
-"brief notes") never appear as a training text of any item. ``find_leaks`` reports 0.
+Split (honest): phrasings are sentence *templates* in three disjoint sets. Every ``train``
+text of an item uses a train template, its ``val`` text a val template and its ``test`` text a
+test template (picked per item by a hash), so no held-out sentence is ever a training text
+(``find_leaks`` reports 0). Attribute words come with synonyms ("soft" / "quiet" / "gentle",
+"short staccato notes" / "brief detached notes" ...), one picked per text by a hash; all of
+them occur in training, so the test measures new phrasings of known words.
 
 ``templates=False`` keeps only the first train template (one training text per item).
 """
@@ -98,30 +100,36 @@ HIGH_ROOT_CAP = {67: 72, 78: 72}  # baritone sax, whistle
 LOUDNESS = {"soft": 40, "loud": 112}  # MIDI velocity
 ARTICULATIONS = ("short", "sustained")
 
-# Phrasings of each attribute, per template set (train / held out). Held-out templates use
-# words the train templates never use for that attribute.
-_TRAIN_WORDS = {
-    "low": ("low", "low register"), "middle": ("middle", "middle register"),
-    "high": ("high", "high register"),
-    "soft": ("soft", "softly"), "loud": ("loud", "loudly"),
-    "short": ("short staccato notes", "staccato"), "sustained": ("one sustained note", "sustained"),
-}
-_HELD_WORDS = {
-    "low": ("low-pitched", "deep"), "middle": ("mid-pitched", "medium pitch"),
-    "high": ("high-pitched", "treble"),
-    "soft": ("quiet", "quietly"), "loud": ("forceful", "forcefully"),
-    "short": ("brief detached notes", "choppy"), "sustained": ("a long held tone", "held"),
+# Phrasings of each attribute: (adjective / phrase, adverb or short form), each with synonyms.
+# Every text picks one synonym per attribute by a hash of (item, template), so all of them occur
+# in training; held-out texts differ by their sentence template, not by unseen words.
+ATTRIBUTE_WORDS = {
+    "low": (("low", "low register"), ("low-pitched", "deep register"), ("deep", "bass range")),
+    "middle": (("middle", "middle register"), ("mid-pitched", "medium pitch"),
+               ("medium", "mid range")),
+    "high": (("high", "high register"), ("high-pitched", "upper register"),
+             ("bright high", "treble range")),
+    "soft": (("soft", "softly"), ("quiet", "quietly"), ("gentle", "gently")),
+    "loud": (("loud", "loudly"), ("forceful", "forcefully"), ("strong", "strongly")),
+    "short": (("short staccato notes", "staccato"), ("brief detached notes", "choppy"),
+              ("quick short notes", "short")),
+    "sustained": (("one sustained note", "sustained"), ("a long held tone", "held"),
+                  ("a single long note", "long")),
 }
 
 
-def _words(attrs: dict, held: bool) -> dict:
-  w = _HELD_WORDS if held else _TRAIN_WORDS
+def _words(attrs: dict, salt: str) -> dict:
+  """Template fields of one clip; synonyms picked by a hash of (item id, salt)."""
   name = attrs["name"]
-  return {"name": name, "a_name": ("an " if name[0] in "aeiou" else "a ") + name,
-          "family": attrs["family"],
-          "reg": w[attrs["register"]][0], "reg2": w[attrs["register"]][1],
-          "loud": w[attrs["loudness"]][0], "loudly": w[attrs["loudness"]][1],
-          "artic": w[attrs["articulation"]][0], "artic2": w[attrs["articulation"]][1]}
+  out = {"name": name, "a_name": ("an " if name[0] in "aeiou" else "a ") + name,
+         "family": attrs["family"]}
+  for field, key, slots in (("register", "reg", ("reg", "reg2")),
+                            ("loudness", "loud", ("loud", "loudly")),
+                            ("articulation", "artic", ("artic", "artic2"))):
+    options = ATTRIBUTE_WORDS[attrs[field]]
+    choice = options[_hash_rank(attrs["id"], f"{salt}:{key}") % len(options)]
+    out.update(zip(slots, choice))
+  return out
 
 
 TRAIN_TEMPLATES = (
@@ -137,7 +145,7 @@ VAL_TEMPLATES = (
 )
 TEST_TEMPLATES = (
     "a {reg} {name} with {artic}, {loud}",
-    "{loudly} played {artic2} {name} at a {reg} pitch",
+    "{loudly} played {artic2} {name}, {reg2}",
 )
 
 # Freedesktop event sounds: name -> what is heard (one description per sound; the name itself
@@ -344,14 +352,13 @@ def _pick(templates: tuple[str, ...], item_id: str, salt: str) -> str:
 def instrument_texts(attrs: dict, templates: bool = True) -> list[Text]:
   """The train/val/test texts of one instrument clip (see the module docstring)."""
   iid = attrs["id"]
-  train_w, held_w = _words(attrs, held=False), _words(attrs, held=True)
   train = TRAIN_TEMPLATES if templates else TRAIN_TEMPLATES[:1]
-  out = [Text(iid, t.format(**train_w), "train", "query", f"template:train{k}")
+  out = [Text(iid, t.format(**_words(attrs, f"train{k}")), "train", "query", f"template:train{k}")
          for k, t in enumerate(train)]
-  out.append(Text(iid, _pick(VAL_TEMPLATES, iid, "val").format(**held_w), "val", "query",
-                  "template:val"))
-  out.append(Text(iid, _pick(TEST_TEMPLATES, iid, "test").format(**held_w), "test", "query",
-                  "template:test"))
+  out.append(Text(iid, _pick(VAL_TEMPLATES, iid, "val").format(**_words(attrs, "val")), "val",
+                  "query", "template:val"))
+  out.append(Text(iid, _pick(TEST_TEMPLATES, iid, "test").format(**_words(attrs, "test")), "test",
+                  "query", "template:test"))
   return out
 
 
