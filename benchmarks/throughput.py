@@ -40,7 +40,8 @@ Item embeddings: random normal, L2-normalised, float32 (bfloat16 with ``--precis
 Timing: the program is compiled ahead of time (``lower().compile()``, ``compile_s``), then warm-up
 calls (3, or 1 when a call takes over 1 s), then timed calls with ``jax.block_until_ready`` until the
 per-cell budget is spent (at least ``min_timed``, at most 20); p50 / p95 / min / max of the timed
-calls. A cell whose predicted call time (linear in B from the smaller batch at the same N, or in N
+calls, and the median process CPU time per call (``cpu_ms_p50``, all threads: the work done, less
+sensitive than wall time to other jobs on a shared machine). A cell whose predicted call time (linear in B from the smaller batch at the same N, or in N
 from the same batch at the smaller N) exceeds ``max_call_s`` is not run and is listed under
 ``skipped`` with the reason. The 1-minute load average is logged before and after each method and
 with every row.
@@ -252,15 +253,17 @@ def _time_calls(call, budget_s: float, min_timed: int, max_timed: int = 20) -> d
     call()
     n_warmup += 1
   n_timed = int(min(max_timed, max(min_timed, budget_s // max(first, 1e-6))))
-  times = []
+  times, cpu = [], []
   for _ in range(n_timed):
+    c0 = time.process_time()
     t0 = time.perf_counter()
     call()
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   times = np.asarray(times)
   return {"p50_s": float(np.median(times)), "p95_s": float(np.percentile(times, 95)),
           "min_s": float(times.min()), "max_s": float(times.max()), "n_warmup": n_warmup,
-          "n_timed": n_timed}
+          "n_timed": n_timed, "cpu_s": float(np.median(cpu))}
 
 
 def _tokenize_timing(tokenizer, b: int, reps: int = 3) -> tuple[np.ndarray, float]:
@@ -440,7 +443,7 @@ def worker(spec: dict) -> None:
     row = {"kind": "row", "method": method, "variant": spec.get("variant", "current"),
            "n_items": n, "batch": b, "qps": qps, "p50_ms": 1e3 * t["p50_s"], "p95_ms": 1e3 * t["p95_s"],
            "min_ms": 1e3 * t["min_s"], "max_ms": 1e3 * t["max_s"], "n_warmup": t["n_warmup"],
-           "n_timed": t["n_timed"], "compile_s": compile_s, "flops_per_query": int(flops),
+           "n_timed": t["n_timed"], "cpu_ms_p50": 1e3 * t["cpu_s"], "compile_s": compile_s, "flops_per_query": int(flops),
            "achieved_tflops": flops * qps / 1e12, "tokenize_ms_p50": 1e3 * tok_s,
            "qps_incl_tokenize": b / (t["p50_s"] + tok_s), "precision": spec["precision"],
            "load1_before": load_before, "load1_after": os.getloadavg()[0], **extra}
@@ -749,9 +752,14 @@ def main(argv=None) -> int:
            for v in ("before", "after")}
       if q["before"] and q["after"]:
         mb, ma = statistics.median(q["before"]), statistics.median(q["after"])
+        cpu = {v: statistics.median([r["cpu_ms_p50"] for r in rows if r["variant"] == v and
+                                     r["n_items"] == n and r["batch"] == b]) for v in ("before", "after")}
         cmp[f"N{n}@B{b}"] = {"before_qps": [round(x, 2) for x in q["before"]],
                              "after_qps": [round(x, 2) for x in q["after"]],
-                             "speedup_of_medians": round(ma / mb, 3)}
+                             "speedup_of_medians": round(ma / mb, 3),
+                             "before_cpu_ms_per_call": round(cpu["before"], 1),
+                             "after_cpu_ms_per_call": round(cpu["after"], 1),
+                             "cpu_time_ratio_before_over_after": round(cpu["before"] / cpu["after"], 3)}
     report["before_after"] = cmp
     report["compare_src"] = os.path.abspath(args.compare_src)
   else:

@@ -13,12 +13,17 @@ tables); inside a step everything is a fixed-shape array op:
     reorder cache leaves, trie nodes and prefixes by parent
 
 Step 0 uses the dense level-0 table (one live beam, the others start at -inf so no beam is
-duplicated). The per-step cost depends on ``beam * max_fanout[l]``, never on the number of
+duplicated). Before step 0 every beam holds the same start token and an empty cache, so by
+default (``DecodeConfig.single_beam_first_step``) the model runs step 0 on ONE beam (cache leaves
+sliced to ``[batch, 1, ...]``) and the select step broadcasts its cache to all beams: the same
+results for ``1/beam`` of step 0's model cost (about 18% of the decoder at L = 5, beam 10).
+The per-step cost depends on ``beam * max_fanout[l]``, never on the number of
 identifiers ``N``. Encoder outputs are not part of the state: the model closes over them.
 
 Contract of the model step (see /work/notes/contract.md):
   ``logits_bkv, new_cache = tokens_to_logits(tokens_bk, cache, step)``; every cache leaf has
-  leading axes ``[batch, beam, ...]``.
+  leading axes ``[batch, beam, ...]``. With ``single_beam_first_step`` the step-0 call gets
+  ``beam = 1`` (a model that cannot take another beam width sets it to False).
 """
 from __future__ import annotations
 
@@ -46,9 +51,12 @@ class DecodeConfig:
     beam_size: number of beams kept per query at every step.
     n_results: number of identifiers returned per query (<= beam_size); they are the best beams
       after the last step, best first.
+    single_beam_first_step: run the model's step 0 on one beam and broadcast its cache (all
+      beams are identical before step 0); same results, less compute.
   """
   beam_size: int = 10
   n_results: int = 10
+  single_beam_first_step: bool = True
 
   def __post_init__(self):
     if self.beam_size < 1:
@@ -148,8 +156,9 @@ def select_beams(state: BeamState, cand_bkf: jax.Array, child_bkf: jax.Array, co
   if n_parents == beam:
     cache = gather_beams(state.cache, parent)
     codes = gather_beams(state.codes, parent)  # [batch, beam, L]
-  else:  # step 0: one parent (beam 0) for all new beams
-    cache = gather_beams(state.cache, jnp.zeros_like(parent))
+  else:  # step 0: one parent (beam 0) for all new beams; the cache may hold that beam only
+    cache = jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(x[:, :1], (batch, beam) + x.shape[2:]), state.cache)
     codes = state.codes
   codes = codes.at[:, :, level].set(code)  # [batch, beam, L]
   codes = jnp.where(alive[:, :, None], codes, -1)
@@ -169,6 +178,15 @@ def _initial_state(batch: int, beam: int, depth_l: int, cache: Cache) -> BeamSta
       codes=jnp.full((batch, beam, depth_l), -1, jnp.int32),  # [batch, beam, L]
       last_tokens=jnp.full((batch, beam), START_ID, jnp.int32),  # [batch, beam]
       cache=cache)
+
+
+def _model_step(tokens_to_logits: TokensToLogits, state: BeamState, level: int,
+                config: DecodeConfig) -> tuple[jax.Array, Cache]:
+  """The model call of one step; at step 0 optionally on beam 0 only (logits [batch, 1, vocab])."""
+  if level == 0 and config.single_beam_first_step:
+    cache0 = jax.tree_util.tree_map(lambda x: x[:, :1], state.cache)  # [batch, 1, ...]
+    return tokens_to_logits(state.last_tokens[:, :1], cache0, jnp.int32(0))
+  return tokens_to_logits(state.last_tokens, state.cache, jnp.int32(level))
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, trie: TrieTables,
@@ -205,10 +223,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, trie: TrieTables
   state = _initial_state(batch, beam, depth_l, cache)
 
   for level in range(depth_l):  # static trip count L; each level has its own static fan-out
-    logits_bkv, new_cache = tokens_to_logits(state.last_tokens, state.cache, jnp.int32(level))
-    if logits_bkv.shape != (batch, beam, vocab_size):
+    logits_bkv, new_cache = _model_step(tokens_to_logits, state, level, config)
+    beams_run = 1 if level == 0 and config.single_beam_first_step else beam
+    if logits_bkv.shape != (batch, beams_run, vocab_size):
       raise ValueError(f"beam_search: tokens_to_logits returned logits of shape {logits_bkv.shape}, "
-                       f"expected [batch={batch}, beam={beam}, vocab={vocab_size}] for the trie's "
+                       f"expected [batch={batch}, beam={beams_run}, vocab={vocab_size}] for the trie's "
                        f"level sizes {trie.level_sizes} (build the trie with the model's "
                        "IdentifierVocab)")
     state = state.replace(cache=new_cache)
@@ -263,7 +282,7 @@ def unconstrained_beam_search(tokens_to_logits: TokensToLogits, cache: Cache,
     raise ValueError("unconstrained_beam_search: the cache has no leaves, pass batch_size")
   state = _initial_state(batch, beam, depth_l, cache)
   for level in range(depth_l):
-    logits_bkv, new_cache = tokens_to_logits(state.last_tokens, state.cache, jnp.int32(level))
+    logits_bkv, new_cache = _model_step(tokens_to_logits, state, level, config)
     state = state.replace(cache=new_cache)
     logp_bkv = jax.nn.log_softmax(logits_bkv.astype(jnp.float32), axis=-1)  # [batch, beam, vocab]
     off, size = int(offsets[level]), level_sizes[level]

@@ -112,9 +112,9 @@ def test_encode_once_shapes_and_cache_contract():
   s = cfg.num_fused_layers
   assert len(enc.cross_kv) == cfg.num_decoder_layers
   for kv in enc.cross_kv:  # no beam axis anywhere: computed once per query
-    assert kv["coarse_k"].shape == (BATCH, SRC_LEN, cfg.num_heads, cfg.head_dim)
+    assert kv["coarse_k"].shape == (BATCH, cfg.num_heads, SRC_LEN, cfg.head_dim)  # heads-major
     assert "fine_k" not in kv  # the fine experts' keys/values are shared, stored once:
-  assert [a.shape for a in enc.fine_kv] == [(BATCH, s, SRC_LEN, cfg.num_heads, cfg.head_dim)] * 2
+  assert [a.shape for a in enc.fine_kv] == [(BATCH, cfg.num_heads, s * SRC_LEN, cfg.head_dim)] * 2
   assert enc.bias.shape == (BATCH, 1, 1, 1, SRC_LEN)
   cache = nnx.merge(graphdef, state).init_cache(BATCH, BEAM, VOCAB.id_length)
   for leaf in jax.tree.leaves(cache):

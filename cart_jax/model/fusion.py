@@ -22,8 +22,11 @@ Given the encoder's layer outputs ``E_1..E_S`` (each ``[batch, src, d]``):
 
 Encoder-side keys/values depend only on the query, so :meth:`FusedCrossAttention.precompute`
 computes them ONCE per query (at encode time); the per-step call only projects
-the decoder queries. Keys/values have no beam axis and are broadcast over beams
-inside the einsums (never tiled). Diagnostics (``alpha``) are returned, not printed.
+the decoder queries. Keys/values have no beam axis (the beams fold into the rows of the
+query side of :func:`~cart_jax.model.layers.shared_kv_attention`, never tiled) and are stored
+heads-major, ``[b, heads, src, kv]`` (fine: ``[b, heads, S * src, kv]``, the S experts side by
+side), the layout the per-step matmuls read without a transpose. Diagnostics (``alpha``) are
+returned, not printed.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cart_jax.model.config import ModelConfig
-from cart_jax.model.layers import (Dense, MultiHeadAttention, attention_probs, const_param, fan_in_std,
-                                   normal_param)
+from cart_jax.model.layers import (Dense, MultiHeadAttention, const_param, fan_in_std, heads_major,
+                                   normal_param, shared_kv_attention)
 from cart_jax.partitioning import with_logical_constraint
 
 
@@ -65,11 +68,16 @@ class FineKeyValue(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, layers: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``layers [b, S, src, d]`` -> keys, values ``[b, S, src, heads, kv]``."""
+    """``layers [b, S, src, d]`` -> keys, values heads-major ``[b, heads, S * src, kv]``.
+
+    Position ``i * src + s`` holds expert (encoder layer) ``i``'s key/value of source token ``s``.
+    """
     x = layers.astype(self.dtype)
-    k = jnp.einsum("bLsd,Ldhk->bLshk", x, self.key.get_value().astype(self.dtype))
-    v = jnp.einsum("bLsd,Ldhk->bLshk", x, self.value.get_value().astype(self.dtype))
-    return k, v
+    b, s_layers, src, _ = x.shape
+    k = jnp.einsum("bLsd,Ldhk->bhLsk", x, self.key.get_value().astype(self.dtype))  # [b, h, S, src, kv]
+    v = jnp.einsum("bLsd,Ldhk->bhLsk", x, self.value.get_value().astype(self.dtype))
+    h, dk = k.shape[1], k.shape[-1]
+    return k.reshape(b, h, s_layers * src, dk), v.reshape(b, h, s_layers * src, dk)
 
 
 class FineFusion(nnx.Module):
@@ -102,13 +110,16 @@ class FineFusion(nnx.Module):
 
   def __call__(self, h: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
-    """``h [b, beam, t, d]``; k/v ``[b, S, src, heads, kv]``; bias ``[b, 1, 1, 1, src]``."""
+    """``h [b, beam, t, d]``; k/v ``[b, heads, S * src, kv]`` (:class:`FineKeyValue`);
+    bias ``[b, 1, 1, 1, src]``.
+
+    ``sum_i alpha_i attention_i`` is computed as one attention whose per-expert softmax
+    probabilities are scaled by ``alpha_i`` (the same sum, one value matmul instead of S).
+    """
     q = self.query(h) * (1.0 / math.sqrt(self.head_dim))  # [b, beam, t, heads, kv]
-    scores = jnp.einsum("bkthd,bLshd->bkLhts", q, k) + bias[:, :, None]  # [b, beam, S, heads, t, src]
-    probs = attention_probs(scores, self.dropout_rate, rngs).astype(v.dtype)
-    ctx = jnp.einsum("bkLhts,bLshd->bkLthd", probs, v)  # [b, beam, S, t, heads, kv]
-    alpha = self.alpha()
-    mixed = jnp.einsum("bkLthd,L->bkthd", ctx, alpha.astype(ctx.dtype))  # [b, beam, t, heads, kv]
+    alpha = self.alpha()  # [S]
+    mixed = shared_kv_attention(q, k, v, bias, num_groups=alpha.shape[0], group_weights=alpha,
+                                dropout_rate=self.dropout_rate, rngs=rngs)  # [b, beam, t, heads, kv]
     return self.out(mixed), alpha
 
 
@@ -135,35 +146,36 @@ class FusedCrossAttention(nnx.Module):
       layers: ``[b, S, src, d]`` all encoder layer outputs.
       z: ``[b, src, d]`` coarse fusion input (None unless coarse fusion is on).
     Returns:
-      dict of arrays with leading axis ``batch`` (no beam axis).
+      dict of heads-major arrays with leading axis ``batch`` (no beam axis):
+      ``k``/``v``, ``coarse_k``/``coarse_v`` ``[b, heads, src, kv]``; ``fine_k``/``fine_v``
+      ``[b, heads, S * src, kv]``.
     """
     kv = {}
     if self.fusion == "none":
-      kv["k"], kv["v"] = self.cross.project_kv(layers[:, -1])  # [b, src, heads, kv]
+      kv["k"], kv["v"] = map(heads_major, self.cross.project_kv(layers[:, -1]))  # [b, heads, src, kv]
     if self.fusion in ("coarse", "both"):
-      kv["coarse_k"], kv["coarse_v"] = self.coarse.project_kv(z)  # [b, src, heads, kv]
+      kv["coarse_k"], kv["coarse_v"] = map(heads_major, self.coarse.project_kv(z))  # [b, heads, src, kv]
     if self.fusion in ("fine", "both"):
       if self.fine.kv is not None:  # this layer's own experts; shared ones live in EncodedQuery
-        kv["fine_k"], kv["fine_v"] = self.fine.kv(layers)  # [b, S, src, heads, kv]
-    return {name: with_logical_constraint(a, ("batch",) + (None,) * (a.ndim - 3) + ("heads", "kv"))
-            for name, a in kv.items()}
+        kv["fine_k"], kv["fine_v"] = self.fine.kv(layers)  # [b, heads, S*src, kv]
+    return {name: with_logical_constraint(a, ("batch", "heads", "length", "kv")) for name, a in kv.items()}
 
   def __call__(self, h: jax.Array, kv: dict[str, jax.Array], bias: jax.Array,
                rngs: nnx.Rngs | None, shared_fine_kv: tuple[jax.Array, jax.Array] | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``h [b, beam, t, d]`` (normed decoder stream) -> (update ``[b, beam, t, d]``, aux).
 
-    ``shared_fine_kv``: the network's fine keys/values ``[b, S, src, heads, kv]`` shared by
+    ``shared_fine_kv``: the network's fine keys/values ``[b, heads, S * src, kv]`` shared by
     all decoder layers (``fine_shared_kv``); ignored when this layer owns its experts.
     """
     aux = {}
     if self.fusion == "none":
-      out = self.cross.cross_attend(self.cross.project_query(h), kv["k"], kv["v"], bias, rngs)
+      out = self.cross.cross_attend_heads_major(self.cross.project_query(h), kv["k"], kv["v"], bias, rngs)
       return out, aux
     out = jnp.zeros_like(h)
     if self.fusion in ("coarse", "both"):
-      c = self.coarse.cross_attend(self.coarse.project_query(h), kv["coarse_k"], kv["coarse_v"],
-                                   bias, rngs)  # [b, beam, t, d]
+      c = self.coarse.cross_attend_heads_major(self.coarse.project_query(h), kv["coarse_k"],
+                                               kv["coarse_v"], bias, rngs)  # [b, beam, t, d]
       out = out + c * jax.nn.sigmoid(self.coarse_gate(c))  # self-gated sigmoid
     if self.fusion in ("fine", "both"):
       fine_k, fine_v = (kv["fine_k"], kv["fine_v"]) if "fine_k" in kv else shared_fine_kv

@@ -202,6 +202,45 @@ def attention_probs(scores: jax.Array, dropout_rate: float, rngs: nnx.Rngs | Non
   return dropout(probs, dropout_rate, rngs)
 
 
+def heads_major(x: jax.Array) -> jax.Array:
+  """``[b, src, heads, kv] -> [b, heads, src, kv]``: the layout shared keys/values are stored in."""
+  return jnp.swapaxes(x, -3, -2)
+
+
+def shared_kv_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
+                        num_groups: int = 1, group_weights: jax.Array | None = None,
+                        dropout_rate: float = 0.0, rngs: nnx.Rngs | None = None) -> jax.Array:
+  """Attention of a beamed query stream to keys/values shared by all beams (cross attention).
+
+  Keys/values are stored heads-major, ``[b, heads, G * src, kv]`` (``G`` groups of ``src`` keys,
+  e.g. one group per encoder layer for fine fusion), computed once per query: the per-step
+  work is two batched matmuls over ``(b, heads)`` with the beams and steps folded into the rows,
+  and no transpose of the keys/values (the [b, src, heads, kv] layout cost one full copy of them
+  per layer and step on CPU). Softmax is taken over each group's ``src`` keys separately; with
+  ``group_weights [G]`` the result is ``sum_g w_g attention_g``, folded into the probabilities
+  before the value product (one matmul instead of G, same sum).
+
+  Args:
+    q: ``[b, beam, t, heads, kv]`` queries (already scaled).
+    k, v: ``[b, heads, G * src, kv]``.
+    bias: additive mask broadcastable to ``[b, 1, 1, 1, src]`` (padded source positions).
+  Returns:
+    ``[b, beam, t, heads, kv]`` context (before the output projection).
+  """
+  b, beam, t, h, dk = q.shape
+  n = k.shape[2]
+  src = n // num_groups
+  qh = jnp.transpose(q, (0, 3, 1, 2, 4)).reshape(b, h, beam * t, dk)  # [b, heads, beam*t, kv]
+  scores = jnp.einsum("bhqd,bhnd->bhqn", qh, k)  # [b, heads, beam*t, G*src]
+  scores = scores.reshape(b, h, beam * t, num_groups, src) + bias.reshape(bias.shape[0], 1, 1, 1, src)
+  probs = attention_probs(scores, dropout_rate, rngs)  # [b, heads, beam*t, G, src] float32
+  if group_weights is not None:
+    probs = probs * group_weights.astype(probs.dtype)[:, None]
+  probs = probs.reshape(b, h, beam * t, n).astype(v.dtype)
+  ctx = jnp.einsum("bhqn,bhnd->bhqd", probs, v)  # [b, heads, beam*t, kv]
+  return jnp.transpose(ctx.reshape(b, h, beam, t, dk), (0, 2, 3, 1, 4))  # [b, beam, t, heads, kv]
+
+
 class MultiHeadAttention(nnx.Module):
   """Multi-head attention with separate q/k/v/o projections (no biases).
 
@@ -243,3 +282,27 @@ class MultiHeadAttention(nnx.Module):
     probs = attention_probs(scores, self.dropout_rate, rngs).astype(v.dtype)
     ctx = jnp.einsum("bkhts,bshd->bkthd", probs, v)  # [batch, beam, t, heads, kv]
     return self.out(ctx)
+
+  def attend_cache_one_step(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                            rngs: nnx.Rngs | None) -> jax.Array:
+    """Self-attention of ONE new position per beam to its KV cache (incremental decoding).
+
+    Same result as :meth:`self_attend` with ``t = 1``, computed as element-wise products and
+    sums over the short cache in float32 instead of ``batch x beam x heads`` matmuls of one row:
+    XLA fuses them into one loop and no longer transposes the whole cache at every step.
+
+    Args:
+      q: ``[b, beam, 1, heads, kv]``; k/v: ``[b, beam, T, heads, kv]`` (the cache, new key written).
+      bias: broadcastable to ``[b, beam, heads, 1, T]`` (causal mask + relative positions).
+    """
+    scores = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1)  # [b, beam, T, heads]
+    scores = jnp.swapaxes(scores, -1, -2)[:, :, :, None, :] + bias  # [b, beam, heads, 1, T]
+    probs = attention_probs(scores, self.dropout_rate, rngs)  # [b, beam, heads, 1, T]
+    p = jnp.swapaxes(probs[:, :, :, 0, :], -1, -2)[..., None]  # [b, beam, T, heads, 1]
+    ctx = jnp.sum(p * v.astype(jnp.float32), axis=2, keepdims=True)  # [b, beam, 1, heads, kv]
+    return self.out(ctx.astype(v.dtype))
+
+  def cross_attend_heads_major(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                               rngs: nnx.Rngs | None) -> jax.Array:
+    """As :meth:`cross_attend` with k/v stored heads-major ``[b, heads, src, kv]``."""
+    return self.out(shared_kv_attention(q, k, v, bias, dropout_rate=self.dropout_rate, rngs=rngs))

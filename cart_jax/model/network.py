@@ -44,9 +44,10 @@ class EncodedQuery:
 
   Attributes:
     cross_kv: per decoder layer, a dict of encoder-side keys/values (leading axis
-      ``batch``, NO beam axis): ``[b, src, heads, kv]`` (``k``/``v``, ``coarse_k``/``coarse_v``)
-      and ``[b, S, src, heads, kv]`` (``fine_k``/``fine_v``, only with per-layer experts).
-    fine_kv: ``(keys, values)`` ``[b, S, src, heads, kv]`` of the fine-fusion experts shared
+      ``batch``, NO beam axis), stored heads-major: ``[b, heads, src, kv]`` (``k``/``v``,
+      ``coarse_k``/``coarse_v``) and ``[b, heads, S * src, kv]`` (``fine_k``/``fine_v``, only
+      with per-layer experts).
+    fine_kv: ``(keys, values)`` ``[b, heads, S * src, kv]`` of the fine-fusion experts shared
       by all decoder layers (``fine_shared_kv``), stored once; None otherwise.
     bias: ``[b, 1, 1, 1, src]`` additive mask of padded input positions.
   """
@@ -147,7 +148,11 @@ class DecoderLayer(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), step, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), step, axis=2)
       new_cache = {"k": k, "v": v}  # [b, beam, max_len, heads, kv]
-    x = x + dropout(self.self_attention.self_attend(q, k, v, self_bias, rngs), self.dropout_rate, rngs)
+    if cache is not None and q.shape[2] == 1:  # incremental decoding: one position per beam
+      attended = self.self_attention.attend_cache_one_step(q, k, v, self_bias, rngs)
+    else:
+      attended = self.self_attention.self_attend(q, k, v, self_bias, rngs)
+    x = x + dropout(attended, self.dropout_rate, rngs)
     fused, aux = self.cross_attention(self.pre_cross_attention_norm(x), cross_kv, cross_bias, rngs,
                                       shared_fine_kv)
     x = x + dropout(fused, self.dropout_rate, rngs)
@@ -209,9 +214,9 @@ class CARTNetwork(nnx.Module):
     mask = inputs != 0 if input_mask is None else input_mask.astype(bool)
     layers = self.encode_layers(inputs, mask, rngs)  # [b, S, src, d]
     z = self.coarse_projection(layers) if self.coarse_projection is not None else None  # [b, src, d]
-    fine_kv = self.fine_kv(layers) if self.fine_kv is not None else None  # 2 x [b, S, src, heads, kv]
+    fine_kv = self.fine_kv(layers) if self.fine_kv is not None else None  # 2 x [b, heads, S*src, kv]
     if fine_kv is not None:
-      fine_kv = tuple(with_logical_constraint(a, ("batch", "layers", "length", "heads", "kv")) for a in fine_kv)
+      fine_kv = tuple(with_logical_constraint(a, ("batch", "heads", "length", "kv")) for a in fine_kv)
     cross_kv = tuple(layer.cross_attention.precompute(layers, z) for layer in self.decoder_layers)
     bias = jnp.where(mask, 0.0, NEG_INF).astype(self.dtype)[:, None, None, None, :]  # [b, 1, 1, 1, src]
     return EncodedQuery(cross_kv=cross_kv, fine_kv=fine_kv, bias=bias)
