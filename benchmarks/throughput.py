@@ -41,13 +41,14 @@ Timing: the program is compiled ahead of time (``lower().compile()``, ``compile_
 calls (3, or 1 when a call takes over 1 s), then timed calls with ``jax.block_until_ready`` until the
 per-cell budget is spent (at least ``min_timed``, at most 20); p50 / p95 / min / max of the timed
 calls, and the median process CPU time per call (``cpu_ms_p50``, all threads: the work done, less
-sensitive than wall time to other jobs on a shared machine). A cell whose predicted call time (linear in B from the smaller batch at the same N, or in N
-from the same batch at the smaller N) exceeds ``max_call_s`` is not run and is listed under
-``skipped`` with the reason. The 1-minute load average is logged before and after each method and
+sensitive than wall time to other jobs on a shared machine). A cell whose predicted call time
+(linear in B from the smaller batch > 1 at the same N, or in N from the same batch at the smaller
+N) exceeds ``max_call_s`` is not run and is listed under ``skipped`` with the reason. The 1-minute load average is logged before and after each method and
 with every row.
 
 FLOPs per query (multiply-add = 2): CART from ``cart_jax.model.flops.flops_per_query`` (src 32,
-beam 10, L 5); dual tower = MiniLM encoder (same counting rules) + 2 x 384 x 1024 projection
+beam 10, L 5), less the 9 of 10 beams that step 0 no longer runs where the decoder has
+``single_beam_first_step``; dual tower = MiniLM encoder (same counting rules) + 2 x 384 x 1024 projection
 + 2 x N x 1024 (exact) or 2 x nlist x 1024 + 2 x nprobe x (N / nlist) x 1024 (IVF, expected).
 ``achieved_tflops = flops_per_query * qps / 1e12``; ``peak_fraction`` divides by the device's
 peak (CPU: a 2048^3 float32 matmul measured in the same run; GPU: the card's nominal dense peak for
@@ -195,8 +196,11 @@ def crossover(cart: dict[int, float], dual: dict[int, float]) -> dict:
 
 
 def predict_call_s(done: dict[tuple[int, int], float], n: int, b: int) -> float | None:
-  """Upper-bound guess of one call's seconds from measured cells (linear in B, then in N)."""
-  smaller_b = [bb for (nn, bb) in done if nn == n and bb < b]
+  """Upper-bound guess of one call's seconds from measured cells (linear in B, then in N).
+
+  Batch 1 is latency-bound (not linear in B), so batch-1 cells never predict larger batches.
+  """
+  smaller_b = [bb for (nn, bb) in done if nn == n and 1 < bb < b]
   if smaller_b:
     bb = max(smaller_b)
     return done[(n, bb)] * b / bb
@@ -427,6 +431,10 @@ def worker(spec: dict) -> None:
   cart_cfg = mcfg.minilm_small(output_vocab_size=2 + sum(LEVEL_SIZES), dropout_rate=0.0,
                                dtype="bfloat16" if bf16 else "float32")
   cart_flops = flops_per_query(cart_cfg, src_len=SRC_LEN, beam=spec["beam"], id_length=ID_LEN)
+  from cart_jax.decoding import DecodeConfig  # pylint: disable=g-import-not-at-top
+  if getattr(DecodeConfig(), "single_beam_first_step", False):  # step 0 runs one beam, not `beam`
+    dec = cart_flops["decoder"]
+    cart_flops["total"] -= int(dec * (spec["beam"] - 1) / (ID_LEN * spec["beam"]))
   done: dict[tuple[int, int], float] = {}
 
   def run_cell(n, b, call, compile_s, flops, extra):

@@ -57,6 +57,7 @@ def test_predict_call_s_scales_with_batch_then_n():
   assert tp.predict_call_s(done, 10_000, 100) == pytest.approx(20.0)
   assert tp.predict_call_s(done, 10_000, 1) == pytest.approx(1.0)
   assert tp.predict_call_s({}, 10, 1) is None
+  assert tp.predict_call_s({(1000, 1): 0.5}, 1000, 100) is None  # batch 1 is latency, not throughput
 
 
 def test_ivf_nlist_and_flops():
