@@ -49,6 +49,10 @@ class VideoTowerConfig:
 
   Flat on purpose: ``towers.config_from_dict`` rebuilds it from the JSON that checkpoints store.
 
+  Defaults (8 frames of 32 px, 4 px patches of 16 channels, flatten head): measured on the
+  shared 2-core CPU (load ~7) with ``cart embed`` on emoji-motion (2,200 clips, 300 steps of
+  256 clips), 0.33 s per step and test R@1 0.922; ``patch_dim=32``: 0.53 s per step, R@1 0.927.
+
   Attributes:
     num_frames: frames sampled per clip (``T``).
     image_size: frames are resized to this square size when read.
@@ -65,7 +69,7 @@ class VideoTowerConfig:
   image_size: int = 32
   downsample: int = 1
   patch_size: int = 4
-  patch_dim: int = 32
+  patch_dim: int = 16
   channels: tuple[int, ...] = ()
   frame_hidden_dim: int = 256
   frame_dim: int = 128
