@@ -328,4 +328,18 @@ def test_cli_search_and_eval_restricted_by_modality(tmp_path, capsys):
   un = ev["unrestricted"]
   assert un["top1_wrong_modality"]["of"] == 6 and 0 <= un["top1_wrong_modality"]["count"] <= 6
   assert ev["top1_wrong_modality"]["count"] == 0  # restricted: never another modality
-  assert ev["index_modalities"] == {"audio": 6, "image": 10}
+  assert ev["index_modalities"] == {"audio": 6, "image": 10} and "by_modality" not in ev
+
+
+def test_eval_breakdown_by_target_modality():
+  from cart_jax.train.jobs import _by_modality, _wrong_modality
+  mods = np.asarray(["image", "audio", "image", "video"])  # modality of index rows 0..3
+  rows = np.asarray([[0, 1], [0, 1], [1, 2], [-1, -1]])  # ranked rows of 4 queries (-1: none)
+  targets = np.asarray([0, 1, 2, 3])
+  assert _wrong_modality(mods, rows[:, 0], targets) == {"count": 2, "of": 4, "rate": 0.5}
+  got = _by_modality(mods, rows, targets)
+  assert got["image"]["num_queries"] == 2 and got["image"]["r@1"] == 0.5
+  assert got["image"]["mrr@2"] == pytest.approx(0.75)  # ranks 1 and 2
+  assert got["image"]["top1_wrong_modality"] == {"count": 1, "of": 2, "rate": 0.5}
+  assert got["audio"]["r@1"] == 0.0 and got["audio"]["top1_wrong_modality"]["count"] == 1
+  assert got["video"]["r@1"] == 0.0 and got["video"]["top1_wrong_modality"]["count"] == 0

@@ -248,6 +248,8 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
     summary["index_modalities"] = full.available_modalities()
   if len(summary.get("index_modalities", ())) > 1:
     summary["top1_wrong_modality"] = _wrong_modality(full.item_modalities, rows[:, 0], targets)
+    if modality is None:  # a mixed index searched whole: the same numbers per target modality
+      summary["by_modality"] = _by_modality(full.item_modalities, rows, targets)
   if modality is not None:
     summary["modality"] = modality
     summary["num_items_searched"] = int(np.sum(full.item_modalities == modality))
@@ -256,6 +258,23 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
         **{k: un_metrics[k] for k in ("r@1", "r@5", "r@10", "mrr@10") if k in un_metrics},
         "top1_wrong_modality": _wrong_modality(full.item_modalities, un_rows[:, 0], targets)}
   return summary
+
+
+def _by_modality(item_modalities, rows, targets) -> dict:
+  """R@k, MRR and top-1 of another modality, for the queries of each target modality."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.metrics import retrieval_metrics  # pylint: disable=g-import-not-at-top
+  out = {}
+  target_mod = item_modalities[targets]  # [Q]
+  k = rows.shape[1]
+  for m in np.unique(target_mod):
+    sel = target_mod == m  # [Q]
+    met = retrieval_metrics(rows[sel], targets[sel], ks=tuple(x for x in (1, 5, 10) if x <= k),
+                            mrr_k=min(10, k))
+    out[str(m)] = {**{key.lower(): v for key, v in met.items()},
+                   "top1_wrong_modality": _wrong_modality(item_modalities, rows[sel, 0], targets[sel])}
+  return out
 
 
 def _wrong_modality(item_modalities, top1_rows, targets) -> dict:
