@@ -87,7 +87,7 @@ class VideoTowerConfig:
       raise ValueError(f"temporal must be one of {TEMPORAL_MODELS}, got {self.temporal!r}")
     if min(self.frame_dim, self.hidden_dim, self.out_dim) < 1:
       raise ValueError(f"bad VideoTowerConfig {self}")
-    self.frame_config  # validates the image-tower fields (divisibility)  pylint: disable=pointless-statement
+    _ = self.frame_config  # ImageTowerConfig validates the per-frame fields (divisibility)
 
   @property
   def frame_config(self) -> ImageTowerConfig:
