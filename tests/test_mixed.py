@@ -269,8 +269,17 @@ def test_cli_search_and_eval_restricted_by_modality(tmp_path, capsys):
   _embeddings(tmp_path / "e" / "pics.npy", [f"p{i}" for i in range(10)], 16, seed=1)
   _embeddings(tmp_path / "e" / "sounds.npy", [f"s{i}" for i in range(6)], 16, seed=2)
   mixed, run, index = tmp_path / "mixed", tmp_path / "run", tmp_path / "index"
-  merge_corpora([tmp_path / "pics", tmp_path / "sounds"], mixed,
-                embeddings=[tmp_path / "e" / "pics.npy", tmp_path / "e" / "sounds.npy"])
+  assert cart("data", "merge", str(tmp_path / "pics"), str(tmp_path / "sounds"), "--out", str(mixed),
+              "--embeddings", str(tmp_path / "e" / "pics.npy"), str(tmp_path / "e" / "sounds.npy"),
+              "--json", str(tmp_path / "merge.json")) == 0
+  merged = json.loads((tmp_path / "merge.json").read_text())
+  assert merged["modality"] == "mixed" and merged["num_items"] == 16
+  assert merged["modality_counts"] == {"audio": 6, "image": 10}
+  # The output exists now: exit 2 naming it, nothing replaced.
+  assert cart("data", "merge", str(tmp_path / "pics"), str(tmp_path / "sounds"), "--out",
+              str(mixed)) == 2
+  assert "already exists" in capsys.readouterr().out
+  assert load_corpus(mixed).modality == MIXED
   assert cart("build-ids", "--embeddings", str(mixed / "embeddings.npy"), "--item-ids",
               str(mixed / "embeddings.ids.txt"), "--out", str(index), "--clusters", "3",
               "--levels", "1", "--codebook-size", "4", "--rq-steps", "10", "--rq-latent-dim", "8",

@@ -6,6 +6,8 @@ add a captioner's output, and validate/summarise a corpus.
   cart data prepare emoji --out corpora/emoji
   cart data add-captions --corpus corpora/f30k --captions blip2_captions.jsonl
   cart data info corpora/emoji
+  cart data merge corpora/emoji corpora/instruments --out corpora/mixed \\
+      --embeddings emb/emoji.npy emb/instruments.npy
 """
 from __future__ import annotations
 
@@ -78,6 +80,26 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   cap.add_argument("--json", default=None, help="write a JSON summary here")
   cap.set_defaults(func=run)
 
+  mrg = sub.add_parser("merge", help="merge corpora of any modalities into one corpus (header "
+                                     "'mixed' when they differ), with their embeddings")
+  mrg.add_argument("corpora", nargs="+", metavar="CORPUS", help="two or more corpus directories")
+  mrg.add_argument("--out", required=True, help="merged corpus directory to create")
+  mrg.add_argument("--embeddings", nargs="+", default=None, metavar="E.npy",
+                   help="one embeddings file per CORPUS, same order and dimension (ids from the "
+                        "E.ids.txt that cart embed writes); written merged, rows L2-normalised, "
+                        "as OUT/embeddings.npy + OUT/embeddings.ids.txt for cart build-ids")
+  mrg.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                   help="per CORPUS, the name that prefixes colliding ids and names its media "
+                        "folder (default: each corpus's own name)")
+  mrg.add_argument("--name", default=None, help="merged corpus name (default: NAMEs joined by '+')")
+  mrg.add_argument("--prefix", action="store_true",
+                   help="prefix every item id with '<name>:' (default: only ids that collide)")
+  mrg.add_argument("--media", dest="media_mode", choices=("symlink", "copy", "hardlink"),
+                   default="symlink", help="how media enter the merged corpus (default: symlink)")
+  mrg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  mrg.add_argument("--json", default=None, help="write a JSON summary here")
+  mrg.set_defaults(func=run)
+
   info = sub.add_parser("info", help="validate a corpus and print its counts and leak check")
   info.add_argument("corpus", help="corpus directory")
   info.add_argument("--json", default=None, help="write a JSON summary here")
@@ -133,6 +155,13 @@ def run(args) -> int:
       corpus, stats = add_captions(args.corpus, args.captions, replace=args.replace,
                                    source=args.source)
       summary = dict(corpus.summary(), **stats)
+    elif args.data_command == "merge":
+      import dataclasses
+      from cart_jax.data.merge import merge_corpora
+      corpus, stats = merge_corpora(args.corpora, args.out, embeddings=args.embeddings,
+                                    names=args.names, name=args.name, prefix=args.prefix,
+                                    media_mode=args.media_mode, overwrite=args.overwrite)
+      summary = dict(corpus.summary(), out=str(args.out), **dataclasses.asdict(stats))
     elif args.data_command == "info":
       corpus = load_corpus(args.corpus)
       leaks = find_leaks(corpus)
