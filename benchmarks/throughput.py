@@ -42,8 +42,8 @@ calls (3, or 1 when a call takes over 1 s), then timed calls with ``jax.block_un
 per-cell budget is spent (at least ``min_timed``, at most 20); p50 / p95 / min / max of the timed
 calls, and the median process CPU time per call (``cpu_ms_p50``, all threads: the work done, less
 sensitive than wall time to other jobs on a shared machine). A cell whose predicted call time
-(linear in B from the smaller batch > 1 at the same N, or in N from the same batch at the smaller
-N) exceeds ``max_call_s`` is not run and is listed under ``skipped`` with the reason. The 1-minute load average is logged before and after each method and
+(``predict_call_s``: linear in B from a batch > 1, linear in N for the dual tower, flat in N for
+CART) exceeds ``max_call_s`` is not run and is listed under ``skipped`` with the reason. The 1-minute load average is logged before and after each method and
 with every row.
 
 FLOPs per query (multiply-add = 2): CART from ``cart_jax.model.flops.flops_per_query`` (src 32,
@@ -195,19 +195,38 @@ def crossover(cart: dict[int, float], dual: dict[int, float]) -> dict:
   return {"n": None, "status": f"none in range (CART/dual = {ratio[ns[-1]]:.3g} at N={ns[-1]})", **out}
 
 
-def predict_call_s(done: dict[tuple[int, int], float], n: int, b: int) -> float | None:
-  """Upper-bound guess of one call's seconds from measured cells (linear in B, then in N).
+def predict_call_s(done: dict[tuple[int, int], float], n: int, b: int, *, flat_in_n: bool = False,
+                   skipped: set[tuple[int, int]] = frozenset(),
+                   fixed_s: dict[int, float] | None = None) -> float | None:
+  """Upper-bound guess of one call's seconds at (N, B) from measured cells; inf if a cheaper cell
+  was already skipped; None when nothing measured says anything.
 
-  Batch 1 is latency-bound (not linear in B), so batch-1 cells never predict larger batches.
+  Time is taken linear in B (from a batch > 1: batch 1 is latency-bound) and, for the dual tower,
+  linear in N beyond ``fixed_s[b]`` (the measured query-tower seconds at batch b, which do not grow
+  with N); CART's (``flat_in_n``) does not depend on N.
   """
-  smaller_b = [bb for (nn, bb) in done if nn == n and 1 < bb < b]
-  if smaller_b:
-    bb = max(smaller_b)
+  if any(nn == n and bb < b for (nn, bb) in skipped):
+    return math.inf
+  if not flat_in_n and any(bb == b and nn < n for (nn, bb) in skipped):
+    return math.inf
+  same_n = [bb for (nn, bb) in done if nn == n and 1 < bb < b]
+  if same_n:
+    bb = max(same_n)
     return done[(n, bb)] * b / bb
+  if flat_in_n:
+    same_b = [done[(nn, bb)] for (nn, bb) in done if bb == b]
+    if same_b:
+      return max(same_b)
+    smaller = [(bb, done[(nn, bb)]) for (nn, bb) in done if 1 < bb < b]
+    if smaller:
+      bb, t = max(smaller)
+      return t * b / bb
+    return None
   smaller_n = [nn for (nn, bb) in done if bb == b and nn < n]
   if smaller_n:
     nn = max(smaller_n)
-    return done[(nn, b)] * n / nn
+    fixed = min((fixed_s or {}).get(b, 0.0), done[(nn, b)])
+    return fixed + (done[(nn, b)] - fixed) * n / nn
   return None
 
 
@@ -437,12 +456,21 @@ def worker(spec: dict) -> None:
     cart_flops["total"] -= int(dec * (spec["beam"] - 1) / (ID_LEN * spec["beam"]))
   done: dict[tuple[int, int], float] = {}
 
-  def run_cell(n, b, call, compile_s, flops, extra):
-    pred = predict_call_s(done, n, b)
+  skipped: set[tuple[int, int]] = set()
+  tower_s: dict[int, float] = {}  # dual tower: query-tower seconds per batch (do not grow with N)
+
+  def skip(n, b) -> bool:
+    pred = predict_call_s(done, n, b, flat_in_n=method == "cart", skipped=skipped, fixed_s=tower_s)
     if pred is not None and pred > spec["max_call_s"]:
+      skipped.add((n, b))
+      why = ("a smaller batch or N was already skipped" if math.isinf(pred) else
+             f"predicted {pred:.1f} s per call")
       _emit({"kind": "skipped", "method": method, "n_items": n, "batch": b,
-             "reason": f"predicted {pred:.1f} s per call > max_call_s {spec['max_call_s']} s"})
-      return
+             "reason": f"{why} > max_call_s {spec['max_call_s']} s"})
+      return True
+    return False
+
+  def run_cell(n, b, call, compile_s, flops, extra):
     load_before = os.getloadavg()[0]
     t = _time_calls(call, spec["budget_s"], spec["min_timed"])
     done[(n, b)] = t["p50_s"]
@@ -490,6 +518,8 @@ def worker(spec: dict) -> None:
       trie = jax.device_put(bucket_trie(trie, capacity, fanout))
       build_s = time.perf_counter() - t0
       for b in batches:
+        if skip(n, b):
+          continue
         if b not in compiled:
           t0 = time.perf_counter()
           compiled[b] = jitted.lower(state, jax.ShapeDtypeStruct((b, SRC_LEN), jnp.int32), trie).compile()
@@ -514,6 +544,11 @@ def worker(spec: dict) -> None:
     t0 = time.perf_counter()
     enc_compiled[b] = encode.lower(tower_state, proj, jax.ShapeDtypeStruct((b, SRC_LEN), jnp.int32)).compile()
     enc_compile_s[b] = time.perf_counter() - t0
+    ids_dev = jnp.asarray(token_cache[b][0])
+    jax.block_until_ready(enc_compiled[b](tower_state, proj, ids_dev))
+    t0 = time.perf_counter()
+    jax.block_until_ready(enc_compiled[b](tower_state, proj, ids_dev))
+    tower_s[b] = time.perf_counter() - t0
   for n in ns:
     t0 = time.perf_counter()
     if method == "dual_jax":
@@ -524,6 +559,8 @@ def worker(spec: dict) -> None:
       index, extra = _faiss_index(method, n, spec["seed"])
     extra["build_s"] = round(time.perf_counter() - t0, 2)
     for b in batches:
+      if skip(n, b):
+        continue
       ids_np = token_cache[b][0]
       enc_fn = enc_compiled[b]
       if method == "dual_jax":

@@ -54,10 +54,18 @@ def test_crossover_interpolates_log_log():
 def test_predict_call_s_scales_with_batch_then_n():
   done = {(1000, 1): 0.1, (1000, 100): 2.0}
   assert tp.predict_call_s(done, 1000, 1000) == pytest.approx(20.0)
-  assert tp.predict_call_s(done, 10_000, 100) == pytest.approx(20.0)
+  assert tp.predict_call_s(done, 10_000, 100) == pytest.approx(20.0)  # dual tower: linear in N
+  assert tp.predict_call_s(done, 10_000, 100, flat_in_n=True) == pytest.approx(2.0)  # CART
+  assert tp.predict_call_s(done, 10_000, 1000, flat_in_n=True) == pytest.approx(20.0)
   assert tp.predict_call_s(done, 10_000, 1) == pytest.approx(1.0)
+  # the query tower's share (1.5 s of the 2 s) does not grow with N
+  assert tp.predict_call_s(done, 10_000, 100, fixed_s={100: 1.5}) == pytest.approx(1.5 + 0.5 * 10)
   assert tp.predict_call_s({}, 10, 1) is None
   assert tp.predict_call_s({(1000, 1): 0.5}, 1000, 100) is None  # batch 1 is latency, not throughput
+  # once a cheaper cell was skipped, the dearer ones are too
+  assert tp.predict_call_s({}, 10_000, 1000, skipped={(10_000, 100)}) == math.inf
+  assert tp.predict_call_s({}, 10_000, 100, skipped={(1000, 100)}) == math.inf
+  assert tp.predict_call_s({}, 10_000, 100, skipped={(1000, 100)}, flat_in_n=True) is None
 
 
 def test_ivf_nlist_and_flops():

@@ -85,6 +85,15 @@ def test_pyav_containers_in_order(tmp_path, name, codec):
   assert np.abs(_centre_colours(clip) - want).max() <= 12  # lossy codecs: within a few levels
 
 
+@pytest.mark.parametrize("name,codec", [("long.mp4", "libx264"), ("long.webm", "libvpx")])
+def test_long_clip_samples_the_middle_of_equal_segments(tmp_path, name, codec):
+  # 40 frames, frame k a grey of level 6k; 4 samples are frames 5, 15, 25, 35.
+  greys = [(6 * k,) * 3 for k in range(40)]
+  path = write_video(tmp_path / name, codec, greys)
+  clip = read_video(path, 4, 16)
+  assert np.abs(_centre_colours(clip)[:, 0] - [30, 90, 150, 210]).max() <= 6
+
+
 def test_frames_folder_natural_order_and_other_files_ignored(tmp_path):
   d = tmp_path / "frames"
   d.mkdir()

@@ -155,6 +155,11 @@ def _builtin(args, corpus, files):
   from cart_jax.data.encoders.dual_encoder import DualEncoderConfig  # pylint: disable=g-import-not-at-top
   from cart_jax.data.encoders.text import MiniLMTextEncoder  # pylint: disable=g-import-not-at-top
 
+  if corpus.modality == "mixed":
+    raise NotImplementedError(
+        f"{args.corpus} is a mixed corpus ({corpus.modality_counts()}): the built-in encoder trains "
+        "one tower per modality; embed each source corpus with the same --dim, then "
+        "`cart data merge ... --embeddings A.npy B.npy` (or use --encoder precomputed)")
   if not towers.has_tower(corpus.modality):
     raise NotImplementedError(
         f"corpus modality {corpus.modality!r}: no built-in item tower; use --encoder precomputed")

@@ -152,20 +152,38 @@ def _read_gif(path: Path, size: int) -> list[np.ndarray]:
     return [_to_rgb(frame.copy(), size) for frame in ImageSequence.Iterator(im)]
 
 
-def _read_container(path: Path, size: int) -> list[np.ndarray]:
+def _read_container(path: Path, size: int, num_frames: int) -> list[np.ndarray]:
+  """Decoded frames, resized; only the sampled ones when the header's frame count is right.
+
+  When the stream header gives a frame count, only the ``num_frames`` sampled frames are
+  converted (decoding still visits every frame, conversion is most of the cost on long clips);
+  if the decoded count disagrees with the header, every frame is converted and sampled again.
+  """
   import av  # pylint: disable=g-import-not-at-top
-  frames = []
+
+  def convert(frame):
+    # Resize while converting: a long clip's frames are kept small.
+    return frame.to_ndarray(width=size, height=size, format="rgb24", interpolation="BILINEAR")
+
   with av.open(str(path)) as container:
     if not container.streams.video:
       raise ValueError(f"{path}: no video stream (streams: "
                        f"{[s.type for s in container.streams] or 'none'})")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    for frame in container.decode(stream):
-      # Resize while converting: a long clip's frames are kept small.
-      frames.append(frame.to_ndarray(width=size, height=size, format="rgb24",
-                                     interpolation="BILINEAR"))
-  return frames
+    declared = int(stream.frames or 0)
+    if declared > 0:
+      wanted = set(sample_indices(declared, num_frames).tolist())
+      kept, n = {}, 0
+      for n, frame in enumerate(container.decode(stream), start=1):
+        if n - 1 in wanted:
+          kept[n - 1] = convert(frame)
+      if n == declared:
+        # Only the sampled frames hold pixels; read_video samples the same indices again.
+        placeholder = next(iter(kept.values()))
+        return [kept.get(i, placeholder) for i in range(n)]
+      container.seek(0)
+    return [convert(frame) for frame in container.decode(stream)]
 
 
 def read_video(path: str | os.PathLike, num_frames: int, size: int) -> np.ndarray:
@@ -187,7 +205,7 @@ def read_video(path: str | os.PathLike, num_frames: int, size: int) -> np.ndarra
       frames = _read_gif(path, size)
       what = "no frames"
     else:
-      frames = _read_container(path, size)
+      frames = _read_container(path, size, num_frames)
       what = "no decodable video frames"
   except (av.FFmpegError, OSError, UnidentifiedImageError, EOFError) as e:
     raise ValueError(f"{path}: cannot read video ({type(e).__name__}: {e})") from e
