@@ -14,8 +14,10 @@ Each emoji ``E`` gives ten clips, one per motion, and takes part in one "two in 
   fade in, fade out        E appears from white, or disappears
   then                     E for the first half of the clip, then another emoji F
 
-``num_frames`` (8) frames of ``size`` x ``size`` (48) pixels, written as GIF to ``media/``. The
-motion pairs are time reversals of each other, so only an order-aware tower separates them.
+``num_frames`` (8) frames of ``size`` x ``size`` (48) pixels, written as GIF to ``media/``.
+left/right, up/down, zoom in/out and fade in/out are time reversals of each other, so only an
+order-aware tower separates them: on the test queries the dual encoder reaches R@1 0.922 with
+the video tower's flatten head and 0.684 with mean pooling over time (same 300 steps).
 
 Texts (``kind=query``) name the emoji (its CLDR name) and the motion. Every motion has six
 phrasings; four are for training, the fifth is ``val`` and the sixth ``test`` only, in a
