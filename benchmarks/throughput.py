@@ -479,7 +479,7 @@ def worker(spec: dict) -> None:
     row = {"kind": "row", "method": method, "variant": spec.get("variant", "current"),
            "n_items": n, "batch": b, "qps": qps, "p50_ms": 1e3 * t["p50_s"], "p95_ms": 1e3 * t["p95_s"],
            "min_ms": 1e3 * t["min_s"], "max_ms": 1e3 * t["max_s"], "n_warmup": t["n_warmup"],
-           "n_timed": t["n_timed"], "cpu_ms_p50": 1e3 * t["cpu_s"], "compile_s": compile_s, "flops_per_query": int(flops),
+           "n_timed": t["n_timed"], "cpu_ms_p50": 1e3 * t["cpu_s"], "qps_cpu": b / t["cpu_s"], "compile_s": compile_s, "flops_per_query": int(flops),
            "achieved_tflops": flops * qps / 1e12, "tokenize_ms_p50": 1e3 * tok_s,
            "qps_incl_tokenize": b / (t["p50_s"] + tok_s), "precision": spec["precision"],
            "load1_before": load_before, "load1_after": os.getloadavg()[0], **extra}
@@ -601,28 +601,34 @@ def run_worker(spec: dict, env: dict, timeout_s: float) -> list[dict]:
   return recs
 
 
-def summarise(rows: list[dict], peak: dict | None, precision: str) -> dict:
-  """Crossover N per dual method and batch; CART's achieved fraction of the device peak."""
+def summarise(rows: list[dict], peak: dict | None) -> dict:
+  """Crossover N per dual method and batch; CART's flatness and achieved fraction of the peak.
+
+  Everything is computed twice: from wall time (``qps``) and from process CPU time
+  (``qps_cpu = B / cpu time per call``; the work done, steadier than wall time when other jobs
+  share the machine).
+  """
   cart = [r for r in rows if r["method"] == "cart"]
-  out = {"crossover": {}, "cart_peak_fraction": {}}
+  out = {"crossover": {}, "crossover_cpu_time": {}, "cart_peak_fraction": {}}
   for method in sorted({r["method"] for r in rows} - {"cart"}):
     for b in sorted({r["batch"] for r in rows}):
-      c = {r["n_items"]: r["qps"] for r in cart if r["batch"] == b}
-      d = {r["n_items"]: r["qps"] for r in rows if r["method"] == method and r["batch"] == b}
-      if c and d:
-        out["crossover"][f"{method}@B{b}"] = crossover(c, d)
+      for key, field in (("crossover", "qps"), ("crossover_cpu_time", "qps_cpu")):
+        c = {r["n_items"]: r[field] for r in cart if r["batch"] == b and field in r}
+        d = {r["n_items"]: r[field] for r in rows if r["method"] == method and r["batch"] == b and field in r}
+        if c and d:
+          out[key][f"{method}@B{b}"] = crossover(c, d)
   if peak:
     for r in cart:
       out["cart_peak_fraction"][f"N{r['n_items']}@B{r['batch']}"] = round(r["achieved_tflops"] / peak["tflops"], 4)
     out["peak_used"] = peak
-  flat = {}
-  for b in sorted({r["batch"] for r in cart}):
-    q = {r["n_items"]: r["qps"] for r in cart if r["batch"] == b}
-    if len(q) >= 2:
-      flat[f"B{b}"] = {"min_over_max": round(min(q.values()) / max(q.values()), 3),
-                       "within_10pct": min(q.values()) >= 0.9 * max(q.values())}
-  out["cart_flatness"] = flat
-  del precision
+  for key, field in (("cart_flatness", "qps"), ("cart_flatness_cpu_time", "qps_cpu")):
+    flat = {}
+    for b in sorted({r["batch"] for r in cart}):
+      q = {r["n_items"]: r[field] for r in cart if r["batch"] == b and field in r}
+      if len(q) >= 2:
+        flat[f"B{b}"] = {"min_over_max": round(min(q.values()) / max(q.values()), 3),
+                         "within_10pct": min(q.values()) >= 0.9 * max(q.values())}
+    out[key] = flat
   return out
 
 
@@ -646,21 +652,29 @@ def plot(report: dict, path: str) -> None:
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
   m = report["machine"]
+  loads = [r["load1_before"] for r in rows if "load1_before" in r]
+  load = f", 1-min load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
   ax.set_title(f"CART minilm_small (beam 10) vs dual tower (MiniLM + d=1024 top-10)\n"
-               f"{m['device']} ({m['backend']}, {m['cpu_count']} CPUs), {report['settings']['precision']}",
-               fontsize=9)
+               f"{m['device']} ({m['backend']}, {m['cpu_count']} CPUs{load}), "
+               f"{report['settings']['precision']}", fontsize=9)
   fig.tight_layout()
   write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| method | N | B | q/s | p50 ms | p95 ms | compile s | GFLOP/q | TFLOP/s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| method | N | B | q/s | p50 ms | p95 ms | CPU ms/call | compile s | GFLOP/q | TFLOP/s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["batch"], r["n_items"])):
     lines.append(f"| {r['method']} | {r['n_items']:,} | {r['batch']} | {r['qps']:,.1f} | {r['p50_ms']:.1f} | "
-                 f"{r['p95_ms']:.1f} | {r['compile_s']:.1f} | {r['flops_per_query'] / 1e9:.2f} | "
-                 f"{r['achieved_tflops']:.4f} |")
+                 f"{r['p95_ms']:.1f} | {r.get('cpu_ms_p50', float('nan')):.0f} | {r['compile_s']:.1f} | "
+                 f"{r['flops_per_query'] / 1e9:.2f} | {r['achieved_tflops']:.4f} |")
   return "\n".join(lines)
+
+
+def _print_crossovers(report: dict) -> None:
+  for key in ("crossover", "crossover_cpu_time"):
+    for k, v in report["summary"].get(key, {}).items():
+      print(f"{key} {k}: {v['status']}" + (f", N* = {v['n']:,.0f}" if v["n"] else ""))
 
 
 def main(argv=None) -> int:
@@ -682,10 +696,26 @@ def main(argv=None) -> int:
                   help="CART before/after: a directory holding an older cart_jax package; runs CART "
                        "from it and from this checkout in alternating rounds")
   ap.add_argument("--rounds", type=int, default=2, help="rounds of the --compare_src comparison")
+  ap.add_argument("--from_json", default=None,
+                  help="re-summarise (crossovers, flatness) and re-plot an existing report; measures nothing")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
     worker(json.loads(args.worker))
+    return 0
+  if args.from_json:
+    with open(args.from_json) as f:
+      report = json.load(f)
+    for r in report["results"]:
+      if "cpu_ms_p50" in r:
+        r["qps_cpu"] = r["batch"] / (r["cpu_ms_p50"] / 1e3)
+    report["summary"] = summarise(report["results"], report.get("summary", {}).get("peak_used"))
+    text = json.dumps(report, indent=1, default=float)
+    write_atomic(args.json or args.from_json, lambda tmp: open(tmp, "w").write(text + "\n"))
+    if args.plot:
+      plot(report, args.plot)
+    print(_table(report["results"]))
+    _print_crossovers(report)
     return 0
 
   gpu = args.device == "gpu"
@@ -746,8 +776,9 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(src, "cart_jax", "decoding.py")):
       ap.error(f"--compare_src {src}: expected a directory with cart_jax/decoding.py inside")
     env_before = dict(env, PYTHONPATH=src + os.pathsep + env["PYTHONPATH"])
-    for _ in range(args.rounds):
-      runs += [("cart", "before", env_before), ("cart", "after", env)]
+    for r in range(args.rounds):  # ABBA order: a drifting background load favours neither side
+      pair = [("cart", "before", env_before), ("cart", "after", env)]
+      runs += pair if r % 2 == 0 else pair[::-1]
   else:
     runs = [(m, "current", env) for m in methods]
 
@@ -808,7 +839,7 @@ def main(argv=None) -> int:
     report["before_after"] = cmp
     report["compare_src"] = os.path.abspath(args.compare_src)
   else:
-    report["summary"] = summarise(rows, peak, precision)
+    report["summary"] = summarise(rows, peak)
   text = json.dumps(report, indent=1, default=float)
   if args.json:
     write_atomic(args.json, lambda tmp: open(tmp, "w").write(text + "\n"))
@@ -816,8 +847,7 @@ def main(argv=None) -> int:
     plot(report, args.plot)
   print(_table(rows) if not args.compare_src else json.dumps(report["before_after"], indent=1))
   if not args.compare_src:
-    for k, v in report["summary"]["crossover"].items():
-      print(f"crossover {k}: {v['status']}" + (f", N* = {v['n']:,.0f}" if v["n"] else ""))
+    _print_crossovers(report)
   for s in skipped:
     print(f"skipped {s['method']} N={s['n_items']} B={s['batch']}: {s['reason']}")
   for e in errors:
