@@ -411,8 +411,7 @@ def prepare_instruments(out_dir: str | os.PathLike, *, limit: int | None = None,
   if limit is not None and limit < 1:
     raise ValueError(f"--limit must be positive, got {limit}")
   t0 = time.perf_counter()
-  binary = check_tools()
-  del binary
+  check_tools()  # fail before any work, naming what to install
   events = event_sounds()
   all_clips = instrument_items()
   if limit is None:
