@@ -11,6 +11,7 @@ CORE = [
     "tqdm>=4.66",
     "safetensors>=0.4",
     "scikit-learn>=1.4",
+    "scipy>=1.10",  # audio resampling (resample_poly); also what scikit-learn pulls
     "pillow>=10",
     "matplotlib>=3.8",
     "tensorboardX>=2.6",  # training metrics for TensorBoard without TensorFlow
