@@ -63,7 +63,8 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   prep.add_argument("dataset", choices=tuple(PREPARERS),
                     help="emoji: text-image; instruments: text-audio; emoji-motion: text-video")
   prep.add_argument("--out", required=True, help="corpus directory to create")
-  prep.add_argument("--limit", type=int, default=None, help="smoke runs: only the first N items (emoji-motion: N emoji, 11 clips each)")
+  prep.add_argument("--limit", type=int, default=None,
+                    help="smoke runs: only the first N items (emoji-motion: N emoji, 11 clips each)")
   prep.add_argument("--size", type=int, default=None,
                     help="image/frame side in pixels (emoji: 64, emoji-motion: 48; "
                          "instruments: not applicable)")

@@ -73,7 +73,8 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--workdir", default=None,
                  help="keep everything here (default: a new temporary directory); steps whose "
                       "outputs already exist there are reused")
-  p.add_argument("--limit", type=int, default=None, help="smoke runs: only the first N items (video: N emoji, 11 clips each)")
+  p.add_argument("--limit", type=int, default=None,
+                 help="smoke runs: only the first N items (video: N emoji, 11 clips each)")
   p.add_argument("--embed-steps", type=int, default=None, help="override the item encoder's steps")
   p.add_argument("--train-steps", type=int, default=None, help="override CART's training steps")
   p.add_argument("--json", default=None, metavar="PATH", help="write the JSON summary here")
