@@ -101,7 +101,7 @@ class _Stage:
     print(f"[{self.i}/{n}] {title} ...", flush=True)
     t0 = time.perf_counter()
     with open(self.logs / f"{self.i}_{key}.log", "w", encoding="utf-8") as f:
-      with contextlib.redirect_stdout(f):
+      with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):  # progress bars too
         yield
     self.times[key] = round(time.perf_counter() - t0, 1)
     print(f"      done in {self.times[key]:.0f} s (log: {self.logs / f'{self.i}_{key}.log'})", flush=True)
