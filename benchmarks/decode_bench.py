@@ -48,7 +48,6 @@ import queue
 import resource
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -480,19 +479,6 @@ class WorkerProcess:
       self.proc.wait()
 
 
-def write_atomic(path: str, write) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
 
 def plot(report: dict, path: str) -> None:
   import matplotlib
@@ -523,7 +509,8 @@ def plot(report: dict, path: str) -> None:
   fig.suptitle(f"Constrained beam search, beam {report['beam']}, L={ID_LEN} - {m['device']} "
                f"({m['backend']}, {m['cpu_count']} CPUs)", fontsize=10)
   fig.tight_layout()
-  write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+  from cart_jax.index.artefact import atomic_write_via  # here: workers may import another cart_jax
+  atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def main(argv=None) -> int:
@@ -708,7 +695,8 @@ def main(argv=None) -> int:
       "wall_s": time.perf_counter() - t_start,
   }
   report["summary"] = summarize(results, overhead)
-  write_atomic(args.json, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1)))
+  from cart_jax.index.artefact import atomic_write_text
+  atomic_write_text(args.json, json.dumps(report, indent=1))
   if args.plot:
     plot(report, args.plot)
   print(json.dumps(report["summary"], indent=1))

@@ -73,7 +73,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -239,19 +238,6 @@ def make_texts(b: int, seed: int = 0) -> list[str]:
   rng = np.random.default_rng(seed)
   return [" ".join(rng.choice(words, size=int(rng.integers(8, 21)))) for _ in range(b)]
 
-
-def write_atomic(path: str, write) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-  os.close(fd)
-  try:
-    write(tmp)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -658,7 +644,8 @@ def plot(report: dict, path: str) -> None:
                f"{m['device']} ({m['backend']}, {m['cpu_count']} CPUs{load}), "
                f"{report['settings']['precision']}", fontsize=9)
   fig.tight_layout()
-  write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+  from cart_jax.index.artefact import atomic_write_via  # here: workers may import another cart_jax
+  atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _table(rows: list[dict]) -> str:
@@ -711,7 +698,8 @@ def main(argv=None) -> int:
         r["qps_cpu"] = r["batch"] / (r["cpu_ms_p50"] / 1e3)
     report["summary"] = summarise(report["results"], report.get("summary", {}).get("peak_used"))
     text = json.dumps(report, indent=1, default=float)
-    write_atomic(args.json or args.from_json, lambda tmp: open(tmp, "w").write(text + "\n"))
+    from cart_jax.index.artefact import atomic_write_text
+    atomic_write_text(args.json or args.from_json, text + "\n")
     if args.plot:
       plot(report, args.plot)
     print(_table(report["results"]))
@@ -842,7 +830,8 @@ def main(argv=None) -> int:
     report["summary"] = summarise(rows, peak)
   text = json.dumps(report, indent=1, default=float)
   if args.json:
-    write_atomic(args.json, lambda tmp: open(tmp, "w").write(text + "\n"))
+    from cart_jax.index.artefact import atomic_write_text
+    atomic_write_text(args.json, text + "\n")
   if args.plot and not args.compare_src and rows:
     plot(report, args.plot)
   print(_table(rows) if not args.compare_src else json.dumps(report["before_after"], indent=1))

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -59,6 +59,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_via(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+  """Atomic write for writers that want a file name (``fig.savefig``, ``np.save``...).
+
+  ``write(tmp)`` writes a temporary file in the same directory (its suffix is ``path``'s, so
+  format sniffing works); it is renamed onto ``path`` only if ``write`` returns.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
