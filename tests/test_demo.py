@@ -32,3 +32,19 @@ def test_demo_smoke_image(tmp_path, capsys):
   assert s["n_test_queries"] > 0
   printed = capsys.readouterr().out
   assert "candidates: 24 emoji" in printed and "CART" in printed and "dual tower" in printed
+
+
+@pytest.mark.parametrize("modality,dataset", [("audio", "instruments"), ("video", "emoji-motion")])
+def test_recipes_of_audio_and_video_point_at_real_steps(modality, dataset):
+  """Every argument list of the recipe parses with its command's own parser; the gin file exists."""
+  from pathlib import Path
+
+  from cart_jax.commands import build_ids, data, embed
+  r = demo.recipe_for(modality)
+  assert r["dataset"] == dataset and r["dataset"] in data.PREPARERS
+  assert (Path(__file__).resolve().parents[1] / r["experiment"]).is_file()
+  e = demo._sub_args(embed, "embed", ["--corpus", "c", "--out", "e.npy"] + r["embed_args"])
+  assert e.steps > 0
+  for key in ("ids_args", "smoke_ids_args"):
+    b = demo._sub_args(build_ids, "build-ids", ["--embeddings", "e.npy", "--out", "i"] + r[key])
+    assert b.clusters >= 2 and b.levels >= 1
