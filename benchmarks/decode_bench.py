@@ -68,17 +68,11 @@ def make_corpus(n: int, seed: int = 0) -> np.ndarray:
   k = rng.choice(LEVEL_SIZES[0], size=n, p=p / p.sum())
   v = rng.integers(0, 256, size=(n, 4))
   base = np.concatenate([k[:, None], v], axis=1)  # [n, 5]
-  order = np.lexsort(base.T[::-1])
-  srt = base[order]
-  new = np.ones(n, bool)
-  new[1:] = (srt[1:] != srt[:-1]).any(axis=1)
-  group = np.cumsum(new) - 1
-  u_sorted = np.arange(n) - np.flatnonzero(new)[group]  # rank inside each collision group
-  if u_sorted.max() >= LEVEL_SIZES[-1]:
-    raise RuntimeError(f"counter {u_sorted.max()} exceeds the u vocabulary {LEVEL_SIZES[-1]}")
-  codes = np.empty((n, ID_LEN), np.int32)
-  codes[order, :5] = srt
-  codes[order, 5] = u_sorted
+  from cart_jax.index.identifiers import assign_counters  # the prefix-DB counter of build-ids
+  u = assign_counters(base)  # [n] rank among rows with the same prefix
+  if u.max() >= LEVEL_SIZES[-1]:
+    raise RuntimeError(f"counter {u.max()} exceeds the u vocabulary {LEVEL_SIZES[-1]}")
+  codes = np.concatenate([base, u[:, None]], axis=1).astype(np.int32)  # [n, L]
   return codes
 
 
