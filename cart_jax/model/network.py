@@ -196,30 +196,54 @@ class CARTNetwork(nnx.Module):
 
   # --------------------------------------------------------------------------- encoder
 
-  def encode_layers(self, inputs: jax.Array, input_mask: jax.Array | None = None,
-                    rngs: nnx.Rngs | None = None) -> jax.Array:
-    """``inputs [b, src]`` -> all encoder layer outputs ``[b, S, src, d_model]``."""
+  def encoder_states(self, inputs: jax.Array, input_mask: jax.Array | None = None,
+                     rngs: nnx.Rngs | None = None) -> jax.Array:
+    """``inputs [b, src]`` -> the encoder's raw layer outputs ``[b, S, src, width]``.
+
+    ``width`` is the encoder's own (MiniLM: 384), before the projection to ``d_model``. A frozen
+    encoder's states are a pure function of the tokens: training caches them once per text
+    (:mod:`cart_jax.train.state_cache`) and feeds them to :meth:`encode_states`.
+    """
     mask = inputs != 0 if input_mask is None else input_mask.astype(bool)
     frozen = self.config.freeze_encoder
     layers = self.encoder(inputs, mask, rngs=None if frozen else rngs)
     if frozen:
       layers = jax.lax.stop_gradient(layers)
+    return layers
+
+  def project_states(self, states: jax.Array) -> jax.Array:
+    """Raw encoder states ``[b, S, src, width]`` -> ``[b, S, src, d_model]`` in the model dtype."""
+    layers = states.astype(self.dtype)
     if self.encoder_projection is not None:
       layers = self.encoder_projection(layers)
     return with_logical_constraint(layers.astype(self.dtype), ("batch", "layers", "length", "embed"))
 
-  def encode(self, inputs: jax.Array, input_mask: jax.Array | None = None,
-             rngs: nnx.Rngs | None = None) -> EncodedQuery:
-    """Runs the encoder once and precomputes every decoder layer's cross-attention keys/values."""
-    mask = inputs != 0 if input_mask is None else input_mask.astype(bool)
-    layers = self.encode_layers(inputs, mask, rngs)  # [b, S, src, d]
+  def encode_layers(self, inputs: jax.Array, input_mask: jax.Array | None = None,
+                    rngs: nnx.Rngs | None = None) -> jax.Array:
+    """``inputs [b, src]`` -> all encoder layer outputs ``[b, S, src, d_model]``."""
+    return self.project_states(self.encoder_states(inputs, input_mask, rngs))
+
+  def encode_states(self, states: jax.Array, mask: jax.Array) -> EncodedQuery:
+    """Precomputes every decoder layer's cross-attention keys/values from raw encoder states.
+
+    Args:
+      states: ``[b, S, src, width]`` (:meth:`encoder_states`, or a cache of them; any float dtype).
+      mask: ``[b, src]`` bool, True at real tokens.
+    """
+    layers = self.project_states(states)  # [b, S, src, d]
     z = self.coarse_projection(layers) if self.coarse_projection is not None else None  # [b, src, d]
     fine_kv = self.fine_kv(layers) if self.fine_kv is not None else None  # 2 x [b, heads, S*src, kv]
     if fine_kv is not None:
       fine_kv = tuple(with_logical_constraint(a, ("batch", "heads", "length", "kv")) for a in fine_kv)
     cross_kv = tuple(layer.cross_attention.precompute(layers, z) for layer in self.decoder_layers)
-    bias = jnp.where(mask, 0.0, NEG_INF).astype(self.dtype)[:, None, None, None, :]  # [b, 1, 1, 1, src]
+    bias = jnp.where(mask.astype(bool), 0.0, NEG_INF).astype(self.dtype)[:, None, None, None, :]  # [b, 1, 1, 1, src]
     return EncodedQuery(cross_kv=cross_kv, fine_kv=fine_kv, bias=bias)
+
+  def encode(self, inputs: jax.Array, input_mask: jax.Array | None = None,
+             rngs: nnx.Rngs | None = None) -> EncodedQuery:
+    """Runs the encoder once and precomputes every decoder layer's cross-attention keys/values."""
+    mask = inputs != 0 if input_mask is None else input_mask.astype(bool)
+    return self.encode_states(self.encoder_states(inputs, mask, rngs), mask)
 
   # --------------------------------------------------------------------------- decoder
 
@@ -251,9 +275,18 @@ class CARTNetwork(nnx.Module):
     return logits[:, 0], aux
 
   def __call__(self, inputs: jax.Array, decoder_inputs: jax.Array, input_mask: jax.Array | None = None,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, dict]:
-    """Training / scoring forward: (logits ``[b, T, vocab]``, aux). ``rngs=None`` = no dropout."""
-    return self.decode(self.encode(inputs, input_mask, rngs), decoder_inputs, rngs)
+               rngs: nnx.Rngs | None = None, states: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Training / scoring forward: (logits ``[b, T, vocab]``, aux). ``rngs=None`` = no dropout.
+
+    With ``states`` (``[b, S, src, width]``, cached frozen-encoder states of ``inputs``) the
+    encoder does not run; ``inputs`` then only supplies the padding mask (``input_mask`` if None).
+    """
+    mask = inputs != 0 if input_mask is None else input_mask.astype(bool)
+    if states is None:
+      return self.decode(self.encode(inputs, mask, rngs), decoder_inputs, rngs)
+    if not self.config.freeze_encoder:
+      raise ValueError("cached encoder states need freeze_encoder=True (a trained encoder changes them)")
+    return self.decode(self.encode_states(states, mask), decoder_inputs, rngs)
 
   # --------------------------------------------------------------------------- incremental
 
