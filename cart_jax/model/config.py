@@ -9,6 +9,7 @@ projections, so an MLP has ``3 * d_model * d_ff`` weights):
 | small   |  512    |   8 x 64         | 1024 |   6 + 6          | T5 (scratch) |
 | base    |  768    |  12 x 64         | 2048 |  12 + 12         | T5 (scratch) |
 | minilm_small | 384 | 6 x 64          | 1024 |   6 (MiniLM) + 6 | MiniLM-L6    |
+| minilm_frozen | 256 | 4 x 64         |  512 |   6 (MiniLM) + 2 | MiniLM-L6, frozen, cached |
 
 ``small`` follows T5.1.1-small's widths with 6 + 6 layers (T5.1.1-small has 8 + 8):
 identifiers are only ~6 tokens long, so decoder depth buys little and the encoder
@@ -150,11 +151,22 @@ def minilm_small(**overrides: Any) -> ModelConfig:
                      num_decoder_layers=6, encoder="minilm").replace(**overrides)
 
 
-PRESETS = {"tiny": tiny, "small": small, "base": base, "minilm_small": minilm_small}
+def minilm_frozen(**overrides: Any) -> ModelConfig:
+  """Frozen pretrained MiniLM-L6 (states cached once per training text) + a small fused decoder.
+
+  Identifiers are ~4-6 tokens over a few hundred codes, so the decoder can be far smaller than
+  the encoder: 256 wide, 2 layers. MiniLM's 384-d states are projected to 256 once per query.
+  """
+  return ModelConfig(d_model=256, num_heads=4, head_dim=64, d_ff=512, num_encoder_layers=6,
+                     num_decoder_layers=2, encoder="minilm", freeze_encoder=True).replace(**overrides)
+
+
+PRESETS = {"tiny": tiny, "small": small, "base": base, "minilm_small": minilm_small,
+           "minilm_frozen": minilm_frozen}
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
-  """Preset by name (``tiny``, ``small``, ``base``, ``minilm_small``) with field overrides."""
+  """Preset by name (``tiny``, ``small``, ``base``, ``minilm_small``, ``minilm_frozen``) with overrides."""
   if name not in PRESETS:
     raise ValueError(f"unknown model config {name!r}; expected one of {sorted(PRESETS)}")
   return PRESETS[name](**overrides)

@@ -51,7 +51,9 @@ def compute_loss(model: CARTNetwork, batch: dict[str, jax.Array], *, omega: floa
   Args:
     model: the network.
     batch: ``inputs int32 [b, src]`` (0 = pad), ``targets int32 [b, L]`` identifier
-      token ids (``PAD_ID`` positions are ignored); optional ``input_mask [b, src]``.
+      token ids (``PAD_ID`` positions are ignored); optional ``input_mask [b, src]``; optional
+      ``states [b, S, src, width]``: cached frozen-encoder states of ``inputs`` (the encoder
+      then does not run).
     omega: weight of the R-Drop KL term; 0 skips the second forward pass.
     dropout_rng: key for dropout; None = deterministic (evaluation; no KL term).
   Returns:
@@ -59,6 +61,7 @@ def compute_loss(model: CARTNetwork, batch: dict[str, jax.Array], *, omega: floa
     ``fusion_alpha`` (``[decoder_layers, S]``) when fine fusion is on.
   """
   inputs, targets = batch["inputs"], batch["targets"]
+  states = batch.get("states")  # [b, S, src, width] cached frozen-encoder states, or None
   input_mask = batch.get("input_mask")
   if input_mask is None:
     input_mask = inputs != 0
@@ -72,14 +75,15 @@ def compute_loss(model: CARTNetwork, batch: dict[str, jax.Array], *, omega: floa
   if two_pass:
     b = inputs.shape[0]
     twice = lambda a: jnp.concatenate([a, a], axis=0)  # [2b, ...]
-    logits, model_aux = model(twice(inputs), twice(decoder_inputs), twice(input_mask), rngs=rngs)
+    logits, model_aux = model(twice(inputs), twice(decoder_inputs), twice(input_mask), rngs=rngs,
+                              states=None if states is None else twice(states))
     logits_a, logits_b = logits[:b], logits[b:]  # [b, L, V] each
     ce_a, acc = token_cross_entropy(logits_a, targets, mask)
     ce_b, _ = token_cross_entropy(logits_b, targets, mask)
     ce = 0.5 * (ce_a + ce_b)
     kl = bidirectional_kl(logits_a, logits_b, mask)
   else:
-    logits, model_aux = model(inputs, decoder_inputs, input_mask, rngs=rngs)
+    logits, model_aux = model(inputs, decoder_inputs, input_mask, rngs=rngs, states=states)
     ce, acc = token_cross_entropy(logits, targets, mask)
     kl = jnp.zeros((), jnp.float32)
   loss = ce + omega * kl

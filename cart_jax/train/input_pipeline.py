@@ -42,12 +42,19 @@ class InputConfig:
       corpus has captions, else 0).
     pipeline: ``auto`` | ``numpy`` | ``seqio``.
     seed: shuffling seed.
+    cache_encoder_states: with a frozen pretrained encoder, compute its layer states once per
+      training text and train on those (:mod:`cart_jax.train.state_cache`); False runs the
+      encoder in every step (the same numbers up to float16 rounding of the states, far slower).
+    state_cache_dir: where those caches live (None: ``$CART_CACHE_DIR/encoder_states`` or
+      ``~/.cache/cart-jax/encoder_states``).
   """
   batch_size: int = 64
   input_length: int = 32
   caption_rate: float | None = None
   pipeline: str = "numpy"
   seed: int = 0
+  cache_encoder_states: bool = True
+  state_cache_dir: str | None = None
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
@@ -187,6 +194,11 @@ class NumpyPipeline:
       yield self.batch_at(step)
       step += 1
 
+  def token_rows(self) -> np.ndarray:
+    """Every training text's token row ``[n, src]`` (queries, then captions if mixed in)."""
+    parts = [self.queries.inputs] + ([self.captions.inputs] if self.captions is not None else [])
+    return np.concatenate(parts)
+
   def summary(self) -> dict:
     return {"pipeline": "numpy", "train_queries": len(self.queries),
             "train_captions": len(self.captions) if self.captions else 0,
@@ -200,12 +212,14 @@ class SeqioPipeline:
   resumed at step ``s`` skips ``s`` batches (cheap at the sizes this runs on).
   """
 
-  def __init__(self, corpus_dir: str, index, config: InputConfig, captions_file: str | None = None):
+  def __init__(self, corpus_dir: str, index, config: InputConfig, captions_file: str | None = None,
+               corpus=None):
     import seqio  # pylint: disable=g-import-not-at-top
 
     from tasks import cart_tasks  # pylint: disable=g-import-not-at-top
     from tasks.feature_converters import CartFeatureConverter  # pylint: disable=g-import-not-at-top
     self.config = config
+    self.corpus, self.corpus_dir, self.captions_file = corpus, corpus_dir, captions_file
     self.names = cart_tasks.register_index_tasks(corpus_dir, index, caption_rate=config.caption_rate,
                                                  captions_file=captions_file)
     lengths = {"inputs": config.input_length, "targets": index.vocab.id_length}
@@ -221,6 +235,17 @@ class SeqioPipeline:
     for ex in ds.as_numpy_iterator():
       yield {k: np.asarray(ex[k], np.int32) for k in keys}
 
+  def token_rows(self) -> np.ndarray:
+    """The training texts' token rows, tokenised as the SeqIO tasks do (the same WordPiece ids)."""
+    from cart_jax.data.captions import caption_texts  # pylint: disable=g-import-not-at-top
+    if self.corpus is None:
+      from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
+      self.corpus = load_corpus(self.corpus_dir, check_media=False)
+    texts = [t.text for t in self.corpus.texts(split="train", kind="query")]
+    if self.names.caption_rate:
+      texts += [t.text for t in caption_texts(self.corpus, self.captions_file)]
+    return encode_texts(texts, self.config.input_length)
+
   def summary(self) -> dict:
     return {"pipeline": "seqio", "mixture": self.names.train, "caption_rate": self.names.caption_rate}
 
@@ -230,5 +255,5 @@ def make_pipeline(corpus_dir: str, corpus, index, config: InputConfig,
   """The pipeline ``config.pipeline`` names (``auto`` resolved)."""
   name = resolve_pipeline(config.pipeline)
   if name == "seqio":
-    return SeqioPipeline(str(corpus_dir), index, config, captions_file)
+    return SeqioPipeline(str(corpus_dir), index, config, captions_file, corpus=corpus)
   return NumpyPipeline(corpus, index, config, captions_file)

@@ -272,13 +272,44 @@ class TrainResult:
   validation: list[dict]
   seconds: float
   compile_seconds: float
+  state_cache: dict | None = None
+
+
+def uses_state_cache(model_config: ModelConfig) -> bool:
+  """Whether the encoder's states are a fixed function of the tokens (so they can be cached)."""
+  return model_config.freeze_encoder and model_config.encoder == "minilm"
+
+
+def build_state_cache(graphdef, params, frozen, model_config: ModelConfig, token_rows: np.ndarray, *,
+                      root=None, progress: bool = True, log: Callable[[str], None] = print):
+  """The frozen encoder's states of every training text (``state_cache.load_or_build``).
+
+  States are computed by the network's own (frozen) encoder, jitted once per length bucket; the
+  cache key covers the token rows, the encoder's weights and the layers fusion reads. Texts a
+  batch holds that the cache lacks (e.g. a different tokenisation upstream) are encoded on the fly.
+  """
+  from cart_jax.train import state_cache  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def encode(params, frozen, ids, mask):
+    return nnx.merge(graphdef, params, frozen).encoder_states(ids, mask)  # [b, S, L, width]
+
+  layers = state_cache.fused_layers(model_config)
+  cache = state_cache.load_or_build(
+      token_rows, fingerprint=state_cache.encoder_fingerprint(frozen), layers=layers,
+      encode=lambda ids, mask: encode(params, frozen, ids, mask), root=root, progress=progress,
+      log=log)
+  cache.encode_missing = lambda ids: np.asarray(
+      encode(params, frozen, ids, ids != 0))[:, list(layers)]
+  return cache
 
 
 def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, index,
           checkpoint_dir: str | os.PathLike | None, metrics_dir: str | os.PathLike | None = None,
           validation: tuple[list[str], np.ndarray] | None = None, input_length: int = 32,
           progress: bool = True, stop_after: int | None = None, log: Callable[[str], None] = print,
-          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+          mesh: jax.sharding.Mesh | None = None, cache_encoder_states: bool = True,
+          state_cache_dir: str | os.PathLike | None = None) -> TrainResult:
   """Trains (or resumes) CART up to ``train_config.num_steps``.
 
   Args:
@@ -290,6 +321,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     metrics_dir: where ``tensorboard/`` and ``metrics.jsonl`` go (None = console only).
     validation: ``(texts, target index rows)`` scored every ``eval_every`` steps.
     stop_after: stop (after saving a checkpoint) once this many steps ran in this call (tests).
+    cache_encoder_states: with a frozen pretrained encoder, compute its states once per training
+      text (``pipeline.token_rows()``) and feed them to the step instead of tokens.
+    state_cache_dir: root of those caches (None: ``state_cache.default_root()``).
   """
   from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   from cart_jax.train.input_pipeline import to_loss_batch  # pylint: disable=g-import-not-at-top
@@ -313,6 +347,10 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
                          params=restored["params"], opt_state=restored["opt_state"])
       frozen = restored["frozen"]
       log(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start})")
+  cache = None
+  if cache_encoder_states and uses_state_cache(model_config) and start < c.num_steps:
+    cache = build_state_cache(graphdef, state.params, frozen, model_config, pipeline.token_rows(),
+                              root=state_cache_dir, progress=progress, log=log)
   step_fn = make_train_step(graphdef, tx, c)
   writer = MetricWriter(Path(metrics_dir) if metrics_dir is not None else None)
   searcher = None
@@ -334,7 +372,10 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   try:
     with jax.set_mesh(mesh):
       for step in range(start, c.num_steps):
-        batch = shard_batch(to_loss_batch(next(it)), mesh)
+        host_batch = to_loss_batch(next(it))
+        if cache is not None:
+          host_batch["states"] = cache.lookup(host_batch["inputs"])  # [b, S, src, width] float16
+        batch = shard_batch(host_batch, mesh)
         if step == start:
           t0 = time.perf_counter()
           state, metrics = step_fn(state, frozen, batch)
@@ -386,9 +427,14 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     if ckpt is not None:
       ckpt.close()
     writer.close()
+  cache_info = None
+  if cache is not None:
+    cache_info = {"directory": str(cache.directory), "texts": cache.num_texts,
+                  "layers": cache.num_layers, "mib": round(cache.nbytes / 2**20, 1),
+                  "build_seconds": cache.meta.get("seconds"), "misses": cache.misses}
   return TrainResult(graphdef=graphdef, state=state, frozen=frozen, start_step=start, history=history,
                      validation=val_history, seconds=time.perf_counter() - t_start,
-                     compile_seconds=compile_s)
+                     compile_seconds=compile_s, state_cache=cache_info)
 
 
 def restore_for_inference(model_config: ModelConfig, checkpoint_dir: str | os.PathLike,
