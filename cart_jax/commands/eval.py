@@ -14,6 +14,18 @@ modality's identifiers; ``unrestricted`` then reports the same queries over the 
 how many of its top-1 results were items of another modality.
 
   cart eval --model_dir /tmp/cart_mixed --split test --modality audio
+
+``--rerank`` (a run with a MiniLM encoder): also CART + re-ranking, i.e. the same beams (all
+``--beam`` of them) re-sorted by ``logp + weight * cos``, the dual tower's query-item cosine
+(GENIUS-style re-ranking; ``beam`` dot products per query, whatever the number of items). One
+search pass serves both rows; ``rerank`` in the JSON holds R@k, MRR@10, queries/s (search + host
+re-ranking) and the weight. The re-ranker lives in ``MODEL_DIR/rerank/`` (``cart train`` builds it
+when EMBEDDINGS is set); ``--embeddings E.npy`` (the ``cart embed`` output, with ``E.model.npz``)
+builds it, tunes the weight on ``val`` and stores it in the run. ``--rerank-weight W`` (a number
+or ``cosine``) overrides the stored weight.
+
+  cart eval --model_dir /tmp/cart_emoji --rerank --embeddings emb/emoji.npy   # first time
+  cart eval --model_dir /tmp/cart_emoji --rerank
 """
 from __future__ import annotations
 
@@ -32,6 +44,13 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--modality", default=None, metavar="MODALITY",
                  help="only queries of items of this modality, against that modality's trie")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--rerank", action="store_true",
+                 help="also report CART + dual-tower re-ranking of the same beams")
+  p.add_argument("--rerank-weight", default=None, metavar="W",
+                 help="re-rank weight (a number >= 0 or 'cosine'; default: the run's tuned one)")
+  p.add_argument("--embeddings", default=None, metavar="E.npy",
+                 help="build the run's re-ranker from these `cart embed` outputs (weight tuned on "
+                      "val, stored in MODEL_DIR/rerank/); implies --rerank")
   p.add_argument("--json", default=None, metavar="PATH", help="write the metrics here")
   add_gin_flags(p)
   p.set_defaults(func=run)
@@ -62,14 +81,32 @@ def run(args) -> int:
   limit = args.limit if args.limit is not None else limit
   if beam < 10:
     raise CliError(f"--beam {beam}: R@10 and MRR@10 need a beam of at least 10")
+  rerank = bool(args.rerank or args.embeddings or args.rerank_weight is not None)
+  weight = None
+  if args.rerank_weight is not None:
+    from cart_jax.train.rerank import RerankError, parse_weight
+    try:
+      weight = parse_weight(args.rerank_weight)
+    except RerankError as e:
+      raise CliError(f"--rerank-weight: {e}") from None
+  import sys
   try:
     summary = eval_job(args.model_dir, split=split, beam_size=beam, batch_size=batch, limit=limit,
-                       step=args.step, modality=args.modality)
+                       step=args.step, modality=args.modality, rerank=rerank, rerank_weight=weight,
+                       embeddings=args.embeddings, log=lambda m: print(m, file=sys.stderr))
   except ModalityError as e:
     raise CliError(f"--modality {args.modality}: {e}") from None
   except (RunError, CorpusFormatError, InputError, FileNotFoundError) as e:
     raise CliError(str(e)) from None
   print(json.dumps(summary, indent=2))
+  if "rerank" in summary:  # side by side, on stderr (stdout stays one JSON document)
+    rr = summary["rerank"]
+    print(f"{'method':<14} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7} {'queries/s':>10}", file=sys.stderr)
+    for name, m in (("CART", summary), ("CART + rerank", rr)):
+      print(f"{name:<14} {m['r@1']:>7.3f} {m['r@5']:>7.3f} {m['r@10']:>7.3f} {m['mrr@10']:>7.3f} "
+            f"{m['qps']:>10.1f}", file=sys.stderr)
+    print(f"re-rank weight {rr['weight']}; top-1 changed for {rr['top1_changed']:.1%} of the queries",
+          file=sys.stderr)
   if args.json:
     from cart_jax.index.artefact import atomic_write_json
     atomic_write_json(args.json, summary)

@@ -7,6 +7,13 @@ Encodes the query once, runs the constrained beam search over the run's index an
 result's rank, item id, identifier (k, v1..vM, u), log-probability, modality and media path.
 ``--modality`` restricts the search to the trie of that modality's identifiers (an index over
 several modalities, built from ``cart data merge``): nothing else can be generated.
+
+``--rerank`` (a run with a MiniLM encoder and a ``MODEL_DIR/rerank/`` re-ranker, see ``cart eval
+--rerank``): all ``--beam`` results are re-sorted by ``logp + weight * cos`` (the dual tower's
+query-item cosine); each result then shows its log-probability, cosine and combined score.
+``--rerank-weight W`` overrides the run's weight; ``--embeddings E.npy`` builds the re-ranker first.
+
+  cart search --model_dir /tmp/cart_emoji --rerank "smiling cat" -k 5
 """
 from __future__ import annotations
 
@@ -23,6 +30,13 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--modality", default=None, metavar="MODALITY",
                  help="only items of this modality (image, audio or video; must be in the index)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--rerank", action="store_true",
+                 help="re-sort the beam by the dual tower's cosine (the run's rerank/ weight)")
+  p.add_argument("--rerank-weight", default=None, metavar="W",
+                 help="re-rank weight (a number >= 0 or 'cosine'; default: the run's tuned one)")
+  p.add_argument("--embeddings", default=None, metavar="E.npy",
+                 help="build the run's re-ranker from these `cart embed` outputs (weight tuned on "
+                      "val, stored in MODEL_DIR/rerank/); implies --rerank")
   p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
   p.set_defaults(func=run)
   return p
@@ -51,17 +65,43 @@ def run(args) -> int:
     raise CliError(f"--modality {args.modality}: {e}") from None
   except RunError as e:
     raise CliError(str(e)) from None
-  rows, scores, _ = searcher.search_texts(r.params, r.frozen, args.query)
+  reranker = None
+  if args.rerank or args.embeddings or args.rerank_weight is not None:
+    import sys
+
+    from cart_jax.train import rerank as rerank_lib
+    try:
+      weight = None if args.rerank_weight is None else rerank_lib.parse_weight(args.rerank_weight)
+      reranker = rerank_lib.reranker_for_run(r, embeddings=args.embeddings, weight=weight,
+                                             log=lambda m: print(m, file=sys.stderr))
+    except rerank_lib.RerankError as e:
+      raise CliError(str(e)) from None
+  if reranker is None:
+    rows, scores, _ = searcher.search_texts(r.params, r.frozen, args.query)
+    logps, coss = scores, None
+  else:
+    from cart_jax.train.input_pipeline import encode_texts
+    beams = searcher.search_beams(r.params, r.frozen, encode_texts(args.query, searcher.input_length))
+    res = reranker.rerank(beams.rows, beams.scores, beams.query_embedding)
+    rows, scores = res.rows[:, :args.k], res.scores[:, :args.k]
+    logps, coss = res.logp[:, :args.k], res.cos[:, :args.k]
   out = []
-  for q, rr, ss in zip(args.query, rows, scores):
+  for i, (q, rr, ss) in enumerate(zip(args.query, rows, scores)):
     results = describe(r.index, rr, ss, r.corpus)
+    if coss is not None:
+      for d in results:
+        d["logp"], d["cos"] = float(logps[i, d["rank"] - 1]), float(coss[i, d["rank"] - 1])
     out.append({"query": q, "results": results})
     print(f"query: {q}")
     for d in results:
+      score = (f"logp={d['score']:.3f}" if coss is None else
+               f"score={d['score']:.3f} (logp={d['logp']:.3f} cos={d['cos']:.3f})")
       print(f"  {d['rank']:>3}  {d['item_id']:<16} id={tuple(d['identifier'])}  "
-            f"logp={d['score']:.3f}  {d.get('modality', '')}  {d.get('media', '')}")
+            f"{score}  {d.get('modality', '')}  {d.get('media', '')}")
   if args.json:
     from cart_jax.index.artefact import atomic_write_json
-    atomic_write_json(args.json, {"model_dir": str(r.model_dir), "step": r.step,
-                                  "modality": args.modality, "queries": out})
+    doc = {"model_dir": str(r.model_dir), "step": r.step, "modality": args.modality, "queries": out}
+    if reranker is not None:
+      doc["rerank_weight"] = rerank_lib.weight_to_json(reranker.weight)
+    atomic_write_json(args.json, doc)
   return 0

@@ -138,6 +138,9 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
              "validation": result.validation, "input": pipeline.summary(),
              "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
              "compile_seconds": result.compile_seconds}
+  if jax.process_index() == 0 and summary["step"] >= train_config.num_steps:
+    from cart_jax.train import rerank  # pylint: disable=g-import-not-at-top
+    summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)  # None w/o embeddings
   if jax.process_index() == 0:
     _atomic_json(model_dir / "train_summary.json", summary)
   return summary
@@ -215,18 +218,31 @@ def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size
 
 def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_size: int = 64,
              limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None,
-             modality: str | None = None) -> dict:
+             modality: str | None = None, rerank: bool = False, rerank_weight: float | None = None,
+             embeddings: str | None = None, log: Callable[[str], None] = print) -> dict:
   """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries.
 
   With ``modality`` (image/audio/video): only the queries whose target item has that modality,
   searched against the trie of that modality's identifiers. The summary then also holds
   ``unrestricted``: the same queries searched over the whole index (R@k, and how many top-1
   results were items of another modality -- what the restriction removes).
+
+  With ``rerank``: ``summary["rerank"]`` holds CART + dual-tower re-ranking (R@k, MRR@10, qps,
+  weight) of the same beams as CART alone (one search pass, re-sorted on the host), with the run's
+  ``rerank/`` re-ranker (or one built from ``embeddings``, its weight tuned on val and stored in the
+  run: :mod:`cart_jax.train.rerank`); ``rerank_weight`` overrides the stored weight.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from cart_jax.train import evaluation  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
   r = loaded or load_run(model_dir, step)
+  reranker = None
+  if rerank:
+    try:
+      reranker = rerank_lib.reranker_for_run(r, embeddings=embeddings, weight=rerank_weight, log=log)
+    except rerank_lib.RerankError as e:
+      raise RunError(str(e)) from None
   full = searcher_for_run(r, beam_size=beam_size, n_results=min(10, beam_size),
                           batch_size=batch_size)
   searcher = full.restrict(modality) if modality is not None else full
@@ -241,9 +257,16 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
   if not texts:
     what = f"'{split}' queries" + (f" of {modality} items" if modality is not None else "")
     raise RunError(f"{r.run['corpus_dir']}: no {what}")
-  metrics, rows, scores = evaluation.evaluate(searcher, r.params, r.frozen, texts, targets)
+  rr_metrics = None
+  if reranker is None:
+    metrics, rows, _ = evaluation.evaluate(searcher, r.params, r.frozen, texts, targets)
+  else:
+    metrics, rr_metrics, rows, _ = rerank_lib.evaluate_with_rerank(searcher, r.params, r.frozen, texts,
+                                                                   targets, reranker)
   summary = {"model_dir": str(r.model_dir), "step": r.step, "split": split, **metrics,
              "num_items": r.index.n_items, "corpus_dir": r.run["corpus_dir"]}
+  if rr_metrics is not None:
+    summary["rerank"] = rr_metrics
   if full.item_modalities is not None:
     summary["index_modalities"] = full.available_modalities()
   if len(summary.get("index_modalities", ())) > 1:

@@ -11,12 +11,20 @@ returns a searcher whose trie holds only that modality's identifiers (:func:`sub
 the beam search can generate nothing else. The sub-trie's leaves point at *global* index rows,
 so results need no remapping. Tries are built once per modality and shared by all restricted
 views; ``jax.jit`` compiles one program per trie shape (the fan-outs are static).
+
+**Query embedding and re-ranking.** With a MiniLM encoder the same jitted call can also return each
+query's all-MiniLM-L6-v2 sentence embedding (masked mean of the last layer's states, L2-normalised:
+what the dual tower's text side starts from), at no extra encoder pass:
+:meth:`CartSearcher.search_beams`. ``search_ids``/``search_texts`` take a
+:class:`cart_jax.train.rerank.Reranker`: every beam result is then re-scored on the host by the
+dual tower's query-item cosine and re-sorted (``cart eval --rerank``).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +34,28 @@ from flax import nnx
 from cart_jax.decoding import DecodeConfig, beam_search
 from cart_jax.index.trie import TrieTables, build_trie
 
+if TYPE_CHECKING:
+  from cart_jax.train.rerank import Reranker
+
 
 class ModalityError(ValueError):
   """A search was restricted to a modality the index does not hold (the message lists those it does)."""
+
+
+@dataclasses.dataclass
+class Beams:
+  """Every beam of a search (best first by log-probability), and the queries' sentence embeddings.
+
+  Attributes:
+    rows: int32 [Q, beam] index rows; -1 where fewer than ``beam`` identifiers exist.
+    scores: float32 [Q, beam] identifier log-probabilities; -inf where ``rows`` is -1.
+    codes: int32 [Q, beam, L] level-local codes (-1 where invalid).
+    query_embedding: float32 [Q, 384] MiniLM sentence embeddings (unit norm), or None.
+  """
+  rows: np.ndarray
+  scores: np.ndarray
+  codes: np.ndarray
+  query_embedding: np.ndarray | None
 
 
 def subset_trie(codes: np.ndarray, rows: np.ndarray, vocab=None, device_put: bool = False) -> TrieTables:
@@ -97,13 +124,24 @@ class CartSearcher:
     id_length = index.vocab.id_length
     config = self.decode_config
 
-    def search(params, frozen, inputs, trie):  # inputs int32 [b, src]
+    def search(params, frozen, inputs, trie, n_results, with_embedding):  # inputs int32 [b, src]
       model = nnx.merge(graphdef, params, frozen)
-      step_fn = model.tokens_to_logits_fn(model.encode(inputs))  # encode once per query
+      mask = inputs != 0  # [b, src]
+      states = model.encoder_states(inputs, mask)  # [b, S, src, width]: the encoder runs once
+      step_fn = model.tokens_to_logits_fn(model.encode_states(states, mask))
       cache = model.init_cache(inputs.shape[0], config.beam_size, id_length)  # [b, beam, ...]
-      return beam_search(step_fn, cache, trie, config)
+      res = beam_search(step_fn, cache, trie, dataclasses.replace(config, n_results=n_results))
+      if not with_embedding:
+        return res, None
+      if model.config.encoder != "minilm":
+        raise ValueError(f"the query sentence embedding needs a MiniLM encoder; this network's "
+                         f"encoder is {model.config.encoder!r}")
+      from cart_jax.model.minilm import mean_pool  # pylint: disable=g-import-not-at-top
+      pooled = mean_pool(states[:, -1].astype(jnp.float32), mask)  # [b, 384] last MiniLM layer
+      emb = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+      return res, emb
 
-    self._search = jax.jit(search)
+    self._search = jax.jit(search, static_argnames=("n_results", "with_embedding"))
 
   def available_modalities(self) -> dict[str, int]:
     """``{modality: number of index items}`` (empty when no item modalities were given)."""
@@ -136,14 +174,11 @@ class CartSearcher:
     view.trie = self._tries[modality]
     return view
 
-  def search_ids(self, params, frozen, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``input_ids int32 [Q, src]`` -> (rows int32 [Q, n], scores float32 [Q, n], codes [Q, n, L]).
-
-    Rows are ``-1`` (and scores ``-inf``) where fewer than ``n`` identifiers exist.
-    """
+  def _run(self, params, frozen, input_ids: np.ndarray, n_results: int, with_embedding: bool):
+    """Fixed-size batches through the jitted search: (rows, scores, codes, embedding or None)."""
     q = input_ids.shape[0]
     b = self.batch_size
-    rows, scores, codes = [], [], []
+    rows, scores, codes, embs = [], [], [], []
     for start in range(0, q, b):
       chunk = input_ids[start:start + b]
       n = chunk.shape[0]
@@ -151,29 +186,65 @@ class CartSearcher:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])  # [b, src]
       if self.mesh is not None:
         with jax.set_mesh(self.mesh):
-          res = self._search(params, frozen, jnp.asarray(chunk), self.trie)
+          res, emb = self._search(params, frozen, jnp.asarray(chunk), self.trie, n_results, with_embedding)
       else:
-        res = self._search(params, frozen, jnp.asarray(chunk), self.trie)
+        res, emb = self._search(params, frozen, jnp.asarray(chunk), self.trie, n_results, with_embedding)
       valid = np.asarray(res.valid)[:n]
       rows.append(np.where(valid, np.asarray(res.rows)[:n], -1))
       scores.append(np.where(valid, np.asarray(res.scores)[:n], -np.inf))
       codes.append(np.asarray(res.codes)[:n])
+      if with_embedding:
+        embs.append(np.asarray(emb, np.float32)[:n])
     if not rows:
-      k, L = self.decode_config.n_results, self.index.vocab.id_length
-      return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros((0, k, L), np.int32)
-    return np.concatenate(rows), np.concatenate(scores), np.concatenate(codes)
+      k, L = n_results, self.index.vocab.id_length
+      return (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros((0, k, L), np.int32),
+              np.zeros((0, 384), np.float32) if with_embedding else None)
+    return (np.concatenate(rows), np.concatenate(scores), np.concatenate(codes),
+            np.concatenate(embs) if with_embedding else None)
 
-  def search_texts(self, params, frozen, texts: Sequence[str]):
+  def search_beams(self, params, frozen, input_ids: np.ndarray, *, with_embedding: bool = True) -> Beams:
+    """All ``beam_size`` results per query and (by default) the queries' MiniLM sentence embeddings.
+
+    The embedding comes out of the same jitted call as the beam search (the encoder runs once):
+    ``mean_pool(states[:, -1], mask)`` L2-normalised, i.e. ``minilm.sentence_embedding`` of the
+    query. Needs a MiniLM encoder (ValueError otherwise).
+    """
+    rows, scores, codes, emb = self._run(params, frozen, input_ids, self.decode_config.beam_size,
+                                         with_embedding)
+    return Beams(rows=rows, scores=scores, codes=codes, query_embedding=emb)
+
+  def search_ids(self, params, frozen, input_ids: np.ndarray, rerank: "Reranker | None" = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``input_ids int32 [Q, src]`` -> (rows int32 [Q, n], scores float32 [Q, n], codes [Q, n, L]).
+
+    Rows are ``-1`` (and scores ``-inf``) where fewer than ``n`` identifiers exist. With
+    ``rerank``, all ``beam_size`` results are re-scored by the dual tower's cosine and re-sorted
+    (:meth:`Reranker.rerank`); the first ``n`` of that order come back, with their combined scores
+    (``logp + weight * cos``; the cosine alone for the cosine-only weight).
+    """
+    n = self.decode_config.n_results
+    if rerank is None:
+      rows, scores, codes, _ = self._run(params, frozen, input_ids, n, False)
+      return rows, scores, codes
+    beams = self.search_beams(params, frozen, input_ids)
+    out = rerank.rerank(beams.rows, beams.scores, beams.query_embedding)
+    codes = np.take_along_axis(beams.codes, out.order[:, :, None], axis=1)  # [Q, beam, L]
+    return out.rows[:, :n], out.scores[:, :n].astype(np.float32), codes[:, :n]
+
+  def search_texts(self, params, frozen, texts: Sequence[str], rerank: "Reranker | None" = None):
     """Tokenises ``texts`` and searches them (see :meth:`search_ids`)."""
     from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
-    return self.search_ids(params, frozen, encode_texts(list(texts), self.input_length))
+    return self.search_ids(params, frozen, encode_texts(list(texts), self.input_length), rerank)
 
-  def warm_up(self, params, frozen) -> float:
-    """Compiles the search program; returns the seconds it took."""
+  def warm_up(self, params, frozen, *, beams: bool = False) -> float:
+    """Compiles the search program (``beams``: the one of :meth:`search_beams`); returns seconds."""
     t0 = time.perf_counter()
     dummy = np.zeros((1, self.input_length), np.int32)
     dummy[:, 0] = 101
-    self.search_ids(params, frozen, dummy)
+    if beams:
+      self.search_beams(params, frozen, dummy)
+    else:
+      self.search_ids(params, frozen, dummy)
     return time.perf_counter() - t0
 
 
