@@ -40,6 +40,9 @@ from cart_jax.model.network import CARTNetwork, create_model, load_pretrained_en
 from cart_jax import partitioning
 
 
+IDENTIFIER_INITS = ("none", "embed", "embed+output")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """How CART is trained.
@@ -63,6 +66,9 @@ class TrainConfig:
     eval_split: split of the validation queries.
     beam_size: beams of the constrained search in validation (and the default for eval).
     mesh_data, mesh_model: mesh shape; ``-1`` fills with the remaining devices.
+    identifier_init: ``none``; ``embed``: the decoder's identifier token embeddings start from the
+      index's K-Means centroids / RQ-VAE codebook vectors, projected to ``d_model``
+      (:mod:`cart_jax.model.identifier_init`); ``embed+output``: the output projection too.
   """
   num_steps: int = 1000
   learning_rate: float = 1e-3
@@ -84,8 +90,12 @@ class TrainConfig:
   beam_size: int = 10
   mesh_data: int = -1
   mesh_model: int = 1
+  identifier_init: str = "none"
 
   def __post_init__(self):
+    if self.identifier_init not in IDENTIFIER_INITS:
+      raise ValueError(f"TrainConfig.identifier_init must be one of {IDENTIFIER_INITS}, got "
+                       f"{self.identifier_init!r}")
     if self.num_steps < 1:
       raise ValueError(f"TrainConfig.num_steps must be >= 1, got {self.num_steps}")
     if self.decay not in ("cosine", "linear", "constant"):
@@ -335,7 +345,12 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   mesh = mesh or make_mesh(c)
   tx = make_optimizer(c)
   graphdef, state, frozen = create_train_state(model_config, c, mesh, tx)
-  ckpt = None
+  if c.identifier_init != "none":  # a restored checkpoint below overwrites this
+    from cart_jax.model.identifier_init import init_decoder_from_identifiers  # pylint: disable=g-import-not-at-top
+    params, info = init_decoder_from_identifiers(state.params, index, d_model=model_config.d_model,
+                                                 seed=c.seed, output=c.identifier_init == "embed+output")
+    state = state.replace(params=params)
+    log(f"identifier init ({c.identifier_init}): {info['rows_set']} token rows from the index")
   start = 0
   if checkpoint_dir is not None:
     ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
