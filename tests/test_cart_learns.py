@@ -61,5 +61,4 @@ def test_cart_generalises_to_new_wordings(trained):
   # held-out English wordings of the same 96 emoji, read by the frozen pretrained MiniLM;
   # chance R@1 is ~0.01
   assert ev["num_queries"] >= 90
-  print("test", ev["r@1"], ev["r@10"])
-  assert ev["r@10"] >= 0.5, ev
+  assert ev["r@1"] >= 0.8 and ev["r@10"] >= 0.9, ev  # measured 0.958 / 0.990
