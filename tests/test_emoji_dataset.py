@@ -120,3 +120,137 @@ def test_full_corpus(tmp_path):
   corpus, stats = emoji_dataset.prepare_emoji(tmp_path / "full")
   assert stats.rendered > 3900 and stats.blank == 0
   _check_honest(load_corpus(tmp_path / "full"))
+
+
+# --- --unseen-items: items known only through captions (CART's protocol) -----------------------
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory):
+  out = tmp_path_factory.mktemp("emoji_unseen") / "emoji"
+  corpus, stats = emoji_dataset.prepare_emoji(out, limit=80, unseen_items=0.5)
+  plain = tmp_path_factory.mktemp("emoji_plain") / "emoji"
+  emoji_dataset.prepare_emoji(plain, limit=80)
+  return out, load_corpus(out), stats, load_corpus(plain)
+
+
+def _by_item(corpus):
+  by = collections.defaultdict(list)
+  for t in corpus.all_texts:
+    by[t.item_id].append(t)
+  return by
+
+
+def test_unseen_items_have_only_honest_captions(unseen):
+  out, corpus, stats, plain = unseen
+  ids = corpus.meta["unseen_item_ids"]
+  # Deterministic numbers (emoji 2.16, first 80 emoji): 39 eligible, 22 unseen, 126 captions.
+  assert stats.unseen_items == 0.5 and corpus.meta["unseen_items"] == 0.5
+  assert stats.num_unseen_items == corpus.meta["num_unseen_items"] == len(ids) >= 10
+  assert 0.3 < len(ids) / stats.unseen_eligible_items < 0.7  # roughly half the eligible items
+  if corpus.meta["emoji_version"] == "2.16.0":
+    assert (stats.unseen_eligible_items, len(ids), stats.unseen_captions) == (39, 22, 126)
+  assert (out / "unseen_items.txt").read_text().split() == ids
+  assert ids == [i for i in corpus.item_ids if i in set(ids)]  # corpus order
+  assert all(emoji_dataset.unseen_rank(i) < 0.5 for i in ids)
+  by, plain_by = _by_item(corpus), _by_item(plain)
+  test_items = {t.item_id for t in plain.texts(split="test")}
+  n_caps = 0
+  for iid in ids:
+    assert iid in test_items
+    assert not [t for t in by[iid] if t.kind == "query" and t.split == "train"]
+    held = [t for t in plain_by[iid] if t.split != "train"]
+    assert [t for t in by[iid] if t.split != "train"] == held  # val/test queries unchanged
+    caps = [t for t in by[iid] if (t.source or "").startswith("unseen_caption")]
+    assert caps and all(t.kind == "caption" and t.split == "train" for t in caps)
+    n_caps += len(caps)
+    for c in caps:
+      key = normalize_text(c.text)
+      assert not any(normalize_text(h.text) in key for h in held), (c, held)
+    # the 13-language name captions stay as they were
+    assert ([t for t in by[iid] if (t.source or "").startswith("name:")]
+            == [t for t in plain_by[iid] if (t.source or "").startswith("name:")])
+  assert n_caps == stats.unseen_captions == corpus.meta["unseen_captions"]
+  assert n_caps >= len(ids)
+  for iid in set(corpus.item_ids) - set(ids):  # everything else is the plain corpus
+    assert by[iid] == plain_by[iid]
+  assert find_leaks(corpus) == []
+  held_all = {normalize_text(t.text) for t in corpus.all_texts if t.split != "train"}
+  assert not any(normalize_text(t.text) in held_all for t in corpus.texts(split="train"))
+
+
+def test_unseen_cli_info_reports_no_leaks(unseen, capsys):
+  out, corpus, _, _ = unseen
+  assert _cli(["info", str(out)]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["leaks"] == 0 and summary["num_items"] == 80
+
+
+def test_unseen_choice_is_stable_across_limit():
+  import emoji
+  entries = [(e, d) for e, d in emoji.EMOJI_DATA.items()
+             if d.get("status") == emoji.STATUS["fully_qualified"]][:120]
+  small_ids = {emoji_dataset.item_id_of(e) for e, _ in entries[:60]}
+  big = emoji_dataset.hold_out_items(emoji_dataset.build_texts(entries)[0], entries, 0.5)
+  small = emoji_dataset.hold_out_items(emoji_dataset.build_texts(entries[:60])[0], entries[:60], 0.5)
+  assert small.unseen_ids == [i for i in big.unseen_ids if i in small_ids]
+  again = emoji_dataset.hold_out_items(emoji_dataset.build_texts(entries)[0], entries, 0.5)
+  assert again == big
+  more = emoji_dataset.hold_out_items(emoji_dataset.build_texts(entries)[0], entries, 0.8)
+  assert set(big.unseen_ids) < set(more.unseen_ids)  # a larger F adds items, keeps the others
+
+
+def test_unseen_captions_rules():
+  names = {"\U0001F468": "man", "\U0001F4BB": "laptop", "\U0001F44D": "thumbs up"}
+  techie = "\U0001F468\u200D\U0001F4BB"
+  thumbs = "\U0001F44D\U0001F3FD"
+  entries = [(techie, {"en": ":man_technologist:"}),
+             (thumbs, {"en": ":thumbs_up_medium_skin_tone:", "alias": [":+1_tone3:"]})]
+  texts, _ = emoji_dataset.build_texts(entries)
+  split = emoji_dataset.hold_out_items(texts, entries, 0.999, names=names)
+  caps = {(t.item_id, t.text, t.source) for t in split.texts if t.kind == "caption"}
+  assert ("1F468-200D-1F4BB", "an emoji of man and laptop", "unseen_caption:parts") in caps
+  # 'thumbs up in medium skin tone' is a held-out wording with 'in' added: dropped as a copy.
+  assert not any("in medium skin tone" in t for _, t, _ in caps)
+  held = {t.item_id: [normalize_text(t.text)] for t in texts if t.split != "train"}
+  for iid, text, _ in caps:
+    assert not any(h in normalize_text(text) for h in held[iid])
+  unchanged = emoji_dataset.hold_out_items(texts, entries, 0.0, names=names)
+  assert unchanged.texts == texts and unchanged.unseen_ids == []
+
+
+def test_unseen_zero_is_byte_identical(small, tmp_path):
+  out, _, _ = small  # prepared with the defaults
+  emoji_dataset.prepare_emoji(tmp_path / "z", limit=50, unseen_items=0.0)
+  for name in ("corpus.json", "items.jsonl", "texts.jsonl"):
+    assert (tmp_path / "z" / name).read_bytes() == (out / name).read_bytes()
+  assert not (tmp_path / "z" / "unseen_items.txt").exists()
+
+
+@pytest.mark.parametrize("bad", ["1", "1.5", "-0.1", "abc", "nan", "inf"])
+def test_unseen_bad_fraction_fails(bad, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    _cli(["prepare", "emoji", "--out", str(tmp_path / "e"), "--limit", "3", "--unseen-items", bad])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "--unseen-items" in err and "[0, 1)" in err
+  assert not (tmp_path / "e").exists() and list(tmp_path.iterdir()) == []
+  with pytest.raises(ValueError, match="--unseen-items"):
+    emoji_dataset.prepare_emoji(tmp_path / "f", limit=3, unseen_items=bad)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_unseen_cli_flag(tmp_path, capsys):
+  from cart_jax.cli import CliError
+  with pytest.raises(SystemExit) as e:
+    _cli(["prepare", "--help"])
+  assert e.value.code == 0
+  assert "--unseen-items FRACTION" in capsys.readouterr().out
+  with pytest.raises(CliError, match="only to the emoji corpus"):
+    _cli(["prepare", "instruments", "--out", str(tmp_path / "i"), "--unseen-items", "0.5"])
+  assert not (tmp_path / "i").exists()
+  assert _cli(["prepare", "emoji", "--out", str(tmp_path / "e"), "--limit", "40",
+               "--unseen-items", "0.5", "--json", str(tmp_path / "s.json")]) == 0
+  summary = json.loads((tmp_path / "s.json").read_text())
+  assert summary["unseen_items"] == 0.5 and summary["num_unseen_items"] >= 5
+  assert summary["num_unseen_items"] == len(load_corpus(tmp_path / "e").meta["unseen_item_ids"])

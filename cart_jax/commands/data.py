@@ -22,6 +22,7 @@ FORMATS = ("karpathy", "clotho", "audiocaps", "msrvtt", "msvd")
 # Built-in data sets: name -> "module:function". Each function is called as
 # fn(out_dir, *, limit=None, size=None, templates=True, overwrite=False) -> (Corpus, stats) where
 # stats is a dataclass whose fields go into the JSON summary; size=None means the set's default.
+# emoji also takes unseen_items=F (--unseen-items), which the others do not have.
 PREPARERS = {
     "emoji": "cart_jax.data.emoji_dataset:prepare_emoji",
     "instruments": "cart_jax.data.instruments_dataset:prepare_instruments",
@@ -70,6 +71,10 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                          "instruments: not applicable)")
   prep.add_argument("--no-templates", dest="templates", action="store_false",
                     help="no templated English wordings ('<name> emoji', '<name> icon')")
+  prep.add_argument("--unseen-items", type=_unseen_fraction, default=0.0, metavar="FRACTION",
+                    help="emoji: this share in [0, 1) of the items (hash of the id) gets no "
+                         "training query, only English captions, as in CART's protocol "
+                         "(default 0)")
   prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   prep.add_argument("--json", default=None, help="write a JSON summary here")
   prep.set_defaults(func=run)
@@ -107,6 +112,15 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   info.add_argument("--json", default=None, help="write a JSON summary here")
   info.set_defaults(func=run)
   return p
+
+
+def _unseen_fraction(value: str) -> float:
+  """argparse type of --unseen-items (argparse names the flag in its error, exit 2)."""
+  from cart_jax.data.emoji_dataset import check_unseen_fraction
+  try:
+    return check_unseen_fraction(value)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
 
 
 def _parse_split_lists(values: list[str]):
@@ -149,8 +163,13 @@ def run(args) -> int:
         raise CliError(f"--out {args.out} already exists (pass --overwrite to replace it)")
       module, fn = PREPARERS[args.dataset].split(":")
       prepare = getattr(importlib.import_module(module), fn)
+      extra = {}
+      if args.dataset == "emoji":
+        extra["unseen_items"] = args.unseen_items
+      elif args.unseen_items:
+        raise CliError(f"--unseen-items applies only to the emoji corpus, not {args.dataset}")
       corpus, stats = prepare(args.out, limit=args.limit, size=args.size,
-                              templates=args.templates, overwrite=args.overwrite)
+                              templates=args.templates, overwrite=args.overwrite, **extra)
       summary = dict(corpus.summary(), out=str(args.out), **vars(stats))
     elif args.data_command == "add-captions":
       from cart_jax.data.captions import add_captions

