@@ -319,3 +319,101 @@ def test_query_embedding_needs_a_minilm_encoder():
     rerank.check_model(model.config)
   assert rerank.check_model(model.config.replace(encoder="minilm", freeze_encoder=True)) is None
   assert "fine-tuned" in rerank.check_model(model.config.replace(encoder="minilm"))
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny trained run: train_job builds the re-ranker (EMBEDDINGS), eval/search --rerank use it.
+
+
+@needs_minilm
+def test_tiny_run_trains_tunes_and_evaluates_with_rerank(tmp_path, capsys):
+  from test_e2e_cli import cart
+  corpus, emb, index, run = tmp_path / "corpus", tmp_path / "emb" / "e.npy", tmp_path / "index", tmp_path / "run"
+  assert cart("data", "prepare", "emoji", "--out", str(corpus), "--limit", "24") == 0
+  assert cart("embed", "--corpus", str(corpus), "--out", str(emb), "--steps", "3", "--batch-size", "16",
+              "--checkpoint-every", "0", "--no-progress") == 0
+  assert cart("build-ids", "--embeddings", str(emb), "--item-ids", str(emb.with_suffix(".ids.txt")),
+              "--out", str(index), "--clusters", "3", "--levels", "1", "--codebook-size", "4",
+              "--rq-steps", "10", "--rq-latent-dim", "8", "--quiet") == 0
+  gin = ["--gin_file=gin_configs/experiments/emoji_demo.gin", f"--gin.MODEL_DIR={run}",
+         f"--gin.CORPUS_DIR={corpus}", f"--gin.INDEX_DIR={index}", "--gin.ModelConfig.encoder='minilm'",
+         "--gin.ModelConfig.freeze_encoder=True", "--gin.ModelConfig.d_model=16",
+         "--gin.ModelConfig.d_ff=16", "--gin.ModelConfig.num_heads=2", "--gin.ModelConfig.head_dim=8",
+         "--gin.ModelConfig.num_decoder_layers=1", "--gin.InputConfig.batch_size=8",
+         "--gin.InputConfig.input_length=16", "--gin.TrainConfig.warmup_steps=1",
+         "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.log_every=1",
+         f"--gin.EMBEDDINGS='{emb}'", "--gin.train_job.embeddings=%EMBEDDINGS"]
+  capsys.readouterr()
+  assert cart("train", *gin, "--gin.TrainConfig.num_steps=2", "--no-progress",
+              "--json", str(tmp_path / "t.json")) == 0
+  t = json.loads((tmp_path / "t.json").read_text())
+  assert t["step"] == 2
+  tr = t["rerank"]
+  assert tr["split"] == "val" and tr["num_queries"] > 0
+  assert set(tr["val_r@1"]) == {"0", "0.5", "1", "2", "4", "8", "16", "32", "64", "cosine"}
+  assert tr["weight"] == "cosine" or tr["weight"] in (0, 0.5, 1, 2, 4, 8, 16, 32, 64)
+  best = max(tr["val_r@1"].values())
+  assert tr["val_r@1"][rerank.weight_label(rerank.parse_weight(tr["weight"]))] == best
+  meta = json.loads((run / "rerank" / "meta.json").read_text())
+  assert meta["n_items"] == 24 and meta["tuning"]["split"] == "val" and meta["weight"] == tr["weight"]
+
+  ev_path = tmp_path / "ev.json"
+  assert cart("eval", "--model_dir", str(run), "--rerank", "--json", str(ev_path)) == 0
+  ev = json.loads(ev_path.read_text())
+  rr = ev["rerank"]
+  assert ev["num_queries"] == 24 and rr["weight"] == tr["weight"]
+  for m in (ev, rr):
+    assert 0.0 <= m["r@1"] <= m["r@5"] <= m["r@10"] <= 1.0 and m["qps"] > 0
+  assert rr["qps"] <= ev["qps"]  # the same search plus the host re-ranking
+  assert "CART + rerank" in capsys.readouterr().err
+  # Weight 0 keeps the beam order: CART + rerank == CART exactly.
+  assert cart("eval", "--model_dir", str(run), "--rerank-weight", "0", "--json", str(ev_path)) == 0
+  ev0 = json.loads(ev_path.read_text())
+  for k in ("r@1", "r@5", "r@10", "mrr@10"):
+    assert ev0["rerank"][k] == ev0[k] == ev[k]
+  assert ev0["rerank"]["weight"] == 0.0 and ev0["rerank"]["top1_changed"] == 0.0
+  # Without --rerank: unchanged output (no "rerank" key).
+  assert cart("eval", "--model_dir", str(run), "--limit", "4", "--json", str(ev_path)) == 0
+  assert "rerank" not in json.loads(ev_path.read_text())
+
+  assert cart("search", "--model_dir", str(run), "grinning face", "-k", "3", "--rerank",
+              "--rerank-weight", "cosine", "--json", str(tmp_path / "s.json")) == 0
+  res = json.loads((tmp_path / "s.json").read_text())["queries"][0]["results"]
+  assert len(res) == 3 and all(-1.0 <= r["cos"] <= 1.0 and r["logp"] <= 0 for r in res)
+  assert res[0]["cos"] >= res[1]["cos"] >= res[2]["cos"]  # cosine only
+  assert "cos=" in capsys.readouterr().out
+
+  # A run without rerank/: --rerank says how to get one; --embeddings builds it.
+  import shutil
+  shutil.rmtree(run / "rerank")
+  assert cart("eval", "--model_dir", str(run), "--rerank") == 2
+  assert "--embeddings E.npy" in capsys.readouterr().out
+  assert cart("eval", "--model_dir", str(run), "--rerank", "--embeddings", str(emb), "--limit", "4",
+              "--json", str(ev_path)) == 0
+  assert rerank.exists(run) and json.loads(ev_path.read_text())["rerank"]["weight"] == tr["weight"]
+  assert cart("eval", "--model_dir", str(run), "--rerank-weight", "-2") == 2
+  assert "--rerank-weight" in capsys.readouterr().out
+
+
+def test_rerank_of_a_run_without_minilm_is_a_clear_error(tmp_path, capsys):
+  from cart_jax.index.vocab import IdentifierVocab
+  from cart_jax.model.config import tiny, with_vocab
+  from cart_jax.train.jobs import LoadedRun, RunError, eval_job
+  index = _index(6)
+  loaded = LoadedRun(model_dir=tmp_path, run={}, model_config=with_vocab(tiny(), IdentifierVocab((3, 3, 2))),
+                     index=index, corpus=None, graphdef=None, params=None, frozen=None, step=0,
+                     input_length=8)
+  with pytest.raises(RunError, match="MiniLM encoder.*'t5'"):
+    eval_job(str(tmp_path), rerank=True, loaded=loaded)
+
+
+def test_demo_table_has_a_cart_rerank_row():
+  from cart_jax.commands.demo import table
+  m = {"r@1": 0.5, "r@5": 0.75, "r@10": 0.875, "mrr@10": 0.6, "qps": 10.0}
+  s = {"n_items": 8, "n_test_queries": 4, "cart": m, "dual_tower": m,
+       "cart_rerank": dict(m, **{"r@1": 0.625, "weight": 4.0})}
+  lines = table(s).splitlines()
+  assert [l.split()[0] for l in lines[2:5]] == ["CART", "CART", "dual"]
+  assert lines[3].startswith("CART + rerank") and "0.625" in lines[3] and "+ 4 x" in lines[4]
+  no = table({**s, "cart_rerank": None, "rerank_note": "no re-ranker: t5"})
+  assert "CART + rerank " not in no and "(CART + rerank: no re-ranker: t5)" in no

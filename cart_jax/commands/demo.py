@@ -15,12 +15,19 @@ Steps (each the code path of its own command):
   3. build identifiers (``cart build-ids``): K-Means K=64 + RQ-VAE M=2 x C=64 + counter;
   4. train CART (``cart train --gin_file=gin_configs/experiments/emoji_demo.gin``; ``--full``:
      ``emoji_cart.gin``, the full recipe with R-Drop, 4x the steps, and a longer item encoder);
-  5. evaluate CART (``cart eval``) and the dual tower (``cart baseline``) on the same ``test``
-     queries, print one table and one worked example (query -> generated identifier -> item).
+  5. evaluate CART (``cart eval --rerank``) and the dual tower (``cart baseline``) on the same
+     ``test`` queries, print one table and one worked example (query -> generated identifier ->
+     item).
 
-JSON (``--json``): {"cart": {"r@1", "r@5", "r@10", "mrr@10", "qps"}, "dual_tower": {...},
-"n_items", "n_test_queries", "seconds", "stage_seconds", ...}. Logs of every step go to
-``WORKDIR/logs/``.
+Re-ranking: training gets ``EMBEDDINGS`` (the item encoder's output), so with a MiniLM-encoder
+model it also builds ``MODEL_DIR/rerank/`` and tunes its weight on ``val``; the table then has a
+``CART + rerank`` row: CART's own beams re-sorted by ``logp + weight * cos`` (the dual tower's
+query-item cosine), from the same search pass as the ``CART`` row. A model without a MiniLM
+encoder has no such row (``cart_rerank`` is null and ``rerank_note`` says why).
+
+JSON (``--json``): {"cart": {"r@1", "r@5", "r@10", "mrr@10", "qps"}, "cart_rerank": {... ,
+"weight"} or null, "dual_tower": {...}, "n_items", "n_test_queries", "seconds", "stage_seconds",
+...}. Logs of every step go to ``WORKDIR/logs/``.
 """
 from __future__ import annotations
 
@@ -153,7 +160,8 @@ def run(args) -> int:
 
   with stage("train", f"training CART ({recipe['experiment']})"):
     from cart_jax import cli_gin
-    bindings = [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{corpus_dir}'", f"INDEX_DIR='{index_dir}'"]
+    bindings = [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{corpus_dir}'", f"INDEX_DIR='{index_dir}'",
+                f"EMBEDDINGS='{emb}'", "train_job.embeddings=%EMBEDDINGS"]  # -> MODEL_DIR/rerank/
     if args.train_steps:
       bindings.append(f"TrainConfig.num_steps={args.train_steps}")
     cli_gin.parse([recipe["experiment"]], bindings)
@@ -161,10 +169,13 @@ def run(args) -> int:
       train_summary = cli_gin.run_train(progress=False)
     print(json.dumps(train_summary, indent=2, default=str))
 
-  with stage("eval", "evaluating CART and the dual tower on the test queries (cart eval, cart baseline)"):
+  with stage("eval", "evaluating CART, CART + rerank and the dual tower on the test queries "
+                     "(cart eval --rerank, cart baseline)"):
+    from cart_jax.train import rerank
     from cart_jax.train.jobs import eval_job, load_run
     loaded = load_run(model_dir)
-    cart = eval_job(str(model_dir), split="test", loaded=loaded)
+    has_rerank = rerank.exists(model_dir)
+    cart = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank)
     print(json.dumps(cart, indent=2))
     base_json = work / "baseline_test.json"
     _check(baseline.run(_sub_args(baseline, "baseline", [
@@ -176,9 +187,17 @@ def run(args) -> int:
   if cart["num_queries"] != base["num_queries"]:
     raise CliError(f"CART scored {cart['num_queries']} test queries, the baseline {base['num_queries']}")
   seconds = time.perf_counter() - t_start
+  cart_rerank, rerank_note = None, None
+  if "rerank" in cart:
+    rr = cart["rerank"]
+    cart_rerank = {k: rr[k] for k in ("r@1", "r@5", "r@10", "mrr@10", "qps", "weight")}
+  else:
+    skipped = (train_summary.get("rerank") or {}).get("skipped")
+    rerank_note = f"no re-ranker: {skipped}" if skipped else "no re-ranker in the run"
   summary = {
       "cart": {"r@1": cart["r@1"], "r@5": cart["r@5"], "r@10": cart["r@10"], "mrr@10": cart["mrr@10"],
                "qps": cart["qps"]},
+      "cart_rerank": cart_rerank, "rerank_note": rerank_note,
       "dual_tower": {"r@1": base["R@1"], "r@5": base["R@5"], "r@10": base["R@10"],
                      "mrr@10": base["MRR@10"], "qps": base["queries_per_second"]},
       "n_items": cart["num_items"], "n_test_queries": cart["num_queries"], "seconds": seconds,
@@ -231,11 +250,20 @@ def table(summary: dict) -> str:
   """The demo's results table (plain text)."""
   n, q = summary["n_items"], summary["n_test_queries"]
   lines = [f"test queries: {q} (never seen in training), candidates: {n} {summary.get('items', 'emoji')}",
-           f"{'method':<12} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7} {'queries/s':>10}"]
-  for name, key in (("CART", "cart"), ("dual tower", "dual_tower")):
-    m = summary[key]
-    lines.append(f"{name:<12} {m['r@1']:>7.3f} {m['r@5']:>7.3f} {m['r@10']:>7.3f} {m['mrr@10']:>7.3f} "
+           f"{'method':<14} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7} {'queries/s':>10}"]
+  for name, key in (("CART", "cart"), ("CART + rerank", "cart_rerank"), ("dual tower", "dual_tower")):
+    m = summary.get(key)
+    if m is None:
+      continue
+    lines.append(f"{name:<14} {m['r@1']:>7.3f} {m['r@5']:>7.3f} {m['r@10']:>7.3f} {m['mrr@10']:>7.3f} "
                  f"{m['qps']:>10.1f}")
+  if summary.get("cart_rerank"):
+    w = summary["cart_rerank"]["weight"]
+    lines.append(f"(CART + rerank: CART's beam re-sorted by log p + {w:g} x dual-tower cosine; weight "
+                 f"tuned on val)" if w != "cosine" else
+                 "(CART + rerank: CART's beam re-sorted by the dual-tower cosine; chosen on val)")
+  elif summary.get("rerank_note"):
+    lines.append(f"(CART + rerank: {summary['rerank_note']})")
   return "\n".join(lines)
 
 
