@@ -414,6 +414,6 @@ def test_demo_table_has_a_cart_rerank_row():
        "cart_rerank": dict(m, **{"r@1": 0.625, "weight": 4.0})}
   lines = table(s).splitlines()
   assert [l.split()[0] for l in lines[2:5]] == ["CART", "CART", "dual"]
-  assert lines[3].startswith("CART + rerank") and "0.625" in lines[3] and "+ 4 x" in lines[4]
+  assert lines[3].startswith("CART + rerank") and "0.625" in lines[3] and "+ 4 x" in lines[5]
   no = table({**s, "cart_rerank": None, "rerank_note": "no re-ranker: t5"})
   assert "CART + rerank " not in no and "(CART + rerank: no re-ranker: t5)" in no
