@@ -131,13 +131,15 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
                          index=index, checkpoint_dir=model_dir / CHECKPOINT_SUBDIR,
                          metrics_dir=model_dir, validation=validation,
                          input_length=input_config.input_length, progress=progress,
-                         stop_after=stop_after, log=log)
+                         stop_after=stop_after, log=log,
+                         cache_encoder_states=input_config.cache_encoder_states,
+                         state_cache_dir=input_config.state_cache_dir)
   summary = {"model_dir": str(model_dir), "start_step": result.start_step,
              "step": int(jax.device_get(result.state.step)),
              "last_metrics": result.history[-1] if result.history else None,
              "validation": result.validation, "input": pipeline.summary(),
              "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
-             "compile_seconds": result.compile_seconds}
+             "compile_seconds": result.compile_seconds, "state_cache": result.state_cache}
   if jax.process_index() == 0 and summary["step"] >= train_config.num_steps:
     from cart_jax.train import rerank  # pylint: disable=g-import-not-at-top
     summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)  # None w/o embeddings
