@@ -2,6 +2,7 @@
 
   cart model-info --config small --json /tmp/small.json
   cart model-info --config small --encoder minilm --fusion none --cost_analysis
+  cart model-info --config minilm_frozen --src_len 24 --vocab_size 194 --id_length 4
 
 Parameters are counted from ``nnx.eval_shape`` (nothing is allocated). FLOPs are
 analytic (see ``cart_jax.model.flops``) for one query of ``--src_len`` tokens,
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-PRESET_NAMES = ("tiny", "small", "base", "minilm_small")
+PRESET_NAMES = ("tiny", "small", "base", "minilm_small", "minilm_frozen")
 
 
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -30,6 +31,8 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--id_length", type=int, default=6, help="identifier length (decode steps)")
   p.add_argument("--cost_analysis", action="store_true",
                  help="also compile encode + steps and report XLA's FLOP count")
+  p.add_argument("--embed_dim", type=int, default=256,
+                 help="dual tower's embedding size, for its query-side FLOPs and the re-ranking cost")
   p.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
   p.set_defaults(func=run)
   return p
@@ -39,7 +42,7 @@ def build_info(args) -> dict:
   from flax import nnx
 
   from cart_jax.model.config import get_config
-  from cart_jax.model.flops import flops_per_query, measured_flops
+  from cart_jax.model.flops import dual_tower_query_flops, flops_per_query, measured_flops
   from cart_jax.model.network import CARTNetwork, param_groups
 
   overrides = {}
@@ -57,7 +60,9 @@ def build_info(args) -> dict:
   abstract = nnx.eval_shape(lambda: CARTNetwork(cfg, rngs=nnx.Rngs(0)))
   params = param_groups(nnx.state(abstract))
   flops = flops_per_query(cfg, src_len=args.src_len, beam=args.beam, id_length=args.id_length)
-  info = {"config": args.config, "model_config": cfg.to_dict(), "parameters": params, "flops_per_query": flops}
+  info = {"config": args.config, "model_config": cfg.to_dict(), "parameters": params, "flops_per_query": flops,
+          "dual_tower_query_flops": dual_tower_query_flops(src_len=args.src_len, embed_dim=args.embed_dim),
+          "rerank_flops": 2 * args.beam * args.embed_dim}
   if args.cost_analysis:
     measured = measured_flops(cfg, src_len=args.src_len, beam=args.beam, id_length=args.id_length)
     info["xla_cost_analysis_flops"] = measured
@@ -77,6 +82,9 @@ def run(args) -> int:
   print(f"  FLOPs/query (src {a['src_len']}, beam {a['beam']}, id length {a['id_length']}): "
         f"{f['total'] / 1e9:.3f} GFLOP (encoder {f['encoder'] / 1e9:.3f}, "
         f"fusion precompute {f['fusion_precompute'] / 1e9:.3f}, decoder {f['decoder'] / 1e9:.3f})")
+  print(f"  dual tower query side (MiniLM + projection to {args.embed_dim}): "
+        f"{info['dual_tower_query_flops'] / 1e9:.3f} GFLOP, plus 2 x N x {args.embed_dim} to score N items; "
+        f"re-ranking the beam: {info['rerank_flops'] / 1e3:.1f} kFLOP")
   if "xla_cost_analysis_flops" in info:
     print(f"  XLA cost analysis: {info['xla_cost_analysis_flops'] / 1e9:.3f} GFLOP "
           f"({info['xla_over_analytic']:.3f} x analytic)")

@@ -101,3 +101,18 @@ def measured_flops(c: ModelConfig, *, src_len: int = 32, beam: int = 10, id_leng
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get("flops", float("nan")))
+
+
+def dual_tower_query_flops(*, src_len: int = 32, embed_dim: int = 256) -> int:
+  """FLOPs of the dual tower's query side: MiniLM-L6 over ``src_len`` tokens + the text projection.
+
+  The scoring of the items (``2 * N * embed_dim`` per query for exact search) comes on top and grows
+  with the corpus; CART's counterpart is :func:`flops_per_query` (plus ``2 * beam * embed_dim`` when
+  the beam is re-ranked by the same dual tower).
+  """
+  from cart_jax.model.minilm import MiniLMConfig
+  m = MiniLMConfig()
+  w, a, n = m.hidden_size, m.num_heads * m.head_dim, src_len
+  per_token = 2 * (4 * w * a + 2 * w * m.intermediate_size) + 4 * n * a
+  return int(n * m.num_layers * per_token + 2 * w * embed_dim)
+
