@@ -1,6 +1,5 @@
 """Beam re-ranking with the dual tower (cart_jax/train/rerank.py) and the searcher's query embedding."""
 import json
-import math
 import types
 
 import numpy as np
