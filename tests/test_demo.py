@@ -19,19 +19,32 @@ def test_recipe_for_image_and_errors():
 
 
 def test_demo_smoke_image(tmp_path, capsys):
-  """Every stage runs and the summary has the table's numbers (tiny budgets: values not judged)."""
+  """Every stage runs and the summary has the table's numbers (tiny budgets: values not judged).
+
+  Run on the --unseen-items split, so the caption path (dual tower --captions, CART caption rate)
+  and the unseen-items table run too.
+  """
   out = tmp_path / "demo.json"
-  rc = main(["demo", "--workdir", str(tmp_path / "w"), "--limit", "24", "--embed-steps", "3",
-             "--train-steps", "4", "--json", str(out)])
+  rc = main(["demo", "--workdir", str(tmp_path / "w"), "--limit", "80", "--unseen-items", "0.5",
+             "--embed-steps", "3", "--train-steps", "4", "--json", str(out)])
   assert rc == 0
   s = json.loads(out.read_text())
-  assert s["modality"] == "image" and s["dataset"] == "emoji" and s["n_items"] == 24
-  assert s["train_steps"] == 4 and s["embed_steps"] == 3
-  for side in ("cart", "dual_tower"):
+  assert s["modality"] == "image" and s["dataset"] == "emoji" and s["n_items"] == 80
+  assert s["train_steps"] == 4 and s["embed_steps"] == 3 and s["unseen_items"] == 0.5
+  for side in ("cart", "cart_rerank", "dual_tower"):
     assert 0.0 <= s[side]["r@1"] <= s[side]["r@5"] <= s[side]["r@10"] <= 1.0
   assert s["n_test_queries"] > 0
+  unseen_ids = (tmp_path / "w" / "corpus" / "unseen_items.txt").read_text().split()
+  assert s["unseen"]["n_test_queries"] == len(unseen_ids) > 0  # one test query per unseen item
+  for side in ("cart", "cart_rerank", "dual_tower"):
+    assert 0.0 <= s["unseen"][side]["r@1"] <= s["unseen"][side]["r@10"] <= 1.0
+  train_log = (tmp_path / "w" / "logs" / "4_train.log").read_text()
+  assert '"caption_rate": 0.5' in train_log and '"train_captions": 0' not in train_log
   printed = capsys.readouterr().out
-  assert "candidates: 24 emoji" in printed and "CART" in printed and "dual tower" in printed
+  assert "candidates: 80 emoji" in printed and "CART + rerank" in printed and "dual tower" in printed
+  assert "test queries of the unseen items" in printed
+  assert main(["demo", "--modality", "audio", "--no-templates", "--workdir", str(tmp_path / "a")]) == 2
+  assert "emoji (--modality image) splits" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("modality,dataset", [("audio", "instruments"), ("video", "emoji-motion")])

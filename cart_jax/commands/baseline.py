@@ -33,6 +33,8 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--query-embeddings", default=None,
                  help="precomputed query embeddings [num queries of the split, d] (.npy)")
   p.add_argument("--split", choices=("train", "val", "test"), default="test")
+  p.add_argument("--items", default=None, metavar="FILE",
+                 help="only the queries of these items (ids one per line); all items are searched")
   p.add_argument("--method", choices=("jax", "faiss-flat", "faiss-ivf"), default="jax")
   p.add_argument("-k", type=int, default=10, help="results per query (>= 10 for R@10/MRR@10)")
   p.add_argument("--chunk-size", type=int, default=65536, help="jax: items per scan step")
@@ -93,8 +95,18 @@ def run(args) -> int:
   if args.k > n:
     raise CliError(f"-k {args.k} is more than the {n} items")
   texts, targets = corpus.pairs(args.split, "query")
+  if args.items is not None:
+    from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
+    try:
+      keep_ids = read_item_ids(args.items, corpus)
+    except CorpusFormatError as e:
+      raise CliError(str(e)) from None
+    ids = corpus.item_ids
+    keep = np.asarray([ids[int(t)] in keep_ids for t in targets], bool)  # [Q]
+    texts, targets = [t for t, k in zip(texts, keep) if k], np.asarray(targets)[keep]
   if not texts:
-    raise CliError(f"{args.corpus}: no '{args.split}' query texts")
+    raise CliError(f"{args.corpus}: no '{args.split}' query texts" +
+                   (f" of the items in {args.items}" if args.items else ""))
   meta = _read_meta(emb_path)
 
   # Query encoder: a function texts -> [Q, d] (None when the query embeddings are given).

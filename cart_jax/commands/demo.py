@@ -48,6 +48,7 @@ FULL = dict(DEMO, experiment="gin_configs/experiments/emoji_cart.gin", embed_arg
 # --modality -> the module whose DEMO_RECIPE (same keys as DEMO) the demo runs; image is DEMO itself.
 RECIPE_MODULES = {"audio": "cart_jax.data.instruments_dataset", "video": "cart_jax.data.emoji_motion"}
 MODALITIES = ("image", "audio", "video")
+UNSEEN_CAPTION_RATE = 0.5  # --unseen-items: share of each batch drawn from the caption texts
 
 
 def recipe_for(modality: str, full: bool = False) -> dict:
@@ -80,6 +81,13 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--workdir", default=None,
                  help="keep everything here (default: a new temporary directory); steps whose "
                       "outputs already exist there are reused")
+  p.add_argument("--no-templates", action="store_true",
+                 help="image: the strict emoji split, without templated training wordings "
+                      "('<name> emoji', '<name> icon')")
+  p.add_argument("--unseen-items", type=float, default=0.0, metavar="F",
+                 help="image: a share F of the items has no training query, only captions (the "
+                      "paper's protocol); CART and the dual tower both train on the captions, and "
+                      "recall is also reported on those items' test queries")
   p.add_argument("--limit", type=int, default=None,
                  help="smoke runs: only the first N items (video: N emoji, 11 clips each)")
   p.add_argument("--embed-steps", type=int, default=None, help="override the item encoder's steps")
@@ -121,6 +129,15 @@ def run(args) -> int:
   t_start = time.perf_counter()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow, if a step imports it, stays quiet
   recipe = recipe_for(args.modality, args.full)
+  if (args.no_templates or args.unseen_items) and args.modality != "image":
+    raise CliError("--no-templates and --unseen-items are emoji (--modality image) splits")
+  if args.unseen_items:
+    from cart_jax.data.emoji_dataset import check_unseen_fraction
+    try:
+      check_unseen_fraction(args.unseen_items)
+    except ValueError as e:
+      raise CliError(str(e)) from None
+    recipe = dict(recipe, embed_args=list(recipe["embed_args"]) + ["--captions"])
   work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"cart-demo-{args.modality}-"))
   work.mkdir(parents=True, exist_ok=True)
   logs = work / "logs"
@@ -139,6 +156,10 @@ def run(args) -> int:
       argv = ["prepare", dataset, "--out", str(corpus_dir)]
       if args.limit:
         argv += ["--limit", str(args.limit)]
+      if args.no_templates:
+        argv += ["--no-templates"]
+      if args.unseen_items:
+        argv += ["--unseen-items", str(args.unseen_items)]
       _check(data.run(_sub_args(data, "data", argv)), "data prepare")
 
   embed_args = list(recipe["embed_args"])
@@ -164,6 +185,8 @@ def run(args) -> int:
                 f"EMBEDDINGS='{emb}'", "train_job.embeddings=%EMBEDDINGS"]  # -> MODEL_DIR/rerank/
     if args.train_steps:
       bindings.append(f"TrainConfig.num_steps={args.train_steps}")
+    if args.unseen_items:  # the unseen items are known only through captions
+      bindings.append(f"InputConfig.caption_rate={UNSEEN_CAPTION_RATE}")
     cli_gin.parse([recipe["experiment"]], bindings)
     with contextlib.redirect_stderr(sys.stdout):
       train_summary = cli_gin.run_train(progress=False)
@@ -182,33 +205,48 @@ def run(args) -> int:
         "--corpus", str(corpus_dir), "--embeddings", str(emb), "--split", "test",
         "--json", str(base_json)])), "baseline")
     base = json.loads(base_json.read_text(encoding="utf-8"))
+    unseen = None
+    ids_file = corpus_dir / "unseen_items.txt"
+    if args.unseen_items and ids_file.exists() and ids_file.read_text(encoding="utf-8").strip():
+      # the same three methods on the unseen items' test queries only
+      from cart_jax.data.corpus import read_item_ids
+      cart_u = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank,
+                        items=read_item_ids(ids_file, loaded.corpus))
+      base_u_json = work / "baseline_test_unseen.json"
+      _check(baseline.run(_sub_args(baseline, "baseline", [
+          "--corpus", str(corpus_dir), "--embeddings", str(emb), "--split", "test",
+          "--items", str(ids_file), "--json", str(base_u_json)])), "baseline --items")
+      base_u = json.loads(base_u_json.read_text(encoding="utf-8"))
+      unseen = _three_rows(cart_u, base_u)
     example = _worked_example(loaded)
 
   if cart["num_queries"] != base["num_queries"]:
     raise CliError(f"CART scored {cart['num_queries']} test queries, the baseline {base['num_queries']}")
   seconds = time.perf_counter() - t_start
-  cart_rerank, rerank_note = None, None
-  if "rerank" in cart:
-    rr = cart["rerank"]
-    cart_rerank = {k: rr[k] for k in ("r@1", "r@5", "r@10", "mrr@10", "qps", "weight")}
-  else:
+  rows3 = _three_rows(cart, base)
+  rerank_note = None
+  if rows3["cart_rerank"] is None:
     skipped = (train_summary.get("rerank") or {}).get("skipped")
     rerank_note = f"no re-ranker: {skipped}" if skipped else "no re-ranker in the run"
   summary = {
-      "cart": {"r@1": cart["r@1"], "r@5": cart["r@5"], "r@10": cart["r@10"], "mrr@10": cart["mrr@10"],
-               "qps": cart["qps"]},
-      "cart_rerank": cart_rerank, "rerank_note": rerank_note,
-      "dual_tower": {"r@1": base["R@1"], "r@5": base["R@5"], "r@10": base["R@10"],
-                     "mrr@10": base["MRR@10"], "qps": base["queries_per_second"]},
+      **rows3, "rerank_note": rerank_note,
       "n_items": cart["num_items"], "n_test_queries": cart["num_queries"], "seconds": seconds,
       "stage_seconds": times, "full": bool(args.full), "experiment": recipe["experiment"],
       "embed_steps": embed_steps, "train_steps": train_summary["step"],
       "modality": args.modality, "dataset": dataset, "items": recipe.get("items", "items"),
       "workdir": str(work), "model_dir": str(model_dir), "example": example,
       "cpu_seconds": _cpu_seconds(), "machine": {"cpus": os.cpu_count(), "load_avg_1m": _load()},
+      "no_templates": bool(args.no_templates), "unseen_items": args.unseen_items,
   }
+  if unseen is not None:
+    summary["unseen"] = {**unseen, "n_test_queries": cart_u["num_queries"],
+                         "caption_rate": UNSEEN_CAPTION_RATE}
   print()
   print(table(summary))
+  if unseen is not None:
+    print(f"\nthe {summary['unseen']['n_test_queries']} test queries of the unseen items "
+          f"(known to both methods only through captions):")
+    print(table({**summary, **unseen}, header=False))
   print()
   print(example_text(example))
   print(f"\ntotal {seconds:.0f} s (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
@@ -217,6 +255,16 @@ def run(args) -> int:
     from cart_jax.index.artefact import atomic_write_json
     atomic_write_json(args.json, summary)
   return 0
+
+
+def _three_rows(cart: dict, base: dict) -> dict:
+  """CART, CART + rerank (None without a re-ranker) and dual-tower metrics, one key spelling."""
+  keys = ("r@1", "r@5", "r@10", "mrr@10", "qps")
+  rr = cart.get("rerank")
+  return {"cart": {k: cart[k] for k in keys},
+          "cart_rerank": None if rr is None else {k: rr[k] for k in keys + ("weight",)},
+          "dual_tower": {"r@1": base["R@1"], "r@5": base["R@5"], "r@10": base["R@10"],
+                         "mrr@10": base["MRR@10"], "qps": base["queries_per_second"]}}
 
 
 def _last_value(argv: list[str], flag: str, default):
@@ -246,17 +294,20 @@ def _load() -> float | None:
     return None
 
 
-def table(summary: dict) -> str:
-  """The demo's results table (plain text)."""
+def table(summary: dict, header: bool = True) -> str:
+  """The demo's results table (plain text); ``header=False`` leaves out the first line and the note."""
   n, q = summary["n_items"], summary["n_test_queries"]
-  lines = [f"test queries: {q} (never seen in training), candidates: {n} {summary.get('items', 'emoji')}",
-           f"{'method':<14} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7} {'queries/s':>10}"]
+  lines = [f"test queries: {q} (never seen in training), candidates: {n} {summary.get('items', 'emoji')}"]
+  lines = lines if header else []
+  lines.append(f"{'method':<14} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7} {'queries/s':>10}")
   for name, key in (("CART", "cart"), ("CART + rerank", "cart_rerank"), ("dual tower", "dual_tower")):
     m = summary.get(key)
     if m is None:
       continue
     lines.append(f"{name:<14} {m['r@1']:>7.3f} {m['r@5']:>7.3f} {m['r@10']:>7.3f} {m['mrr@10']:>7.3f} "
                  f"{m['qps']:>10.1f}")
+  if not header:
+    return "\n".join(lines)
   if summary.get("cart_rerank"):
     w = summary["cart_rerank"]["weight"]
     lines.append(f"(CART + rerank: CART's beam re-sorted by log p + {w:g} x dual-tower cosine; weight "

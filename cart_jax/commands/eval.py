@@ -43,6 +43,9 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--limit", type=int, default=None, help="only the first N queries")
   p.add_argument("--modality", default=None, metavar="MODALITY",
                  help="only queries of items of this modality, against that modality's trie")
+  p.add_argument("--items", default=None, metavar="FILE",
+                 help="only the queries of these items (ids one per line, e.g. the corpus's "
+                      "unseen_items.txt); the whole index is still searched")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--rerank", action="store_true",
                  help="also report CART + dual-tower re-ranking of the same beams")
@@ -90,10 +93,20 @@ def run(args) -> int:
     except RerankError as e:
       raise CliError(f"--rerank-weight: {e}") from None
   import sys
+  items, loaded = None, None
+  if args.items is not None:
+    from cart_jax.data.corpus import read_item_ids
+    from cart_jax.train.jobs import load_run
+    try:
+      loaded = load_run(args.model_dir, args.step)
+      items = read_item_ids(args.items, loaded.corpus)
+    except (RunError, CorpusFormatError) as e:
+      raise CliError(str(e)) from None
   try:
     summary = eval_job(args.model_dir, split=split, beam_size=beam, batch_size=batch, limit=limit,
                        step=args.step, modality=args.modality, rerank=rerank, rerank_weight=weight,
-                       embeddings=args.embeddings, log=lambda m: print(m, file=sys.stderr))
+                       embeddings=args.embeddings, log=lambda m: print(m, file=sys.stderr),
+                       items=items, loaded=loaded)
   except ModalityError as e:
     raise CliError(f"--modality {args.modality}: {e}") from None
   except (RunError, CorpusFormatError, InputError, FileNotFoundError) as e:

@@ -424,6 +424,30 @@ def rewrite_texts(corpus_dir: str | os.PathLike, texts: Sequence[Text]) -> Corpu
   return load_corpus(root, check_media=False)
 
 
+def read_item_ids(path: str | os.PathLike, corpus: Corpus) -> set[str]:
+  """Item ids listed one per line in ``path`` (blank lines ignored), each an item of ``corpus``.
+
+  Used to restrict an evaluation to some items (e.g. ``unseen_items.txt`` of
+  ``cart data prepare emoji --unseen-items``). Raises CorpusFormatError naming the file and line.
+  """
+  path = Path(path)
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise CorpusFormatError(f"{path}: cannot read the item list ({e})") from None
+  out = set()
+  for lineno, line in enumerate(lines, start=1):
+    item = line.strip()
+    if not item:
+      continue
+    if item not in corpus:
+      raise CorpusFormatError(f"{path}:{lineno}: {item!r} is not an item of corpus {corpus.name!r}")
+    out.add(item)
+  if not out:
+    raise CorpusFormatError(f"{path}: no item ids")
+  return out
+
+
 def find_leaks(corpus: Corpus) -> list[tuple[Text, Text]]:
   """(held-out text, training text) pairs whose normalised texts are equal.
 

@@ -221,13 +221,17 @@ def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size
 def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_size: int = 64,
              limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None,
              modality: str | None = None, rerank: bool = False, rerank_weight: float | None = None,
-             embeddings: str | None = None, log: Callable[[str], None] = print) -> dict:
+             embeddings: str | None = None, log: Callable[[str], None] = print,
+             items: set[str] | None = None) -> dict:
   """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries.
 
   With ``modality`` (image/audio/video): only the queries whose target item has that modality,
   searched against the trie of that modality's identifiers. The summary then also holds
   ``unrestricted``: the same queries searched over the whole index (R@k, and how many top-1
   results were items of another modality -- what the restriction removes).
+
+  With ``items`` (a set of item ids): only the queries whose target is one of them (the whole
+  index is still searched); e.g. the unseen items of ``cart data prepare emoji --unseen-items``.
 
   With ``rerank``: ``summary["rerank"]`` holds CART + dual-tower re-ranking (R@k, MRR@10, qps,
   weight) of the same beams as CART alone (one search pass, re-sorted on the host), with the run's
@@ -256,8 +260,12 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
     targets = targets[keep]
     if limit is not None:
       texts, targets = texts[:limit], targets[:limit]
+  if items is not None:  # only the queries whose target is one of these items
+    keep = np.asarray([r.index.item_ids[int(t)] in items for t in targets], bool)  # [Q]
+    texts, targets = [t for t, k in zip(texts, keep) if k], targets[keep]
   if not texts:
-    what = f"'{split}' queries" + (f" of {modality} items" if modality is not None else "")
+    what = f"'{split}' queries" + (f" of {modality} items" if modality is not None else "") + \
+        (" of the listed items" if items is not None else "")
     raise RunError(f"{r.run['corpus_dir']}: no {what}")
   rr_metrics = None
   if reranker is None:
