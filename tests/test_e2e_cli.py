@@ -62,7 +62,8 @@ def test_tiny_pipeline_through_the_cli(tmp_path, capsys):
   ev = json.loads((tmp_path / "ev.json").read_text())
   assert ev["step"] == 2 and ev["num_queries"] == 24 and ev["num_items"] == 24
   assert 0.0 <= ev["r@1"] <= ev["r@5"] <= ev["r@10"] <= 1.0 and ev["qps"] > 0
-  assert ev["r@10"] >= 10 / 24 - 1e-9  # 10 distinct valid items out of 24: at least chance
+  # (2 steps: no quality bar here; tests/test_cart_learns.py has one. "R@10 >= 10/24" is not an
+  # invariant: queries that get different beams can all miss their own item.)
 
   capsys.readouterr()
   assert cart("search", "--model_dir", str(run), "grinning face", "-k", "3",
