@@ -13,8 +13,10 @@ Steps (each the code path of its own command):
      queries split train/val/test by wording, captions in 13 other languages;
   2. train the item encoder (``cart embed``): image tower vs frozen MiniLM text tower, InfoNCE;
   3. build identifiers (``cart build-ids``): K-Means K=64 + RQ-VAE M=2 x C=64 + counter;
-  4. train CART (``cart train --gin_file=gin_configs/experiments/emoji_demo.gin``; ``--full``:
-     ``emoji_cart.gin``, the full recipe with R-Drop, 4x the steps, and a longer item encoder);
+  4. train CART (``cart train --gin_file=gin_configs/experiments/emoji_demo.gin``: the frozen
+     pretrained MiniLM, its states cached once per training text, + a small fused decoder;
+     ``--full``: ``emoji_cart.gin``, with R-Drop, captions, 3x the steps, and a longer item
+     encoder trained on the same texts);
   5. evaluate CART (``cart eval --rerank``) and the dual tower (``cart baseline``) on the same
      ``test`` queries, print one table and one worked example (query -> generated identifier ->
      item).
@@ -44,7 +46,9 @@ IDS = ["--clusters", "64", "--levels", "2", "--codebook-size", "64", "--rq-steps
 SMOKE_IDS = ["--clusters", "4", "--levels", "1", "--codebook-size", "8", "--rq-steps", "50"]  # --limit
 DEMO = {"dataset": "emoji", "items": "emoji", "experiment": "gin_configs/experiments/emoji_demo.gin",
         "embed_args": ["--steps", "300"], "ids_args": IDS, "smoke_ids_args": SMOKE_IDS}
-FULL = dict(DEMO, experiment="gin_configs/experiments/emoji_cart.gin", embed_args=["--steps", "600"])
+# --full: CART trains on 10% captions, so its dual tower does too (--captions): the same texts.
+FULL = dict(DEMO, experiment="gin_configs/experiments/emoji_cart.gin",
+            embed_args=["--steps", "600", "--captions"])
 # --modality -> the module whose DEMO_RECIPE (same keys as DEMO) the demo runs; image is DEMO itself.
 RECIPE_MODULES = {"audio": "cart_jax.data.instruments_dataset", "video": "cart_jax.data.emoji_motion"}
 MODALITIES = ("image", "audio", "video")
@@ -77,7 +81,8 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                  help="built-in data set: image = emoji (default), audio = instruments, "
                       "video = emoji-motion")
   p.add_argument("--full", action="store_true",
-                 help="the full CART recipe (R-Drop, 4,000 steps) and a longer item encoder")
+                 help="the full CART recipe (R-Drop, captions, 3,000 steps) and a longer item "
+                      "encoder trained on the same texts")
   p.add_argument("--workdir", default=None,
                  help="keep everything here (default: a new temporary directory); steps whose "
                       "outputs already exist there are reused")
