@@ -126,3 +126,55 @@ def test_states_need_a_frozen_encoder(net):
   ids = jnp.asarray(input_pipeline.encode_texts(["a"], 8))
   with pytest.raises(ValueError, match="freeze_encoder"):
     unfrozen(ids, shift_right(jnp.full((1, 3), 2, jnp.int32)), states=jnp.zeros((1, 6, 8, 384)))
+
+
+def test_resume_with_cached_states_matches_uninterrupted(tmp_path):
+  """A run stopped after a checkpoint and resumed equals an uninterrupted one (states from the cache).
+
+  (The SIGKILL variant of this, with the encoder in the step, is tests/test_trainer.py.)
+  """
+  from cart_jax.index.identifiers import IdentifierConfig, SemanticIndex
+  from cart_jax.index.vocab import IdentifierVocab
+  from cart_jax.model.config import with_vocab
+
+  vocab = IdentifierVocab((3, 3, 2))
+  codes = np.array([[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 0, 1], [2, 2, 0], [2, 1, 0]], np.int32)
+  index = SemanticIndex(codes=codes, item_ids=[f"i{r}" for r in range(6)], vocab=vocab,
+                        config=IdentifierConfig(n_clusters=3, num_levels=1, codebook_size=3),
+                        embedding_dim=4, input_hash="test")
+  model_cfg = with_vocab(minilm_frozen(d_model=32, num_heads=2, head_dim=16, d_ff=32,
+                                       num_decoder_layers=1), vocab)
+  train_cfg = trainer.TrainConfig(num_steps=6, warmup_steps=2, learning_rate=1e-2, omega=1.0,
+                                  log_every=100, checkpoint_every=2, keep_checkpoints=2, seed=3)
+  texts = ["red apple", "green apple", "a dog face", "a cat face", "flag of japan", "flag of peru"]
+  ids = input_pipeline.encode_texts(texts, 12)  # [6, 12]
+
+  class Pipeline:
+    def batch_at(self, step):
+      rows = np.random.RandomState(step).randint(0, 6, 8)
+      return input_pipeline.model_features(ids[rows], vocab.codes_to_tokens(codes[rows]))
+
+    def iterate(self, start):
+      step = start
+      while True:
+        yield self.batch_at(step)
+        step += 1
+
+    def token_rows(self):
+      return ids
+
+  kw = dict(model_config=model_cfg, train_config=train_cfg, pipeline=Pipeline(), index=index,
+            progress=False, log=lambda s: None, state_cache_dir=tmp_path / "cache")
+  full = trainer.train(checkpoint_dir=None, **kw)
+  assert full.state_cache["texts"] == 6 and full.state_cache["misses"] == 0
+  part = trainer.train(checkpoint_dir=tmp_path / "ckpt", stop_after=4, **kw)
+  assert int(part.state.step) == 4
+  resumed = trainer.train(checkpoint_dir=tmp_path / "ckpt", **kw)
+  assert resumed.start_step == 4 and int(resumed.state.step) == 6
+  diff = max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+      resumed.state.params, full.state.params)))
+  moved = max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+      part.state.params, full.state.params)))
+  assert diff < 1e-5 < 1e-3 < moved  # steps 5-6 changed the parameters; the resumed run did the same

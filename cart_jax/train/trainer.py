@@ -351,6 +351,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
                                                  seed=c.seed, output=c.identifier_init == "embed+output")
     state = state.replace(params=params)
     log(f"identifier init ({c.identifier_init}): {info['rows_set']} token rows from the index")
+  ckpt = None
   start = 0
   if checkpoint_dir is not None:
     ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
