@@ -62,7 +62,7 @@ def test_tune_weight_picks_the_grid_weight_with_the_best_r1():
   w, table = tune_weight(rows, logp, cos, targets)
   assert w == 16.0
   r1 = {t["weight"]: t["r@1"] for t in table}
-  assert [t["weight"] for t in table] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, "cosine"]
+  assert [t["weight"] for t in table] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, "cosine"]
   assert r1[0.0] == r1[2.0] == pytest.approx(1 / 3)  # only B
   assert r1[4.0] == r1[8.0] == pytest.approx(2 / 3)  # A and B
   assert r1[16.0] == 1.0  # all three

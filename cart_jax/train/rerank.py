@@ -48,7 +48,7 @@ ITEMS_FILE = "items.npy"
 PROJ_FILE = "text_proj.npz"
 TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding
 COSINE_ONLY = math.inf
-DEFAULT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, COSINE_ONLY)
+DEFAULT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, COSINE_ONLY)
 TUNE_SPLIT = "val"
 
 
