@@ -15,7 +15,7 @@ Steps (each the code path of its own command):
   3. build identifiers (``cart build-ids``): K-Means K=64 + RQ-VAE M=2 x C=64 + counter;
   4. train CART (``cart train --gin_file=gin_configs/experiments/emoji_demo.gin``: the frozen
      pretrained MiniLM, its states cached once per training text, + a small fused decoder;
-     ``--full``: ``emoji_cart.gin``, with R-Drop, captions, 3x the steps, and a longer item
+     ``--full``: ``emoji_cart.gin``, with R-Drop, captions, 2x the steps, and a longer item
      encoder trained on the same texts);
   5. evaluate CART (``cart eval --rerank``) and the dual tower (``cart baseline``) on the same
      ``test`` queries, print one table and one worked example (query -> generated identifier ->
@@ -81,7 +81,7 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                  help="built-in data set: image = emoji (default), audio = instruments, "
                       "video = emoji-motion")
   p.add_argument("--full", action="store_true",
-                 help="the full CART recipe (R-Drop, captions, 3,000 steps) and a longer item "
+                 help="the full CART recipe (R-Drop, captions, 2,000 steps) and a longer item "
                       "encoder trained on the same texts")
   p.add_argument("--workdir", default=None,
                  help="keep everything here (default: a new temporary directory); steps whose "
