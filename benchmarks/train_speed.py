@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,22 @@ def one_run(name: str, args, work: Path, cache_dir: Path) -> dict:
           "state_cache": s.get("state_cache"), "load_avg_1m": os.getloadavg()[0]}
 
 
+def summarize(runs: list[dict], names: list[str]) -> dict:
+  """Median / min / max steps/s per configuration, and the cache's speed-up over the same network."""
+  summary = {}
+  for name in names:
+    sps = [x["steps_per_second"] for x in runs if x["config"] == name]
+    summary[name] = {"median_steps_per_second": statistics.median(sps), "min": min(sps), "max": max(sps)}
+  base = summary.get("no_cache", {}).get("median_steps_per_second")
+  if base and "cached" in summary:
+    summary["cache_speedup"] = summary["cached"]["median_steps_per_second"] / base
+  if "minilm_small_trainable" in summary and "cached" in summary:
+    summary["speedup_over_minilm_small_trainable"] = (
+        summary["cached"]["median_steps_per_second"] /
+        summary["minilm_small_trainable"]["median_steps_per_second"])
+  return summary
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--corpus", required=True, help="corpus directory (cart data prepare emoji)")
@@ -86,13 +103,7 @@ def main(argv=None) -> int:
               f"(compile {res['compile_seconds']:.1f} s, load {res['load_avg_1m']:.1f})", flush=True)
   finally:
     shutil.rmtree(work, ignore_errors=True)
-  summary = {}
-  for name in names:
-    sps = sorted(x["steps_per_second"] for x in runs if x["config"] == name)
-    summary[name] = {"median_steps_per_second": sps[len(sps) // 2], "min": sps[0], "max": sps[-1]}
-  base = summary.get("no_cache", {}).get("median_steps_per_second")
-  if base and "cached" in summary:
-    summary["cache_speedup"] = summary["cached"]["median_steps_per_second"] / base
+  summary = summarize(runs, names)
   cache_build = [x["state_cache"] for x in runs if x["config"] == "cached" and x["state_cache"]]
   result = {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
             "steps": args.steps, "rounds": args.rounds, "batch_size": 128, "input_length": 24,
