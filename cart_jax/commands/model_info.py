@@ -31,7 +31,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--id_length", type=int, default=6, help="identifier length (decode steps)")
   p.add_argument("--cost_analysis", action="store_true",
                  help="also compile encode + steps and report XLA's FLOP count")
-  p.add_argument("--embed_dim", type=int, default=256,
+  p.add_argument("--embed-dim", dest="embed_dim", type=int, default=256,
                  help="dual tower's embedding size, for its query-side FLOPs and the re-ranking cost")
   p.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
   p.set_defaults(func=run)

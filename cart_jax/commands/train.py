@@ -1,7 +1,7 @@
 """``cart train``: train CART with a gin-configured job (t5x style).
 
-  cart train --gin_file=gin_configs/experiments/emoji_tiny.gin --gin.MODEL_DIR=/tmp/cart_emoji
-  cart train --gin_file=gin_configs/experiments/emoji_tiny.gin --gin.MODEL_DIR=/tmp/cart_emoji \\
+  cart train --gin_file=gin_configs/experiments/emoji_demo.gin --gin.MODEL_DIR=/tmp/cart_emoji
+  cart train --gin_file=gin_configs/experiments/emoji_demo.gin --gin.MODEL_DIR=/tmp/cart_emoji \\
       --gin.TrainConfig.num_steps=4000 --gin.ModelConfig.fusion="'none'"
 
 The experiment file includes a model (gin_configs/models/) and the train run
@@ -56,7 +56,7 @@ def run(args) -> int:
   from cart_jax.train.jobs import RunError
 
   if not args.gin_file:
-    raise CliError("--gin_file is required (e.g. gin_configs/experiments/emoji_tiny.gin)")
+    raise CliError("--gin_file is required (e.g. gin_configs/experiments/emoji_demo.gin)")
   try:
     cli_gin.parse(args.gin_file, args.gin_bindings)
   except (ValueError, OSError, gin.config.ParseError if hasattr(gin.config, "ParseError") else ValueError) as e:
