@@ -32,11 +32,21 @@ from __future__ import annotations
 import argparse
 
 
+def add_rerank_flags(p: argparse.ArgumentParser, rerank_help: str) -> None:
+  """``--rerank``, ``--rerank-weight``, ``--embeddings``: shared by ``cart eval`` and ``cart search``."""
+  p.add_argument("--rerank", action="store_true", help=rerank_help)
+  p.add_argument("--rerank-weight", default=None, metavar="W",
+                 help="re-rank weight (a number >= 0 or 'cosine'; default: the run's tuned one)")
+  p.add_argument("--embeddings", default=None, metavar="E.npy",
+                 help="build the run's re-ranker from these `cart embed` outputs (weight tuned on "
+                      "val, stored in MODEL_DIR/rerank/); implies --rerank")
+
+
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   from cart_jax.commands.train import add_gin_flags
   p = subparsers.add_parser(name, help=help_text, description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model_dir", "--model-dir", required=True, help="a MODEL_DIR written by cart train")
+  p.add_argument("--model-dir", "--model_dir", dest="model_dir", required=True, help="a MODEL_DIR written by cart train")
   p.add_argument("--split", choices=("train", "val", "test"), default=None, help="default test")
   p.add_argument("--beam", type=int, default=None, help="beam size (default 10)")
   p.add_argument("--batch", type=int, default=None, help="queries per compiled call (default 64)")
@@ -47,13 +57,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                  help="only the queries of these items (ids one per line, e.g. the corpus's "
                       "unseen_items.txt); the whole index is still searched")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-  p.add_argument("--rerank", action="store_true",
-                 help="also report CART + dual-tower re-ranking of the same beams")
-  p.add_argument("--rerank-weight", default=None, metavar="W",
-                 help="re-rank weight (a number >= 0 or 'cosine'; default: the run's tuned one)")
-  p.add_argument("--embeddings", default=None, metavar="E.npy",
-                 help="build the run's re-ranker from these `cart embed` outputs (weight tuned on "
-                      "val, stored in MODEL_DIR/rerank/); implies --rerank")
+  add_rerank_flags(p, "also report CART + dual-tower re-ranking of the same beams")
   p.add_argument("--json", default=None, metavar="PATH", help="write the metrics here")
   add_gin_flags(p)
   p.set_defaults(func=run)

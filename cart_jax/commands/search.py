@@ -23,20 +23,15 @@ import argparse
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p = subparsers.add_parser(name, help=help_text, description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model_dir", "--model-dir", required=True, help="a MODEL_DIR written by cart train")
+  p.add_argument("--model-dir", "--model_dir", dest="model_dir", required=True, help="a MODEL_DIR written by cart train")
   p.add_argument("query", nargs="+", help="query text(s); each is searched separately")
   p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
   p.add_argument("--beam", type=int, default=None, help="beam size (default max(k, 10))")
   p.add_argument("--modality", default=None, metavar="MODALITY",
                  help="only items of this modality (image, audio or video; must be in the index)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-  p.add_argument("--rerank", action="store_true",
-                 help="re-sort the beam by the dual tower's cosine (the run's rerank/ weight)")
-  p.add_argument("--rerank-weight", default=None, metavar="W",
-                 help="re-rank weight (a number >= 0 or 'cosine'; default: the run's tuned one)")
-  p.add_argument("--embeddings", default=None, metavar="E.npy",
-                 help="build the run's re-ranker from these `cart embed` outputs (weight tuned on "
-                      "val, stored in MODEL_DIR/rerank/); implies --rerank")
+  from cart_jax.commands.eval import add_rerank_flags  # pylint: disable=g-import-not-at-top
+  add_rerank_flags(p, "re-sort the beam by the dual tower's cosine (the run's rerank/ weight)")
   p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
   p.set_defaults(func=run)
   return p
