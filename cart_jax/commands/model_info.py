@@ -1,8 +1,8 @@
 """``cart model-info``: parameter counts per part and FLOPs per query of a model config.
 
   cart model-info --config small --json /tmp/small.json
-  cart model-info --config small --encoder minilm --fusion none --cost_analysis
-  cart model-info --config minilm_frozen --src_len 24 --vocab_size 194 --id_length 4
+  cart model-info --config small --encoder minilm --fusion none --cost-analysis
+  cart model-info --config minilm_frozen --src-len 24 --vocab-size 216 --id-length 4
 
 Parameters are counted from ``nnx.eval_shape`` (nothing is allocated). FLOPs are
 analytic (see ``cart_jax.model.flops``) for one query of ``--src_len`` tokens,
@@ -24,12 +24,14 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                  help="override the preset's encoder (minilm = pretrained all-MiniLM-L6-v2)")
   p.add_argument("--fusion", choices=("none", "coarse", "fine", "both"), default=None,
                  help="override the preset's fusion mode")
-  p.add_argument("--vocab_size", type=int, default=None,
+  p.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=None,
                  help="identifier vocabulary size (default: the preset's 1314 = 2 + 5*256 + 32)")
-  p.add_argument("--src_len", type=int, default=32, help="query length in tokens")
+  p.add_argument("--src-len", "--src_len", dest="src_len", type=int, default=32,
+                 help="query length in tokens")
   p.add_argument("--beam", type=int, default=10, help="beam size")
-  p.add_argument("--id_length", type=int, default=6, help="identifier length (decode steps)")
-  p.add_argument("--cost_analysis", action="store_true",
+  p.add_argument("--id-length", "--id_length", dest="id_length", type=int, default=6,
+                 help="identifier length (decode steps)")
+  p.add_argument("--cost-analysis", "--cost_analysis", dest="cost_analysis", action="store_true",
                  help="also compile encode + steps and report XLA's FLOP count")
   p.add_argument("--embed-dim", dest="embed_dim", type=int, default=256,
                  help="dual tower's embedding size, for its query-side FLOPs and the re-ranking cost")
@@ -56,7 +58,7 @@ def build_info(args) -> dict:
   for name in ("src_len", "beam", "id_length"):
     if getattr(args, name) < 1:
       from cart_jax.cli import CliError
-      raise CliError(f"--{name} must be >= 1, got {getattr(args, name)}")
+      raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   abstract = nnx.eval_shape(lambda: CARTNetwork(cfg, rngs=nnx.Rngs(0)))
   params = param_groups(nnx.state(abstract))
   flops = flops_per_query(cfg, src_len=args.src_len, beam=args.beam, id_length=args.id_length)

@@ -19,7 +19,8 @@ import argparse
 def add_gin_flags(p: argparse.ArgumentParser) -> None:
   """``--gin_file F`` (repeatable) and ``--gin.NAME=VALUE`` bindings (collected into
   ``args.gin_bindings``; argparse itself cannot declare a wildcard option)."""
-  p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  p.add_argument("--gin-file", "--gin_file", dest="gin_file", action="append", default=[],
+                 help="gin file (repeatable; --gin_file, t5x's spelling, works too)")
   p.set_defaults(gin_bindings=[])
   orig = p.parse_known_args
 
