@@ -41,8 +41,12 @@ setup(
     description="CART generative cross-modal retrieval in JAX/Flax: semantic identifiers, "
                 "fused encoder-decoder, trie-constrained beam search",
     python_requires=">=3.10",
-    packages=find_packages(include=["cart_jax", "cart_jax.*", "tasks", "tasks.*"]),
+    # The SeqIO tasks live in the tasks/ folder but install as `cart_seqio`, so they can never
+    # collide with another project's `tasks` package or a t5x user's tasks.py.
+    packages=find_packages(include=["cart_jax", "cart_jax.*"]) + ["cart_seqio"],
+    package_dir={"cart_seqio": "tasks"},
+    package_data={"cart_jax": ["py.typed"]},
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["cart=cart_jax.cli:main"]},
+    entry_points={"console_scripts": ["cart=cart_jax.cli.main:main"]},
 )

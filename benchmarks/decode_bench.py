@@ -5,7 +5,7 @@ Run:
   python benchmarks/decode_bench.py --json benchmarks/results/decode_cpu.json \
       --plot benchmarks/results/decode_cpu.png                                 # full sweep
 
-Two decoders, both with the same step interface (cart_jax.decoding.TokensToLogits):
+Two decoders, both with the same step interface (cart_jax.inference.decoding.TokensToLogits):
   small  2 layers, d=256, 4 heads, MLP 1024, random float32 weights, a real self-attention KV cache
          and cross-attention to a fixed random encoder output [batch, 16, 256] that is not copied
          per beam: the end-to-end cost of a query (default in --quick).
@@ -13,7 +13,7 @@ Two decoders, both with the same step interface (cart_jax.decoding.TokensToLogit
          constraint, which is what the methods differ in.
 All methods run the same search skeleton on the same identifiers; only the constraint differs:
 
-  cart         the trie as arrays (cart_jax.index.trie) + cart_jax.decoding.beam_search
+  cart         the trie as arrays (cart_jax.index.trie) + cart_jax.inference.decoding.beam_search
   host_trie    a Python nested-dict trie walked for every beam at every step, called from the jitted
                search through jax.pure_callback (how GENRE / NCI constrain decoding)
   prefix_scan  every step compares every beam's prefix with all N identifiers, in JAX, and scatters
@@ -204,7 +204,7 @@ def build_search(method: str, beam: int, decoder: str = "small"):
   """Returns (params, search) with search(params, enc, tables) -> (codes, scores)."""
   import jax
   import jax.numpy as jnp
-  from cart_jax import decoding
+  from cart_jax.inference import decoding
 
   params, make_t2l, init_cache = make_decoder() if decoder == "small" else make_stub_decoder()
   config = decoding.DecodeConfig(beam, beam)

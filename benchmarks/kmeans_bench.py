@@ -22,7 +22,7 @@ METHODS = ("cart_jax", "sklearn_kmeans", "sklearn_minibatch")
 
 
 def _data(n, d, seed=0):
-  from cart_jax.data.synthetic import structured_embeddings
+  from cart_jax.data.datasets.synthetic import structured_embeddings
   return structured_embeddings(n, d, n_topics=256, n_subtopics=16, seed=seed)
 
 

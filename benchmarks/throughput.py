@@ -23,7 +23,7 @@ Methods (each in its own subprocess, the same thread settings for all):
   dual_jax    the same MiniLM text tower (mean pool, L2) -> random projection 384 -> 1024, L2 ->
               exact inner-product top-10 over N x 1024 item embeddings in JAX: a ``lax.scan`` over
               chunks (<= 65536 rows) of ``q @ C.T`` + ``lax.top_k`` with a running top-k merge (the
-              algorithm of ``cart_jax.retrieval.ExactSearcher``, without its host-side padding);
+              algorithm of ``cart_jax.inference.dual_tower.ExactSearcher``, without its host-side padding);
               query tower and search are two jitted programs called back to back.
   faiss_flat  the same query tower, then ``faiss.IndexFlatIP`` (exact) on the host (CPU only).
   faiss_ivf   the same query tower, then ``faiss.IndexIVFFlat`` (inner product) with
@@ -46,7 +46,7 @@ sensitive than wall time to other jobs on a shared machine). A cell whose predic
 CART) exceeds ``max_call_s`` is not run and is listed under ``skipped`` with the reason. The 1-minute load average is logged before and after each method and
 with every row.
 
-FLOPs per query (multiply-add = 2): CART from ``cart_jax.model.flops.flops_per_query`` (src 32,
+FLOPs per query (multiply-add = 2): CART from ``cart_jax.models.cart.flops.flops_per_query`` (src 32,
 beam 10, L 5), less the 9 of 10 beams that step 0 no longer runs where the decoder has
 ``single_beam_first_step``; dual tower = MiniLM encoder (same counting rules) + 2 x 384 x 1024 projection
 + 2 x N x 1024 (exact) or 2 x nlist x 1024 + 2 x nprobe x (N / nlist) x 1024 (IVF, expected).
@@ -314,8 +314,8 @@ def _query_tower(seed: int, dtype):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from cart_jax.model.layers import init_on_host  # pylint: disable=g-import-not-at-top
-  from cart_jax.model.minilm import MiniLMEncoder, sentence_embedding  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart.layers import init_on_host  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.text.minilm import MiniLMEncoder, sentence_embedding  # pylint: disable=g-import-not-at-top
 
   encoder = init_on_host(nnx.eval_shape(lambda: MiniLMEncoder(rngs=nnx.Rngs(0))), seed)
   graphdef, state = nnx.split(encoder)
@@ -414,9 +414,9 @@ def worker(spec: dict) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from cart_jax.model import config as mcfg  # pylint: disable=g-import-not-at-top
-  from cart_jax.model.flops import flops_per_query  # pylint: disable=g-import-not-at-top
-  from cart_jax.model.tokenizer import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart import config as mcfg  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart.flops import flops_per_query  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.text.tokenizer import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
 
   method = spec["method"]
   if method == "probe":
@@ -430,7 +430,7 @@ def worker(spec: dict) -> None:
   cart_cfg = mcfg.minilm_small(output_vocab_size=2 + sum(LEVEL_SIZES), dropout_rate=0.0,
                                dtype="bfloat16" if bf16 else "float32")
   cart_flops = flops_per_query(cart_cfg, src_len=SRC_LEN, beam=spec["beam"], id_length=ID_LEN)
-  from cart_jax.decoding import DecodeConfig  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.decoding import DecodeConfig  # pylint: disable=g-import-not-at-top
   if getattr(DecodeConfig(), "single_beam_first_step", False):  # step 0 runs one beam, not `beam`
     dec = cart_flops["decoder"]
     cart_flops["total"] -= int(dec * (spec["beam"] - 1) / (ID_LEN * spec["beam"]))
@@ -467,10 +467,10 @@ def worker(spec: dict) -> None:
     _emit(row)
 
   if method == "cart":
-    from cart_jax.decoding import DecodeConfig, beam_search  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference.decoding import DecodeConfig, beam_search  # pylint: disable=g-import-not-at-top
     from cart_jax.index.trie import build_trie  # pylint: disable=g-import-not-at-top
     from cart_jax.index.vocab import IdentifierVocab  # pylint: disable=g-import-not-at-top
-    from cart_jax.model.network import create_model  # pylint: disable=g-import-not-at-top
+    from cart_jax.models.cart.network import create_model  # pylint: disable=g-import-not-at-top
 
     vocab = IdentifierVocab(LEVEL_SIZES)
     model = create_model(cart_cfg, seed=spec["seed"], host_init=True)
@@ -756,7 +756,7 @@ def main(argv=None) -> int:
   if args.compare_src:
     src = os.path.abspath(args.compare_src)
     if not os.path.isfile(os.path.join(src, "cart_jax", "decoding.py")):
-      ap.error(f"--compare_src {src}: expected a directory with cart_jax/decoding.py inside")
+      ap.error(f"--compare_src {src}: expected a directory with cart_jax/inference/decoding.py inside")
     env_before = dict(env, PYTHONPATH=src + os.pathsep + env["PYTHONPATH"])
     for r in range(args.rounds):  # ABBA order: a drifting background load favours neither side
       pair = [("cart", "before", env_before), ("cart", "after", env)]

@@ -43,7 +43,7 @@ CONFIGS = {
 def one_run(name: str, args, work: Path, cache_dir: Path) -> dict:
   model_dir = work / f"{name}-{time.time_ns()}"
   steps, window = args.steps, max(1, args.steps // 3)
-  cmd = [sys.executable, "-m", "cart_jax.cli", "train", f"--gin_file={EXPERIMENT}", *CONFIGS[name],
+  cmd = [sys.executable, "-m", "cart_jax.cli.main", "train", f"--gin_file={EXPERIMENT}", *CONFIGS[name],
          f"--gin.MODEL_DIR={model_dir}", f"--gin.CORPUS_DIR={args.corpus}", f"--gin.INDEX_DIR={args.index}",
          f"--gin.TrainConfig.num_steps={steps}", f"--gin.TrainConfig.log_every={window}",
          "--gin.TrainConfig.checkpoint_every=0", "--gin.TrainConfig.warmup_steps=1",

@@ -20,8 +20,8 @@ GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "te
 def build() -> dict:
   from flax import nnx
 
-  from cart_jax.model.config import small
-  from cart_jax.model.network import CARTNetwork
+  from cart_jax.models.cart.config import small
+  from cart_jax.models.cart.network import CARTNetwork
   from cart_jax.partitioning import LOGICAL_AXIS_RULES, param_logical_axes_table
 
   cfg = small()

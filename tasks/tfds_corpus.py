@@ -1,6 +1,6 @@
 """A TensorFlow Datasets builder for the corpus format, so a corpus directory can be read as TFDS.
 
-  from tasks.tfds_corpus import CartCorpus
+  from cart_seqio.tfds_corpus import CartCorpus
   builder = CartCorpus(corpus_dir="corpora/emoji", data_dir="/tmp/tfds")
   builder.download_and_prepare()          # reads the corpus; downloads nothing
   ds = builder.as_dataset(split="test")   # {"item_id", "text", "kind", "source", "media"}

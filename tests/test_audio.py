@@ -10,8 +10,8 @@ from flax import nnx
 
 sf = pytest.importorskip("soundfile")
 
-from cart_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cart_jax.data.encoders import audio, towers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cart_jax.cli import main as cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cart_jax.models.towers import audio, image as towers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = audio.AudioTowerConfig()
 

@@ -11,10 +11,10 @@ pretrained MiniLM, whose states are cached once per training text; 240 steps.
 import numpy as np
 import pytest
 
-from cart_jax.data.emoji_dataset import prepare_emoji
-from cart_jax.data.synthetic import structured_embeddings
+from cart_jax.data.datasets.emoji import prepare_emoji
+from cart_jax.data.datasets.synthetic import structured_embeddings
 from cart_jax.index.identifiers import IdentifierConfig, build_index
-from cart_jax.model.config import minilm_frozen
+from cart_jax.models.cart.config import minilm_frozen
 from cart_jax.train import jobs
 from cart_jax.train.input_pipeline import InputConfig
 from cart_jax.train.trainer import TrainConfig

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from cart_jax import cli
-from cart_jax.data.synthetic import structured_embeddings
+from cart_jax.cli import main as cli
+from cart_jax.data.datasets.synthetic import structured_embeddings
 
 FAST = ["--clusters", "4", "--levels", "2", "--codebook-size", "4", "--rq-steps", "20",
         "--rq-latent-dim", "4", "--quiet"]

@@ -156,7 +156,7 @@ def test_add_captions_and_caption_texts(tmp_path):
 
 
 def _cli(argv):
-  from cart_jax.commands import data as data_cmd
+  from cart_jax.cli.commands import data as data_cmd
   parser = argparse.ArgumentParser(prog="cart")
   sub = parser.add_subparsers(dest="command")
   data_cmd.register(sub, "data", "corpora")
@@ -165,7 +165,7 @@ def _cli(argv):
 
 
 def test_cli_info_and_add_captions(tmp_path, capsys):
-  from cart_jax.cli import CliError
+  from cart_jax.cli.main import CliError
   _small(tmp_path)
   assert _cli(["info", str(tmp_path / "c"), "--json", str(tmp_path / "s.json")]) == 0
   summary = json.loads((tmp_path / "s.json").read_text())
@@ -186,7 +186,7 @@ def test_cli_info_and_add_captions(tmp_path, capsys):
 
 def test_data_package_imports_without_tensorflow():
   code = ("import sys; import cart_jax.data.corpus, cart_jax.data.importers, "
-          "cart_jax.data.captions, cart_jax.data.emoji_dataset, cart_jax.commands.data; "
+          "cart_jax.data.captions, cart_jax.data.datasets.emoji, cart_jax.cli.commands.data; "
           "bad = [m for m in ('tensorflow', 'seqio', 'jax', 'tensorflow_datasets') if m in sys.modules]; "
           "print(bad); sys.exit(1 if bad else 0)")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

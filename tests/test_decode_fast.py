@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cart_jax.decoding import DecodeConfig, beam_search
+from cart_jax.inference.decoding import DecodeConfig, beam_search
 from cart_jax.index.trie import build_trie
 from cart_jax.index.vocab import IdentifierVocab
-from cart_jax.model.config import tiny, with_vocab
-from cart_jax.model.layers import MultiHeadAttention, heads_major, shared_kv_attention
-from cart_jax.model.network import create_model
+from cart_jax.models.cart.config import tiny, with_vocab
+from cart_jax.models.cart.layers import MultiHeadAttention, heads_major, shared_kv_attention
+from cart_jax.models.cart.network import create_model
 
 VOCAB = IdentifierVocab((8, 6, 4))
 SRC = 9

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cart_jax.decoding import (DecodeConfig, beam_search, level_offsets, score_tokens,
+from cart_jax.inference.decoding import (DecodeConfig, beam_search, level_offsets, score_tokens,
                                unconstrained_beam_search)
 from cart_jax.index.trie import build_trie
 from cart_jax.index.vocab import PAD_ID, START_ID, IdentifierVocab
@@ -273,7 +273,7 @@ def test_core_modules_do_not_import_gin_or_tensorflow():
       "    if name.split('.')[0] in ('gin', 'tensorflow', 'seqio'):\n"
       "      raise ImportError('blocked ' + name)\n"
       "sys.meta_path.insert(0, Block())\n"
-      "import cart_jax.decoding, cart_jax.index.trie\n"
+      "import cart_jax.inference.decoding, cart_jax.index.trie\n"
       "print('ok')\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from cart_jax.cli import CliError, main
-from cart_jax.commands import demo
+from cart_jax.cli.main import CliError, main
+from cart_jax.cli.commands import demo
 
 
 def test_recipe_for_image_and_errors():
@@ -52,7 +52,7 @@ def test_recipes_of_audio_and_video_point_at_real_steps(modality, dataset):
   """Every argument list of the recipe parses with its command's own parser; the gin file exists."""
   from pathlib import Path
 
-  from cart_jax.commands import build_ids, data, embed
+  from cart_jax.cli.commands import build_ids, data, embed
   r = demo.recipe_for(modality)
   assert r["dataset"] == dataset and r["dataset"] in data.PREPARERS
   assert (Path(__file__).resolve().parents[1] / r["experiment"]).is_file()

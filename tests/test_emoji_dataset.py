@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cart_jax.data import emoji_dataset
+from cart_jax.data.datasets import emoji as emoji_dataset
 from cart_jax.data.corpus import find_leaks, load_corpus, normalize_text
 
 
 def _cli(argv):
-  from cart_jax.commands import data as data_cmd
+  from cart_jax.cli.commands import data as data_cmd
   parser = argparse.ArgumentParser(prog="cart")
   sub = parser.add_subparsers(dest="command")
   data_cmd.register(sub, "data", "corpora")
@@ -104,7 +104,7 @@ def test_wordings_and_split_are_deterministic():
 
 
 def test_cli_prepare_refuses_existing(small, tmp_path):
-  from cart_jax.cli import CliError
+  from cart_jax.cli.main import CliError
   out, _, _ = small
   with pytest.raises(CliError, match="already exists"):
     _cli(["prepare", "emoji", "--out", str(out), "--limit", "3"])
@@ -241,7 +241,7 @@ def test_unseen_bad_fraction_fails(bad, tmp_path, capsys):
 
 
 def test_unseen_cli_flag(tmp_path, capsys):
-  from cart_jax.cli import CliError
+  from cart_jax.cli.main import CliError
   with pytest.raises(SystemExit) as e:
     _cli(["prepare", "--help"])
   assert e.value.code == 0

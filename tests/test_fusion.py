@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cart_jax.model.config import tiny
-from cart_jax.model.fusion import CoarseProjection, FineFusion, FineKeyValue, FusedCrossAttention
-from cart_jax.model.layers import MultiHeadAttention, init_on_host
+from cart_jax.models.cart.config import tiny
+from cart_jax.models.cart.fusion import CoarseProjection, FineFusion, FineKeyValue, FusedCrossAttention
+from cart_jax.models.cart.layers import MultiHeadAttention, init_on_host
 
 B, K, T, SRC, S = 2, 3, 2, 5, 3  # batch, beam, decoder length, source length, encoder layers
 

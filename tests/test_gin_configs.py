@@ -6,10 +6,10 @@ import jax
 import pytest
 from flax import nnx
 
-from cart_jax import cli_gin
+from cart_jax.cli import gin_config as cli_gin
 from cart_jax.index.vocab import IdentifierVocab
-from cart_jax.model.config import with_vocab
-from cart_jax.model.network import CARTNetwork
+from cart_jax.models.cart.config import with_vocab
+from cart_jax.models.cart.network import CARTNetwork
 
 ROOT = Path(__file__).resolve().parents[1] / "gin_configs"
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.gin"))

@@ -6,9 +6,9 @@ from flax import nnx
 
 from cart_jax.index import identifiers as ident
 from cart_jax.index.vocab import NUM_RESERVED
-from cart_jax.model import identifier_init as ii
-from cart_jax.model.config import tiny
-from cart_jax.model.network import create_model
+from cart_jax.models.cart import identifier_init as ii
+from cart_jax.models.cart.config import tiny
+from cart_jax.models.cart.network import create_model
 from cart_jax.partitioning import make_mesh
 
 SMALL = dict(n_clusters=8, num_levels=2, codebook_size=8, rq_steps=30, rq_batch_size=128,

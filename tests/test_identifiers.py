@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cart_jax.data.synthetic import structured_embeddings
+from cart_jax.data.datasets.synthetic import structured_embeddings
 from cart_jax.index import identifiers as ident
 from cart_jax.index.inputs import InputError
 

@@ -27,7 +27,7 @@ def _csv(path: Path, header, rows):
 
 
 def _cli(argv):
-  from cart_jax.commands import data as data_cmd
+  from cart_jax.cli.commands import data as data_cmd
   parser = argparse.ArgumentParser(prog="cart")
   sub = parser.add_subparsers(dest="command")
   data_cmd.register(sub, "data", "corpora")
@@ -215,7 +215,7 @@ def test_msrvtt(tmp_path):
 
 
 def test_msrvtt_unknown_video_cli_leaves_nothing(tmp_path, capsys):
-  from cart_jax.cli import CliError
+  from cart_jax.cli.main import CliError
   d, tv, te, sentences = _msrvtt(tmp_path)
   data = json.loads(te.read_text())
   data["sentences"].append({"caption": "orphan", "video_id": "video99", "sen_id": 99})
@@ -225,7 +225,7 @@ def test_msrvtt_unknown_video_cli_leaves_nothing(tmp_path, capsys):
     _cli(["import", "msrvtt", str(tv), str(te), "--media-root", str(d / "videos"), "--out", str(out)])
   assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["msrvtt"]
   # and through the real console entry point: exit code 2, message on stderr
-  from cart_jax import cli
+  from cart_jax.cli import main as cli
   saved = list(cli.COMMANDS)
   try:
     cli.COMMANDS[:] = [("data", "data", "corpora")]

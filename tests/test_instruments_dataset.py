@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("soundfile")
 
-from cart_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cart_jax.data import instruments_dataset as ins  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cart_jax.cli import main as cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cart_jax.data.datasets import instruments as ins  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cart_jax.data.corpus import find_leaks, normalize_text  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cart_jax.data.encoders import audio  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cart_jax.models.towers import audio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _have_tools():

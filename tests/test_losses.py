@@ -6,9 +6,9 @@ import pytest
 from flax import nnx
 
 from cart_jax.index.vocab import PAD_ID, IdentifierVocab
-from cart_jax.model.config import tiny, with_vocab
-from cart_jax.model.losses import bidirectional_kl, compute_loss, token_cross_entropy
-from cart_jax.model.network import create_model, shift_right
+from cart_jax.models.cart.config import tiny, with_vocab
+from cart_jax.models.cart.losses import bidirectional_kl, compute_loss, token_cross_entropy
+from cart_jax.models.cart.network import create_model, shift_right
 
 VOCAB = IdentifierVocab((4, 3, 2))
 

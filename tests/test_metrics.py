@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cart_jax.metrics import first_relevant_rank, retrieval_metrics
+from cart_jax.inference.metrics import first_relevant_rank, retrieval_metrics
 
 # 4 queries, 10 results each. Targets: 7 at rank 1, 3 at rank 3, 9 at rank 10, 5 absent.
 RANKED = np.array([

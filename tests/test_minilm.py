@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cart_jax.model.minilm import (MiniLMConfig, MiniLMEncoder, default_minilm_dir, load_minilm_weights,
+from cart_jax.models.text.minilm import (MiniLMConfig, MiniLMEncoder, default_minilm_dir, load_minilm_weights,
                                    sentence_embedding)
-from cart_jax.model.tokenizer import WordPieceTokenizer, basic_tokenize
+from cart_jax.models.text.tokenizer import WordPieceTokenizer, basic_tokenize
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "minilm_reference.json")
 
@@ -106,8 +106,8 @@ def test_missing_weights_is_a_clear_error(tmp_path):
 @needs_minilm
 def test_cart_network_reads_minilm_layers():
   from cart_jax.index.vocab import IdentifierVocab
-  from cart_jax.model.config import minilm_small, with_vocab
-  from cart_jax.model.network import CARTNetwork, load_pretrained_encoder, param_groups
+  from cart_jax.models.cart.config import minilm_small, with_vocab
+  from cart_jax.models.cart.network import CARTNetwork, load_pretrained_encoder, param_groups
 
   vocab = IdentifierVocab((4, 3, 2))
   cfg = with_vocab(minilm_small(d_model=64, num_heads=2, head_dim=32, d_ff=64, num_decoder_layers=1,

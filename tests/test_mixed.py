@@ -131,7 +131,7 @@ def test_merge_preserves_texts_prefixes_collisions_and_merges_embeddings(tmp_pat
   assert meta["format"] == "cart-embeddings" and meta["dim"] == 8 and meta["num_items"] == 7
   assert stats.embedding_dim == 8 and _leftovers(tmp_path) == []
   # `cart embed --encoder precomputed` (the aligner) accepts the merged file for the merged corpus.
-  from cart_jax.data.encoders.precomputed import load_aligned
+  from cart_jax.data.embeddings import load_aligned
   assert not load_aligned(out / "embeddings.npy", merged.item_ids).reordered
 
   # --prefix: every id gets its corpus's name; explicit names and a copy of the media.
@@ -194,9 +194,9 @@ def _tiny_searcher(n_items=14, beam=16, seed=0):
   from flax import nnx
 
   from cart_jax.index.vocab import IdentifierVocab
-  from cart_jax.model.config import tiny, with_vocab
-  from cart_jax.model.network import create_model
-  from cart_jax.train.search import CartSearcher
+  from cart_jax.models.cart.config import tiny, with_vocab
+  from cart_jax.models.cart.network import create_model
+  from cart_jax.inference.searcher import CartSearcher
 
   vocab = IdentifierVocab((3, 3, 2))
   rs = np.random.RandomState(seed)
@@ -216,7 +216,7 @@ def _tiny_searcher(n_items=14, beam=16, seed=0):
 
 
 def test_restricted_search_returns_only_that_modality_in_the_full_ranking_order():
-  from cart_jax.train.search import ModalityError, subset_trie
+  from cart_jax.inference.searcher import ModalityError, subset_trie
   searcher, params, frozen, inputs, codes, modalities = _tiny_searcher()
   full_rows, full_scores, _ = searcher.search_ids(params, frozen, inputs)  # exhaustive (beam >= N)
   assert (full_rows >= 0).sum(1).tolist() == [14, 14, 14]

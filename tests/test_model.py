@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from cart_jax.index.vocab import START_ID, IdentifierVocab
-from cart_jax.model.config import ModelConfig, get_config, tiny, with_vocab
-from cart_jax.model.layers import relative_position_bucket
-from cart_jax.model.network import (CARTNetwork, create_model, param_groups, shift_right,
+from cart_jax.models.cart.config import ModelConfig, get_config, tiny, with_vocab
+from cart_jax.models.cart.layers import relative_position_bucket
+from cart_jax.models.cart.network import (CARTNetwork, create_model, param_groups, shift_right,
                                     trainable_filter)
 
 VOCAB = IdentifierVocab((4, 3, 3, 2))  # L = 4, vocab_size = 14

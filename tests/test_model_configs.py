@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cart_jax.model.config import PRESETS, ModelConfig
+from cart_jax.models.cart.config import PRESETS, ModelConfig
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs", "models")
 BINDING = re.compile(r"^ModelConfig\.(\w+)\s*=\s*(.+)$")

@@ -10,12 +10,12 @@ SCRIPT = textwrap.dedent("""
     import sys
     for name in ("gin", "tensorflow", "tensorflow_text", "seqio", "torch"):
       sys.modules[name] = None  # `import name` now raises ImportError
-    import cart_jax.model.config, cart_jax.model.layers, cart_jax.model.fusion
-    import cart_jax.model.network, cart_jax.model.losses, cart_jax.model.minilm
-    import cart_jax.model.tokenizer, cart_jax.model.flops, cart_jax.partitioning
+    import cart_jax.models.cart.config, cart_jax.models.cart.layers, cart_jax.models.cart.fusion
+    import cart_jax.models.cart.network, cart_jax.models.cart.losses, cart_jax.models.text.minilm
+    import cart_jax.models.text.tokenizer, cart_jax.models.cart.flops, cart_jax.partitioning
     from flax import nnx
-    from cart_jax.model.config import tiny
-    from cart_jax.model.network import CARTNetwork
+    from cart_jax.models.cart.config import tiny
+    from cart_jax.models.cart.network import CARTNetwork
     nnx.eval_shape(lambda: CARTNetwork(tiny(), rngs=nnx.Rngs(0)))  # builds without them too
     try:
       import gin

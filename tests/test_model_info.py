@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from cart_jax.commands import model_info
-from cart_jax.model.config import tiny
-from cart_jax.model.flops import flops_per_query, measured_flops
+from cart_jax.cli.commands import model_info
+from cart_jax.models.cart.config import tiny
+from cart_jax.models.cart.flops import flops_per_query, measured_flops
 
 
 def _parse(argv):
@@ -51,7 +51,7 @@ def test_analytic_flops_close_to_xla_cost_analysis():
 
 
 def test_bad_arguments():
-  from cart_jax.cli import CliError
+  from cart_jax.cli.main import CliError
   args = _parse(["--config", "tiny", "--beam", "0"])
   with pytest.raises(CliError, match="--beam"):
     model_info.build_info(args)

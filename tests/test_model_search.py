@@ -1,4 +1,4 @@
-"""The network's cached step function drives the constrained beam search (cart_jax.decoding).
+"""The network's cached step function drives the constrained beam search (cart_jax.inference.decoding).
 
 With a beam as wide as the corpus the search is exhaustive, so its ranking and scores must equal
 the teacher-forced (uncached) log-probabilities of every identifier, ranked by brute force.
@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cart_jax.decoding import DecodeConfig, beam_search
+from cart_jax.inference.decoding import DecodeConfig, beam_search
 from cart_jax.index.trie import build_trie
 from cart_jax.index.vocab import IdentifierVocab
-from cart_jax.model.config import tiny, with_vocab
-from cart_jax.model.network import create_model, shift_right
+from cart_jax.models.cart.config import tiny, with_vocab
+from cart_jax.models.cart.network import create_model, shift_right
 
 
 def test_beam_search_over_network_equals_brute_force():

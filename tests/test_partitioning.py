@@ -12,8 +12,8 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from cart_jax import partitioning
-from cart_jax.model.config import get_config
-from cart_jax.model.network import CARTNetwork
+from cart_jax.models.cart.config import get_config
+from cart_jax.models.cart.network import CARTNetwork
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "goldens", "partition_specs_small.json")
@@ -86,9 +86,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
     from cart_jax.index.vocab import IdentifierVocab
-    from cart_jax.model.config import tiny, with_vocab
-    from cart_jax.model.losses import compute_loss
-    from cart_jax.model.network import create_model
+    from cart_jax.models.cart.config import tiny, with_vocab
+    from cart_jax.models.cart.losses import compute_loss
+    from cart_jax.models.cart.network import create_model
     from cart_jax.partitioning import make_mesh
 
     assert jax.device_count() == 8, jax.devices()
@@ -96,7 +96,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     cfg = with_vocab(tiny(input_vocab_size=64, num_decoder_layers=1, dropout_rate=0.1), vocab)
     mesh = make_mesh(data=4, model=2)
     # born sharded: jitted init with out_shardings (a small module: XLA's RNG compile is slow on CPU)
-    from cart_jax.model.layers import GatedGeluMlp
+    from cart_jax.models.cart.layers import GatedGeluMlp
     from cart_jax.partitioning import create_sharded
     mlp = create_sharded(lambda: GatedGeluMlp(16, 32, dropout_rate=0.0, rngs=nnx.Rngs(0)), mesh)
     born = mlp.wi_1.kernel.get_value()

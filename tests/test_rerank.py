@@ -1,12 +1,12 @@
-"""Beam re-ranking with the dual tower (cart_jax/train/rerank.py) and the searcher's query embedding."""
+"""Beam re-ranking with the dual tower (cart_jax/inference/rerank.py) and the searcher's query embedding."""
 import json
 import types
 
 import numpy as np
 import pytest
 
-from cart_jax.train import rerank
-from cart_jax.train.rerank import COSINE_ONLY, Reranker, RerankError, combine, tune_weight
+from cart_jax.inference import rerank
+from cart_jax.inference.rerank import COSINE_ONLY, Reranker, RerankError, combine, tune_weight
 
 # ---------------------------------------------------------------------------------------
 # combine / tune_weight on arrays whose answer is known by hand.
@@ -91,9 +91,9 @@ def test_weights_parse_and_serialise():
 
 
 def _dual_model(path, out_dim, seed=0):
-  from cart_jax.data.encoders import towers
-  from cart_jax.data.encoders.dual_encoder import DualEncoderConfig
-  from cart_jax.data.encoders.train_dual import init_model, save_model
+  from cart_jax.models.towers import image as towers
+  from cart_jax.models.dual_encoder import DualEncoderConfig
+  from cart_jax.train.dual_encoder import init_model, save_model
   cfg = DualEncoderConfig(tower=towers.ImageTowerConfig(image_size=8, downsample=1, patch_size=4,
                                                         patch_dim=4, hidden_dim=8, out_dim=out_dim))
   model = init_model(cfg, seed)
@@ -223,7 +223,7 @@ def test_cosines_and_rerank_of_a_beam():
 # The searcher's query embedding: the MiniLM sentence embedding, out of the jitted search.
 
 try:
-  from cart_jax.model.minilm import default_minilm_dir
+  from cart_jax.models.text.minilm import default_minilm_dir
   _HAVE_MINILM = (default_minilm_dir() / "model.safetensors").is_file()
 except FileNotFoundError:
   _HAVE_MINILM = False
@@ -244,9 +244,9 @@ def _index(n_items=12, seed=0):
 def minilm_searcher():
   from flax import nnx
 
-  from cart_jax.model.config import tiny, with_vocab
-  from cart_jax.model.network import create_model, load_pretrained_encoder
-  from cart_jax.train.search import CartSearcher
+  from cart_jax.models.cart.config import tiny, with_vocab
+  from cart_jax.models.cart.network import create_model, load_pretrained_encoder
+  from cart_jax.inference.searcher import CartSearcher
   index = _index()
   cfg = with_vocab(tiny(encoder="minilm", freeze_encoder=True, num_decoder_layers=1), index.vocab)
   model = load_pretrained_encoder(create_model(cfg, seed=1, host_init=True))
@@ -260,8 +260,8 @@ def test_searcher_query_embedding_is_the_minilm_sentence_embedding(minilm_search
   import jax
   import jax.numpy as jnp
 
-  from cart_jax.data.encoders.text import MiniLMTextEncoder
-  from cart_jax.model.minilm import sentence_embedding
+  from cart_jax.models.text.encoder import MiniLMTextEncoder
+  from cart_jax.models.text.minilm import sentence_embedding
   from cart_jax.train.input_pipeline import encode_texts
   searcher, params, frozen, model, _ = minilm_searcher
   texts = ["a smiling cat", "red apple on a table", "grinning face with big eyes"]  # 2 batches
@@ -306,9 +306,9 @@ def test_search_ids_with_rerank_returns_a_reordering_of_the_beam(minilm_searcher
 def test_query_embedding_needs_a_minilm_encoder():
   from flax import nnx
 
-  from cart_jax.model.config import tiny, with_vocab
-  from cart_jax.model.network import create_model
-  from cart_jax.train.search import CartSearcher
+  from cart_jax.models.cart.config import tiny, with_vocab
+  from cart_jax.models.cart.network import create_model
+  from cart_jax.inference.searcher import CartSearcher
   index = _index(6)
   model = create_model(with_vocab(tiny(input_vocab_size=40, num_decoder_layers=1), index.vocab),
                        seed=0, host_init=True)
@@ -399,7 +399,7 @@ def test_tiny_run_trains_tunes_and_evaluates_with_rerank(tmp_path, capsys):
 
 def test_rerank_of_a_run_without_minilm_is_a_clear_error(tmp_path, capsys):
   from cart_jax.index.vocab import IdentifierVocab
-  from cart_jax.model.config import tiny, with_vocab
+  from cart_jax.models.cart.config import tiny, with_vocab
   from cart_jax.train.jobs import LoadedRun, RunError, eval_job
   index = _index(6)
   loaded = LoadedRun(model_dir=tmp_path, run={}, model_config=with_vocab(tiny(), IdentifierVocab((3, 3, 2))),
@@ -410,7 +410,7 @@ def test_rerank_of_a_run_without_minilm_is_a_clear_error(tmp_path, capsys):
 
 
 def test_demo_table_has_a_cart_rerank_row():
-  from cart_jax.commands.demo import table
+  from cart_jax.cli.commands.demo import table
   m = {"r@1": 0.5, "r@5": 0.75, "r@10": 0.875, "mrr@10": 0.6, "qps": 10.0}
   s = {"n_items": 8, "n_test_queries": 4, "cart": m, "dual_tower": m,
        "cart_rerank": dict(m, **{"r@1": 0.625, "weight": 4.0})}

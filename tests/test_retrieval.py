@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cart_jax import retrieval
+from cart_jax.inference import dual_tower as retrieval
 
 
 def numpy_top_k(queries, items, k):

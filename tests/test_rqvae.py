@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cart_jax.data.synthetic import structured_embeddings
+from cart_jax.data.datasets.synthetic import structured_embeddings
 from cart_jax.index import rqvae as rq
 
 

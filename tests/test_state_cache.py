@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cart_jax.model import losses
-from cart_jax.model.config import minilm_frozen
-from cart_jax.model.network import create_model, load_pretrained_encoder, shift_right
+from cart_jax.models.cart import losses
+from cart_jax.models.cart.config import minilm_frozen
+from cart_jax.models.cart.network import create_model, load_pretrained_encoder, shift_right
 from cart_jax.train import input_pipeline, state_cache, trainer
 
 TEXTS = ["a dog face", "grinning face with big eyes", "red apple", "a dog face",
@@ -135,7 +135,7 @@ def test_resume_with_cached_states_matches_uninterrupted(tmp_path):
   """
   from cart_jax.index.identifiers import IdentifierConfig, SemanticIndex
   from cart_jax.index.vocab import IdentifierVocab
-  from cart_jax.model.config import with_vocab
+  from cart_jax.models.cart.config import with_vocab
 
   vocab = IdentifierVocab((3, 3, 2))
   codes = np.array([[0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 0, 1], [2, 2, 0], [2, 1, 0]], np.int32)

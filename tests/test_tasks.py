@@ -10,9 +10,9 @@ tf = pytest.importorskip("tensorflow")
 
 from cart_jax.data.corpus import Item, Text, normalize_text, write_corpus  # noqa: E402
 from cart_jax.index.vocab import START_ID, IdentifierVocab  # noqa: E402
-from tasks import cart_tasks  # noqa: E402
-from tasks.feature_converters import CartFeatureConverter  # noqa: E402
-from tasks.vocabularies import IdentifierVocabulary, WordPieceVocabulary, input_vocabulary  # noqa: E402
+from cart_seqio import tasks as cart_tasks  # noqa: E402
+from cart_seqio.feature_converters import CartFeatureConverter  # noqa: E402
+from cart_seqio.vocabularies import IdentifierVocabulary, WordPieceVocabulary, input_vocabulary  # noqa: E402
 
 _CART_TASKS_AT_IMPORT = [n for n in seqio.TaskRegistry.names() if n.startswith("cart_")]
 VOCAB = IdentifierVocab((4, 8, 8, 3))  # L = 4; offsets 2, 6, 14, 22; size 25
@@ -67,7 +67,7 @@ def test_identifier_vocabulary():
 
 
 def test_wordpiece_matches_python_tokenizer():
-  from cart_jax.model.tokenizer import WordPieceTokenizer
+  from cart_jax.models.text.tokenizer import WordPieceTokenizer
   wp = input_vocabulary("wordpiece")
   assert isinstance(wp, WordPieceVocabulary) and wp.vocab_size == 30522
   assert (wp.cls_id, wp.eos_id, wp.unk_id) == (101, 102, 100)
@@ -128,7 +128,7 @@ def test_truncation_keeps_special_tokens_and_byte_vocab(toy):
   names = cart_tasks.register_corpus_tasks(corpus_dir, item_ids, codes, VOCAB, name="toy_w")
   ds = seqio.get_mixture_or_task(names.caption).get_dataset({"inputs": 4, "targets": 4},
                                                             split="train", shuffle=False)
-  from cart_jax.model.tokenizer import WordPieceTokenizer
+  from cart_jax.models.text.tokenizer import WordPieceTokenizer
   ref = WordPieceTokenizer.from_file(input_vocabulary("wordpiece").vocab_path)
   want = ref.encode("caption 0 of a red thing", max_length=4)
   assert len(want) == 4 and want[0] == 101 and want[-1] == 102
@@ -206,7 +206,7 @@ def test_captions_file_and_errors(toy, tmp_path):
 def test_tfds_builder(toy, tmp_path):
   pytest.importorskip("importlib_resources", reason="tensorflow-datasets needs importlib_resources "
                       "(pulled by etils[epath]); add it to the data extra")
-  from tasks.tfds_corpus import CartCorpus
+  from cart_seqio.tfds_corpus import CartCorpus
   corpus_dir, _, _ = toy
   builder = CartCorpus(corpus_dir=corpus_dir, data_dir=str(tmp_path / "tfds"), include_media=True)
   builder.download_and_prepare()

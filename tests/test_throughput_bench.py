@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from cart_jax.decoding import DecodeConfig, beam_search
+from cart_jax.inference.decoding import DecodeConfig, beam_search
 from cart_jax.index.trie import build_trie
 from cart_jax.index.vocab import IdentifierVocab
 

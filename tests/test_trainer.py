@@ -20,7 +20,7 @@ import pytest
 from cart_jax.data.corpus import Corpus, Item, Text
 from cart_jax.index.identifiers import IdentifierConfig, SemanticIndex
 from cart_jax.index.vocab import IdentifierVocab
-from cart_jax.model.config import tiny, with_vocab
+from cart_jax.models.cart.config import tiny, with_vocab
 from cart_jax.train import input_pipeline, trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ SETUP = textwrap.dedent("""
     import numpy as np
     from cart_jax.index.identifiers import IdentifierConfig, SemanticIndex
     from cart_jax.index.vocab import IdentifierVocab
-    from cart_jax.model.config import tiny, with_vocab
+    from cart_jax.models.cart.config import tiny, with_vocab
     from cart_jax.train import input_pipeline, trainer
 
     VOCAB = IdentifierVocab((3, 3, 2))

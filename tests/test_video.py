@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from cart_jax import cli
-from cart_jax.data.encoders import towers
-from cart_jax.data.encoders.dual_encoder import DualEncoderConfig
-from cart_jax.data.encoders.video import (VideoTower, VideoTowerConfig, load_video, read_video,
+from cart_jax.cli import main as cli
+from cart_jax.models.towers import image as towers
+from cart_jax.models.dual_encoder import DualEncoderConfig
+from cart_jax.models.towers.video import (VideoTower, VideoTowerConfig, load_video, read_video,
                                           sample_indices)
 
 av = pytest.importorskip("av")

@@ -109,7 +109,7 @@ def _media_path(item: Item, name: str) -> str:
 def _aligned_embeddings(paths: Sequence[str | os.PathLike], corpora: Sequence[Corpus],
                         names: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
   """float32 [N, d]: each corpus's embeddings in its item order, stacked, rows L2-normalised."""
-  from cart_jax.data.encoders.precomputed import align, read_embeddings_with_ids  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.embeddings import align, read_embeddings_with_ids  # pylint: disable=g-import-not-at-top
   if len(paths) != len(corpora):
     raise MergeError(f"{len(paths)} embedding file(s) for {len(corpora)} corpora: pass one per "
                      "corpus, in the same order")

@@ -8,8 +8,8 @@ Two pipelines produce the same model features (see ``tasks/feature_converters.py
   decoder_loss_weights   int32 [batch, L]             1 at every non-padding target
 
 * ``numpy`` (:class:`NumpyPipeline`): pure numpy over the corpus format, tokenised once with
-  :mod:`cart_jax.model.tokenizer`. No TensorFlow: the path on GPU/TPU hosts without TF.
-* ``seqio`` (:func:`seqio_pipeline`): the SeqIO tasks of ``tasks/cart_tasks.py`` (the
+  :mod:`cart_jax.models.text.tokenizer`. No TensorFlow: the path on GPU/TPU hosts without TF.
+* ``seqio`` (:func:`seqio_pipeline`): the SeqIO tasks of ``tasks/tasks.py`` (the
   caption-enhancement mixture) through ``CartFeatureConverter``.
 * ``auto``: ``seqio`` when it imports, else ``numpy``.
 
@@ -91,7 +91,7 @@ def model_features(input_ids: np.ndarray, target_tokens: np.ndarray) -> dict[str
 
 
 def to_loss_batch(features) -> dict:
-  """Model features -> the keys ``cart_jax.model.losses.compute_loss`` reads."""
+  """Model features -> the keys ``cart_jax.models.cart.losses.compute_loss`` reads."""
   return {"inputs": features["encoder_input_tokens"], "targets": features["decoder_target_tokens"],
           "decoder_inputs": features["decoder_input_tokens"]}
 
@@ -103,7 +103,7 @@ def tokenizer():
   """The WordPiece tokenizer of all-MiniLM-L6-v2 (cached)."""
   global _TOKENIZER
   if _TOKENIZER is None:
-    from cart_jax.model.tokenizer import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
+    from cart_jax.models.text.tokenizer import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
     _TOKENIZER = WordPieceTokenizer.from_file()
   return _TOKENIZER
 
@@ -216,8 +216,8 @@ class SeqioPipeline:
                corpus=None):
     import seqio  # pylint: disable=g-import-not-at-top
 
-    from tasks import cart_tasks  # pylint: disable=g-import-not-at-top
-    from tasks.feature_converters import CartFeatureConverter  # pylint: disable=g-import-not-at-top
+    from cart_seqio import tasks as cart_tasks  # pylint: disable=g-import-not-at-top
+    from cart_seqio.feature_converters import CartFeatureConverter  # pylint: disable=g-import-not-at-top
     self.config = config
     self.corpus, self.corpus_dir, self.captions_file = corpus, corpus_dir, captions_file
     self.names = cart_tasks.register_index_tasks(corpus_dir, index, caption_rate=config.caption_rate,

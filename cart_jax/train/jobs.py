@@ -17,7 +17,7 @@ The corpus itself is not copied (media can be large): ``run.json`` points at it 
 path. A second ``cart train`` on the same MODEL_DIR resumes; it refuses a different model
 config or index.
 
-No gin here (``cart_jax/cli_gin.py`` makes :func:`train_job` configurable).
+No gin here (``cart_jax/cli/gin_config.py`` makes :func:`train_job` configurable).
 """
 from __future__ import annotations
 
@@ -95,8 +95,9 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
 
   from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
-  from cart_jax.model.config import with_vocab  # pylint: disable=g-import-not-at-top
-  from cart_jax.train import evaluation, input_pipeline, trainer  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart.config import with_vocab  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import input_pipeline, trainer
 
   trainer.maybe_initialize_distributed()
   t0 = time.perf_counter()
@@ -141,7 +142,7 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
              "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
              "compile_seconds": result.compile_seconds, "state_cache": result.state_cache}
   if jax.process_index() == 0 and summary["step"] >= train_config.num_steps:
-    from cart_jax.train import rerank  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
     summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)  # None w/o embeddings
   if jax.process_index() == 0:
     _atomic_json(model_dir / "train_summary.json", summary)
@@ -167,7 +168,7 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
   """Reads ``run.json``, the index copy and the newest (or given) checkpoint of a MODEL_DIR."""
   from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
-  from cart_jax.model.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from cart_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   d = Path(model_dir)
@@ -204,7 +205,7 @@ def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size
   With ``modality`` the searcher only generates identifiers of that modality's items; an unknown
   modality raises ``ModalityError`` listing the index's modalities.
   """
-  from cart_jax.train.search import CartSearcher, index_modalities  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.searcher import CartSearcher, index_modalities  # pylint: disable=g-import-not-at-top
   modalities = None
   if r.corpus is not None:
     try:
@@ -236,12 +237,12 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
   With ``rerank``: ``summary["rerank"]`` holds CART + dual-tower re-ranking (R@k, MRR@10, qps,
   weight) of the same beams as CART alone (one search pass, re-sorted on the host), with the run's
   ``rerank/`` re-ranker (or one built from ``embeddings``, its weight tuned on val and stored in the
-  run: :mod:`cart_jax.train.rerank`); ``rerank_weight`` overrides the stored weight.
+  run: :mod:`cart_jax.inference.rerank`); ``rerank_weight`` overrides the stored weight.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from cart_jax.train import evaluation  # pylint: disable=g-import-not-at-top
-  from cart_jax.train import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
   r = loaded or load_run(model_dir, step)
   reranker = None
   if rerank:
@@ -297,7 +298,7 @@ def _by_modality(item_modalities, rows, targets) -> dict:
   """R@k, MRR and top-1 of another modality, for the queries of each target modality."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from cart_jax.metrics import retrieval_metrics  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.metrics import retrieval_metrics  # pylint: disable=g-import-not-at-top
   out = {}
   target_mod = item_modalities[targets]  # [Q]
   k = rows.shape[1]

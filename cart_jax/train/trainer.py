@@ -14,7 +14,7 @@ The state is split ``(graphdef, params, frozen)``: ``params`` are the trainable 
 (``network.trainable_filter``; a frozen encoder is not among them), ``frozen`` the rest. Both are
 plain nested dicts of arrays (``nnx.to_pure_dict``) so orbax and optax see ordinary pytrees.
 
-No gin here: ``cart_jax/cli_gin.py`` makes these configurable at the edge.
+No gin here: ``cart_jax/cli/gin_config.py`` makes these configurable at the edge.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cart_jax.model import losses
-from cart_jax.model.config import ModelConfig
-from cart_jax.model.network import CARTNetwork, create_model, load_pretrained_encoder, trainable_filter
+from cart_jax.models.cart import losses
+from cart_jax.models.cart.config import ModelConfig
+from cart_jax.models.cart.network import CARTNetwork, create_model, load_pretrained_encoder, trainable_filter
 from cart_jax import partitioning
 
 
@@ -68,7 +68,7 @@ class TrainConfig:
     mesh_data, mesh_model: mesh shape; ``-1`` fills with the remaining devices.
     identifier_init: ``none``; ``embed``: the decoder's identifier token embeddings start from the
       index's K-Means centroids / RQ-VAE codebook vectors, projected to ``d_model``
-      (:mod:`cart_jax.model.identifier_init`); ``embed+output``: the output projection too.
+      (:mod:`cart_jax.models.cart.identifier_init`); ``embed+output``: the output projection too.
   """
   num_steps: int = 1000
   learning_rate: float = 1e-3
@@ -346,7 +346,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   tx = make_optimizer(c)
   graphdef, state, frozen = create_train_state(model_config, c, mesh, tx)
   if c.identifier_init != "none":  # a restored checkpoint below overwrites this
-    from cart_jax.model.identifier_init import init_decoder_from_identifiers  # pylint: disable=g-import-not-at-top
+    from cart_jax.models.cart.identifier_init import init_decoder_from_identifiers  # pylint: disable=g-import-not-at-top
     params, info = init_decoder_from_identifiers(state.params, index, d_model=model_config.d_model,
                                                  seed=c.seed, output=c.identifier_init == "embed+output")
     state = state.replace(params=params)
@@ -371,7 +371,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   writer = MetricWriter(Path(metrics_dir) if metrics_dir is not None else None)
   searcher = None
   if validation is not None and c.eval_every > 0:
-    from cart_jax.train.search import CartSearcher  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
     searcher = CartSearcher(graphdef, index, beam_size=c.beam_size, n_results=c.beam_size,
                             input_length=input_length, mesh=mesh)
   bar = None
@@ -419,7 +419,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
             log(f"step {done}: loss {m['loss']:.4f} token_acc {m['token_accuracy']:.3f} "
                 f"{m['steps_per_second']:.2f} steps/s")
         if searcher is not None and (done % c.eval_every == 0 or done == last):
-          from cart_jax.train.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+          from cart_jax.inference.evaluation import evaluate  # pylint: disable=g-import-not-at-top
           texts, targets = validation
           res, _, _ = evaluate(searcher, state.params, frozen, texts, targets, warm_up=not val_history)
           val_history.append({"step": done, **res})

@@ -1,0 +1,203 @@
+"""``cart data``: build corpora (import a data set's files, prepare the embedded ``emoji``),
+add a captioner's output, and validate/summarise a corpus.
+
+  cart data import karpathy dataset_flickr30k.json --media-root flickr30k-images --out corpora/f30k
+  cart data import clotho CLOTHO_DIR --media-root CLOTHO_AUDIO --out corpora/clotho
+  cart data prepare emoji --out corpora/emoji
+  cart data add-captions --corpus corpora/f30k --captions blip2_captions.jsonl
+  cart data info corpora/emoji
+  cart data merge corpora/emoji corpora/instruments --out corpora/mixed \\
+      --embeddings emb/emoji.npy emb/instruments.npy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+FORMATS = ("karpathy", "clotho", "audiocaps", "msrvtt", "msvd")
+
+
+# Built-in data sets: name -> "module:function". Each function is called as
+# fn(out_dir, *, limit=None, size=None, templates=True, overwrite=False) -> (Corpus, stats) where
+# stats is a dataclass whose fields go into the JSON summary; size=None means the set's default.
+# emoji also takes unseen_items=F (--unseen-items), which the others do not have.
+PREPARERS = {
+    "emoji": "cart_jax.data.datasets.emoji:prepare_emoji",
+    "instruments": "cart_jax.data.datasets.instruments:prepare_instruments",
+    "emoji-motion": "cart_jax.data.datasets.emoji_motion:prepare_emoji_motion",
+}
+
+
+def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+  p = subparsers.add_parser(name, help=help_text, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+  sub.required = True
+
+  imp = sub.add_parser("import", help="convert a data set's annotation files to a corpus directory")
+  imp.add_argument("format", choices=FORMATS, help="source format")
+  imp.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="annotation file(s), or for clotho/audiocaps a directory holding them")
+  imp.add_argument("--out", required=True, help="corpus directory to create")
+  imp.add_argument("--media-root", default=None,
+                   help="directory of the media files (default: the first SOURCE's directory)")
+  imp.add_argument("--media-pattern", default=None,
+                   help="file name of an item's media under --media-root (audiocaps: "
+                        "'{youtube_id}_{start_time}.wav', msrvtt: '{video_id}.mp4', "
+                        "msvd: '{video_id}.avi')")
+  imp.add_argument("--media", dest="media_mode", choices=("symlink", "copy", "hardlink"),
+                   default="symlink", help="how media enter the corpus (default: symlink)")
+  imp.add_argument("--name", default=None, help="corpus name (default: from the format)")
+  imp.add_argument("--skip-missing-media", action="store_true",
+                   help="drop items whose media file is missing instead of failing")
+  imp.add_argument("--split-list", action="append", default=[], metavar="SPLIT=FILE",
+                   help="msvd: ids of one split, one per line (repeat for train, val, test)")
+  imp.add_argument("--mapping", default=None,
+                   help="msvd: youtube_mapping.txt; gives the standard 1200/100/670 split")
+  imp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  imp.add_argument("--json", default=None, help="write a JSON summary here")
+  imp.set_defaults(func=run)
+
+  prep = sub.add_parser("prepare", help="build an embedded offline corpus (" + ", ".join(PREPARERS) + ")")
+  prep.add_argument("dataset", choices=tuple(PREPARERS),
+                    help="emoji: text-image; instruments: text-audio; emoji-motion: text-video")
+  prep.add_argument("--out", required=True, help="corpus directory to create")
+  prep.add_argument("--limit", type=int, default=None,
+                    help="smoke runs: only the first N items (emoji-motion: N emoji, 11 clips each)")
+  prep.add_argument("--size", type=int, default=None,
+                    help="image/frame side in pixels (emoji: 64, emoji-motion: 48; "
+                         "instruments: not applicable)")
+  prep.add_argument("--no-templates", dest="templates", action="store_false",
+                    help="no templated English wordings ('<name> emoji', '<name> icon')")
+  prep.add_argument("--unseen-items", type=_unseen_fraction, default=0.0, metavar="FRACTION",
+                    help="emoji: this share in [0, 1) of the items (hash of the id) gets no "
+                         "training query, only English captions, as in CART's protocol "
+                         "(default 0)")
+  prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  prep.add_argument("--json", default=None, help="write a JSON summary here")
+  prep.set_defaults(func=run)
+
+  cap = sub.add_parser("add-captions", help="add a captioner's JSONL output as caption texts")
+  cap.add_argument("--corpus", required=True, help="corpus directory")
+  cap.add_argument("--captions", required=True, help='JSONL: {"item_id": ..., "text": ...} per line')
+  cap.add_argument("--replace", action="store_true", help="drop the existing caption texts first")
+  cap.add_argument("--source", default=None, help="provenance tag (default 'captioner')")
+  cap.add_argument("--json", default=None, help="write a JSON summary here")
+  cap.set_defaults(func=run)
+
+  mrg = sub.add_parser("merge", help="merge corpora of any modalities into one corpus (header "
+                                     "'mixed' when they differ), with their embeddings")
+  mrg.add_argument("corpora", nargs="+", metavar="CORPUS", help="two or more corpus directories")
+  mrg.add_argument("--out", required=True, help="merged corpus directory to create")
+  mrg.add_argument("--embeddings", nargs="+", default=None, metavar="E.npy",
+                   help="one embeddings file per CORPUS, same order and dimension (ids from the "
+                        "E.ids.txt that cart embed writes); written merged, rows L2-normalised, "
+                        "as OUT/embeddings.npy + OUT/embeddings.ids.txt for cart build-ids")
+  mrg.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                   help="per CORPUS, the name that prefixes colliding ids and names its media "
+                        "folder (default: each corpus's own name)")
+  mrg.add_argument("--name", default=None, help="merged corpus name (default: NAMEs joined by '+')")
+  mrg.add_argument("--prefix", action="store_true",
+                   help="prefix every item id with '<name>:' (default: only ids that collide)")
+  mrg.add_argument("--media", dest="media_mode", choices=("symlink", "copy", "hardlink"),
+                   default="symlink", help="how media enter the merged corpus (default: symlink)")
+  mrg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  mrg.add_argument("--json", default=None, help="write a JSON summary here")
+  mrg.set_defaults(func=run)
+
+  info = sub.add_parser("info", help="validate a corpus and print its counts and leak check")
+  info.add_argument("corpus", help="corpus directory")
+  info.add_argument("--json", default=None, help="write a JSON summary here")
+  info.set_defaults(func=run)
+  return p
+
+
+def _unseen_fraction(value: str) -> float:
+  """argparse type of --unseen-items (argparse names the flag in its error, exit 2)."""
+  from cart_jax.data.datasets.emoji import check_unseen_fraction
+  try:
+    return check_unseen_fraction(value)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
+
+
+def _parse_split_lists(values: list[str]):
+  from cart_jax.cli.main import CliError
+  out = {}
+  for v in values:
+    if "=" not in v:
+      raise CliError(f"--split-list {v!r}: expected SPLIT=FILE")
+    split, path = v.split("=", 1)
+    out[split] = Path(path)
+  return out or None
+
+
+def _emit(summary: dict, json_path: str | None) -> None:
+  print(json.dumps(summary, indent=2, ensure_ascii=False))
+  if json_path:
+    from cart_jax.index.artefact import atomic_write_json
+    atomic_write_json(json_path, summary, ensure_ascii=False)
+
+
+def run(args) -> int:
+  from cart_jax.cli.main import CliError
+  from cart_jax.data.corpus import CorpusFormatError, find_leaks, load_corpus
+
+  try:
+    if args.data_command == "import":
+      from cart_jax.data.importers import import_corpus
+      if Path(args.out).exists() and not args.overwrite:
+        raise CliError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+      corpus, result = import_corpus(
+          args.format, args.sources, args.out, media_root=args.media_root,
+          media_mode=args.media_mode, overwrite=args.overwrite, name=args.name,
+          media_pattern=args.media_pattern, skip_missing_media=args.skip_missing_media,
+          split_lists=_parse_split_lists(args.split_list), mapping=args.mapping)
+      summary = dict(corpus.summary(), out=str(args.out),
+                     skipped_missing_media=len(result.skipped_items))
+    elif args.data_command == "prepare":
+      import importlib
+      if Path(args.out).exists() and not args.overwrite:
+        raise CliError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+      module, fn = PREPARERS[args.dataset].split(":")
+      prepare = getattr(importlib.import_module(module), fn)
+      extra = {}
+      if args.dataset == "emoji":
+        extra["unseen_items"] = args.unseen_items
+      elif args.unseen_items:
+        raise CliError(f"--unseen-items applies only to the emoji corpus, not {args.dataset}")
+      corpus, stats = prepare(args.out, limit=args.limit, size=args.size,
+                              templates=args.templates, overwrite=args.overwrite, **extra)
+      summary = dict(corpus.summary(), out=str(args.out), **vars(stats))
+    elif args.data_command == "add-captions":
+      from cart_jax.data.captions import add_captions
+      corpus, stats = add_captions(args.corpus, args.captions, replace=args.replace,
+                                   source=args.source)
+      summary = dict(corpus.summary(), **stats)
+    elif args.data_command == "merge":
+      import dataclasses
+      from cart_jax.data.merge import merge_corpora
+      corpus, stats = merge_corpora(args.corpora, args.out, embeddings=args.embeddings,
+                                    names=args.names, name=args.name, prefix=args.prefix,
+                                    media_mode=args.media_mode, overwrite=args.overwrite)
+      summary = dict(corpus.summary(), out=str(args.out), **dataclasses.asdict(stats))
+    elif args.data_command == "info":
+      corpus = load_corpus(args.corpus)
+      leaks = find_leaks(corpus)
+      summary = dict(corpus.summary(), leaks=len(leaks),
+                     leak_examples=[[a.text, a.split, b.text, b.item_id] for a, b in leaks[:5]])
+      _emit(summary, args.json)
+      return 1 if leaks else 0
+    else:  # argparse guarantees one of the above
+      raise CliError(f"unknown action {args.data_command!r}")
+  except (CorpusFormatError, FileExistsError, ValueError, RuntimeError) as e:
+    raise CliError(str(e)) from None
+  _emit(summary, args.json)
+  return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+  from cart_jax.cli.main import main
+  sys.exit(main(["data"] + sys.argv[1:]))

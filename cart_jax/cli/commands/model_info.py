@@ -1,0 +1,96 @@
+"""``cart model-info``: parameter counts per part and FLOPs per query of a model config.
+
+  cart model-info --config small --json /tmp/small.json
+  cart model-info --config small --encoder minilm --fusion none --cost-analysis
+  cart model-info --config minilm_frozen --src-len 24 --vocab-size 216 --id-length 4
+
+Parameters are counted from ``nnx.eval_shape`` (nothing is allocated). FLOPs are
+analytic (see ``cart_jax.models.cart.flops``) for one query of ``--src_len`` tokens,
+``--beam`` beams and ``--id_length`` decode steps; ``--cost_analysis`` adds XLA's
+count of the compiled encode + cached steps as a cross-check.
+"""
+from __future__ import annotations
+
+import argparse
+
+PRESET_NAMES = ("tiny", "small", "base", "minilm_small", "minilm_frozen")
+
+
+def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+  p = subparsers.add_parser(name, help=help_text, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="small", choices=PRESET_NAMES, help="model preset")
+  p.add_argument("--encoder", choices=("t5", "minilm"), default=None,
+                 help="override the preset's encoder (minilm = pretrained all-MiniLM-L6-v2)")
+  p.add_argument("--fusion", choices=("none", "coarse", "fine", "both"), default=None,
+                 help="override the preset's fusion mode")
+  p.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=None,
+                 help="identifier vocabulary size (default: the preset's 1314 = 2 + 5*256 + 32)")
+  p.add_argument("--src-len", "--src_len", dest="src_len", type=int, default=32,
+                 help="query length in tokens")
+  p.add_argument("--beam", type=int, default=10, help="beam size")
+  p.add_argument("--id-length", "--id_length", dest="id_length", type=int, default=6,
+                 help="identifier length (decode steps)")
+  p.add_argument("--cost-analysis", "--cost_analysis", dest="cost_analysis", action="store_true",
+                 help="also compile encode + steps and report XLA's FLOP count")
+  p.add_argument("--embed-dim", dest="embed_dim", type=int, default=256,
+                 help="dual tower's embedding size, for its query-side FLOPs and the re-ranking cost")
+  p.add_argument("--json", default=None, metavar="PATH", help="write the summary as JSON")
+  p.set_defaults(func=run)
+  return p
+
+
+def build_info(args) -> dict:
+  from flax import nnx
+
+  from cart_jax.models.cart.config import get_config
+  from cart_jax.models.cart.flops import dual_tower_query_flops, flops_per_query, measured_flops
+  from cart_jax.models.cart.network import CARTNetwork, param_groups
+
+  overrides = {}
+  if args.encoder is not None:
+    overrides["encoder"] = args.encoder
+  if args.fusion is not None:
+    overrides["fusion"] = args.fusion
+  if args.vocab_size is not None:
+    overrides["output_vocab_size"] = args.vocab_size
+  cfg = get_config(args.config, **overrides)
+  for name in ("src_len", "beam", "id_length"):
+    if getattr(args, name) < 1:
+      from cart_jax.cli.main import CliError
+      raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  abstract = nnx.eval_shape(lambda: CARTNetwork(cfg, rngs=nnx.Rngs(0)))
+  params = param_groups(nnx.state(abstract))
+  flops = flops_per_query(cfg, src_len=args.src_len, beam=args.beam, id_length=args.id_length)
+  info = {"config": args.config, "model_config": cfg.to_dict(), "parameters": params, "flops_per_query": flops,
+          "dual_tower_query_flops": dual_tower_query_flops(src_len=args.src_len, embed_dim=args.embed_dim),
+          "rerank_flops": 2 * args.beam * args.embed_dim}
+  if args.cost_analysis:
+    measured = measured_flops(cfg, src_len=args.src_len, beam=args.beam, id_length=args.id_length)
+    info["xla_cost_analysis_flops"] = measured
+    info["xla_over_analytic"] = measured / flops["total"]
+  return info
+
+
+def run(args) -> int:
+  info = build_info(args)
+  p, f = info["parameters"], info["flops_per_query"]
+  cfg = info["model_config"]
+  print(f"model {args.config}: encoder={cfg['encoder']} fusion={cfg['fusion']} d_model={cfg['d_model']} "
+        f"vocab={cfg['output_vocab_size']}")
+  for k in ("embeddings", "encoder", "fusion", "decoder", "total"):
+    print(f"  params {k:<11} {p[k]:>13,}")
+  a = f["assumptions"]
+  print(f"  FLOPs/query (src {a['src_len']}, beam {a['beam']}, id length {a['id_length']}): "
+        f"{f['total'] / 1e9:.3f} GFLOP (encoder {f['encoder'] / 1e9:.3f}, "
+        f"fusion precompute {f['fusion_precompute'] / 1e9:.3f}, decoder {f['decoder'] / 1e9:.3f})")
+  print(f"  dual tower query side (MiniLM + projection to {args.embed_dim}): "
+        f"{info['dual_tower_query_flops'] / 1e9:.3f} GFLOP, plus 2 x N x {args.embed_dim} to score N items; "
+        f"re-ranking the beam: {info['rerank_flops'] / 1e3:.1f} kFLOP")
+  if "xla_cost_analysis_flops" in info:
+    print(f"  XLA cost analysis: {info['xla_cost_analysis_flops'] / 1e9:.3f} GFLOP "
+          f"({info['xla_over_analytic']:.3f} x analytic)")
+  if args.json:
+    from cart_jax.index.artefact import atomic_write_json
+    atomic_write_json(args.json, info)
+  return 0

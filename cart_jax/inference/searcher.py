@@ -1,0 +1,264 @@
+"""Retrieval with a trained CART network: text -> constrained beam search -> item rows.
+
+:class:`CartSearcher` wraps one jitted function ``(params, frozen, input_ids) -> DecodeResult``
+that encodes a batch of queries once and runs :func:`cart_jax.inference.decoding.beam_search` over the
+index's trie (rows are rows of ``SemanticIndex.codes``). Queries are processed in fixed-size
+batches (the last one padded) so one compiled program serves any number of queries.
+
+**Restricting by modality.** Over a mixed index (images, audio and video in one index, see
+``cart data merge``) a query can be limited to one modality: :meth:`CartSearcher.restrict`
+returns a searcher whose trie holds only that modality's identifiers (:func:`subset_trie`), so
+the beam search can generate nothing else. The sub-trie's leaves point at *global* index rows,
+so results need no remapping. Tries are built once per modality and shared by all restricted
+views; ``jax.jit`` compiles one program per trie shape (the fan-outs are static).
+
+**Query embedding and re-ranking.** With a MiniLM encoder the same jitted call can also return each
+query's all-MiniLM-L6-v2 sentence embedding (masked mean of the last layer's states, L2-normalised:
+what the dual tower's text side starts from), at no extra encoder pass:
+:meth:`CartSearcher.search_beams`. ``search_ids``/``search_texts`` take a
+:class:`cart_jax.inference.rerank.Reranker`: every beam result is then re-scored on the host by the
+dual tower's query-item cosine and re-sorted (``cart eval --rerank``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cart_jax.inference.decoding import DecodeConfig, beam_search
+from cart_jax.index.trie import TrieTables, build_trie
+
+if TYPE_CHECKING:
+  from cart_jax.inference.rerank import Reranker
+
+
+class ModalityError(ValueError):
+  """A search was restricted to a modality the index does not hold (the message lists those it does)."""
+
+
+@dataclasses.dataclass
+class Beams:
+  """Every beam of a search (best first by log-probability), and the queries' sentence embeddings.
+
+  Attributes:
+    rows: int32 [Q, beam] index rows; -1 where fewer than ``beam`` identifiers exist.
+    scores: float32 [Q, beam] identifier log-probabilities; -inf where ``rows`` is -1.
+    codes: int32 [Q, beam, L] level-local codes (-1 where invalid).
+    query_embedding: float32 [Q, 384] MiniLM sentence embeddings (unit norm), or None.
+  """
+  rows: np.ndarray
+  scores: np.ndarray
+  codes: np.ndarray
+  query_embedding: np.ndarray | None
+
+
+def subset_trie(codes: np.ndarray, rows: np.ndarray, vocab=None, device_put: bool = False) -> TrieTables:
+  """The trie of ``codes[rows]`` whose leaves point at the *global* rows (rows of ``codes``).
+
+  Args:
+    codes: int [N, L] all identifiers of the index.
+    rows: int [n] the rows to keep (distinct, any order).
+    vocab: the index's IdentifierVocab (same level sizes as the full trie, so the model's logits fit).
+    device_put: commit the tables to the default device.
+  """
+  rows = np.asarray(rows, np.int64)  # [n]
+  if rows.ndim != 1 or rows.size == 0:
+    raise ValueError(f"subset_trie: need a non-empty 1-D array of rows, got shape {rows.shape}")
+  if len(np.unique(rows)) != rows.size:
+    raise ValueError("subset_trie: rows must be distinct")
+  codes = np.asarray(codes)
+  if rows.min() < 0 or rows.max() >= codes.shape[0]:
+    raise ValueError(f"subset_trie: rows out of range [0, {codes.shape[0]})")
+  sub = build_trie(codes[rows], vocab)  # leaf_row: rows of codes[rows]  [n]
+  sub = sub.replace(leaf_row=rows[np.asarray(sub.leaf_row)].astype(np.int32))  # -> global rows [n]
+  return sub.to_device() if device_put else sub
+
+
+def index_modalities(index, corpus) -> np.ndarray:
+  """Modality (str) of every index row, from the corpus's items: ``[N]`` in ``index.item_ids`` order."""
+  missing = [i for i in index.item_ids if i not in corpus]
+  if missing:
+    raise ValueError(f"{len(missing)} index item(s) are not items of corpus {corpus.name!r}, e.g. "
+                     f"{missing[:3]}: the index was not built from this corpus")
+  return np.asarray([corpus.item_modality(i) for i in index.item_ids])
+
+
+class CartSearcher:
+  """Constrained beam search over an index for a network given as (graphdef, params, frozen).
+
+  Args:
+    graphdef: the network's graph definition (``nnx.split``).
+    index: the SemanticIndex (codes, vocab, item ids).
+    beam_size, n_results: decode settings.
+    input_length: query token length.
+    batch_size: queries per compiled call.
+    mesh: optional mesh the search runs under.
+    item_modalities: optional modality (str) per index row (:func:`index_modalities`); needed by
+      :meth:`restrict`.
+  """
+
+  def __init__(self, graphdef, index, *, beam_size: int = 10, n_results: int = 10,
+               input_length: int = 32, batch_size: int = 64, mesh=None,
+               item_modalities: Sequence[str] | None = None):
+    self.graphdef = graphdef
+    self.index = index
+    self.input_length = int(input_length)
+    self.batch_size = int(batch_size)
+    self.mesh = mesh
+    self.decode_config = DecodeConfig(beam_size=beam_size, n_results=n_results)
+    self.modality: str | None = None  # None: the whole index
+    self.item_modalities = None
+    if item_modalities is not None:
+      self.item_modalities = np.asarray(item_modalities)  # [N]
+      if self.item_modalities.shape != (index.n_items,):
+        raise ValueError(f"item_modalities: {self.item_modalities.shape[0]} entries for an index of "
+                         f"{index.n_items} items")
+    self.trie = build_trie(np.asarray(index.codes), index.vocab, device_put=True)
+    self._tries: dict[str | None, TrieTables] = {None: self.trie}  # shared by restricted views
+    id_length = index.vocab.id_length
+    config = self.decode_config
+
+    def search(params, frozen, inputs, trie, n_results, with_embedding):  # inputs int32 [b, src]
+      model = nnx.merge(graphdef, params, frozen)
+      mask = inputs != 0  # [b, src]
+      states = model.encoder_states(inputs, mask)  # [b, S, src, width]: the encoder runs once
+      step_fn = model.tokens_to_logits_fn(model.encode_states(states, mask))
+      cache = model.init_cache(inputs.shape[0], config.beam_size, id_length)  # [b, beam, ...]
+      res = beam_search(step_fn, cache, trie, dataclasses.replace(config, n_results=n_results))
+      if not with_embedding:
+        return res, None
+      if model.config.encoder != "minilm":
+        raise ValueError(f"the query sentence embedding needs a MiniLM encoder; this network's "
+                         f"encoder is {model.config.encoder!r}")
+      from cart_jax.models.text.minilm import mean_pool  # pylint: disable=g-import-not-at-top
+      pooled = mean_pool(states[:, -1].astype(jnp.float32), mask)  # [b, 384] last MiniLM layer
+      emb = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+      return res, emb
+
+    self._search = jax.jit(search, static_argnames=("n_results", "with_embedding"))
+
+  def available_modalities(self) -> dict[str, int]:
+    """``{modality: number of index items}`` (empty when no item modalities were given)."""
+    if self.item_modalities is None:
+      return {}
+    names, counts = np.unique(self.item_modalities, return_counts=True)
+    return {str(m): int(c) for m, c in zip(names, counts)}
+
+  def trie_for(self, modality: str | None) -> TrieTables:
+    """The trie of the whole index (``None``) or of one modality's items (built once, cached)."""
+    if modality not in self._tries:
+      available = self.available_modalities()
+      if modality not in available:
+        listed = ", ".join(f"{m} ({n} items)" for m, n in available.items()) or "none known"
+        raise ModalityError(f"modality {modality!r} is not in this index; available: {listed}")
+      rows = np.flatnonzero(self.item_modalities == modality)  # [n_modality] global rows
+      self._tries[modality] = subset_trie(np.asarray(self.index.codes), rows, self.index.vocab,
+                                          device_put=True)
+    return self._tries[modality]
+
+  def restrict(self, modality: str | None) -> "CartSearcher":
+    """A view of this searcher that only generates identifiers of ``modality`` (None: all).
+
+    The view shares the compiled search function and the trie cache; rows it returns are rows
+    of the whole index. Raises ModalityError listing the modalities present.
+    """
+    self.trie_for(modality)  # validates and builds once
+    view = copy.copy(self)
+    view.modality = modality
+    view.trie = self._tries[modality]
+    return view
+
+  def _run(self, params, frozen, input_ids: np.ndarray, n_results: int, with_embedding: bool):
+    """Fixed-size batches through the jitted search: (rows, scores, codes, embedding or None)."""
+    q = input_ids.shape[0]
+    b = self.batch_size
+    rows, scores, codes, embs = [], [], [], []
+    for start in range(0, q, b):
+      chunk = input_ids[start:start + b]
+      n = chunk.shape[0]
+      if n < b:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])  # [b, src]
+      if self.mesh is not None:
+        with jax.set_mesh(self.mesh):
+          res, emb = self._search(params, frozen, jnp.asarray(chunk), self.trie, n_results, with_embedding)
+      else:
+        res, emb = self._search(params, frozen, jnp.asarray(chunk), self.trie, n_results, with_embedding)
+      valid = np.asarray(res.valid)[:n]
+      rows.append(np.where(valid, np.asarray(res.rows)[:n], -1))
+      scores.append(np.where(valid, np.asarray(res.scores)[:n], -np.inf))
+      codes.append(np.asarray(res.codes)[:n])
+      if with_embedding:
+        embs.append(np.asarray(emb, np.float32)[:n])
+    if not rows:
+      k, L = n_results, self.index.vocab.id_length
+      return (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros((0, k, L), np.int32),
+              np.zeros((0, 384), np.float32) if with_embedding else None)
+    return (np.concatenate(rows), np.concatenate(scores), np.concatenate(codes),
+            np.concatenate(embs) if with_embedding else None)
+
+  def search_beams(self, params, frozen, input_ids: np.ndarray, *, with_embedding: bool = True) -> Beams:
+    """All ``beam_size`` results per query and (by default) the queries' MiniLM sentence embeddings.
+
+    The embedding comes out of the same jitted call as the beam search (the encoder runs once):
+    ``mean_pool(states[:, -1], mask)`` L2-normalised, i.e. ``minilm.sentence_embedding`` of the
+    query. Needs a MiniLM encoder (ValueError otherwise).
+    """
+    rows, scores, codes, emb = self._run(params, frozen, input_ids, self.decode_config.beam_size,
+                                         with_embedding)
+    return Beams(rows=rows, scores=scores, codes=codes, query_embedding=emb)
+
+  def search_ids(self, params, frozen, input_ids: np.ndarray, rerank: "Reranker | None" = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``input_ids int32 [Q, src]`` -> (rows int32 [Q, n], scores float32 [Q, n], codes [Q, n, L]).
+
+    Rows are ``-1`` (and scores ``-inf``) where fewer than ``n`` identifiers exist. With
+    ``rerank``, all ``beam_size`` results are re-scored by the dual tower's cosine and re-sorted
+    (:meth:`Reranker.rerank`); the first ``n`` of that order come back, with their combined scores
+    (``logp + weight * cos``; the cosine alone for the cosine-only weight).
+    """
+    n = self.decode_config.n_results
+    if rerank is None:
+      rows, scores, codes, _ = self._run(params, frozen, input_ids, n, False)
+      return rows, scores, codes
+    beams = self.search_beams(params, frozen, input_ids)
+    out = rerank.rerank(beams.rows, beams.scores, beams.query_embedding)
+    codes = np.take_along_axis(beams.codes, out.order[:, :, None], axis=1)  # [Q, beam, L]
+    return out.rows[:, :n], out.scores[:, :n].astype(np.float32), codes[:, :n]
+
+  def search_texts(self, params, frozen, texts: Sequence[str], rerank: "Reranker | None" = None):
+    """Tokenises ``texts`` and searches them (see :meth:`search_ids`)."""
+    from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
+    return self.search_ids(params, frozen, encode_texts(list(texts), self.input_length), rerank)
+
+  def warm_up(self, params, frozen, *, beams: bool = False) -> float:
+    """Compiles the search program (``beams``: the one of :meth:`search_beams`); returns seconds."""
+    t0 = time.perf_counter()
+    dummy = np.zeros((1, self.input_length), np.int32)
+    dummy[:, 0] = 101
+    if beams:
+      self.search_beams(params, frozen, dummy)
+    else:
+      self.search_ids(params, frozen, dummy)
+    return time.perf_counter() - t0
+
+
+def describe(index, rows: np.ndarray, scores: np.ndarray, corpus=None) -> list[dict[str, Any]]:
+  """One query's results as dicts: rank, item id, identifier codes, score, modality, media path."""
+  out = []
+  for rank, (r, s) in enumerate(zip(rows, scores)):
+    if r < 0:
+      continue
+    item = index.item_ids[int(r)]
+    d = {"rank": rank + 1, "item_id": item,
+         "identifier": [int(c) for c in index.codes[int(r)]], "score": float(s)}
+    if corpus is not None and item in corpus:
+      d["modality"] = corpus.item_modality(item)
+      d["media"] = str(corpus.media_path(item))
+    out.append(d)
+  return out
