@@ -11,7 +11,8 @@ from flax import nnx
 sf = pytest.importorskip("soundfile")
 
 from cart_jax.cli import main as cli  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cart_jax.models.towers import audio, image as towers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cart_jax.media import audio as media  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cart_jax.models.towers import audio, registry  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = audio.AudioTowerConfig()
 
@@ -23,14 +24,14 @@ def _sine(freq, rate, seconds=1.0, amp=0.5, channels=1):
 
 
 def _peak_band(freq, config=CONFIG):
-  return int(np.abs(audio.mel_frequencies(config) - freq).argmin())
+  return int(np.abs(media.mel_frequencies(config) - freq).argmin())
 
 
 @pytest.mark.parametrize("ext,subtype", [("wav", "PCM_16"), ("flac", "PCM_16"), ("ogg", "VORBIS")])
 def test_sine_peaks_in_its_mel_band(tmp_path, ext, subtype):
   path = tmp_path / f"sine.{ext}"
   sf.write(path, _sine(1000, 16000), 16000, subtype=subtype)
-  mels = audio.load_audio([path], CONFIG)
+  mels = media.load_audio([path], CONFIG)
   assert mels.shape == (1, CONFIG.frames, CONFIG.n_mels) == (1, 92, 64) and mels.dtype == np.float32
   frame = mels[0, 20]  # [n_mels], inside the 1 s tone
   assert int(frame.argmax()) == _peak_band(1000) == 21
@@ -42,11 +43,11 @@ def test_sine_peaks_in_its_mel_band(tmp_path, ext, subtype):
 def test_resampling_8k_to_16k_keeps_the_tone_and_mixes_stereo(tmp_path):
   path = tmp_path / "tone8k.wav"
   sf.write(path, _sine(1500, 8000, channels=2), 8000)
-  wave = audio.read_wave(path, CONFIG)
+  wave = media.read_wave(path, CONFIG)
   assert wave.shape == (CONFIG.clip_samples,)
   spectrum = np.abs(np.fft.rfft(wave[:16000]))  # the first second: 1 Hz bins
   assert int(spectrum.argmax()) == 1500
-  mels = audio.load_audio([path], CONFIG)
+  mels = media.load_audio([path], CONFIG)
   assert int(mels[0, 20].argmax()) == _peak_band(1500)
 
 
@@ -54,7 +55,7 @@ def test_clips_are_cropped_and_zero_padded_to_clip_seconds(tmp_path):
   short, long = tmp_path / "short.wav", tmp_path / "long.wav"
   sf.write(short, _sine(440, 16000, seconds=0.5), 16000)
   sf.write(long, _sine(440, 16000, seconds=3.0), 16000)
-  mels = audio.load_audio([short, long], CONFIG)
+  mels = media.load_audio([short, long], CONFIG)
   frames_with_sound = (mels.max(axis=2) > CONFIG.min_db).sum(axis=1)  # [2]
   # 0.5 s = 8000 samples: frames starting before 8000 - 1 see the tone (window 512, hop 256).
   assert frames_with_sound[0] == (8000 - 1) // 256 + 1 == 32
@@ -65,7 +66,7 @@ def test_clips_are_cropped_and_zero_padded_to_clip_seconds(tmp_path):
 def test_silence_is_fine_and_sits_at_the_floor(tmp_path):
   path = tmp_path / "silence.wav"
   sf.write(path, np.zeros(16000), 16000)
-  np.testing.assert_array_equal(audio.load_audio([path], CONFIG), CONFIG.min_db)
+  np.testing.assert_array_equal(media.load_audio([path], CONFIG), CONFIG.min_db)
 
 
 def test_unreadable_and_empty_files_raise_errors_naming_the_file(tmp_path):
@@ -79,13 +80,13 @@ def test_unreadable_and_empty_files_raise_errors_naming_the_file(tmp_path):
   good = tmp_path / "good.wav"
   sf.write(good, _sine(440, 16000), 16000)
   with pytest.raises(ValueError, match=r"broken\.wav: cannot read audio"):
-    audio.load_audio([good, broken], CONFIG)
+    media.load_audio([good, broken], CONFIG)
   with pytest.raises(ValueError, match=r"zero\.flac: cannot read audio"):
-    audio.load_audio([zero_bytes], CONFIG)
+    media.load_audio([zero_bytes], CONFIG)
   with pytest.raises(ValueError, match=r"empty\.wav: empty audio \(0 samples\)"):
-    audio.load_audio([empty], CONFIG)
+    media.load_audio([empty], CONFIG)
   with pytest.raises(ValueError, match=r"missing\.ogg: cannot read audio"):
-    audio.load_audio([tmp_path / "missing.ogg"], CONFIG)
+    media.load_audio([tmp_path / "missing.ogg"], CONFIG)
 
 
 def test_config_validation():
@@ -97,19 +98,19 @@ def test_config_validation():
 
 
 def test_tower_output_shape_and_towers_table():
-  config = towers.default_config("audio", out_dim=24, max_shift=None)
+  config = registry.default_config("audio", out_dim=24, max_shift=None)
   assert isinstance(config, audio.AudioTowerConfig) and config.out_dim == 24
   with pytest.raises(ValueError, match="max_shift"):
-    towers.default_config("audio", max_shift=4)
+    registry.default_config("audio", max_shift=4)
   small = dataclasses.replace(config, channels=(16, 8), hidden_dim=32)
-  tower = towers.make_tower(small, rngs=nnx.Rngs(params=0))
+  tower = registry.make_tower(small, rngs=nnx.Rngs(params=0))
   assert isinstance(tower, audio.AudioTower)
   x = np.random.default_rng(0).normal(-50, 20, (3, small.frames, small.n_mels)).astype(np.float32)
   y = jax.jit(lambda m, v: m(v))(tower, x)
   assert y.shape == (3, 24) and np.all(np.isfinite(y))
   assert not np.allclose(y[0], y[1])  # different inputs, different embeddings
   # Checkpoints store the config as JSON: it must come back equal.
-  assert towers.config_from_dict(json.loads(json.dumps(dataclasses.asdict(small)))) == small
+  assert registry.config_from_dict(json.loads(json.dumps(dataclasses.asdict(small)))) == small
 
 
 # ----------------------------------------------------------------- importers -> cart embed

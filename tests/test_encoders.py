@@ -6,7 +6,8 @@ import pytest
 
 from cart_jax.data import embeddings as precomputed
 
-from cart_jax.models.towers import image as towers
+from cart_jax.models.towers import registry
+from cart_jax.models.towers.image import ImageTowerConfig
 
 from cart_jax.train import dual_encoder as train_dual
 from cart_jax.models.dual_encoder import DualEncoderConfig, info_nce
@@ -100,32 +101,32 @@ def test_precomputed_validation_errors(tmp_path, case, match):
 
 # ----------------------------------------------------------------------------- towers / loss
 
-TINY_TOWER = towers.ImageTowerConfig(downsample=4, patch_size=4, patch_dim=16, hidden_dim=32, out_dim=16)
+TINY_TOWER = ImageTowerConfig(downsample=4, patch_size=4, patch_dim=16, hidden_dim=32, out_dim=16)
 
 
 def test_image_tower_shapes_config_and_loader(tmp_path):
   import jax
   from flax import nnx
   from PIL import Image
-  cfg = towers.ImageTowerConfig(downsample=2, patch_size=4, patch_dim=8, channels=(8,), hidden_dim=8,
-                                out_dim=12)
-  graphdef, state = nnx.split(towers.make_tower(cfg, rngs=nnx.Rngs(0)))
+  cfg = ImageTowerConfig(downsample=2, patch_size=4, patch_dim=8, channels=(8,), hidden_dim=8,
+                         out_dim=12)
+  graphdef, state = nnx.split(registry.make_tower(cfg, rngs=nnx.Rngs(0)))
   out = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, np.zeros((3, 64, 64, 3), np.uint8))
   assert out.shape == (3, 12) and cfg.grid == 4
   with pytest.raises(ValueError, match="divisible"):
-    towers.ImageTowerConfig(image_size=60)
+    ImageTowerConfig(image_size=60)
   with pytest.raises(NotImplementedError, match="no built-in item tower for modality 'text'"):
-    towers.config_from_dict({"modality": "text"})
-  assert towers.config_from_dict({**TINY_TOWER.__dict__, "channels": [8]}).channels == (8,)
+    registry.config_from_dict({"modality": "text"})
+  assert registry.config_from_dict({**TINY_TOWER.__dict__, "channels": [8]}).channels == (8,)
   # RGBA is composited onto white, other sizes are resized.
   Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(tmp_path / "clear.png")
   Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "solid.png")
   (tmp_path / "bad.png").write_bytes(b"xx")
-  imgs = towers.load_media([tmp_path / "clear.png", tmp_path / "solid.png"], towers.ImageTowerConfig())
+  imgs = registry.load_media([tmp_path / "clear.png", tmp_path / "solid.png"], ImageTowerConfig())
   assert imgs.shape == (2, 64, 64, 3) and imgs.dtype == np.uint8
   assert (imgs[0] == 255).all() and imgs[1, 5, 5].tolist() == [10, 20, 30]
   with pytest.raises(ValueError, match="bad.png: cannot read image"):
-    towers.load_media([tmp_path / "bad.png"], towers.ImageTowerConfig())
+    registry.load_media([tmp_path / "bad.png"], ImageTowerConfig())
 
 
 def test_info_nce_matches_a_numpy_reference():
@@ -164,7 +165,7 @@ def tiny_data(tmp_path_factory):
   rng = np.random.default_rng(0)
   centers = rng.standard_normal((40, 384)).astype(np.float32)
   feats = centers[rows] + 0.3 * rng.standard_normal((len(rows), 384)).astype(np.float32)
-  media = towers.load_media([corpus.media_path(it) for it in corpus.items], TINY_TOWER)
+  media = registry.load_media([corpus.media_path(it) for it in corpus.items], TINY_TOWER)
   return train_dual.TrainData(media, feats, rows)
 
 

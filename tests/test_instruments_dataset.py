@@ -11,6 +11,7 @@ pytest.importorskip("soundfile")
 from cart_jax.cli import main as cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cart_jax.data.datasets import instruments as ins  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cart_jax.data.corpus import find_leaks, normalize_text  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cart_jax.media import audio as media  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cart_jax.models.towers import audio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -62,12 +63,12 @@ def test_rendered_clips_differ_by_loudness_register_and_articulation():
   waves = ins.render_instruments(clips, workers=1)
   assert len(waves) == 12
   config = audio.AudioTowerConfig()
-  fb = audio.mel_filterbank(config)
+  fb = media.mel_filterbank(config)
 
   def feats(register, loudness, articulation):
     w = waves[f"gm000-{register}-{loudness}-{articulation}"].astype(np.float32) / 32768
     assert w.shape == (int(ins.CLIP_SECONDS * ins.SAMPLE_RATE),)
-    mel = audio.log_mel(w, config, fb)  # [T, M]
+    mel = media.log_mel(w, config, fb)  # [T, M]
     power = 10 ** (mel / 10)
     centroid = float((power.sum(0) * np.arange(config.n_mels)).sum() / power.sum())
     return float(np.sqrt(np.mean(w ** 2))), centroid, mel

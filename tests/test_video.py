@@ -10,10 +10,10 @@ from flax import nnx
 from PIL import Image
 
 from cart_jax.cli import main as cli
-from cart_jax.models.towers import image as towers
 from cart_jax.models.dual_encoder import DualEncoderConfig
-from cart_jax.models.towers.video import (VideoTower, VideoTowerConfig, load_video, read_video,
-                                          sample_indices)
+from cart_jax.media.video import load_video, read_video, sample_indices
+from cart_jax.models.towers import registry
+from cart_jax.models.towers.video import VideoTower, VideoTowerConfig
 
 av = pytest.importorskip("av")
 
@@ -113,7 +113,7 @@ def test_load_video_batch_shape_and_progress(tmp_path):
   assert x.shape == (2, 4, 16, 16, 3) and ticks == [1, 1]
   assert np.abs(_centre_colours(x[1]) - np.asarray(COLOURS[::-1])).max() <= 12
   # through the modality-generic entry point
-  y = towers.load_media(paths, towers.default_config("video", num_frames=4, image_size=16))
+  y = registry.load_media(paths, registry.default_config("video", num_frames=4, image_size=16))
   np.testing.assert_array_equal(x, y)
 
 
@@ -209,11 +209,11 @@ def test_augmentation_shifts_every_frame_of_a_clip_alike():
 
 
 def test_video_config_through_the_tower_table_and_json():
-  config = towers.default_config("video", out_dim=64, max_shift=None)
+  config = registry.default_config("video", out_dim=64, max_shift=None)
   assert isinstance(config, VideoTowerConfig) and config.out_dim == 64 and config.max_shift == 0
   again = DualEncoderConfig.from_json(DualEncoderConfig(tower=VideoTowerConfig(channels=(16,))).to_json())
   assert again.tower == VideoTowerConfig(channels=(16,))
-  model = towers.make_tower(VideoTowerConfig(**SMALL), rngs=nnx.Rngs(1))
+  model = registry.make_tower(VideoTowerConfig(**SMALL), rngs=nnx.Rngs(1))
   assert isinstance(model, VideoTower)
 
 

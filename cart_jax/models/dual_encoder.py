@@ -5,7 +5,7 @@ Both sides land in one ``embed_dim`` space, L2-normalised, so a dot product is a
 * text:  ``MiniLM sentence embedding [B, 384] -> Linear -> normalise -> [B, embed_dim]``. MiniLM
   is frozen, so its sentence embeddings are computed once (``text.MiniLMTextEncoder``) and the
   module holds only the projection; ``embed_text`` takes those 384-d features.
-* items: ``tower(media) -> normalise -> [B, embed_dim]`` (``towers.make_tower``; images now).
+* items: ``tower(media) -> normalise -> [B, embed_dim]`` (``towers.registry.make_tower``: image, audio or video).
 
 Trained with symmetric InfoNCE (text->item and item->text cross entropy over the in-batch
 items) with a learnable temperature: ``logits = exp(log_scale) * t . i``, ``log_scale``
@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cart_jax.models.towers import image as towers
+from cart_jax.models.towers import registry
+from cart_jax.models.towers.image import ImageTowerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,7 @@ class DualEncoderConfig:
     text_dim: the frozen text encoder's output size (MiniLM: 384).
     init_temperature, max_logit_scale: InfoNCE temperature init and the CLIP clip.
   """
-  tower: towers.ImageTowerConfig = towers.ImageTowerConfig()
+  tower: ImageTowerConfig = ImageTowerConfig()
   text_dim: int = 384
   init_temperature: float = 0.07
   max_logit_scale: float = 100.0
@@ -52,7 +53,7 @@ class DualEncoderConfig:
   @classmethod
   def from_json(cls, s: str) -> "DualEncoderConfig":
     d = json.loads(s)
-    d["tower"] = towers.config_from_dict(d["tower"])
+    d["tower"] = registry.config_from_dict(d["tower"])
     return cls(**d)
 
 
@@ -65,7 +66,7 @@ class DualEncoder(nnx.Module):
 
   def __init__(self, config: DualEncoderConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.item_tower = towers.make_tower(config.tower, rngs=rngs)
+    self.item_tower = registry.make_tower(config.tower, rngs=rngs)
     self.text_proj = nnx.Linear(config.text_dim, config.embed_dim, rngs=rngs)
     self.log_scale = nnx.Param(jnp.asarray(math.log(1.0 / config.init_temperature), jnp.float32))
 

@@ -35,8 +35,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cart_jax.models.towers import image as towers
 from cart_jax.models.dual_encoder import DualEncoder, DualEncoderConfig
+from cart_jax.models.towers import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +142,7 @@ def prepare_training_data(corpus, tower_config, text_encoder, kinds: Sequence[st
     raise ValueError(f"corpus {corpus.name!r} has no train texts of kind(s) {list(kinds)}")
   t0 = time.perf_counter()
   paths = [corpus.media_path(it) for it in corpus.items]
-  media = towers.load_media(paths, tower_config,
+  media = registry.load_media(paths, tower_config,
                             progress("reading media", len(paths)) if progress else None)
   t1 = time.perf_counter()
   cache = Path(cache_dir) / "text_features.npz" if cache_dir is not None else None

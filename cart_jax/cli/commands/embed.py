@@ -151,7 +151,7 @@ def _precomputed(args, corpus):
 def _builtin(args, corpus, files):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from cart_jax.models.towers import image as towers  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.towers import registry  # pylint: disable=g-import-not-at-top
 
   from cart_jax.train import dual_encoder as train_dual
   from cart_jax.models.dual_encoder import DualEncoderConfig  # pylint: disable=g-import-not-at-top
@@ -162,10 +162,10 @@ def _builtin(args, corpus, files):
         f"{args.corpus} is a mixed corpus ({corpus.modality_counts()}): the built-in encoder trains "
         "one tower per modality; embed each source corpus with the same --dim, then "
         "`cart data merge ... --embeddings A.npy B.npy` (or use --encoder precomputed)")
-  if not towers.has_tower(corpus.modality):
+  if not registry.has_tower(corpus.modality):
     raise NotImplementedError(
         f"corpus modality {corpus.modality!r}: no built-in item tower; use --encoder precomputed")
-  tower = towers.default_config(corpus.modality, out_dim=args.dim, max_shift=args.max_shift)
+  tower = registry.default_config(corpus.modality, out_dim=args.dim, max_shift=args.max_shift)
   model_config = DualEncoderConfig(tower=tower)
   kinds = ("query", "caption") if args.captions else ("query",)
   train_config = train_dual.DualTrainConfig(

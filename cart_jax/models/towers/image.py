@@ -1,27 +1,22 @@
-"""Item towers: small networks that map one modality's media to a ``[batch, dim]`` embedding.
+"""The image item tower: ``uint8 [B, H, W, 3]`` images -> a ``[B, out_dim]`` embedding.
 
-Every tower follows one interface, so the dual encoder and ``cart embed`` never look at the
-modality:
+Every item tower (image here, audio in ``audio.py``, video in ``video.py``) follows one
+interface, so the dual encoder and ``cart embed`` never look at the modality:
 
 * a frozen config dataclass (``ImageTowerConfig``) with ``modality`` and ``out_dim``;
-* ``load_media(paths, config) -> np.ndarray [N, ...]``: the host-side reader that turns media
-  files into the tower's fixed-shape input (images: ``uint8 [N, H, W, 3]``);
+* a host-side reader in ``cart_jax.media`` that turns media files into the tower's fixed-shape
+  input (images: ``media.image.load_images`` -> ``uint8 [N, H, W, 3]``);
 * an ``nnx.Module`` whose ``__call__(x [B, ...], *, train=False, rngs=None) -> [B, out_dim]``
   is NOT normalised (the dual encoder L2-normalises).
 
-``TOWERS`` maps a modality to ``(config class, module class, media loader)``. Images are here;
-audio (``encoders/audio.py``: log-mel spectrograms) and video (``encoders/video.py``: frames
-``[B, T, H, W, 3]``) are imported on first use and plug into the same table.
+``registry.py`` maps a modality to its config class, module class and reader.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 
@@ -71,36 +66,6 @@ class ImageTowerConfig:
     return self.image_size // (self.downsample * self.patch_size * 2 ** len(self.channels))
 
 
-def load_images(paths: Sequence[str | os.PathLike], config: ImageTowerConfig,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
-  """Reads images as ``uint8 [N, size, size, 3]``: alpha composited onto white, then resized.
-
-  Raises:
-    ValueError naming the file that cannot be read as an image.
-  """
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
-
-  size = config.image_size
-  out = np.empty((len(paths), size, size, 3), np.uint8)  # [N, H, W, 3]
-  for i, path in enumerate(paths):
-    try:
-      with Image.open(path) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA", "P"):
-          im = im.convert("RGBA")
-          bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-          im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
-        if im.size != (size, size):
-          im = im.resize((size, size), Image.Resampling.BILINEAR)
-        out[i] = np.asarray(im)
-    except (OSError, UnidentifiedImageError) as e:
-      raise ValueError(f"{path}: cannot read image ({e})") from e
-    if progress is not None:
-      progress(1)
-  return out
-
-
 class ImageTower(nnx.Module):
   """``uint8 [B, H, W, 3]`` -> ``[B, out_dim]`` (see :class:`ImageTowerConfig`)."""
 
@@ -147,61 +112,3 @@ def random_shift(x: jax.Array, s: int, key: jax.Array) -> jax.Array:
   offsets = jax.random.randint(key, (b, 2), 0, 2 * s + 1)  # [B, 2]
   crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
   return jax.vmap(crop)(padded, offsets)  # [B, H, W, C]
-
-
-def default_config(modality: str, **overrides):
-  """The tower config ``cart embed`` uses for a corpus of ``modality``; ``overrides`` set fields.
-
-  Overrides that the modality's config does not have (e.g. ``max_shift`` for audio) are
-  ignored when their value is ``None``; otherwise they are an error.
-  """
-  cls = _entry(modality)[0]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  bad = sorted(k for k, v in overrides.items() if k not in fields and v is not None)
-  if bad:
-    raise ValueError(f"{modality} tower: option(s) {bad} do not apply to {cls.__name__}")
-  return cls(**{k: v for k, v in overrides.items() if k in fields and v is not None})
-
-
-def make_tower(config, *, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the tower module for ``config.modality``."""
-  return _entry(config.modality)[1](config, rngs=rngs)
-
-
-def load_media(paths: Sequence[str | os.PathLike], config, progress=None) -> np.ndarray:
-  """Reads media files into the fixed-shape array the tower of ``config.modality`` takes."""
-  return _entry(config.modality)[2](paths, config, progress)
-
-
-def config_from_dict(d: dict):
-  """Inverse of ``dataclasses.asdict`` for a tower config (checkpoints store it as JSON)."""
-  cls = _entry(d.get("modality"))[0]
-  fields = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - fields)
-  if unknown:
-    raise ValueError(f"tower config: unknown field(s) {unknown} for {cls.__name__}")
-  return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
-
-
-def _entry(modality: str):
-  if modality not in TOWERS and modality in _LAZY:
-    # Audio/video towers live in their own modules (they pull soundfile / PyAV on use only);
-    # each exposes TOWER_ENTRY = (config class, module class, media loader).
-    import importlib  # pylint: disable=g-import-not-at-top
-    TOWERS[modality] = importlib.import_module(_LAZY[modality]).TOWER_ENTRY
-  if modality not in TOWERS:
-    raise NotImplementedError(
-        f"no built-in item tower for modality {modality!r} (have {sorted(set(TOWERS) | set(_LAZY))}); "
-        "bring precomputed embeddings instead (cart embed --encoder precomputed)")
-  return TOWERS[modality]
-
-
-def has_tower(modality: str) -> bool:
-  return modality in TOWERS or modality in _LAZY
-
-
-# modality -> (config class, module class, media loader).
-TOWERS: dict[str, tuple[type, type, Callable]] = {
-    "image": (ImageTowerConfig, ImageTower, load_images),
-}
-_LAZY = {"audio": "cart_jax.models.towers.audio", "video": "cart_jax.models.towers.video"}
