@@ -503,7 +503,7 @@ def plot(report: dict, path: str) -> None:
   fig.suptitle(f"Constrained beam search, beam {report['beam']}, L={ID_LEN} - {m['device']} "
                f"({m['backend']}, {m['cpu_count']} CPUs)", fontsize=10)
   fig.tight_layout()
-  from cart_jax.index.artefact import atomic_write_via  # here: workers may import another cart_jax
+  from cart_jax.core.artefacts import atomic_write_via  # here: workers may import another cart_jax
   atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
@@ -689,7 +689,7 @@ def main(argv=None) -> int:
       "wall_s": time.perf_counter() - t_start,
   }
   report["summary"] = summarize(results, overhead)
-  from cart_jax.index.artefact import atomic_write_text
+  from cart_jax.core.artefacts import atomic_write_text
   atomic_write_text(args.json, json.dumps(report, indent=1))
   if args.plot:
     plot(report, args.plot)

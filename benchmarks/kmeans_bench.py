@@ -105,7 +105,7 @@ def main(argv=None) -> int:
   result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "python": platform.python_version()},
             "precision": "float32", "results": rows, "time_ratio_vs_cart_jax": ratios}
-  from cart_jax.index.artefact import atomic_write_json
+  from cart_jax.core.artefacts import atomic_write_json
   atomic_write_json(args.json, result)
   return 0
 

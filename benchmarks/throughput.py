@@ -638,7 +638,7 @@ def plot(report: dict, path: str) -> None:
                f"{m['device']} ({m['backend']}, {m['cpu_count']} CPUs{load}), "
                f"{report['settings']['precision']}", fontsize=9)
   fig.tight_layout()
-  from cart_jax.index.artefact import atomic_write_via  # here: workers may import another cart_jax
+  from cart_jax.core.artefacts import atomic_write_via  # here: workers may import another cart_jax
   atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
@@ -692,7 +692,7 @@ def main(argv=None) -> int:
         r["qps_cpu"] = r["batch"] / (r["cpu_ms_p50"] / 1e3)
     report["summary"] = summarise(report["results"], report.get("summary", {}).get("peak_used"))
     text = json.dumps(report, indent=1, default=float)
-    from cart_jax.index.artefact import atomic_write_text
+    from cart_jax.core.artefacts import atomic_write_text
     atomic_write_text(args.json or args.from_json, text + "\n")
     if args.plot:
       plot(report, args.plot)
@@ -824,7 +824,7 @@ def main(argv=None) -> int:
     report["summary"] = summarise(rows, peak)
   text = json.dumps(report, indent=1, default=float)
   if args.json:
-    from cart_jax.index.artefact import atomic_write_text
+    from cart_jax.core.artefacts import atomic_write_text
     atomic_write_text(args.json, text + "\n")
   if args.plot and not args.compare_src and rows:
     plot(report, args.plot)

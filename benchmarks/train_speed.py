@@ -109,7 +109,7 @@ def main(argv=None) -> int:
             "steps": args.steps, "rounds": args.rounds, "batch_size": 128, "input_length": 24,
             "machine": {"cpus": os.cpu_count()}, "summary": summary,
             "state_cache_first_build": cache_build[0] if cache_build else None, "runs": runs}
-  from cart_jax.index.artefact import atomic_write_json  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.artefacts import atomic_write_json  # pylint: disable=g-import-not-at-top
   atomic_write_json(args.json, result)
   print(json.dumps(summary, indent=2))
   return 0

@@ -15,6 +15,7 @@ from cart_jax.data.datasets.emoji import prepare_emoji
 from cart_jax.data.datasets.synthetic import structured_embeddings
 from cart_jax.index.identifiers import IdentifierConfig, build_index
 from cart_jax.models.cart.config import minilm_frozen
+from cart_jax.inference import evaluation
 from cart_jax.train import jobs
 from cart_jax.train.input_pipeline import InputConfig
 from cart_jax.train.trainer import TrainConfig
@@ -48,7 +49,7 @@ def test_cart_learns_its_training_queries(trained):
   cache = summary["state_cache"]
   assert cache is not None and cache["misses"] == 0 and cache["layers"] == 6
   assert cache["texts"] >= N_ITEMS  # every item has at least one training query
-  ev = jobs.eval_job(str(tmp / "run"), split="train")
+  ev = evaluation.eval_job(str(tmp / "run"), split="train")
   # measured 1.0 / 1.0 (seeded); chance is ~0.01: a broken loss, mask or decoder stays far below
   assert ev["r@1"] >= 0.9, ev
   assert ev["r@10"] >= 0.97, ev
@@ -57,7 +58,7 @@ def test_cart_learns_its_training_queries(trained):
 
 def test_cart_generalises_to_new_wordings(trained):
   tmp, _ = trained
-  ev = jobs.eval_job(str(tmp / "run"), split="test")
+  ev = evaluation.eval_job(str(tmp / "run"), split="test")
   # held-out English wordings of the same 96 emoji, read by the frozen pretrained MiniLM;
   # chance R@1 is ~0.01
   assert ev["num_queries"] >= 90

@@ -165,7 +165,7 @@ def _cli(argv):
 
 
 def test_cli_info_and_add_captions(tmp_path, capsys):
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   _small(tmp_path)
   assert _cli(["info", str(tmp_path / "c"), "--json", str(tmp_path / "s.json")]) == 0
   summary = json.loads((tmp_path / "s.json").read_text())
@@ -180,7 +180,7 @@ def test_cli_info_and_add_captions(tmp_path, capsys):
   assert _cli(["info", str(tmp_path / "c")]) == 1  # a leak -> non-zero exit
   (tmp_path / "c" / "texts.jsonl").write_text('{"item_id": "i9", "text": "x", "split": "test", '
                                                '"kind": "query"}\n')
-  with pytest.raises(CliError, match="texts.jsonl:1: unknown item id 'i9'"):
+  with pytest.raises(CartError, match="texts.jsonl:1: unknown item id 'i9'"):
     _cli(["info", str(tmp_path / "c")])
 
 

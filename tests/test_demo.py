@@ -3,16 +3,17 @@ import json
 
 import pytest
 
-from cart_jax.cli.main import CliError, main
+from cart_jax.cli.main import main
+from cart_jax.core.errors import CartError
 from cart_jax.cli.commands import demo
 
 
 def test_recipe_for_image_and_errors():
   assert demo.recipe_for("image")["dataset"] == "emoji"
   assert demo.recipe_for("image", full=True)["experiment"].endswith("emoji_cart.gin")
-  with pytest.raises(CliError, match="expected one of"):
+  with pytest.raises(CartError, match="expected one of"):
     demo.recipe_for("smell")
-  with pytest.raises(CliError, match="--full is the image recipe"):
+  with pytest.raises(CartError, match="--full is the image recipe"):
     demo.recipe_for("audio", full=True)
   assert demo._last_value(["--steps", "3", "--lr", "1", "--steps", "7"], "--steps", 600) == "7"
   assert demo._last_value(["--lr", "1"], "--steps", 600) == 600

@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from cart_jax.cli.main import CliError
+from cart_jax.core.errors import CartError
 
 
 def cart(*argv: str) -> int:
-  """``cart ARGV`` in process: parse with the command module's parser, run, map CliError to 2."""
+  """``cart ARGV`` in process: parse with the command module's parser, run, map CartError to 2."""
   name = argv[0]
   mod = importlib.import_module(f"cart_jax.cli.commands.{name.replace('-', '_')}")
   parser = argparse.ArgumentParser(prog="cart")
@@ -23,7 +23,7 @@ def cart(*argv: str) -> int:
   args = parser.parse_args(list(argv))
   try:
     return int(args.func(args) or 0)
-  except CliError as e:
+  except CartError as e:
     print(f"cart {name}: error: {e}")
     return 2
 

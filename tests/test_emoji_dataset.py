@@ -104,9 +104,9 @@ def test_wordings_and_split_are_deterministic():
 
 
 def test_cli_prepare_refuses_existing(small, tmp_path):
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   out, _, _ = small
-  with pytest.raises(CliError, match="already exists"):
+  with pytest.raises(CartError, match="already exists"):
     _cli(["prepare", "emoji", "--out", str(out), "--limit", "3"])
   assert _cli(["prepare", "emoji", "--out", str(tmp_path / "e"), "--limit", "3", "--size", "32",
                "--no-templates"]) == 0
@@ -241,12 +241,12 @@ def test_unseen_bad_fraction_fails(bad, tmp_path, capsys):
 
 
 def test_unseen_cli_flag(tmp_path, capsys):
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   with pytest.raises(SystemExit) as e:
     _cli(["prepare", "--help"])
   assert e.value.code == 0
   assert "--unseen-items FRACTION" in capsys.readouterr().out
-  with pytest.raises(CliError, match="only to the emoji corpus"):
+  with pytest.raises(CartError, match="only to the emoji corpus"):
     _cli(["prepare", "instruments", "--out", str(tmp_path / "i"), "--unseen-items", "0.5"])
   assert not (tmp_path / "i").exists()
   assert _cli(["prepare", "emoji", "--out", str(tmp_path / "e"), "--limit", "40",

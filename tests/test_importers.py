@@ -215,13 +215,13 @@ def test_msrvtt(tmp_path):
 
 
 def test_msrvtt_unknown_video_cli_leaves_nothing(tmp_path, capsys):
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   d, tv, te, sentences = _msrvtt(tmp_path)
   data = json.loads(te.read_text())
   data["sentences"].append({"caption": "orphan", "video_id": "video99", "sen_id": 99})
   te.write_text(json.dumps(data))
   out = tmp_path / "out"
-  with pytest.raises(CliError, match=r"test_videodatainfo.json: sentences\[2\]: unknown item id 'video99'"):
+  with pytest.raises(CartError, match=r"test_videodatainfo.json: sentences\[2\]: unknown item id 'video99'"):
     _cli(["import", "msrvtt", str(tv), str(te), "--media-root", str(d / "videos"), "--out", str(out)])
   assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["msrvtt"]
   # and through the real console entry point: exit code 2, message on stderr

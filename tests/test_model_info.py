@@ -51,9 +51,9 @@ def test_analytic_flops_close_to_xla_cost_analysis():
 
 
 def test_bad_arguments():
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   args = _parse(["--config", "tiny", "--beam", "0"])
-  with pytest.raises(CliError, match="--beam"):
+  with pytest.raises(CartError, match="--beam"):
     model_info.build_info(args)
   with pytest.raises(SystemExit):
     _parse(["--config", "huge"])

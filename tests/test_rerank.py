@@ -400,7 +400,8 @@ def test_tiny_run_trains_tunes_and_evaluates_with_rerank(tmp_path, capsys):
 def test_rerank_of_a_run_without_minilm_is_a_clear_error(tmp_path, capsys):
   from cart_jax.index.vocab import IdentifierVocab
   from cart_jax.models.cart.config import tiny, with_vocab
-  from cart_jax.train.jobs import LoadedRun, RunError, eval_job
+  from cart_jax.inference.evaluation import eval_job
+  from cart_jax.inference.runs import LoadedRun, RunError
   index = _index(6)
   loaded = LoadedRun(model_dir=tmp_path, run={}, model_config=with_vocab(tiny(), IdentifierVocab((3, 3, 2))),
                      index=index, corpus=None, graphdef=None, params=None, frozen=None, step=0,

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from cart_jax.core.errors import CartError
+
 # (subcommand name, module under cart_jax.cli.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("build-ids", "build_ids", "build semantic identifiers (K-Means + RQ-VAE + counter) for embeddings"),
@@ -22,10 +24,6 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("model-info", "model_info", "parameter counts per part and FLOPs per query of a model config"),
     ("demo", "demo", "run the main job on the embedded default data set"),
 ]
-
-
-class CliError(Exception):
-  """A user-facing error: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     rc = args.func(args)
-  except CliError as e:
+  except CartError as e:
     print(f"cart {args.command}: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -42,6 +42,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
+
 FORMAT_NAME = "cart-corpus"
 FORMAT_VERSION = 1
 CORPUS_FILE = "corpus.json"
@@ -56,7 +58,7 @@ SPLITS = ("train", "val", "test")
 KINDS = ("query", "caption")
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(CartError):
   """A corpus (or an importer's source file) is malformed; the message names file and line."""
 
 

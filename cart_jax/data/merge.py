@@ -39,6 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
 from cart_jax.data.corpus import (MEDIA_DIR, MIXED, Corpus, CorpusFormatError, Item, Text,
                                   find_leaks, load_corpus, write_corpus)
 from cart_jax.index.inputs import InputError
@@ -51,7 +52,7 @@ EMBEDDINGS_FORMAT = "cart-embeddings"  # the format of `cart embed`'s E.meta.jso
 EMBEDDINGS_VERSION = 1
 
 
-class MergeError(ValueError):
+class MergeError(CartError):
   """The corpora (or their embeddings) cannot be merged; the message names the input."""
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from cart_jax.index import kmeans as kmeans_lib
 from cart_jax.index import rqvae as rqvae_lib
-from cart_jax.index.artefact import atomic_directory, sha256_file
+from cart_jax.core.artefacts import atomic_directory, sha256_file
 from cart_jax.index.inputs import InputError, check_ids, content_hash, validate_embeddings
 from cart_jax.index.vocab import IdentifierVocab
 

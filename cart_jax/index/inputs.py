@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
 
-class InputError(ValueError):
+
+class InputError(CartError):
   """Bad user input (file, shape, dtype, values, ids)."""
 
 

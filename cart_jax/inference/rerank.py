@@ -22,7 +22,7 @@ then the smaller weight), and stored with the item rows in ``MODEL_DIR/rerank/``
                     "chosen_by"}}
 
 ``weight`` is a number, or ``"cosine"`` for the cosine-only order. The directory is written into a
-temporary sibling and renamed into place (:func:`cart_jax.index.artefact.atomic_directory`).
+temporary sibling and renamed into place (:func:`cart_jax.core.artefacts.atomic_directory`).
 
 No gin and no TensorFlow here; the jobs (``train_job``, ``eval_job``) call :func:`after_training`,
 :func:`reranker_for_run` and :func:`evaluate_with_rerank`.
@@ -40,6 +40,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
+
 FORMAT = "cart-rerank"
 VERSION = 1
 SUBDIR = "rerank"
@@ -52,7 +54,7 @@ DEFAULT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, CO
 TUNE_SPLIT = "val"
 
 
-class RerankError(ValueError):
+class RerankError(CartError):
   """A re-ranker that cannot be built, read or used (the message names the file and the fix)."""
 
 
@@ -335,7 +337,7 @@ def exists(model_dir: str | os.PathLike) -> bool:
 
 def save(reranker: Reranker, model_dir: str | os.PathLike) -> Path:
   """Writes ``MODEL_DIR/rerank/`` atomically (temporary sibling, then rename); returns its path."""
-  from cart_jax.index.artefact import atomic_directory  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.artefacts import atomic_directory  # pylint: disable=g-import-not-at-top
   target = directory(model_dir)
   meta = {"format": FORMAT, "version": VERSION, "n_items": reranker.n_items, "dim": reranker.dim,
           "text_dim": reranker.text_dim, "weight": weight_to_json(reranker.weight),
@@ -433,7 +435,7 @@ def tune_on_split(reranker: Reranker, searcher, params, frozen, texts, targets,
 def fit(loaded, embeddings: str | os.PathLike, *, split: str = TUNE_SPLIT, limit: int | None = None,
         grid: Sequence[float] = DEFAULT_GRID, beam_size: int = 10, batch_size: int = 64,
         save_to_run: bool = True, log: Callable[[str], None] = print) -> Reranker:
-  """Builds the re-ranker of a loaded run (``jobs.LoadedRun``) from ``cart embed`` outputs, tunes
+  """Builds the re-ranker of a loaded run (``runs.LoadedRun``) from ``cart embed`` outputs, tunes
   its weight on ``split`` (all its queries unless ``limit``) and saves it in ``MODEL_DIR/rerank/``."""
   from cart_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
   from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
@@ -495,7 +497,7 @@ def after_training(model_dir: str | os.PathLike, embeddings: str | os.PathLike |
     return {"skipped": f"{model_path} not found (precomputed embeddings have no text projection)"}
   if jax.process_count() > 1:
     return {"skipped": "multi-process run: build it afterwards with `cart eval --rerank --embeddings`"}
-  from cart_jax.train.jobs import load_run  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
   try:
     loaded = load_run(model_dir)
     caveat = check_model(loaded.model_config)

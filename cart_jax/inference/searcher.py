@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cart_jax.core.errors import CartError
 from cart_jax.inference.decoding import DecodeConfig, beam_search
 from cart_jax.index.trie import TrieTables, build_trie
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
   from cart_jax.inference.rerank import Reranker
 
 
-class ModalityError(ValueError):
+class ModalityError(CartError):
   """A search was restricted to a modality the index does not hold (the message lists those it does)."""
 
 

@@ -73,39 +73,39 @@ def _read_meta(embeddings: Path) -> dict:
 def run(args) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   from cart_jax.data.corpus import CorpusFormatError, load_corpus
   from cart_jax.data.embeddings import load_aligned
   from cart_jax.index.inputs import InputError
   from cart_jax.inference.metrics import retrieval_metrics
 
   if args.k < 10:
-    raise CliError(f"-k {args.k}: R@10 and MRR@10 need at least 10 results per query")
+    raise CartError(f"-k {args.k}: R@10 and MRR@10 need at least 10 results per query")
   try:
     corpus = load_corpus(args.corpus, check_media=False)
   except CorpusFormatError as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   emb_path = Path(args.embeddings)
   try:
     aligned = load_aligned(emb_path, corpus.item_ids, ids_path=args.ids)
   except InputError as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   items = np.asarray(aligned.embeddings, np.float32)  # [N, d]
   n, d = items.shape
   if args.k > n:
-    raise CliError(f"-k {args.k} is more than the {n} items")
+    raise CartError(f"-k {args.k} is more than the {n} items")
   texts, targets = corpus.pairs(args.split, "query")
   if args.items is not None:
     from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
     try:
       keep_ids = read_item_ids(args.items, corpus)
     except CorpusFormatError as e:
-      raise CliError(str(e)) from None
+      raise CartError(str(e)) from None
     ids = corpus.item_ids
     keep = np.asarray([ids[int(t)] in keep_ids for t in targets], bool)  # [Q]
     texts, targets = [t for t, k in zip(texts, keep) if k], np.asarray(targets)[keep]
   if not texts:
-    raise CliError(f"{args.corpus}: no '{args.split}' query texts" +
+    raise CartError(f"{args.corpus}: no '{args.split}' query texts" +
                    (f" of the items in {args.items}" if args.items else ""))
   meta = _read_meta(emb_path)
 
@@ -115,27 +115,27 @@ def run(args) -> int:
     try:
       qe = np.load(args.query_embeddings, allow_pickle=False)
     except (OSError, ValueError) as e:
-      raise CliError(f"{args.query_embeddings}: not a readable .npy file ({e})") from None
+      raise CartError(f"{args.query_embeddings}: not a readable .npy file ({e})") from None
     if qe.ndim != 2 or qe.shape != (len(texts), d):
-      raise CliError(f"{args.query_embeddings}: expected shape [{len(texts)}, {d}] (the "
+      raise CartError(f"{args.query_embeddings}: expected shape [{len(texts)}, {d}] (the "
                      f"'{args.split}' query texts x item dimension), found {qe.shape}")
     if not np.isfinite(qe).all():
-      raise CliError(f"{args.query_embeddings}: non-finite values")
+      raise CartError(f"{args.query_embeddings}: non-finite values")
     query_side = "precomputed"
   else:
     from cart_jax.cli.commands.embed import sidecars  # pylint: disable=g-import-not-at-top
     model_path = Path(args.model) if args.model else sidecars(emb_path)["model"]
     if args.model and not model_path.is_file():
-      raise CliError(f"--model {model_path}: no such file")
+      raise CartError(f"--model {model_path}: no such file")
     from cart_jax.models.text.encoder import MiniLMTextEncoder  # pylint: disable=g-import-not-at-top
     if model_path.is_file():
       from cart_jax.train.dual_encoder import embed_text_features, load_model  # pylint: disable=g-import-not-at-top
       try:
         model = load_model(model_path)
       except ValueError as e:
-        raise CliError(str(e)) from None
+        raise CartError(str(e)) from None
       if model.config.embed_dim != d:
-        raise CliError(f"{model_path}: model embeds into {model.config.embed_dim} dimensions, "
+        raise CartError(f"{model_path}: model embeds into {model.config.embed_dim} dimensions, "
                        f"{emb_path} has {d}")
       project = lambda f: embed_text_features(model, f)
       query_side = f"minilm+projection ({model_path.name})"
@@ -143,7 +143,7 @@ def run(args) -> int:
       project = lambda f: f
       query_side = "minilm"
     else:
-      raise CliError(f"{emb_path}: no query encoder: {model_path.name} not found and the items "
+      raise CartError(f"{emb_path}: no query encoder: {model_path.name} not found and the items "
                      f"are {d}-d (not MiniLM's 384); pass --model or --query-embeddings")
     text_encoder = MiniLMTextEncoder(batch_size=args.text_batch)
 
@@ -153,7 +153,7 @@ def run(args) -> int:
   try:
     searcher = _searcher(args.method, items, args.k, args)
   except (ImportError, ValueError) as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
 
   # Warm-up: compile every MiniLM length bucket and projection/search program used below.
   t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def run(args) -> int:
     try:
       other = _searcher(args.agreement, items, args.k, args)
     except (ImportError, ValueError) as e:
-      raise CliError(str(e)) from None
+      raise CartError(str(e)) from None
     o_scores, o_rows = other.search(queries)
     summary["agreement"] = {
         "method": args.agreement,
@@ -208,7 +208,7 @@ def run(args) -> int:
     }
   print(json.dumps(summary, indent=2))
   if args.json:
-    from cart_jax.index.artefact import atomic_write_json  # pylint: disable=g-import-not-at-top
+    from cart_jax.core.artefacts import atomic_write_json  # pylint: disable=g-import-not-at-top
     atomic_write_json(args.json, summary)
   return 0
 

@@ -73,7 +73,7 @@ def summary_lines(stats: dict) -> list[str]:
 
 
 def run(args) -> int:
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   from cart_jax.index import identifiers, inputs
 
   t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def run(args) -> int:
       inputs.check_ids(ids, emb.shape[0], source=f"{args.item_ids} vs {args.embeddings}")
     for name in ("clusters", "levels", "codebook_size", "rq_steps", "rq_latent_dim"):
       if getattr(args, name) < 1:
-        raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        raise CartError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     cfg = identifiers.IdentifierConfig(
         n_clusters=args.clusters, num_levels=args.levels, codebook_size=args.codebook_size,
         use_kmeans=not args.no_kmeans, use_rqvae=not args.no_rqvae, rq_steps=args.rq_steps,
@@ -95,7 +95,7 @@ def run(args) -> int:
     finally:
       close()
   except inputs.InputError as e:
-    raise CliError(str(e)) from e
+    raise CartError(str(e)) from e
   index.save(args.out)
   stats = dict(index.stats)
   stats["seconds"] = time.perf_counter() - t0
@@ -103,6 +103,6 @@ def run(args) -> int:
   print(f"built {index.n_items} identifiers of length {index.id_length} -> {args.out}")
   print("\n".join(summary_lines(stats)))
   if args.json:
-    from cart_jax.index.artefact import atomic_write_json
+    from cart_jax.core.artefacts import atomic_write_json
     atomic_write_json(args.json, stats)
   return 0

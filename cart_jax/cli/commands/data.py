@@ -124,11 +124,11 @@ def _unseen_fraction(value: str) -> float:
 
 
 def _parse_split_lists(values: list[str]):
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   out = {}
   for v in values:
     if "=" not in v:
-      raise CliError(f"--split-list {v!r}: expected SPLIT=FILE")
+      raise CartError(f"--split-list {v!r}: expected SPLIT=FILE")
     split, path = v.split("=", 1)
     out[split] = Path(path)
   return out or None
@@ -137,19 +137,19 @@ def _parse_split_lists(values: list[str]):
 def _emit(summary: dict, json_path: str | None) -> None:
   print(json.dumps(summary, indent=2, ensure_ascii=False))
   if json_path:
-    from cart_jax.index.artefact import atomic_write_json
+    from cart_jax.core.artefacts import atomic_write_json
     atomic_write_json(json_path, summary, ensure_ascii=False)
 
 
 def run(args) -> int:
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   from cart_jax.data.corpus import CorpusFormatError, find_leaks, load_corpus
 
   try:
     if args.data_command == "import":
       from cart_jax.data.importers import import_corpus
       if Path(args.out).exists() and not args.overwrite:
-        raise CliError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+        raise CartError(f"--out {args.out} already exists (pass --overwrite to replace it)")
       corpus, result = import_corpus(
           args.format, args.sources, args.out, media_root=args.media_root,
           media_mode=args.media_mode, overwrite=args.overwrite, name=args.name,
@@ -160,14 +160,14 @@ def run(args) -> int:
     elif args.data_command == "prepare":
       import importlib
       if Path(args.out).exists() and not args.overwrite:
-        raise CliError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+        raise CartError(f"--out {args.out} already exists (pass --overwrite to replace it)")
       module, fn = PREPARERS[args.dataset].split(":")
       prepare = getattr(importlib.import_module(module), fn)
       extra = {}
       if args.dataset == "emoji":
         extra["unseen_items"] = args.unseen_items
       elif args.unseen_items:
-        raise CliError(f"--unseen-items applies only to the emoji corpus, not {args.dataset}")
+        raise CartError(f"--unseen-items applies only to the emoji corpus, not {args.dataset}")
       corpus, stats = prepare(args.out, limit=args.limit, size=args.size,
                               templates=args.templates, overwrite=args.overwrite, **extra)
       summary = dict(corpus.summary(), out=str(args.out), **vars(stats))
@@ -191,9 +191,9 @@ def run(args) -> int:
       _emit(summary, args.json)
       return 1 if leaks else 0
     else:  # argparse guarantees one of the above
-      raise CliError(f"unknown action {args.data_command!r}")
+      raise CartError(f"unknown action {args.data_command!r}")
   except (CorpusFormatError, FileExistsError, ValueError, RuntimeError) as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   _emit(summary, args.json)
   return 0
 

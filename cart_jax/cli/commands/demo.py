@@ -57,18 +57,18 @@ UNSEEN_CAPTION_RATE = 0.5  # --unseen-items: share of each batch drawn from the 
 
 def recipe_for(modality: str, full: bool = False) -> dict:
   """The demo recipe of a modality (``--full`` exists for images only)."""
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   if modality not in MODALITIES:
-    raise CliError(f"--modality {modality!r}: expected one of {list(MODALITIES)}")
+    raise CartError(f"--modality {modality!r}: expected one of {list(MODALITIES)}")
   if modality == "image":
     return FULL if full else DEMO
   if full:
-    raise CliError(f"--full is the image recipe (emoji_cart.gin); not available with --modality {modality}")
+    raise CartError(f"--full is the image recipe (emoji_cart.gin); not available with --modality {modality}")
   import importlib
   recipe = dict(importlib.import_module(RECIPE_MODULES[modality]).DEMO_RECIPE)
   missing = sorted({"dataset", "experiment", "embed_args", "ids_args"} - set(recipe))
   if missing:
-    raise CliError(f"{RECIPE_MODULES[modality]}.DEMO_RECIPE lacks {missing}")
+    raise CartError(f"{RECIPE_MODULES[modality]}.DEMO_RECIPE lacks {missing}")
   recipe.setdefault("smoke_ids_args", SMOKE_IDS)
   recipe.setdefault("items", {"audio": "clips", "video": "clips"}[modality])
   return recipe
@@ -128,20 +128,20 @@ class _Stage:
 
 
 def run(args) -> int:
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   from cart_jax.cli.commands import baseline, build_ids, data, embed
 
   t_start = time.perf_counter()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow, if a step imports it, stays quiet
   recipe = recipe_for(args.modality, args.full)
   if (args.no_templates or args.unseen_items) and args.modality != "image":
-    raise CliError("--no-templates and --unseen-items are emoji (--modality image) splits")
+    raise CartError("--no-templates and --unseen-items are emoji (--modality image) splits")
   if args.unseen_items:
     from cart_jax.data.datasets.emoji import check_unseen_fraction
     try:
       check_unseen_fraction(args.unseen_items)
     except ValueError as e:
-      raise CliError(str(e)) from None
+      raise CartError(str(e)) from None
     recipe = dict(recipe, embed_args=list(recipe["embed_args"]) + ["--captions"])
   work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"cart-demo-{args.modality}-"))
   work.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,8 @@ def run(args) -> int:
   with stage("eval", "evaluating CART, CART + rerank and the dual tower on the test queries "
                      "(cart eval --rerank, cart baseline)"):
     from cart_jax.inference import rerank
-    from cart_jax.train.jobs import eval_job, load_run
+    from cart_jax.inference.evaluation import eval_job
+    from cart_jax.inference.runs import load_run
     loaded = load_run(model_dir)
     has_rerank = rerank.exists(model_dir)
     cart = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank)
@@ -226,7 +227,7 @@ def run(args) -> int:
     example = _worked_example(loaded)
 
   if cart["num_queries"] != base["num_queries"]:
-    raise CliError(f"CART scored {cart['num_queries']} test queries, the baseline {base['num_queries']}")
+    raise CartError(f"CART scored {cart['num_queries']} test queries, the baseline {base['num_queries']}")
   seconds = time.perf_counter() - t_start
   rows3 = _three_rows(cart, base)
   rerank_note = None
@@ -257,7 +258,7 @@ def run(args) -> int:
   print(f"\ntotal {seconds:.0f} s (stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
   print(f"try: cart search --model_dir {model_dir} \"{example['query']}\" -k 5")
   if args.json:
-    from cart_jax.index.artefact import atomic_write_json
+    from cart_jax.core.artefacts import atomic_write_json
     atomic_write_json(args.json, summary)
   return 0
 
@@ -283,8 +284,8 @@ def _last_value(argv: list[str], flag: str, default):
 
 def _check(rc, what: str) -> None:
   if rc:
-    from cart_jax.cli.main import CliError
-    raise CliError(f"{what} failed with exit code {rc}")
+    from cart_jax.core.errors import CartError
+    raise CartError(f"{what} failed with exit code {rc}")
 
 
 def _cpu_seconds() -> float:

@@ -100,21 +100,21 @@ def _callback(progress, desc, total):
 
 
 def run(args) -> int:
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   from cart_jax.data.corpus import CorpusFormatError, load_corpus
   from cart_jax.index.inputs import InputError
 
   out = Path(args.out)
   if out.suffix != ".npy":
-    raise CliError(f"--out {out}: expected a .npy file name")
+    raise CartError(f"--out {out}: expected a .npy file name")
   files = sidecars(out)
   existing = [str(p) for k, p in files.items() if p.exists()]
   if existing and not args.overwrite:
-    raise CliError(f"--out: {', '.join(existing)} already exist(s) (pass --overwrite to replace)")
+    raise CartError(f"--out: {', '.join(existing)} already exist(s) (pass --overwrite to replace)")
   try:
     corpus = load_corpus(args.corpus, check_media=args.encoder == "builtin")
   except CorpusFormatError as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   t0 = time.perf_counter()
   try:
     if args.encoder == "precomputed":
@@ -122,23 +122,23 @@ def run(args) -> int:
     else:
       summary, arrays = _builtin(args, corpus, files)
   except (InputError, ValueError, NotImplementedError) as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   summary["seconds_total"] = time.perf_counter() - t0
   _write_outputs(files, corpus, summary, arrays)
   summary["files"] = {k: str(v) for k, v in files.items() if k in arrays or k in ("ids", "meta")}
   text = json.dumps(summary, indent=2)
   print(text)
   if args.json:
-    from cart_jax.index.artefact import atomic_write_json  # pylint: disable=g-import-not-at-top
+    from cart_jax.core.artefacts import atomic_write_json  # pylint: disable=g-import-not-at-top
     atomic_write_json(args.json, summary)
   return 0
 
 
 def _precomputed(args, corpus):
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   from cart_jax.data.embeddings import load_aligned
   if not args.precomputed:
-    raise CliError("--encoder precomputed needs --precomputed FILE (.npy or .npz)")
+    raise CartError("--encoder precomputed needs --precomputed FILE (.npy or .npz)")
   al = load_aligned(args.precomputed, corpus.item_ids, ids_path=args.ids, key=args.key,
                     ids_key=args.ids_key, expected_dim=args.expect_dim,
                     allow_extra=args.allow_extra_ids)

@@ -67,10 +67,11 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 def run(args) -> int:
   import json
 
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   from cart_jax.data.corpus import CorpusFormatError
   from cart_jax.index.inputs import InputError
-  from cart_jax.train.jobs import RunError, eval_job
+  from cart_jax.inference.evaluation import eval_job
+  from cart_jax.inference.runs import RunError
   from cart_jax.inference.searcher import ModalityError
 
   split, beam, batch, limit = "test", 10, 64, None
@@ -79,7 +80,7 @@ def run(args) -> int:
     try:
       cli_gin.parse(args.gin_file, args.gin_bindings)
     except (ValueError, OSError) as e:
-      raise CliError(f"gin: {e}") from None
+      raise CartError(f"gin: {e}") from None
     ec = cli_gin.eval_config()
     split, beam, batch, limit = ec.split, ec.beam_size, ec.batch_size, ec.limit
   split = args.split or split
@@ -87,7 +88,7 @@ def run(args) -> int:
   batch = args.batch or batch
   limit = args.limit if args.limit is not None else limit
   if beam < 10:
-    raise CliError(f"--beam {beam}: R@10 and MRR@10 need a beam of at least 10")
+    raise CartError(f"--beam {beam}: R@10 and MRR@10 need a beam of at least 10")
   rerank = bool(args.rerank or args.embeddings or args.rerank_weight is not None)
   weight = None
   if args.rerank_weight is not None:
@@ -95,26 +96,26 @@ def run(args) -> int:
     try:
       weight = parse_weight(args.rerank_weight)
     except RerankError as e:
-      raise CliError(f"--rerank-weight: {e}") from None
+      raise CartError(f"--rerank-weight: {e}") from None
   import sys
   items, loaded = None, None
   if args.items is not None:
     from cart_jax.data.corpus import read_item_ids
-    from cart_jax.train.jobs import load_run
+    from cart_jax.inference.runs import load_run
     try:
       loaded = load_run(args.model_dir, args.step)
       items = read_item_ids(args.items, loaded.corpus)
     except (RunError, CorpusFormatError) as e:
-      raise CliError(str(e)) from None
+      raise CartError(str(e)) from None
   try:
     summary = eval_job(args.model_dir, split=split, beam_size=beam, batch_size=batch, limit=limit,
                        step=args.step, modality=args.modality, rerank=rerank, rerank_weight=weight,
                        embeddings=args.embeddings, log=lambda m: print(m, file=sys.stderr),
                        items=items, loaded=loaded)
   except ModalityError as e:
-    raise CliError(f"--modality {args.modality}: {e}") from None
+    raise CartError(f"--modality {args.modality}: {e}") from None
   except (RunError, CorpusFormatError, InputError, FileNotFoundError) as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   print(json.dumps(summary, indent=2))
   if "rerank" in summary:  # side by side, on stderr (stdout stays one JSON document)
     rr = summary["rerank"]
@@ -125,6 +126,6 @@ def run(args) -> int:
     print(f"re-rank weight {rr['weight']}; top-1 changed for {rr['top1_changed']:.1%} of the queries",
           file=sys.stderr)
   if args.json:
-    from cart_jax.index.artefact import atomic_write_json
+    from cart_jax.core.artefacts import atomic_write_json
     atomic_write_json(args.json, summary)
   return 0

@@ -57,8 +57,8 @@ def build_info(args) -> dict:
   cfg = get_config(args.config, **overrides)
   for name in ("src_len", "beam", "id_length"):
     if getattr(args, name) < 1:
-      from cart_jax.cli.main import CliError
-      raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+      from cart_jax.core.errors import CartError
+      raise CartError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   abstract = nnx.eval_shape(lambda: CARTNetwork(cfg, rngs=nnx.Rngs(0)))
   params = param_groups(nnx.state(abstract))
   flops = flops_per_query(cfg, src_len=args.src_len, beam=args.beam, id_length=args.id_length)
@@ -91,6 +91,6 @@ def run(args) -> int:
     print(f"  XLA cost analysis: {info['xla_cost_analysis_flops'] / 1e9:.3f} GFLOP "
           f"({info['xla_over_analytic']:.3f} x analytic)")
   if args.json:
-    from cart_jax.index.artefact import atomic_write_json
+    from cart_jax.core.artefacts import atomic_write_json
     atomic_write_json(args.json, info)
   return 0

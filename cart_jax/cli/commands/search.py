@@ -40,26 +40,26 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 def run(args) -> int:
   import json
 
-  from cart_jax.cli.main import CliError
-  from cart_jax.train.jobs import RunError, load_run, searcher_for_run
+  from cart_jax.core.errors import CartError
+  from cart_jax.inference.runs import RunError, load_run, searcher_for_run
   from cart_jax.inference.searcher import ModalityError, describe
 
   if args.k < 1:
-    raise CliError(f"-k {args.k}: must be >= 1")
+    raise CartError(f"-k {args.k}: must be >= 1")
   beam = args.beam or max(args.k, 10)
   if beam < args.k:
-    raise CliError(f"--beam {beam} is smaller than -k {args.k}")
+    raise CartError(f"--beam {beam} is smaller than -k {args.k}")
   try:
     r = load_run(args.model_dir, args.step)
   except (RunError, FileNotFoundError) as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   try:
     searcher = searcher_for_run(r, beam_size=beam, n_results=args.k,
                                 batch_size=max(1, len(args.query)), modality=args.modality)
   except ModalityError as e:
-    raise CliError(f"--modality {args.modality}: {e}") from None
+    raise CartError(f"--modality {args.modality}: {e}") from None
   except RunError as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   reranker = None
   if args.rerank or args.embeddings or args.rerank_weight is not None:
     import sys
@@ -70,7 +70,7 @@ def run(args) -> int:
       reranker = rerank_lib.reranker_for_run(r, embeddings=args.embeddings, weight=weight,
                                              log=lambda m: print(m, file=sys.stderr))
     except rerank_lib.RerankError as e:
-      raise CliError(str(e)) from None
+      raise CartError(str(e)) from None
   if reranker is None:
     rows, scores, _ = searcher.search_texts(r.params, r.frozen, args.query)
     logps, coss = scores, None
@@ -94,7 +94,7 @@ def run(args) -> int:
       print(f"  {d['rank']:>3}  {d['item_id']:<16} id={tuple(d['identifier'])}  "
             f"{score}  {d.get('modality', '')}  {d.get('media', '')}")
   if args.json:
-    from cart_jax.index.artefact import atomic_write_json
+    from cart_jax.core.artefacts import atomic_write_json
     doc = {"model_dir": str(r.model_dir), "step": r.step, "modality": args.modality, "queries": out}
     if reranker is not None:
       doc["rerank_weight"] = rerank_lib.weight_to_json(reranker.weight)

@@ -6,7 +6,7 @@
 
 The experiment file includes a model (gin_configs/models/) and the train run
 (gin_configs/runs/train.gin) and sets CORPUS_DIR / INDEX_DIR. Running it again on the same
-MODEL_DIR resumes from the newest checkpoint. MODEL_DIR layout: see cart_jax/train/jobs.py
+MODEL_DIR resumes from the newest checkpoint. MODEL_DIR layout: see cart_jax/inference/runs.py
 (run.json, config.gin, index/, checkpoints/, tensorboard/, metrics.jsonl, train_summary.json).
 Multi-host: launched by launch/tpu_vm.sh or launch/multi_gpu.sh, jax.distributed is initialised
 from the environment.
@@ -51,28 +51,28 @@ def run(args) -> int:
   import gin
 
   from cart_jax.cli import gin_config as cli_gin
-  from cart_jax.cli.main import CliError
+  from cart_jax.core.errors import CartError
   from cart_jax.data.corpus import CorpusFormatError
   from cart_jax.index.inputs import InputError
-  from cart_jax.train.jobs import RunError
+  from cart_jax.inference.runs import RunError
 
   if not args.gin_file:
-    raise CliError("--gin_file is required (e.g. gin_configs/experiments/emoji_demo.gin)")
+    raise CartError("--gin_file is required (e.g. gin_configs/experiments/emoji_demo.gin)")
   try:
     cli_gin.parse(args.gin_file, args.gin_bindings)
   except (ValueError, OSError, gin.config.ParseError if hasattr(gin.config, "ParseError") else ValueError) as e:
-    raise CliError(f"gin: {e}") from None
+    raise CartError(f"gin: {e}") from None
   try:
     summary = cli_gin.run_train(progress=args.progress)
   except (RunError, CorpusFormatError, InputError, FileNotFoundError) as e:
-    raise CliError(str(e)) from None
+    raise CartError(str(e)) from None
   except TypeError as e:
     if "missing" in str(e) and "argument" in str(e):
-      raise CliError(f"gin config incomplete: {e} (bind it, e.g. --gin.MODEL_DIR=/tmp/run)") from None
+      raise CartError(f"gin config incomplete: {e} (bind it, e.g. --gin.MODEL_DIR=/tmp/run)") from None
     raise
   text = json.dumps(summary, indent=2, default=str)
   print(text)
   if args.json:
-    from cart_jax.index.artefact import atomic_write_json
+    from cart_jax.core.artefacts import atomic_write_json
     atomic_write_json(args.json, json.loads(text))
   return 0
