@@ -20,7 +20,7 @@ results for ``1/beam`` of step 0's model cost (about 18% of the decoder at L = 5
 The per-step cost depends on ``beam * max_fanout[l]``, never on the number of
 identifiers ``N``. Encoder outputs are not part of the state: the model closes over them.
 
-Contract of the model step (see /work/notes/contract.md):
+Contract of the model step (``CARTNetwork.tokens_to_logits_fn`` in cart_jax/models/cart/network.py makes one):
   ``logits_bkv, new_cache = tokens_to_logits(tokens_bk, cache, step)``; every cache leaf has
   leading axes ``[batch, beam, ...]``. With ``single_beam_first_step`` the step-0 call gets
   ``beam = 1`` (a model that cannot take another beam width sets it to False).
