@@ -14,28 +14,29 @@ What one "query" is, on both sides (query text in, top-10 item rows out on the h
   The tokenizer is the same for both sides and is timed apart (``tokenize_ms_p50`` per batch,
   ``qps_incl_tokenize``); ``qps`` / ``p50_ms`` / ``p95_ms`` are ids-in -> rows-out-on-host.
 
-Methods (each in its own subprocess, the same thread settings for all):
+Methods (each in its own subprocess, the same thread settings for all); the searchers are the
+library's, built as ``cart eval`` and ``cart baseline`` build them:
   cart        CART ``minilm_small`` (MiniLM-L6 encoder, all 6 layers fused, 6-layer decoder d=384),
-              random weights, ``encode`` once + ``beam_search`` (beam 10, 10 results) over the real
-              trie of the N identifiers. The trie tables are padded to the capacity of the largest N of
-              the run and their fan-outs to the level sizes (the ``bucket_trie`` helper below), so one
-              compiled program per batch size serves every N (compile time reported once per batch).
+              random weights, searched by ``cart_jax.inference.searcher.CartSearcher`` (encoder once
+              + constrained beam search, beam 10, 10 results) over the trie of the N identifiers; one
+              searcher (trie and compiled program) per (N, batch), compile time reported per cell.
   dual_jax    the same MiniLM text tower (mean pool, L2) -> random projection 384 -> 1024, L2 ->
-              exact inner-product top-10 over N x 1024 item embeddings in JAX: a ``lax.scan`` over
-              chunks (<= 65536 rows) of ``q @ C.T`` + ``lax.top_k`` with a running top-k merge (the
-              algorithm of ``cart_jax.inference.dual_tower.ExactSearcher``, without its host-side padding);
-              query tower and search are two jitted programs called back to back.
-  faiss_flat  the same query tower, then ``faiss.IndexFlatIP`` (exact) on the host (CPU only).
-  faiss_ivf   the same query tower, then ``faiss.IndexIVFFlat`` (inner product) with
-              nlist = min(4 sqrt(N), N / 39, 1024) and nprobe = 8 (CPU only; nlist capped at 1024 so the
-              k-means training - 10 iterations on 40 x nlist rows - stays under a minute on 2 cores).
+              ``cart_jax.inference.dual_tower.ExactSearcher`` (``cart baseline --method jax``): exact
+              inner-product top-10 over N x 1024 item embeddings, chunks of 65536 rows (GPU 131072),
+              ``query_batch`` = the batch; query tower and search are two jitted programs back to back.
+  faiss_flat  the same query tower, then ``FaissSearcher`` flat (``cart baseline --method faiss-flat``,
+              ``faiss.IndexFlatIP``, exact; CPU only).
+  faiss_ivf   the same query tower, then ``FaissSearcher`` IVF (``cart baseline --method faiss-ivf``):
+              ``IndexIVFFlat`` (inner product) with the library's nlist = min(4 sqrt(N), N / 39) and
+              nprobe = 8, k-means on all N items (CPU only).
 
 Identifiers (L = 5, the paper's shape with M = 3): (k, v1, v2, v3, u); k in K = 256 clusters with
 skewed sizes (p ~ 1/(i + 8), like K-Means on real embeddings), v1..v3 uniform in C = 256 codes, u a
 counter over colliding (k, v1..v3) (vocabulary 16). Random codes made unique, not learnt ones: the
 search cost depends on the trie's shape (fan-out per level, recorded as ``max_fanout``), not on
 what the codes mean. The decoder vocabulary (2 + 4 x 256 + 16 = 1042) is the same for every N.
-Item embeddings: random normal, L2-normalised, float32 (bfloat16 with ``--precision bf16``).
+Item embeddings: random normal, L2-normalised, float32 on the host, the same for every dual-tower
+method (on the device in bfloat16 with ``--precision bf16``: ``ExactSearchConfig.dtype``).
 
 Timing: the program is compiled ahead of time (``lower().compile()``, ``compile_s``), then warm-up
 calls (3, or 1 when a call takes over 1 s), then timed calls with ``jax.block_until_ready`` until the
@@ -74,6 +75,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -82,8 +84,8 @@ ID_LEN = len(LEVEL_SIZES)
 SRC_LEN = 32
 ITEM_DIM = 1024
 TOP_K = 10
-NPROBE = 8
 METHODS = ("cart", "dual_jax", "faiss_flat", "faiss_ivf")
+SEARCH_METHOD = {"dual_jax": "jax", "faiss_flat": "faiss-flat", "faiss_ivf": "faiss-ivf"}  # cart baseline --method
 CPU_ONLY = ("faiss_flat", "faiss_ivf")
 N_ALL = (1_000, 10_000, 100_000, 1_000_000)
 B_ALL = (1, 100, 1000)
@@ -110,58 +112,35 @@ def make_codes(n: int, seed: int = 0) -> np.ndarray:
   return codes
 
 
-def trie_capacity(n_max: int) -> tuple[int, ...]:
-  """Upper bound of the node count at depth 1..L for any N <= n_max (static table sizes)."""
-  caps, prod = [], 1
-  for s in LEVEL_SIZES:
-    prod *= s
-    caps.append(int(min(prod, n_max)))
-  return tuple(caps)
+def make_items(n: int, seed: int = 0, block: int = 65536) -> np.ndarray:
+  """float32 [n, 1024] random unit-norm item embeddings, deterministic in (n, seed)."""
+  parts = []
+  for i, s in enumerate(range(0, n, block)):
+    x = np.random.default_rng([seed, i]).standard_normal((min(block, n - s), ITEM_DIM), np.float32)
+    parts.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+  return np.concatenate(parts)
 
 
-def bucket_trie(trie, capacity: tuple[int, ...], fanout: tuple[int, ...]):
-  """The same trie with every table padded to ``capacity`` and static fan-outs ``fanout``.
+def dual_searcher(method: str, items: np.ndarray, batch: int, *, dtype: str = "float32",
+                  chunk_size: int = 65536):
+  """The library searcher ``cart baseline --method`` builds for a dual-tower ``method``.
 
-  Padded CSR rows are empty (row_start repeats its last value), padded codes are 0 and padded
-  leaves -1; no real node ever points at a padded one, so search results are unchanged. Tries of
-  different N then share one pytree structure and shapes: one compiled search serves them all.
+  FAISS keeps the library's defaults (IVF nlist ~ 4 sqrt N, nprobe 8, as ``cart baseline``); the
+  exact JAX searcher gets ``query_batch = batch`` (no padded queries), ``chunk_size`` and ``dtype``
+  through its config.
   """
-  from cart_jax.index.trie import TrieTables  # pylint: disable=g-import-not-at-top
-  depth_l = len(trie.level_sizes)
-  if len(capacity) != depth_l or len(fanout) != depth_l:
-    raise ValueError(f"capacity/fanout need {depth_l} entries, got {capacity} / {fanout}")
-  for d in range(depth_l):
-    if capacity[d] < trie.num_nodes[d + 1]:
-      raise ValueError(f"depth {d + 1}: capacity {capacity[d]} < {trie.num_nodes[d + 1]} nodes")
-    if d >= 1 and fanout[d] < trie.max_fanout[d]:
-      raise ValueError(f"level {d}: fan-out bucket {fanout[d]} < real fan-out {trie.max_fanout[d]}")
-
-  def pad(a, size, value):
-    a = np.asarray(a)
-    out = np.full((size,), value, a.dtype)
-    out[:a.size] = a
-    return out
-
-  row_start = tuple(pad(rs, capacity[d - 1] + 1, int(np.asarray(rs)[-1]))
-                    for d, rs in enumerate(trie.row_start, start=1))  # depth d has capacity[d-1] nodes
-  node_code = tuple(pad(nc, capacity[d], 0) for d, nc in enumerate(trie.node_code))
-  leaf_row = pad(trie.leaf_row, capacity[-1], -1)
-  return TrieTables(root_child=np.asarray(trie.root_child), row_start=row_start, node_code=node_code,
-                    leaf_row=leaf_row, level_sizes=tuple(trie.level_sizes),
-                    num_nodes=(1,) + tuple(capacity),
-                    max_fanout=(int(trie.level_sizes[0]),) + tuple(int(f) for f in fanout[1:]))
+  from cart_jax.inference.dual_tower import make_searcher  # pylint: disable=g-import-not-at-top
+  if method == "dual_jax":
+    return make_searcher("jax", items, TOP_K, chunk_size=chunk_size, query_batch=batch, dtype=dtype)
+  return make_searcher(SEARCH_METHOD[method], items, TOP_K)
 
 
-def ivf_nlist(n: int) -> int:
-  return max(1, min(int(4 * math.sqrt(n)), n // 39, 1024))
-
-
-def dual_flops(method: str, n: int, encoder_flops: int) -> int:
+def dual_flops(n: int, encoder_flops: int, nlist: int | None = None, nprobe: int = 0) -> int:
+  """Query tower + exact search over ``n`` items, or (with ``nlist``) the expected IVF search."""
   tower = encoder_flops + 2 * 384 * ITEM_DIM
-  if method in ("dual_jax", "faiss_flat"):
+  if nlist is None:
     return int(tower + 2 * n * ITEM_DIM)
-  nlist = ivf_nlist(n)
-  return int(tower + 2 * nlist * ITEM_DIM + 2 * min(NPROBE, nlist) * (n / nlist) * ITEM_DIM)
+  return int(tower + 2 * nlist * ITEM_DIM + 2 * nprobe * (n / nlist) * ITEM_DIM)
 
 
 def crossover(cart: dict[int, float], dual: dict[int, float]) -> dict:
@@ -309,7 +288,7 @@ def _machine_facts() -> dict:
   return facts
 
 
-def _query_tower(seed: int, dtype):
+def _query_tower(seed: int):
   """MiniLM (random weights) + projection 384 -> 1024: returns (state, proj, encode_fn)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -324,90 +303,9 @@ def _query_tower(seed: int, dtype):
   def encode(state, proj, ids):  # ids int32 [B, src]
     emb = sentence_embedding(nnx.merge(graphdef, state), ids, ids != 0)  # [B, 384]
     q = emb @ proj  # [B, 1024]
-    q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-    return q.astype(dtype)
+    return q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
 
   return state, proj, jax.jit(encode)
-
-
-def _jax_items(n: int, dtype, seed: int, max_chunk: int):
-  """Random unit-norm items on device as [num_chunks, chunk, 1024] (generated on device)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  num_chunks = math.ceil(n / max_chunk)
-  chunk = math.ceil(n / num_chunks)
-
-  @jax.jit
-  def gen(key):
-    x = jax.random.normal(key, (chunk, ITEM_DIM), jnp.float32)
-    return (x / jnp.linalg.norm(x, axis=-1, keepdims=True)).astype(dtype)
-
-  parts = [gen(jax.random.key(seed * 1000 + i)) for i in range(num_chunks)]
-  items = jnp.stack(parts) if num_chunks > 1 else parts[0][None]  # [num_chunks, chunk, d]
-  del parts
-  return jax.block_until_ready(items), chunk
-
-
-def _jax_search_fn(n: int, chunk: int):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  def search(items, q):  # [num_chunks, chunk, d], [B, d]
-    b = q.shape[0]
-
-    def step(carry, inp):
-      best_s, best_r = carry  # [B, k]
-      c_idx, block = inp  # [], [chunk, d]
-      s = jnp.einsum("bd,nd->bn", q, block, preferred_element_type=jnp.float32)  # [B, chunk]
-      rows = c_idx * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
-      s = jnp.where(rows[None, :] < n, s, -jnp.inf)
-      top_s, pos = jax.lax.top_k(s, TOP_K)  # [B, k]
-      cat_s = jnp.concatenate([best_s, top_s], axis=1)  # [B, 2k]
-      cat_r = jnp.concatenate([best_r, rows[pos]], axis=1)
-      new_s, idx = jax.lax.top_k(cat_s, TOP_K)
-      return (new_s, jnp.take_along_axis(cat_r, idx, axis=1)), None
-
-    init = (jnp.full((b, TOP_K), -jnp.inf, jnp.float32), jnp.full((b, TOP_K), -1, jnp.int32))
-    (_, rows), _ = jax.lax.scan(step, init, (jnp.arange(items.shape[0], dtype=jnp.int32), items))
-    return rows  # [B, k]
-
-  return jax.jit(search)
-
-
-_KEEP_ALIVE = []
-
-
-def _faiss_index(method: str, n: int, seed: int):
-  import faiss  # pylint: disable=g-import-not-at-top
-  faiss.omp_set_num_threads(os.cpu_count() or 1)
-  block = 65536
-
-  def blocks():
-    for i, s in enumerate(range(0, n, block)):
-      x = np.random.default_rng([seed, i]).standard_normal((min(block, n - s), ITEM_DIM), np.float32)
-      x /= np.linalg.norm(x, axis=1, keepdims=True)
-      yield x
-
-  info = {}
-  if method == "faiss_flat":
-    index = faiss.IndexFlatIP(ITEM_DIM)
-  else:
-    nlist = ivf_nlist(n)
-    quantizer = faiss.IndexFlatIP(ITEM_DIM)
-    index = faiss.IndexIVFFlat(quantizer, ITEM_DIM, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.niter = 10
-    index.cp.seed = seed
-    n_train = min(n, 40 * nlist)
-    train = np.concatenate([x for _, x in zip(range(math.ceil(n_train / block)), blocks())])[:n_train]
-    t0 = time.perf_counter()
-    index.train(train)
-    info.update(nlist=nlist, nprobe=min(NPROBE, nlist), n_train=int(n_train),
-                train_s=round(time.perf_counter() - t0, 2))
-    index.nprobe = min(NPROBE, nlist)
-    _KEEP_ALIVE.append(quantizer)  # the IVF index does not own its quantizer
-  for x in blocks():
-    index.add(x)
-  return index, info
 
 
 def worker(spec: dict) -> None:
@@ -423,7 +321,6 @@ def worker(spec: dict) -> None:
     _emit({"kind": "machine", **_machine_facts()})
     return
   bf16 = spec["precision"] == "bf16"
-  dtype = jnp.bfloat16 if bf16 else jnp.float32
   ns, batches = spec["n_items"], spec["batches"]
   tokenizer = WordPieceTokenizer.from_file()
   token_cache = {b: _tokenize_timing(tokenizer, b) for b in batches}  # b -> (ids, seconds)
@@ -467,58 +364,41 @@ def worker(spec: dict) -> None:
     _emit(row)
 
   if method == "cart":
-    from cart_jax.inference.decoding import DecodeConfig, beam_search  # pylint: disable=g-import-not-at-top
-    from cart_jax.index.trie import build_trie  # pylint: disable=g-import-not-at-top
     from cart_jax.index.vocab import IdentifierVocab  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
     from cart_jax.models.cart.network import create_model  # pylint: disable=g-import-not-at-top
 
     vocab = IdentifierVocab(LEVEL_SIZES)
     model = create_model(cart_cfg, seed=spec["seed"], host_init=True)
-    graphdef, state = nnx.split(model)
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     if bf16:  # decoder-side weight matrices stored in bf16 (the MiniLM encoder stays float32)
-      state = jax.tree_util.tree_map_with_path(
+      params = jax.tree_util.tree_map_with_path(
           lambda p, x: x.astype(jnp.bfloat16) if x.ndim >= 2 and str(p[0]).find("encoder") < 0 else x,
-          state)
-    dc = DecodeConfig(beam_size=spec["beam"], n_results=TOP_K)
-
-    def search(state, ids, trie):
-      m = nnx.merge(graphdef, state)
-      enc = m.encode(ids)  # once per query
-      cache = m.init_cache(ids.shape[0], dc.beam_size, ID_LEN)
-      return beam_search(m.tokens_to_logits_fn(enc), cache, trie, dc).rows  # [B, 10]
-
-    jitted = jax.jit(search)
-    capacity = trie_capacity(max(ns))
-    fanout = (LEVEL_SIZES[0],) + LEVEL_SIZES[1:]
-    compiled, compile_s = {}, {}
+          params)
     for n in ns:
-      t0 = time.perf_counter()
-      trie = build_trie(make_codes(n, spec["seed"]), vocab)
-      real_fanout = list(trie.max_fanout)
-      trie = jax.device_put(bucket_trie(trie, capacity, fanout))
-      build_s = time.perf_counter() - t0
+      index = types.SimpleNamespace(codes=make_codes(n, spec["seed"]), vocab=vocab, n_items=n)
       for b in batches:
         if skip(n, b):
           continue
-        if b not in compiled:
-          t0 = time.perf_counter()
-          compiled[b] = jitted.lower(state, jax.ShapeDtypeStruct((b, SRC_LEN), jnp.int32), trie).compile()
-          compile_s[b] = time.perf_counter() - t0
-          _log(f"cart B={b}: compiled in {compile_s[b]:.1f} s")
-        ids_np = token_cache[b][0]
-        fn = compiled[b]
+        searcher = None  # the previous cell's trie and program go first
+        t0 = time.perf_counter()
+        searcher = CartSearcher(graphdef, index, beam_size=spec["beam"], n_results=TOP_K,
+                                input_length=SRC_LEN, batch_size=b)
+        build_s = time.perf_counter() - t0
+        compile_s = searcher.warm_up(params, frozen)
+        _log(f"cart N={n} B={b}: compiled in {compile_s:.1f} s")
 
-        def call(fn=fn, ids_np=ids_np, trie=trie):
-          return np.asarray(fn(state, jnp.asarray(ids_np), trie))
+        def call(searcher=searcher, ids_np=token_cache[b][0]):
+          return searcher.search_ids(params, frozen, ids_np)[0]
 
-        run_cell(n, b, call, compile_s[b], cart_flops["total"],
-                 {"max_fanout": real_fanout, "trie_build_s": round(build_s, 3),
-                  "compile_shared_across_n": True})
+        run_cell(n, b, call, compile_s, cart_flops["total"],
+                 {"max_fanout": [int(f) for f in searcher.trie.max_fanout],
+                  "trie_build_s": round(build_s, 3), "compile_shared_across_n": False})
     return
 
   # dual tower
   enc_flops = flops_per_query(mcfg.minilm_small(), src_len=SRC_LEN)["encoder"]
-  tower_state, proj, encode = _query_tower(spec["seed"], dtype)
+  tower_state, proj, encode = _query_tower(spec["seed"])
   enc_compiled, enc_compile_s = {}, {}
   for b in batches:
     t0 = time.perf_counter()
@@ -530,37 +410,32 @@ def worker(spec: dict) -> None:
     jax.block_until_ready(enc_compiled[b](tower_state, proj, ids_dev))
     tower_s[b] = time.perf_counter() - t0
   for n in ns:
-    t0 = time.perf_counter()
-    if method == "dual_jax":
-      items, chunk = _jax_items(n, dtype, spec["seed"], spec["max_chunk"])
-      search = _jax_search_fn(n, chunk)
-      extra = {"chunk": chunk}
-    else:
-      index, extra = _faiss_index(method, n, spec["seed"])
-    extra["build_s"] = round(time.perf_counter() - t0, 2)
+    items = make_items(n, spec["seed"])
+    searcher = None
     for b in batches:
       if skip(n, b):
         continue
-      ids_np = token_cache[b][0]
-      enc_fn = enc_compiled[b]
-      if method == "dual_jax":
+      if searcher is None or method == "dual_jax":  # the JAX searcher's query batch is b
+        searcher = None  # the previous batch's device copy goes first
         t0 = time.perf_counter()
-        s_fn = search.lower(items, jax.ShapeDtypeStruct((b, ITEM_DIM), dtype)).compile()
-        c_s = enc_compile_s[b] + time.perf_counter() - t0
+        searcher = dual_searcher(method, items, b, dtype="bfloat16" if bf16 else "float32",
+                                 chunk_size=spec["max_chunk"])
+        build_s = time.perf_counter() - t0
+        search_compile_s = searcher.warm_up()
+      extra = {"build_s": round(build_s, 2)}
+      nlist = getattr(searcher, "nlist", None)
+      if nlist:
+        extra.update(nlist=nlist, nprobe=int(searcher.index.nprobe))
+      if method == "dual_jax":
+        extra["chunk"] = searcher.chunk
+      enc_fn = enc_compiled[b]
 
-        def call(enc_fn=enc_fn, s_fn=s_fn, ids_np=ids_np):
-          return np.asarray(s_fn(items, enc_fn(tower_state, proj, jnp.asarray(ids_np))))
-      else:
-        c_s = enc_compile_s[b]
+      def call(enc_fn=enc_fn, ids_np=token_cache[b][0], searcher=searcher):
+        return searcher.search(np.asarray(enc_fn(tower_state, proj, jnp.asarray(ids_np))))[1]
 
-        def call(enc_fn=enc_fn, ids_np=ids_np):
-          q = np.asarray(enc_fn(tower_state, proj, jnp.asarray(ids_np)), np.float32)
-          return index.search(q, TOP_K)[1]
-      run_cell(n, b, call, c_s, dual_flops(method, n, enc_flops), dict(extra))
-    if method == "dual_jax":
-      del items
-    else:
-      del index
+      run_cell(n, b, call, enc_compile_s[b] + search_compile_s,
+               dual_flops(n, enc_flops, nlist, extra.get("nprobe", 0)), extra)
+    del items, searcher
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -755,8 +630,8 @@ def main(argv=None) -> int:
   runs = []  # (method, variant, env)
   if args.compare_src:
     src = os.path.abspath(args.compare_src)
-    if not os.path.isfile(os.path.join(src, "cart_jax", "decoding.py")):
-      ap.error(f"--compare_src {src}: expected a directory with cart_jax/inference/decoding.py inside")
+    if not os.path.isfile(os.path.join(src, "cart_jax", "inference", "searcher.py")):
+      ap.error(f"--compare_src {src}: expected a directory with cart_jax/inference/searcher.py inside")
     env_before = dict(env, PYTHONPATH=src + os.pathsep + env["PYTHONPATH"])
     for r in range(args.rounds):  # ABBA order: a drifting background load favours neither side
       pair = [("cart", "before", env_before), ("cart", "after", env)]
@@ -797,7 +672,7 @@ def main(argv=None) -> int:
           "beam": args.beam, "top_k": TOP_K, "id_length": ID_LEN, "level_sizes": list(LEVEL_SIZES),
           "src_len": SRC_LEN, "item_dim": ITEM_DIM, "cart_model": "minilm_small (random weights)",
           "codes": "random unique (k skewed over 256, v1..v3 uniform over 256, u counter < 16)",
-          "ivf": "nlist = min(4 sqrt N, N/39, 1024), nprobe 8, 10 k-means iterations on 40 x nlist rows",
+          "ivf": "cart baseline --method faiss-ivf: nlist = min(4 sqrt N, N/39), nprobe 8, k-means on all N items",
           "timing": "ids in -> top-10 rows on host; tokenisation timed apart (tokenize_ms_p50)",
           "budget_s": budget_s, "max_call_s": max_call_s, "n_items": list(ns), "batches": list(batches),
           "threads_env": {k: env.get(k) for k in ("OMP_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS")}},

@@ -1,17 +1,15 @@
-"""benchmarks/throughput.py: its pure helpers (no timing is asserted; benchmarks are not tests)."""
+"""benchmarks/throughput.py: its pure helpers and its searchers, which are the library's (no timing is
+asserted; benchmarks are not tests)."""
 import importlib.util
 import math
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from cart_jax.inference.decoding import DecodeConfig, beam_search
-from cart_jax.index.trie import build_trie
-from cart_jax.index.vocab import IdentifierVocab
+from cart_jax.inference.dual_tower import ExactSearcher, FaissSearcher, make_searcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "throughput.py")
@@ -68,43 +66,35 @@ def test_predict_call_s_scales_with_batch_then_n():
   assert tp.predict_call_s({}, 10_000, 100, skipped={(1000, 100)}, flat_in_n=True) is None
 
 
-def test_ivf_nlist_and_flops():
-  assert tp.ivf_nlist(1_000) == 25 and tp.ivf_nlist(1_000_000) == 1024
-  assert tp.dual_flops("dual_jax", 1_000_000, 0) == 2 * 384 * 1024 + 2 * 1_000_000 * 1024
-  ivf = tp.dual_flops("faiss_ivf", 1_000_000, 0)
-  assert ivf == int(2 * 384 * 1024 + 2 * 1024 * 1024 + 2 * 8 * (1_000_000 / 1024) * 1024)
+def test_dual_flops():
+  assert tp.dual_flops(1_000_000, 0) == 2 * 384 * 1024 + 2 * 1_000_000 * 1024
+  ivf = tp.dual_flops(1_000_000, 0, nlist=4000, nprobe=8)
+  assert ivf == int(2 * 384 * 1024 + 2 * 4000 * 1024 + 2 * 8 * (1_000_000 / 4000) * 1024)
 
 
-def test_bucketed_trie_gives_the_same_search_results():
-  """Padding the tables (one compiled search for every N) changes no result."""
-  vocab = IdentifierVocab(tp.LEVEL_SIZES)
-  codes = tp.make_codes(3_000, seed=2)
-  trie = build_trie(codes, vocab)
-  padded = tp.bucket_trie(trie, tp.trie_capacity(50_000), tp.LEVEL_SIZES)
-  assert padded.num_nodes == (1,) + tp.trie_capacity(50_000)
-  assert padded.max_fanout == tp.LEVEL_SIZES
-  other = tp.bucket_trie(build_trie(tp.make_codes(900, seed=3), vocab), tp.trie_capacity(50_000),
-                         tp.LEVEL_SIZES)
-  assert jax.tree.structure(padded) == jax.tree.structure(other)  # same program serves both
-  assert [x.shape for x in jax.tree.leaves(padded)] == [x.shape for x in jax.tree.leaves(other)]
-  with pytest.raises(ValueError, match="capacity"):
-    tp.bucket_trie(trie, tp.trie_capacity(1_000), tp.LEVEL_SIZES)
+def test_items_are_unit_norm_and_deterministic():
+  items = tp.make_items(700, seed=3, block=256)
+  assert items.shape == (700, tp.ITEM_DIM) and items.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(items, tp.make_items(700, seed=3, block=256))
 
+
+def test_dual_tower_uses_the_library_searchers():
+  """The benchmark times the searchers `cart baseline` runs: same rows, same IVF settings."""
   rng = np.random.default_rng(0)
-  table = rng.standard_normal((vocab.vocab_size, vocab.vocab_size)).astype(np.float32)
-
-  def t2l(tok, cache, step):  # a Markov stub model: logits depend on the previous token
-    return jax.numpy.asarray(table)[tok] + 0.1 * step, cache
-
-  def run(t):
-    dc = DecodeConfig(5, 5)
-    return jax.jit(lambda t: beam_search(t2l, {}, t, dc, batch_size=1))(jax.device_put(t))
-  a, b = run(trie), run(padded)
-  np.testing.assert_array_equal(np.asarray(a.rows), np.asarray(b.rows))
-  np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
-  rows = np.asarray(a.rows)[0]
-  assert (rows >= 0).all()
-  np.testing.assert_array_equal(np.asarray(a.codes)[0], codes[rows])
+  items = rng.standard_normal((3_000, 64)).astype(np.float32)
+  queries = rng.standard_normal((37, 64)).astype(np.float32)
+  exact = tp.dual_searcher("dual_jax", items, 37, chunk_size=1024)
+  assert isinstance(exact, ExactSearcher) and exact.config.query_batch == 37
+  want = make_searcher("jax", items, tp.TOP_K)  # cart baseline --method jax
+  np.testing.assert_array_equal(exact.search(queries)[1], want.search(queries)[1])
+  flat = tp.dual_searcher("faiss_flat", items, 37)
+  assert isinstance(flat, FaissSearcher)
+  np.testing.assert_array_equal(flat.search(queries)[1], want.search(queries)[1])
+  ivf = tp.dual_searcher("faiss_ivf", items, 37)
+  base = make_searcher("faiss-ivf", items, tp.TOP_K)  # cart baseline --method faiss-ivf defaults
+  assert (ivf.nlist, ivf.index.nprobe) == (base.nlist, base.index.nprobe) == (76, 8)
+  np.testing.assert_array_equal(ivf.search(queries)[1], base.search(queries)[1])
 
 
 def test_gpu_mode_fails_clearly_without_a_gpu(tmp_path):

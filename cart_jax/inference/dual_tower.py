@@ -10,28 +10,38 @@
   (approximate; ``nlist`` cells, ``nprobe`` visited), from ``faiss-cpu``.
 
 Both return ``(scores float32 [Q, k], rows int32 [Q, k])``, best first.
+
+The baseline ``cart baseline`` runs (:func:`baseline_job`): each query text through the text
+tower (:func:`query_encoder`), then a searcher over every item embedding, scored by the one
+evaluator (:func:`evaluate_dual_tower`, :mod:`cart_jax.inference.evaluation`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import platform
 import time
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
+
+from cart_jax.core.errors import CartError
 
 METHODS = ("jax", "faiss-flat", "faiss-ivf")
 
 
 def _check(items: np.ndarray, k: int) -> None:
   if items.ndim != 2 or items.shape[0] == 0:
-    raise ValueError(f"item embeddings must be a non-empty [N, d] array, found shape {items.shape}")
+    raise CartError(f"item embeddings must be a non-empty [N, d] array, found shape {items.shape}")
   if not 1 <= k <= items.shape[0]:
-    raise ValueError(f"k must be in [1, N={items.shape[0]}], got {k}")
+    raise CartError(f"k must be in [1, N={items.shape[0]}], got {k}")
 
 
 def _check_queries(queries: np.ndarray, d: int) -> None:
   if queries.ndim != 2 or queries.shape[1] != d:
-    raise ValueError(f"queries must be [Q, {d}], found shape {queries.shape}")
+    raise CartError(f"queries must be [Q, {d}], found shape {queries.shape}")
 
 
 def merge_top_k(scores_a, rows_a, scores_b, rows_b, k: int):
@@ -50,10 +60,12 @@ class ExactSearchConfig:
     k: results per query.
     chunk_size: items scored per scan step (``None``: all N in one chunk).
     query_batch: queries per call of the compiled program.
+    dtype: item and query dtype on the device (``bfloat16`` halves memory); scores are float32.
   """
   k: int = 10
   chunk_size: int | None = 65536
   query_batch: int = 256
+  dtype: str = "float32"
 
 
 class ExactSearcher:
@@ -68,11 +80,11 @@ class ExactSearcher:
     n, d = items.shape
     chunk = min(config.chunk_size or n, n)
     if chunk < config.k:
-      raise ValueError(f"chunk_size {chunk} must be >= k {config.k}")
+      raise CartError(f"chunk_size {chunk} must be >= k {config.k}")
     num_chunks = math.ceil(n / chunk)
     padded = np.zeros((num_chunks * chunk, d), np.float32)
     padded[:n] = items
-    self.items = jax.device_put(padded.reshape(num_chunks, chunk, d))  # [num_chunks, chunk, d]
+    self.items = jax.device_put(padded.reshape(num_chunks, chunk, d)).astype(config.dtype)  # [chunks, chunk, d]
     self.config = config
     self.n, self.d, self.chunk = n, d, chunk
     k = config.k
@@ -84,8 +96,8 @@ class ExactSearcher:
       def step(carry, inp):
         best_s, best_r = carry  # [B, k] each
         c_idx, block = inp  # scalar, [chunk, d]
-        s = jnp.einsum("bd,nd->bn", queries, block,
-                       precision=jax.lax.Precision.HIGHEST)  # [B, chunk]
+        s = jnp.einsum("bd,nd->bn", queries.astype(block.dtype), block,
+                       precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)  # [B, chunk]
         rows = c_idx * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
         s = jnp.where(rows[None, :] < n, s, -jnp.inf)  # padding never wins
         top_s, pos = jax.lax.top_k(s, k)  # [B, k]
@@ -157,7 +169,7 @@ class FaissSearcher:
     elif config.index == "ivf":
       nlist = config.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
       if not 1 <= nlist <= n:
-        raise ValueError(f"nlist must be in [1, N={n}], got {nlist}")
+        raise CartError(f"nlist must be in [1, N={n}], got {nlist}")
       quantizer = faiss.IndexFlatIP(d)
       self.index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
       self.index.cp.seed = config.seed
@@ -166,7 +178,7 @@ class FaissSearcher:
       self._quantizer = quantizer  # keep alive
       self.nlist = nlist
     else:
-      raise ValueError(f"unknown FAISS index {config.index!r}; expected flat or ivf")
+      raise CartError(f"unknown FAISS index {config.index!r}; expected flat or ivf")
     self.index.add(items)
 
   def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,4 +199,203 @@ def make_searcher(method: str, items: np.ndarray, k: int, **options):
     return FaissSearcher(items, FaissConfig(k=k, index="flat", **options))
   if method == "faiss-ivf":
     return FaissSearcher(items, FaissConfig(k=k, index="ivf", **options))
-  raise ValueError(f"unknown search method {method!r}; expected one of {METHODS}")
+  raise CartError(f"unknown search method {method!r}; expected one of {METHODS}")
+
+
+class DualTowerRanker:
+  """A :class:`cart_jax.inference.evaluation.Ranker`: query encoder, then top-k over the items.
+
+  ``encode(texts, progress)`` maps query texts to ``[Q, d]`` vectors (MiniLM + the dual
+  encoder's projection, or rows given in advance); ``text_encoder`` (when there is one) is warmed
+  up on every length bucket the texts need. After :meth:`rank`, ``queries`` holds the query
+  vectors and ``encode_seconds`` / ``search_seconds`` the two parts of the timed pass.
+  """
+
+  def __init__(self, searcher, encode: Callable[..., np.ndarray], text_encoder=None):
+    self.searcher, self.encode, self.text_encoder = searcher, encode, text_encoder
+    self.k = searcher.config.k
+    self.queries, self.encode_seconds, self.search_seconds = None, 0.0, 0.0
+
+  def warm_up(self, texts: Sequence[str]) -> float:
+    t0 = time.perf_counter()
+    if self.text_encoder is not None:
+      self.text_encoder.warm_up([len(r) for r in self.text_encoder.tokenize(texts)])
+    self.searcher.search(self.encode(texts[:1]))
+    return time.perf_counter() - t0
+
+  def rank(self, texts: Sequence[str], progress=None) -> tuple[np.ndarray, np.ndarray]:
+    t0 = time.perf_counter()
+    self.queries = np.asarray(self.encode(texts, progress), np.float32)  # [Q, d]
+    t1 = time.perf_counter()
+    scores, rows = self.searcher.search(self.queries)
+    self.encode_seconds, self.search_seconds = t1 - t0, time.perf_counter() - t1
+    return rows, scores
+
+
+def query_encoder(embeddings_path: str | os.PathLike, dim: int, *, model: str | os.PathLike | None = None,
+                  text_batch: int = 128) -> tuple[Callable[..., np.ndarray], object, str]:
+  """The query side of ``cart embed``'s dual encoder: ``(encode, text_encoder, description)``.
+
+  ``model`` (default: the ``E.model.npz`` next to the embeddings) projects MiniLM sentence
+  embeddings into the items' space; without a model file, 384-d items are searched with plain
+  MiniLM embeddings.
+
+  Raises:
+    CartError: ``model`` missing, of another dimension, or no query encoder at all.
+  """
+  from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.text.encoder import MiniLMTextEncoder  # pylint: disable=g-import-not-at-top
+  model_path = Path(model) if model else embedding_files(embeddings_path).model
+  if model and not model_path.is_file():
+    raise CartError(f"--model {model_path}: no such file")
+  if model_path.is_file():
+    from cart_jax.train.dual_encoder import embed_text_features, load_model  # pylint: disable=g-import-not-at-top
+    dual = load_model(model_path)
+    if dual.config.embed_dim != dim:
+      raise CartError(f"{model_path}: model embeds into {dual.config.embed_dim} dimensions, "
+                      f"{embeddings_path} has {dim}")
+    project, side = (lambda f: embed_text_features(dual, f)), f"minilm+projection ({model_path.name})"
+  elif dim == 384:
+    project, side = (lambda f: f), "minilm"
+  else:
+    raise CartError(f"{embeddings_path}: no query encoder: {model_path.name} not found and the items "
+                    f"are {dim}-d (not MiniLM's 384); pass --model or --query-embeddings")
+  text_encoder = MiniLMTextEncoder(batch_size=text_batch)
+  return (lambda texts, progress=None: project(text_encoder.encode(texts, progress))), text_encoder, side
+
+
+def evaluate_dual_tower(items: np.ndarray, texts: Sequence[str], targets, encode, *,
+                        text_encoder=None, method: str = "jax", k: int = 10,
+                        chunk_size: int | None = 65536, query_batch: int = 256,
+                        nlist: int | None = None, nprobe: int = 8, agreement: str | None = None,
+                        progress: bool = False) -> dict:
+  """The dual tower through the one evaluator: R@1/5/10, MRR@10, queries/s over ``texts``.
+
+  Args:
+    items: ``[N, d]`` item embeddings; targets: ``[Q]`` item rows of the query texts.
+    encode: ``encode(texts, progress=None) -> [Q, d]`` (see :func:`query_encoder`).
+    text_encoder: the MiniLM encoder inside ``encode``, warmed up before the timed pass.
+    method: ``jax`` (chunk_size, query_batch), ``faiss-flat`` or ``faiss-ivf`` (nlist, nprobe).
+    agreement: also search with this method and report how often the top-k lists agree.
+
+  Returns:
+    the evaluator's metrics (:func:`cart_jax.inference.evaluation.evaluate_ranker`) plus
+    ``qps_search_only``, ``seconds_by_stage``, ``faiss_ivf`` and ``agreement`` when asked.
+  """
+  from cart_jax.inference.evaluation import evaluate_ranker, ranking_metrics  # pylint: disable=g-import-not-at-top
+  options = {"chunk_size": chunk_size, "query_batch": query_batch, "nlist": nlist, "nprobe": nprobe}
+  ranker = DualTowerRanker(searcher_for(method, items, k, **options), encode, text_encoder)
+  out, rows, scores = evaluate_ranker(ranker, texts, targets, progress=progress,
+                                      desc=f"dual tower ({method})")
+  out["qps_search_only"] = len(texts) / max(ranker.search_seconds, 1e-9)
+  out["seconds_by_stage"] = {"encode_queries": ranker.encode_seconds, "search": ranker.search_seconds}
+  if getattr(ranker.searcher, "nlist", None):
+    out["faiss_ivf"] = {"nlist": ranker.searcher.nlist, "nprobe": ranker.searcher.index.nprobe}
+  if agreement:
+    o_scores, o_rows = searcher_for(agreement, items, k, **options).search(ranker.queries)
+    out["agreement"] = {
+        "method": agreement,
+        "top1_equal": float(np.mean(rows[:, 0] == o_rows[:, 0])),
+        "topk_lists_equal": float(np.mean(np.all(rows == o_rows, axis=1))),
+        "topk_sets_equal": float(np.mean([set(a) == set(b) for a, b in zip(rows, o_rows)])),
+        "max_abs_score_diff": float(np.max(np.abs(scores - o_scores))),
+        # Lists that differ only where items tie (pixel-identical media embed identically):
+        "topk_scores_equal_1e-5": float(np.mean(np.all(np.abs(scores - o_scores) <= 1e-5, axis=1))),
+        **{f"other_{key}": v for key, v in ranking_metrics(o_rows, targets, k).items()},
+    }
+  return out
+
+
+def searcher_for(method: str, items: np.ndarray, k: int, *, chunk_size: int | None = 65536,
+                 query_batch: int = 256, nlist: int | None = None, nprobe: int = 8):
+  """:func:`make_searcher` with the options of ``method`` picked from all of them.
+
+  Raises:
+    CartError: an unknown method, bad options, or FAISS not installed.
+  """
+  if method == "jax":
+    options = {"chunk_size": chunk_size, "query_batch": query_batch}
+  elif method == "faiss-ivf":
+    options = {"nlist": nlist, "nprobe": nprobe}
+  else:
+    options = {}
+  try:
+    return make_searcher(method, items, k, **options)
+  except ImportError as e:
+    raise CartError(str(e)) from None
+
+
+def baseline_job(corpus_dir: str | os.PathLike, embeddings: str | os.PathLike, *,
+                 ids: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
+                 query_embeddings: str | os.PathLike | None = None, split: str = "test",
+                 items: str | os.PathLike | None = None, method: str = "jax", k: int = 10,
+                 chunk_size: int | None = 65536, query_batch: int = 256, text_batch: int = 128,
+                 nlist: int | None = None, nprobe: int = 8, agreement: str | None = None,
+                 progress: bool = False) -> dict:
+  """The dual-tower baseline of a corpus's ``split`` queries over ``embeddings`` (``cart embed``).
+
+  Query side, in order: ``query_embeddings`` (``.npy``, rows = the split's query texts in corpus
+  order; queries/s then counts search only), ``model`` (default ``E.model.npz``), or plain MiniLM
+  sentence embeddings for 384-d items. ``items``: a file of item ids; only their queries are
+  scored (every item is searched).
+
+  Returns:
+    the JSON summary of ``cart baseline``: the evaluator's metrics (``r@1`` ... ``qps``) plus
+    ``qps_search_only``, timings, the query/item encoders and the machine.
+
+  Raises:
+    CartError: any input problem (corpus, embeddings, ids, query embeddings, model, k).
+  """
+  from cart_jax.data.corpus import load_corpus, read_item_ids  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.embeddings import load_aligned, read_meta  # pylint: disable=g-import-not-at-top
+
+  if k < 10:
+    raise CartError(f"-k {k}: R@10 and MRR@10 need at least 10 results per query")
+  corpus = load_corpus(corpus_dir, check_media=False)
+  vectors = np.asarray(load_aligned(embeddings, corpus.item_ids, ids_path=ids).embeddings,
+                       np.float32)  # [N, d]
+  n, d = vectors.shape
+  if k > n:
+    raise CartError(f"-k {k} is more than the {n} items")
+  texts, targets = corpus.pairs(split, "query")
+  if items is not None:
+    keep_ids = read_item_ids(items, corpus)
+    keep = np.asarray([corpus.item_ids[int(t)] in keep_ids for t in targets], bool)  # [Q]
+    texts, targets = [t for t, x in zip(texts, keep) if x], np.asarray(targets)[keep]
+  if not texts:
+    raise CartError(f"{corpus_dir}: no '{split}' query texts" +
+                    (f" of the items in {items}" if items else ""))
+  text_encoder = None
+  if query_embeddings:
+    qe = _read_query_embeddings(query_embeddings, len(texts), d, split)
+    encode, side = (lambda batch, progress=None: qe[:len(batch)]), "precomputed"
+  else:
+    encode, text_encoder, side = query_encoder(embeddings, d, model=model, text_batch=text_batch)
+  metrics = evaluate_dual_tower(vectors, texts, targets, encode, text_encoder=text_encoder,
+                                method=method, k=k, chunk_size=chunk_size, query_batch=query_batch,
+                                nlist=nlist, nprobe=nprobe, agreement=agreement, progress=progress)
+  import jax  # pylint: disable=g-import-not-at-top
+  return {
+      "corpus": str(corpus_dir), "embeddings": str(embeddings), "split": split, "method": method,
+      "k": k, "num_items": n, "dim": d, "query_encoder": side,
+      "item_encoder": read_meta(embeddings).get("encoder"), **metrics,
+      "timing_note": ("one timed pass over all queries after a warm-up that compiled every "
+                      "shape; query encoding included" if text_encoder is not None else
+                      "query embeddings were given: search only"),
+      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                  "jax_backend": f"{jax.default_backend()} ({jax.devices()[0].device_kind})"},
+  }
+
+
+def _read_query_embeddings(path, num_texts: int, dim: int, split: str) -> np.ndarray:
+  """``[num_texts, dim]`` finite query embeddings from an ``.npy`` file."""
+  try:
+    qe = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise CartError(f"{path}: not a readable .npy file ({e})") from None
+  if qe.ndim != 2 or qe.shape != (num_texts, dim):
+    raise CartError(f"{path}: expected shape [{num_texts}, {dim}] (the '{split}' query texts x "
+                    f"item dimension), found {qe.shape}")
+  if not np.isfinite(qe).all():
+    raise CartError(f"{path}: non-finite values")
+  return np.asarray(qe, np.float32)
