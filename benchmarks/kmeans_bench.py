@@ -49,6 +49,7 @@ def worker(method: str, n: int, d: int, k: int, iters: int, repeats: int) -> dic
     compile_s = max(first - statistics.median(times), 0.0)
   else:
     from sklearn.cluster import KMeans, MiniBatchKMeans
+    centers = []
     for rep in range(repeats):
       if method == "sklearn_kmeans":
         est = KMeans(k, init="k-means++", n_init=1, max_iter=iters, tol=0.0, random_state=rep + 1)
@@ -58,9 +59,10 @@ def worker(method: str, n: int, d: int, k: int, iters: int, repeats: int) -> dic
       t0 = time.perf_counter()
       est.fit(x)
       times.append(time.perf_counter() - t0)
-      inertia = float(((x - est.cluster_centers_[est.predict(x)]) ** 2).sum())
-      inertias.append(inertia)
+      centers.append(est.cluster_centers_)
       n_iters.append(int(est.n_iter_))
+    from cart_jax.index import kmeans as km  # after the timed fits: JAX starts its threads here
+    inertias = [float(km.predict(x, c)[1].sum()) for c in centers]  # cart_jax's inertia, same rule
   return {"method": method, "n": n, "d": d, "k": k, "max_iters": iters,
           "seconds_median": statistics.median(times), "seconds_min": min(times),
           "seconds_max": max(times), "repeats": repeats, "compile_s": compile_s,
