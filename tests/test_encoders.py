@@ -1,5 +1,5 @@
 """Item encoders: precomputed-embedding alignment/validation, towers, InfoNCE, dual-encoder training."""
-import os
+import shutil
 
 import numpy as np
 import pytest
@@ -205,12 +205,15 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path)
   cfg = train_dual.DualTrainConfig(**{**CFG.__dict__, "steps": 12, "checkpoint_every": 6})
   full, res_full = train_dual.train_dual_encoder(tiny_data, mc, cfg, checkpoint_dir=tmp_path)
   assert train_dual.checkpoint_steps(tmp_path) == [6, 12]
-  os.unlink(tmp_path / "ckpt_00000012.npz")  # "interrupted" after step 6
-  resumed, res = train_dual.train_dual_encoder(tiny_data, mc, cfg, checkpoint_dir=tmp_path)
+  shutil.rmtree(tmp_path / "12")  # "interrupted" after step 6
+  logs = []
+  resumed, res = train_dual.train_dual_encoder(tiny_data, mc, cfg, checkpoint_dir=tmp_path,
+                                               log=logs.append)
   assert res.start_step == 6 and len(res.losses) == 6
-  np.testing.assert_allclose(res.losses, res_full.losses[6:], rtol=1e-5)
-  np.testing.assert_allclose(train_dual.embed_items(resumed, tiny_data.media),
-                             train_dual.embed_items(full, tiny_data.media), atol=1e-5)
+  assert logs == [f"saved checkpoint step 12 to {tmp_path}"]
+  np.testing.assert_array_equal(res.losses, res_full.losses[6:])  # exact resume
+  np.testing.assert_array_equal(train_dual.embed_items(resumed, tiny_data.media),
+                                train_dual.embed_items(full, tiny_data.media))
   other = train_dual.DualTrainConfig(**{**cfg.__dict__, "seed": 1})
   with pytest.raises(ValueError, match="different train_config"):
     train_dual.train_dual_encoder(tiny_data, mc, other, checkpoint_dir=tmp_path)
@@ -222,6 +225,9 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path)
   with pytest.raises(ValueError, match="not a dual-encoder model file"):
     np.savez(tmp_path / "x.npz", a=np.zeros(2))
     train_dual.load_model(tmp_path / "x.npz")
+  # resume=False starts afresh in a used directory.
+  _, fresh = train_dual.train_dual_encoder(tiny_data, mc, other, checkpoint_dir=tmp_path, resume=False)
+  assert fresh.start_step == 0 and train_dual.checkpoint_steps(tmp_path) == [6, 12]
 
 
 def test_training_needs_two_items_with_texts(tiny_data):

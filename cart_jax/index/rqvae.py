@@ -179,8 +179,17 @@ class RQVAETrainResult:
 
 
 def train_rqvae(x_nd: np.ndarray, config: RQVAEConfig, key: jax.Array,
-                progress: Callable[[int, dict], None] | None = None) -> RQVAETrainResult:
-  """Train an RQ-VAE on ``x_nd`` (float32 [N, d]); deterministic under ``key``."""
+                progress: Callable[[int, dict], None] | None = None,
+                log_every: int = 100) -> RQVAETrainResult:
+  """Train an RQ-VAE on ``x_nd`` (float32 [N, d]); deterministic under ``key``.
+
+  Runs in the shared training loop (:mod:`cart_jax.train.loop`): the metrics (loss, recon,
+  commit) are pulled from the device every ``log_every`` steps and at the end, into the
+  history; code usage is counted on the device and read only at a dead-code restart.
+  ``progress(i, metrics)`` is called after every step ``i`` (0-based) with the last metrics
+  pulled (``{}`` before the first log).
+  """
+  from cart_jax.train import loop  # pylint: disable=g-import-not-at-top
   x_nd = np.asarray(x_nd, np.float32)
   n, d = x_nd.shape
   if d != config.input_dim:
@@ -200,7 +209,7 @@ def train_rqvae(x_nd: np.ndarray, config: RQVAEConfig, key: jax.Array,
   n_codes = config.codebook_size
 
   @jax.jit
-  def step(params, opt_state, xb):
+  def step(params, opt_state, usage_window, xb):
     def loss_fn(p):
       return rqvae_loss(nnx.merge(graphdef, p), xb)
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -208,17 +217,19 @@ def train_rqvae(x_nd: np.ndarray, config: RQVAEConfig, key: jax.Array,
     params = optax.apply_updates(params, updates)
     usage = jax.vmap(lambda c: jnp.bincount(c, length=n_codes), in_axes=1)(aux["codes"])  # [M, C]
     metrics = {k: aux[k] for k in ("loss", "recon", "commit")}
-    return params, opt_state, metrics, usage, aux["residuals"]
+    return params, opt_state, usage_window + usage, metrics, aux["residuals"]
 
-  history = []
-  usage_window = np.zeros((config.num_levels, n_codes), np.int64)
+  no_usage = jnp.zeros((config.num_levels, n_codes), jnp.int32)
   restarts = 0
-  for i in range(config.steps):
+
+  def one_step(i: int, state):
+    nonlocal restarts
+    params, opt_state, usage_window = state
     idx = first if i == 0 else next(batches)
-    params, opt_state, metrics, usage, residuals = step(params, opt_state, x_nd[idx])
-    usage_window += np.asarray(usage)
+    params, opt_state, usage_window, metrics, residuals = step(params, opt_state, usage_window,
+                                                               x_nd[idx])
     if config.restart_every and (i + 1) % config.restart_every == 0 and i + 1 < config.steps:
-      dead = usage_window == 0  # [M, C]
+      dead = np.asarray(usage_window) == 0  # [M, C]
       if dead.any():
         cbs = np.asarray(params["codebooks"][...]).copy()
         res = np.asarray(residuals)  # [M, B, latent]
@@ -229,14 +240,22 @@ def train_rqvae(x_nd: np.ndarray, config: RQVAEConfig, key: jax.Array,
             cbs[m, dm] = res[m, pick]
             restarts += int(dm.size)
         params["codebooks"][...] = jnp.asarray(cbs)
-      usage_window[:] = 0
-    if progress is not None or i % 100 == 0 or i == config.steps - 1:
-      m = {k: float(v) for k, v in metrics.items()}
-      history.append({"step": i, **m})
-      if progress is not None:
-        progress(i, m)
-  model = nnx.merge(graphdef, params)
-  return RQVAETrainResult(model=model, history=history, restarts=restarts)
+      usage_window = no_usage
+    return (params, opt_state, usage_window), metrics
+
+  last: dict = {}
+
+  def on_step(done: int, m: dict | None) -> None:
+    nonlocal last
+    if m is not None:
+      last = m
+    if progress is not None:
+      progress(done - 1, last)
+
+  out = loop.run(one_step, (params, opt_state, no_usage), start=0, num_steps=config.steps,
+                 log_every=log_every, on_step=on_step)
+  model = nnx.merge(graphdef, out.state[0])
+  return RQVAETrainResult(model=model, history=out.history, restarts=restarts)
 
 
 def rqvae_diagnostics(model: RQVAE, x_nd: np.ndarray, chunk: int = 8192) -> dict:

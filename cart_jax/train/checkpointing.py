@@ -1,9 +1,11 @@
 """Checkpoints: the ONE module that talks to orbax.
 
-A checkpoint of step ``s`` is the directory ``MODEL_DIR/checkpoints/<s>/`` with one orbax item
-per pytree (the trainer saves ``params``, ``frozen`` and ``opt_state``) plus ``meta`` (JSON: step,
-wall time, metrics at save time). Items restore onto the shapes, dtypes and shardings of a
-template (exact resume); inference restores only ``params`` and ``frozen``.
+Used by every trainer (CART's, the dual encoder's; :mod:`cart_jax.train.loop` saves through it).
+A checkpoint of step ``s`` is the directory ``<directory>/<s>/`` with one orbax item per pytree
+(CART saves ``params``, ``frozen`` and ``opt_state`` into ``MODEL_DIR/checkpoints``; the dual
+encoder ``params`` and ``opt_state``) plus ``meta`` (JSON: step, wall time, metrics at save
+time, whatever else the trainer records). Items restore onto the shapes, dtypes and shardings of
+a template (exact resume); inference restores only ``params`` and ``frozen``.
 
 Writes are atomic (orbax finalises a step directory only when complete); ``keep`` bounds how
 many are kept. Data-iterator position needs no separate entry: the input pipeline is a pure
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -26,16 +28,17 @@ class Checkpointer:
   """Periodic saves, keep-N and restore of the newest (or a given) step."""
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, save_every: int = 0,
-               async_save: bool = False):
+               async_save: bool = False, items: Sequence[str] = ITEMS):
     self.directory = Path(directory).absolute()
     self.save_every = int(save_every)
+    self.items = tuple(items)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None,
         save_interval_steps=1,  # the trainer decides when (see should_save)
         create=True,
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=ITEMS + (META,))
+                                         item_names=self.items + (META,))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -49,10 +52,10 @@ class Checkpointer:
 
   def save(self, step: int, items: dict[str, Any], meta: dict | None = None, *,
            force: bool = True) -> bool:
-    """Saves ``items`` (name -> pytree of arrays, names from ``ITEMS``) and ``meta`` as ``step``."""
-    unknown = set(items) - set(ITEMS)
+    """Saves ``items`` (name -> pytree of arrays, names from ``self.items``) and ``meta`` as ``step``."""
+    unknown = set(items) - set(self.items)
     if unknown:
-      raise ValueError(f"unknown checkpoint items {sorted(unknown)}; expected {ITEMS}")
+      raise ValueError(f"unknown checkpoint items {sorted(unknown)}; expected {self.items}")
     # orbax refuses empty pytrees (e.g. no frozen parameters): those are simply not written.
     args = {k: ocp.args.StandardSave(v) for k, v in items.items() if jax.tree.leaves(v)}
     args[META] = ocp.args.JsonSave(dict(meta or {}, step=int(step)))
@@ -73,6 +76,11 @@ class Checkpointer:
     args[META] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     return {k: out[k] if k in args else v for k, v in templates.items()}, dict(out[META] or {})
+
+  def delete_all(self) -> None:
+    """Removes every checkpoint (a run that starts afresh in a used directory)."""
+    for step in self.all_steps():
+      self.manager.delete(step)
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -12,19 +12,20 @@ epoch (``default_rng([seed, epoch])``), the text picked per item (``default_rng(
 and the augmentation key (``fold_in(seed, step)``), so a resumed run sees the same batches as an
 uninterrupted one.
 
-Checkpoints are ``ckpt_<step>.npz`` files (parameters and optimiser state by pytree path, step,
-configs) written atomically into ``checkpoint_dir``; the last ``keep_checkpoints`` are kept.
+Training runs in the shared loop (:mod:`cart_jax.train.loop`: metrics pulled from the device
+every ``log_every`` steps, not per step). Checkpoints go through the orbax module
+(:mod:`cart_jax.train.checkpointing`): ``checkpoint_dir/<step>/`` holds ``params`` and
+``opt_state`` with both configs in its meta, written atomically; the last ``keep_checkpoints`` are
+kept. The trained model's export is one ``.npz`` (:func:`save_model` / :func:`load_model`), the
+file ``cart embed`` writes next to the embeddings and the re-ranker reads.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import os
-import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,8 +36,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cart_jax.core.artefacts import atomic_write_via
+from cart_jax.core.errors import CartError
 from cart_jax.models.dual_encoder import DualEncoder, DualEncoderConfig
 from cart_jax.models.towers import registry
+from cart_jax.train import loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +130,7 @@ def text_features(texts: Sequence[str], text_encoder, cache_path: str | os.PathL
         return np.asarray(z["features"], np.float32)
   feats = np.asarray(text_encoder.encode(texts, progress=progress), np.float32)
   if cache_path is not None:
-    _atomic_savez(cache_path, features=feats, key=np.asarray(key))
+    atomic_write_via(cache_path, lambda tmp: np.savez(tmp, features=feats, key=np.asarray(key)))
   return feats
 
 
@@ -202,24 +206,11 @@ def _unflat(template, arrays, prefix: str, source: str):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _atomic_savez(path: str | os.PathLike, **arrays) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".npz", dir=path.parent)
-  os.close(fd)
-  try:
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def save_model(path: str | os.PathLike, model: DualEncoder) -> None:
   """Trained parameters + config in one ``.npz`` (atomic)."""
   _, params = nnx.split(model)
-  _atomic_savez(path, __config__=np.asarray(model.config.to_json()), **_flat(params, "params"))
+  arrays = {"__config__": np.asarray(model.config.to_json()), **_flat(params, "params")}
+  atomic_write_via(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def load_model(path: str | os.PathLike) -> DualEncoder:
@@ -237,39 +228,38 @@ def load_model(path: str | os.PathLike) -> DualEncoder:
   return nnx.merge(graphdef, _unflat(params, arrays, "params", str(path)))
 
 
+def _checkpointer(directory: str | os.PathLike, config: DualTrainConfig):
+  from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  return Checkpointer(directory, keep=config.keep_checkpoints, save_every=config.checkpoint_every,
+                      items=("params", "opt_state"))
+
+
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
-  steps = []
-  for p in glob.glob(os.path.join(directory, "ckpt_*.npz")):
-    m = re.fullmatch(r"ckpt_(\d+)\.npz", os.path.basename(p))
-    if m:
-      steps.append(int(m.group(1)))
-  return sorted(steps)
+  """Steps of the checkpoints in ``directory`` (oldest first)."""
+  from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  ckpt = Checkpointer(directory, keep=0, items=("params", "opt_state"))
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
 
 
-def _save_checkpoint(directory, step, params, opt_state, model_config, train_config, keep):
-  _atomic_savez(os.path.join(directory, f"ckpt_{step:08d}.npz"),
-                __step__=np.asarray(step), __config__=np.asarray(model_config.to_json()),
-                __train_config__=np.asarray(train_config.to_json()),
-                **_flat(params, "params"), **_flat(opt_state, "opt"))
-  for old in checkpoint_steps(directory)[:-keep]:
-    os.unlink(os.path.join(directory, f"ckpt_{old:08d}.npz"))
-
-
-def _restore_checkpoint(directory, params, opt_state, model_config, train_config):
-  steps = checkpoint_steps(directory)
-  if not steps:
+def _restore_checkpoint(ckpt, params, opt_state, model_config: DualEncoderConfig,
+                        train_config: DualTrainConfig):
+  """``(step, params, opt_state)`` of the newest checkpoint, or None; refuses other configs."""
+  step = ckpt.latest_step()
+  if step is None:
     return None
-  path = os.path.join(directory, f"ckpt_{steps[-1]:08d}.npz")
-  with np.load(path, allow_pickle=False) as z:
-    arrays = dict(z)
-  for key, want in (("__config__", model_config.to_json()), ("__train_config__", train_config.to_json())):
-    found = str(arrays.get(key, ""))
+  _, meta = ckpt.restore({}, step)
+  where = ckpt.directory / str(step)
+  for key, want in (("model_config", model_config.to_json()), ("train_config", train_config.to_json())):
+    found = meta.get(key, "")
     if found != want:
-      raise ValueError(f"{path}: checkpoint was written with a different {key.strip('_')} "
-                       f"({found}) than this run's ({want}); use another checkpoint directory "
-                       "or start fresh (cart embed --no-resume)")
-  return (int(arrays["__step__"]), _unflat(params, arrays, "params", path),
-          _unflat(opt_state, arrays, "opt", path))
+      raise CartError(f"{where}: checkpoint was written with a different {key} ({found}) than this "
+                       "run's ({want}); use another checkpoint directory or start fresh "
+                       "(cart embed --no-resume)")
+  restored, _ = ckpt.restore({"params": params, "opt_state": opt_state}, step)
+  return step, restored["params"], restored["opt_state"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -277,12 +267,15 @@ def _restore_checkpoint(directory, params, opt_state, model_config, train_config
 
 def train_dual_encoder(data: TrainData, model_config: DualEncoderConfig, config: DualTrainConfig,
                        *, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
-                       progress: Callable[[str, int], object] | None = None
-                       ) -> tuple[DualEncoder, TrainResult]:
+                       progress: Callable[[str, int], object] | None = None, log_every: int = 25,
+                       log: Callable[[str], None] | None = None) -> tuple[DualEncoder, TrainResult]:
   """Trains (or resumes) the dual encoder; returns the model and the loss curve.
 
   ``progress(description, total)`` may return an object with ``update(n)`` and
-  ``set_postfix_str(s)`` (a tqdm bar).
+  ``set_postfix_str(s)`` (a tqdm bar); its postfix shows the metrics every ``log_every`` steps,
+  when they are pulled from the device (every step's loss and accuracy land in the result).
+  ``resume=False`` deletes the checkpoints already in ``checkpoint_dir``. ``log`` gets one line
+  per checkpoint saved.
   """
   num_items_with_text = len(np.unique(data.text_item_rows))
   batch_size = min(config.batch_size, num_items_with_text)
@@ -296,43 +289,54 @@ def train_dual_encoder(data: TrainData, model_config: DualEncoderConfig, config:
   tx = make_optimizer(config)
   opt_state = tx.init(params)
   start = 0
-  if checkpoint_dir is not None and resume:
-    restored = _restore_checkpoint(checkpoint_dir, params, opt_state, model_config, config)
-    if restored is not None:
-      start, params, opt_state = restored
+  ckpt = _checkpointer(checkpoint_dir, config) if checkpoint_dir is not None else None
+  try:
+    if ckpt is not None and not resume:
+      ckpt.delete_all()
+    if ckpt is not None:
+      restored = _restore_checkpoint(ckpt, params, opt_state, model_config, config)
+      if restored is not None:
+        start, params, opt_state = restored
 
-  media = jnp.asarray(data.media)  # [N, ...] on device once
-  feats = jnp.asarray(data.text_features)  # [T, text_dim]
-  seed = jnp.int32(config.seed)
+    media = jnp.asarray(data.media)  # [N, ...] on device once
+    feats = jnp.asarray(data.text_features)  # [T, text_dim]
+    seed = jnp.int32(config.seed)
 
-  losses, accs = [], []
-  bar = progress("training dual encoder", config.steps) if progress else None
-  if bar is not None and start:
-    bar.update(start)
-  compile_s, t0 = 0.0, time.perf_counter()
-  for step in range(start, config.steps):
-    text_idx, item_idx = batch_rows(data.text_item_rows, batch_size, config.seed, step)
-    ts = time.perf_counter()
-    params, opt_state, loss, aux = _train_step(graphdef, tx, params, opt_state, media, feats,
-                                               text_idx, item_idx, seed, jnp.int32(step))
-    losses.append(float(loss))
-    accs.append(float(aux["accuracy"]))
-    if step == start:
-      compile_s = time.perf_counter() - ts
-    if bar is not None:
-      bar.update(1)
-      bar.set_postfix_str(f"loss {losses[-1]:.3f} acc {accs[-1]:.2f} "
-                          f"scale {float(aux['logit_scale']):.1f}")
-    done = step + 1
-    if checkpoint_dir is not None and (done == config.steps or
-                                       (config.checkpoint_every and done % config.checkpoint_every == 0)):
-      _save_checkpoint(checkpoint_dir, done, params, opt_state, model_config, config,
-                       config.keep_checkpoints)
-  seconds = time.perf_counter() - t0
-  model = nnx.merge(graphdef, params)
-  return model, TrainResult(steps=config.steps, start_step=start, losses=losses, accuracies=accs,
+    def one_step(step: int, state):
+      params, opt_state = state
+      text_idx, item_idx = batch_rows(data.text_item_rows, batch_size, config.seed, step)
+      params, opt_state, loss, aux = _train_step(graphdef, tx, params, opt_state, media, feats,
+                                                 text_idx, item_idx, seed, jnp.int32(step))
+      return (params, opt_state), {"loss": loss, "accuracy": aux["accuracy"],
+                                   "logit_scale": aux["logit_scale"]}
+
+    bar = progress("training dual encoder", config.steps) if progress else None
+    if bar is not None and start:
+      bar.update(start)
+
+    def on_step(done: int, m: dict | None) -> None:
+      del done
+      if bar is not None:
+        bar.update(1)
+        if m is not None:
+          bar.set_postfix_str(f"loss {m['loss']:.3f} acc {m['accuracy']:.2f} "
+                              f"scale {m['logit_scale']:.1f}")
+
+    out = loop.run(one_step, (params, opt_state), start=start, num_steps=config.steps,
+                   log_every=log_every, on_step=on_step, checkpointer=ckpt,
+                   checkpoint_items=lambda st: {"params": st[0], "opt_state": st[1]},
+                   checkpoint_meta={"model_config": model_config.to_json(),
+                                    "train_config": config.to_json()},
+                   history_every_step=True, log=log)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  model = nnx.merge(graphdef, out.state[0])
+  return model, TrainResult(steps=config.steps, start_step=start,
+                            losses=[h["loss"] for h in out.history],
+                            accuracies=[h["accuracy"] for h in out.history],
                             logit_scale=float(model.logit_scale()), batch_size=batch_size,
-                            seconds_train=seconds, seconds_compile=compile_s)
+                            seconds_train=out.seconds, seconds_compile=out.compile_seconds)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx"))

@@ -7,8 +7,9 @@
 * :func:`make_train_step`: one jitted, state-donating step: CE (+ R-Drop KL) loss, AdamW
   update, metrics (loss, CE, KL, token accuracy, learning rate, gradient norm). Dropout keys
   are ``fold_in(seed, step)``, so a resumed run draws the same masks as an uninterrupted one.
-* :func:`train`: the loop (big_vision style): batches by step from the input pipeline,
-  periodic checkpoints, validation recall through constrained decoding, TensorBoard + console.
+* :func:`train`: batches by step from the input pipeline through the shared loop
+  (:mod:`cart_jax.train.loop`: metrics pulled only when logged, periodic checkpoints), validation
+  recall through constrained decoding, TensorBoard + console.
 
 The state is split ``(graphdef, params, frozen)``: ``params`` are the trainable parameters
 (``network.trainable_filter``; a frozen encoder is not among them), ``frozen`` the rest. Both are
@@ -19,11 +20,7 @@ No gin here: ``cart_jax/cli/gin_config.py`` makes these configurable at the edge
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +35,7 @@ from cart_jax.models.cart import losses
 from cart_jax.models.cart.config import ModelConfig
 from cart_jax.models.cart.network import CARTNetwork, create_model, load_pretrained_encoder, trainable_filter
 from cart_jax import partitioning
+from cart_jax.train import loop
 
 
 IDENTIFIER_INITS = ("none", "embed", "embed+output")
@@ -185,12 +183,6 @@ def train_step(graphdef, tx: optax.GradientTransformation, c: TrainConfig,
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(graphdef, params, frozen, batch) -> dict:
-  """Teacher-forced CE and token accuracy without dropout (pure)."""
-  _, aux = loss_fn(graphdef, params, frozen, batch, omega=0.0, dropout_rng=None)
-  return {"ce": aux["ce"], "token_accuracy": aux["token_accuracy"]}
-
-
 def make_train_step(graphdef, tx, c: TrainConfig) -> Callable:
   """The jitted step; the state (argument 0) is donated."""
   return jax.jit(lambda state, frozen, batch: train_step(graphdef, tx, c, state, frozen, batch),
@@ -238,38 +230,6 @@ def maybe_initialize_distributed() -> bool:
 
 
 # --------------------------------------------------------------------------- the loop
-
-
-class MetricWriter:
-  """TensorBoard (tensorboardX) + JSONL, on process 0 only."""
-
-  def __init__(self, directory: Path | None):
-    self.tb = None
-    self.jsonl = None
-    if directory is None or jax.process_index() != 0:
-      return
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(str(directory / "tensorboard"))
-    except ImportError:
-      self.tb = None
-    self.jsonl = open(directory / "metrics.jsonl", "a", encoding="utf-8")
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if self.tb is not None:
-      for k, v in scalars.items():
-        self.tb.add_scalar(k, float(v), step)
-      self.tb.flush()
-    if self.jsonl is not None:
-      self.jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-      self.jsonl.flush()
-
-  def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
-    if self.jsonl is not None:
-      self.jsonl.close()
 
 
 @dataclasses.dataclass
@@ -368,7 +328,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     cache = build_state_cache(graphdef, state.params, frozen, model_config, pipeline.token_rows(),
                               root=state_cache_dir, progress=progress, log=log)
   step_fn = make_train_step(graphdef, tx, c)
-  writer = MetricWriter(Path(metrics_dir) if metrics_dir is not None else None)
+  writer = loop.MetricWriter(Path(metrics_dir) if metrics_dir is not None else None)
   searcher = None
   if validation is not None and c.eval_every > 0:
     from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
@@ -376,67 +336,45 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
                             input_length=input_length, mesh=mesh)
   bar = None
   if progress and jax.process_index() == 0 and start < c.num_steps:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=c.num_steps, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
-  history, val_history = [], []
-  t_start = time.perf_counter()
-  compile_s = 0.0
-  window_t, window_n = time.perf_counter(), 0
-  last = c.num_steps
-  ran = 0
+    bar = loop.tqdm_bar(c.num_steps, start, "train")
+  say = bar.write if bar is not None else log
+  val_history = []
   it = pipeline.iterate(start)
+
+  def one_step(step: int, state: TrainState) -> tuple[TrainState, dict]:
+    del step  # the pipeline yields batches in step order
+    host_batch = to_loss_batch(next(it))
+    if cache is not None:
+      host_batch["states"] = cache.lookup(host_batch["inputs"])  # [b, S, src, width] float16
+    return step_fn(state, frozen, shard_batch(host_batch, mesh))
+
+  def on_step(done: int, m: dict | None) -> None:
+    if bar is not None:
+      bar.update(1)
+      if m is not None:
+        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_accuracy']:.3f}",
+                        sps=f"{m['steps_per_second']:.1f}")
+    elif m is not None:
+      log(f"step {done}: loss {m['loss']:.4f} token_accuracy {m['token_accuracy']:.3f} "
+          f"{m['steps_per_second']:.2f} steps/s")
+
+  def validate(done: int, state: TrainState) -> None:
+    from cart_jax.inference.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+    texts, targets = validation
+    res, _, _ = evaluate(searcher, state.params, frozen, texts, targets, warm_up=not val_history)
+    val_history.append({"step": done, **res})
+    writer.write(done, {f"val/{k}": res[k] for k in ("r@1", "r@10", "mrr@10", "qps") if k in res})
+    say(f"step {done}: {c.eval_split} r@1 {res['r@1']:.3f} r@10 {res.get('r@10', float('nan')):.3f} "
+        f"({res['num_queries']} queries)")
+
   try:
     with jax.set_mesh(mesh):
-      for step in range(start, c.num_steps):
-        host_batch = to_loss_batch(next(it))
-        if cache is not None:
-          host_batch["states"] = cache.lookup(host_batch["inputs"])  # [b, S, src, width] float16
-        batch = shard_batch(host_batch, mesh)
-        if step == start:
-          t0 = time.perf_counter()
-          state, metrics = step_fn(state, frozen, batch)
-          jax.block_until_ready(state.step)
-          compile_s = time.perf_counter() - t0
-          window_t = time.perf_counter()
-        else:
-          state, metrics = step_fn(state, frozen, batch)
-          window_n += 1
-        ran += 1
-        done = step + 1
-        if bar is not None:
-          bar.update(1)
-        if done % c.log_every == 0 or done == last:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          elapsed = time.perf_counter() - window_t
-          m["steps_per_second"] = window_n / elapsed if window_n and elapsed > 0 else float("nan")
-          window_t, window_n = time.perf_counter(), 0
-          history.append({"step": done, **m})
-          writer.write(done, {f"train/{k}": v for k, v in m.items() if math.isfinite(v)})
-          if bar is not None:
-            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['token_accuracy']:.3f}",
-                            sps=f"{m['steps_per_second']:.1f}")
-          else:
-            log(f"step {done}: loss {m['loss']:.4f} token_acc {m['token_accuracy']:.3f} "
-                f"{m['steps_per_second']:.2f} steps/s")
-        if searcher is not None and (done % c.eval_every == 0 or done == last):
-          from cart_jax.inference.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-          texts, targets = validation
-          res, _, _ = evaluate(searcher, state.params, frozen, texts, targets, warm_up=not val_history)
-          val_history.append({"step": done, **res})
-          writer.write(done, {f"val/{k}": res[k] for k in ("r@1", "r@10", "mrr@10", "qps") if k in res})
-          msg = (f"step {done}: {c.eval_split} R@1 {res['r@1']:.3f} R@10 {res.get('r@10', float('nan')):.3f} "
-                 f"({res['num_queries']} queries)")
-          if bar is not None:
-            bar.write(msg)
-          else:
-            log(msg)
-          window_t = time.perf_counter()
-        stopping = stop_after is not None and ran >= stop_after
-        if ckpt is not None and (ckpt.should_save(done, last) or stopping):
-          ckpt.save(done, {"params": state.params, "opt_state": state.opt_state, "frozen": frozen},
-                    {"metrics": history[-1] if history else {}, "time": time.time()})
-        if stopping:
-          break
+      out = loop.run(one_step, state, start=start, num_steps=c.num_steps, log_every=c.log_every,
+                     on_step=on_step, writer=writer, checkpointer=ckpt,
+                     checkpoint_items=lambda s: {"params": s.params, "opt_state": s.opt_state,
+                                                 "frozen": frozen},
+                     evaluate=validate if searcher is not None else None, eval_every=c.eval_every,
+                     stop_after=stop_after, log=say)
   finally:
     if bar is not None:
       bar.close()
@@ -448,9 +386,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     cache_info = {"directory": str(cache.directory), "texts": cache.num_texts,
                   "layers": cache.num_layers, "mib": round(cache.nbytes / 2**20, 1),
                   "build_seconds": cache.meta.get("seconds"), "misses": cache.misses}
-  return TrainResult(graphdef=graphdef, state=state, frozen=frozen, start_step=start, history=history,
-                     validation=val_history, seconds=time.perf_counter() - t_start,
-                     compile_seconds=compile_s, state_cache=cache_info)
+  return TrainResult(graphdef=graphdef, state=out.state, frozen=frozen, start_step=start,
+                     history=out.history, validation=val_history, seconds=out.seconds,
+                     compile_seconds=out.compile_seconds, state_cache=cache_info)
 
 
 def restore_for_inference(model_config: ModelConfig, checkpoint_dir: str | os.PathLike,
