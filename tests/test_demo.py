@@ -3,20 +3,23 @@ import json
 
 import pytest
 
+from cart_jax import recipes
 from cart_jax.cli.main import main
 from cart_jax.core.errors import CartError
-from cart_jax.cli.commands import demo
 
 
 def test_recipe_for_image_and_errors():
-  assert demo.recipe_for("image")["dataset"] == "emoji"
-  assert demo.recipe_for("image", full=True)["experiment"].endswith("emoji_cart.gin")
+  r = recipes.recipe_for("image")
+  assert r.dataset == "emoji" and r.items == "emoji" and not r.full
+  assert (r.embed.steps, r.embed.captions) == (300, False)
+  assert (r.ids.n_clusters, r.ids.num_levels, r.ids.codebook_size, r.ids.rq_steps) == (64, 2, 64, 300)
+  full = recipes.recipe_for("image", full=True)
+  assert full.experiment.endswith("emoji_cart.gin") and full.full
+  assert (full.embed.steps, full.embed.captions) == (600, True)
   with pytest.raises(CartError, match="expected one of"):
-    demo.recipe_for("smell")
+    recipes.recipe_for("smell")
   with pytest.raises(CartError, match="--full is the image recipe"):
-    demo.recipe_for("audio", full=True)
-  assert demo._last_value(["--steps", "3", "--lr", "1", "--steps", "7"], "--steps", 600) == "7"
-  assert demo._last_value(["--lr", "1"], "--steps", 600) == 600
+    recipes.recipe_for("audio", full=True)
 
 
 def test_demo_smoke_image(tmp_path, capsys):
@@ -50,15 +53,14 @@ def test_demo_smoke_image(tmp_path, capsys):
 
 @pytest.mark.parametrize("modality,dataset", [("audio", "instruments"), ("video", "emoji-motion")])
 def test_recipes_of_audio_and_video_point_at_real_steps(modality, dataset):
-  """Every argument list of the recipe parses with its command's own parser; the gin file exists."""
+  """The recipe's settings are typed values of the library; the gin file exists."""
   from pathlib import Path
 
-  from cart_jax.cli.commands import build_ids, data, embed
-  r = demo.recipe_for(modality)
-  assert r["dataset"] == dataset and r["dataset"] in data.PREPARERS
-  assert (Path(__file__).resolve().parents[1] / r["experiment"]).is_file()
-  e = demo._sub_args(embed, "embed", ["--corpus", "c", "--out", "e.npy"] + r["embed_args"])
-  assert e.steps > 0
-  for key in ("ids_args", "smoke_ids_args"):
-    b = demo._sub_args(build_ids, "build-ids", ["--embeddings", "e.npy", "--out", "i"] + r[key])
-    assert b.clusters >= 2 and b.levels >= 1
+  from cart_jax import api
+  r = recipes.recipe_for(modality)
+  assert r.modality == modality and r.dataset == dataset and r.dataset in api.DATASETS
+  assert r.items == "clips"
+  assert (Path(__file__).resolve().parents[1] / r.experiment).is_file()
+  assert r.embed.steps > 0
+  for ids in (r.ids, r.smoke_ids):
+    assert ids.n_clusters >= 2 and ids.num_levels >= 1

@@ -80,6 +80,22 @@ def test_user_errors(tmp_path, capsys):
   assert "not a CART model directory" in capsys.readouterr().out
   assert cart("search", "--model_dir", str(tmp_path), "x") == 2
   assert cart("train", "--gin.MODEL_DIR=/tmp/x") == 2
-  assert "--gin_file is required" in capsys.readouterr().out
+  assert "--gin-file is required" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     cart("eval", "--model_dir", str(tmp_path), "--split", "nope")
+
+
+def test_missing_model_dir_and_unbound_gin_are_one_line_errors(tmp_path, capsys):
+  """Through the console entry point: exit 2, one line on stderr, no traceback."""
+  from cart_jax.cli.main import main
+  missing = str(tmp_path / "nowhere")
+  for argv in (["eval", "--model-dir", missing], ["search", "--model-dir", missing, "x"]):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{missing}: no such directory" in err, err
+  # emoji_demo.gin leaves MODEL_DIR = None: said so before anything runs (no TypeError read back)
+  assert main(["train", "--gin-file", "gin_configs/experiments/emoji_demo.gin"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "gin config incomplete: MODEL_DIR is None" in err, err
+  assert main(["train", "--gin-file", "gin_configs/models/tiny.gin"]) == 2
+  assert "train_job.model_dir is not bound" in capsys.readouterr().err

@@ -120,8 +120,8 @@ def test_prepare_through_cli_and_bad_arguments(tmp_path, capsys):
 def test_demo_recipe_names_an_existing_experiment():
   from pathlib import Path
   r = emoji_motion.DEMO_RECIPE
-  assert r["dataset"] == "emoji-motion" and set(r) == {"dataset", "experiment", "embed_args",
-                                                        "ids_args", "smoke_ids_args"}
+  assert r["dataset"] == "emoji-motion" and set(r) == {"dataset", "experiment", "embed", "ids",
+                                                        "smoke_ids"}
   assert (Path(__file__).resolve().parents[1] / r["experiment"]).is_file()
 
 

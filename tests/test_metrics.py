@@ -17,10 +17,10 @@ TARGETS = np.array([7, 3, 9, 5])
 def test_single_target():
   assert first_relevant_rank(RANKED, TARGETS).tolist() == [0, 2, 9, -1]
   m = retrieval_metrics(RANKED, TARGETS)
-  assert m["R@1"] == pytest.approx(1 / 4)
-  assert m["R@5"] == pytest.approx(2 / 4)
-  assert m["R@10"] == pytest.approx(3 / 4)
-  assert m["MRR@10"] == pytest.approx((1 + 1 / 3 + 1 / 10 + 0) / 4)
+  assert m["r@1"] == pytest.approx(1 / 4)
+  assert m["r@5"] == pytest.approx(2 / 4)
+  assert m["r@10"] == pytest.approx(3 / 4)
+  assert m["mrr@10"] == pytest.approx((1 + 1 / 3 + 1 / 10 + 0) / 4)
   assert m["num_queries"] == 4
 
 
@@ -28,14 +28,14 @@ def test_sets_of_relevant_items_take_the_first_hit():
   targets = [{2, 7}, {9, 3}, {42}, [10, 0]]  # first hits at ranks 1, 3, none, 1
   assert first_relevant_rank(RANKED, targets).tolist() == [0, 2, -1, 0]
   m = retrieval_metrics(RANKED, targets, ks=(1, 3))
-  assert m["R@1"] == pytest.approx(2 / 4) and m["R@3"] == pytest.approx(3 / 4)
-  assert m["MRR@10"] == pytest.approx((1 + 1 / 3 + 0 + 1) / 4)
+  assert m["r@1"] == pytest.approx(2 / 4) and m["r@3"] == pytest.approx(3 / 4)
+  assert m["mrr@10"] == pytest.approx((1 + 1 / 3 + 0 + 1) / 4)
 
 
 def test_list_of_ints_equals_array_and_mrr_cutoff():
   assert retrieval_metrics(RANKED, TARGETS.tolist()) == retrieval_metrics(RANKED, TARGETS)
   m = retrieval_metrics(RANKED, TARGETS, ks=(1,), mrr_k=5)  # the rank-10 hit no longer counts
-  assert m["MRR@5"] == pytest.approx((1 + 1 / 3) / 4)
+  assert m["mrr@5"] == pytest.approx((1 + 1 / 3) / 4)
 
 
 def test_empty_slots_never_match():

@@ -1,6 +1,17 @@
-"""Embeddings computed elsewhere (ImageBind, CLIP, CLAP...), aligned to a corpus's items.
+"""Item embedding files: ``E.npy`` and its sidecars, reading, aligning and writing them.
 
-Accepted inputs:
+``cart embed --out E.npy`` writes (:func:`embed`), next to each other (:func:`embedding_files`,
+the one place their names are derived):
+  E.npy         float32 [N, d], rows in the corpus's item order
+  E.ids.txt     one item id per line (row order)
+  E.meta.json   encoder, dimension, corpus, content hash, summary (:func:`read_meta`)
+  E.model.npz   (built-in encoder) the trained item tower + text projection
+
+The built-in encoder (:func:`embed_builtin`) trains the dual encoder of
+:mod:`cart_jax.train.dual_encoder` and embeds every item; :func:`align_precomputed` takes
+embeddings computed elsewhere (ImageBind, CLIP, CLAP...) and aligns them to the corpus's items.
+
+Accepted precomputed inputs:
 
 * ``E.npy`` (memory-mapped) ``[M, d]`` float, with its ids in a text file (one per line, row
   order): ``--ids FILE``, or by default the sidecar ``E.ids.txt`` that ``cart embed`` writes;
@@ -16,22 +27,54 @@ the memory map is returned as is (no copy).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
 from cart_jax.index.inputs import InputError, check_ids, load_item_ids, validate_embeddings
 
 IDS_KEYS = ("ids", "item_ids")
+META_FORMAT = "cart-embeddings"
+META_VERSION = 1
 
 
-def sidecar_ids_path(embeddings_path: str | os.PathLike) -> Path:
-  """``E.npy`` -> ``E.ids.txt`` (what ``cart embed`` writes next to the embeddings)."""
+@dataclasses.dataclass(frozen=True)
+class EmbeddingFiles:
+  """``E.npy`` and the sidecars next to it (see the module docstring)."""
+  embeddings: Path
+  ids: Path
+  meta: Path
+  model: Path
+
+  def existing(self) -> list[Path]:
+    return [p for p in dataclasses.astuple(self) if p.exists()]
+
+
+def embedding_files(embeddings_path: str | os.PathLike) -> EmbeddingFiles:
+  """``E.npy`` (or ``E.npz``) -> ``E.npy``, ``E.ids.txt``, ``E.meta.json``, ``E.model.npz``."""
   p = Path(embeddings_path)
-  return p.with_name(p.stem + ".ids.txt")
+  stem = p.with_name(p.stem)
+  return EmbeddingFiles(embeddings=p, ids=Path(f"{stem}.ids.txt"), meta=Path(f"{stem}.meta.json"),
+                        model=Path(f"{stem}.model.npz"))
+
+
+def read_meta(embeddings_path: str | os.PathLike) -> dict:
+  """``E.meta.json`` of ``E.npy`` (``{}`` when absent or unreadable: embeddings made elsewhere)."""
+  path = embedding_files(embeddings_path).meta
+  if not path.is_file():
+    return {}
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError:
+    return {}
 
 
 @dataclasses.dataclass
@@ -86,7 +129,7 @@ def read_embeddings_with_ids(path: str | os.PathLike, ids_path: str | os.PathLik
   validate_embeddings(arr, source=str(path))
   if ids is None:
     if ids_path is None:
-      ids_path = sidecar_ids_path(path)
+      ids_path = embedding_files(path).ids
       if not ids_path.is_file():
         raise InputError(f"{path}: no item ids: pass an ids file (one id per line, row order), "
                          f"put them next to it as {ids_path.name}, or store them in a .npz "
@@ -124,3 +167,220 @@ def load_aligned(path: str | os.PathLike, corpus_ids: Sequence[str], *,
   if expected_dim is not None and arr.shape[1] != expected_dim:
     raise InputError(f"{path}: embeddings have dimension {arr.shape[1]}, expected {expected_dim}")
   return align(arr, ids, corpus_ids, source=str(path), allow_extra=allow_extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinEmbedOptions:
+  """The built-in dual encoder: a frozen MiniLM text tower + an item tower trained with InfoNCE.
+
+  Attributes:
+    steps, batch_size, lr, seed: training (``batch_size`` items per step, peak learning rate).
+    dim: embedding dimension.
+    captions: also train on the train captions (default: train queries only).
+    max_shift: augmentation, random translation up to this many pixels (``None``: the tower's 0).
+    text_batch: MiniLM batch size.
+    checkpoint_dir: default ``E.ckpt`` next to ``E.npy``; a run interrupted there resumes.
+    checkpoint_every: steps between checkpoints (0: only at the end).
+    resume: ``False`` starts afresh, whatever ``checkpoint_dir`` holds.
+  """
+  steps: int = 600
+  batch_size: int = 256
+  lr: float = 2e-3
+  seed: int = 0
+  dim: int = 256
+  captions: bool = False
+  max_shift: int | None = None
+  text_batch: int = 128
+  checkpoint_dir: str | None = None
+  checkpoint_every: int = 200
+  resume: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputedEmbedOptions:
+  """Embeddings computed elsewhere: ``path`` (.npy/.npz) and its ids (see :func:`load_aligned`)."""
+  path: str
+  ids: str | None = None
+  key: str | None = None
+  ids_key: str | None = None
+  allow_extra_ids: bool = False
+  expect_dim: int | None = None
+
+
+@dataclasses.dataclass
+class EmbedResult:
+  """What :func:`embed` wrote (``files``) and its JSON summary."""
+  files: EmbeddingFiles
+  summary: dict
+
+  @property
+  def path(self) -> Path:
+    return self.files.embeddings
+
+
+def embed(corpus_dir: str | os.PathLike, out: str | os.PathLike,
+          options: BuiltinEmbedOptions | PrecomputedEmbedOptions = BuiltinEmbedOptions(), *,
+          overwrite: bool = False, progress: bool = True) -> EmbedResult:
+  """Item embeddings of a corpus, written as ``out`` (``E.npy``) and its sidecars.
+
+  Raises:
+    CartError: ``out`` is not a ``.npy`` name, its files exist (without ``overwrite``), the corpus
+      or the precomputed embeddings are invalid, or the corpus has no built-in item tower.
+  """
+  from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
+  files = embedding_files(out)
+  if files.embeddings.suffix != ".npy":
+    raise CartError(f"--out {out}: expected a .npy file name")
+  existing = files.existing()
+  if existing and not overwrite:
+    raise CartError(f"--out: {', '.join(map(str, existing))} already exist(s) (pass --overwrite "
+                    "to replace)")
+  builtin = isinstance(options, BuiltinEmbedOptions)
+  corpus = load_corpus(corpus_dir, check_media=builtin)
+  t0 = time.perf_counter()
+  if builtin:
+    summary, emb, model = embed_builtin(corpus, str(corpus_dir), options, files, progress=progress)
+  else:
+    (summary, emb), model = align_precomputed(corpus, str(corpus_dir), options), None
+  summary["seconds_total"] = time.perf_counter() - t0
+  write_embeddings(files, corpus.item_ids, emb, summary, model=model)
+  summary["files"] = {k: str(v) for k, v in dataclasses.asdict(files).items()
+                      if k != "model" or model is not None}
+  return EmbedResult(files=files, summary=summary)
+
+
+def align_precomputed(corpus, corpus_dir: str, options: PrecomputedEmbedOptions
+                      ) -> tuple[dict, np.ndarray]:
+  """Aligns ``options.path`` to the corpus: (summary, embeddings [N, d] in corpus item order)."""
+  if not options.path:
+    raise CartError("--encoder precomputed needs --precomputed FILE (.npy or .npz)")
+  al = load_aligned(options.path, corpus.item_ids, ids_path=options.ids, key=options.key,
+                    ids_key=options.ids_key, expected_dim=options.expect_dim,
+                    allow_extra=options.allow_extra_ids)
+  return {"encoder": "precomputed", "source": str(options.path), "corpus": corpus_dir,
+          "num_items": len(corpus.items), "dim": int(al.embeddings.shape[1]),
+          "reordered": al.reordered, "extra_ids_dropped": al.extra_ids}, al.embeddings
+
+
+def embed_builtin(corpus, corpus_dir: str, options: BuiltinEmbedOptions, files: EmbeddingFiles, *,
+                  progress: bool = True) -> tuple[dict, np.ndarray, object]:
+  """Trains the built-in dual encoder on the corpus and embeds every item.
+
+  Returns:
+    (summary, embeddings float32 [N, d] L2-normalised, the trained DualEncoder).
+  """
+  from cart_jax.models.dual_encoder import DualEncoderConfig  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.text.encoder import MiniLMTextEncoder  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.towers import registry  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import dual_encoder as train_dual  # pylint: disable=g-import-not-at-top
+
+  if corpus.modality == "mixed":
+    raise CartError(
+        f"{corpus_dir} is a mixed corpus ({corpus.modality_counts()}): the built-in encoder trains "
+        "one tower per modality; embed each source corpus with the same --dim, then "
+        "`cart data merge ... --embeddings A.npy B.npy` (or use --encoder precomputed)")
+  if not registry.has_tower(corpus.modality):
+    raise CartError(f"corpus modality {corpus.modality!r}: no built-in item tower; use --encoder "
+                    "precomputed")
+  if options.steps < 1 or options.batch_size < 2:
+    raise CartError(f"--steps must be >= 1 and --batch-size >= 2, got {options.steps}, "
+                    f"{options.batch_size}")
+  tower = registry.default_config(corpus.modality, out_dim=options.dim, max_shift=options.max_shift)
+  model_config = DualEncoderConfig(tower=tower)
+  kinds = ("query", "caption") if options.captions else ("query",)
+  train_config = train_dual.DualTrainConfig(
+      steps=options.steps, batch_size=options.batch_size, learning_rate=options.lr,
+      seed=options.seed, text_kinds=kinds, checkpoint_every=options.checkpoint_every)
+  ckpt = (Path(options.checkpoint_dir) if options.checkpoint_dir else
+          Path(f"{files.embeddings.with_suffix('')}.ckpt"))
+  bars = []
+
+  def bar(desc: str, total: int):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    b = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+    bars.append(b)
+    return b
+
+  make_bar = bar if progress else None
+  try:
+    t0 = time.perf_counter()
+    text_encoder = MiniLMTextEncoder(batch_size=options.text_batch)
+    t_load = time.perf_counter() - t0
+    data = train_dual.prepare_training_data(
+        corpus, tower, text_encoder, kinds, cache_dir=ckpt,
+        progress=(lambda d, n: bar(d, n).update) if progress else None)
+    model, result = train_dual.train_dual_encoder(data, model_config, train_config,
+                                                  checkpoint_dir=ckpt, resume=options.resume,
+                                                  progress=make_bar)
+    t1 = time.perf_counter()
+    emb = train_dual.embed_items(model, data.media, progress=(
+        bar("embedding items", len(corpus.items)).update if progress else None))
+    t_embed = time.perf_counter() - t1
+  finally:
+    for b in bars:
+      b.close()
+  losses = result.losses
+  summary = {
+      "encoder": "builtin", "corpus": corpus_dir, "num_items": len(corpus.items),
+      "dim": int(emb.shape[1]), "model_config": json.loads(model_config.to_json()),
+      "train_config": json.loads(train_config.to_json()),
+      "train_texts": int(len(data.text_item_rows)), "train_text_kinds": list(kinds),
+      "items_with_train_texts": int(len(np.unique(data.text_item_rows))),
+      "batch_size": result.batch_size, "resumed_from_step": result.start_step,
+      "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+      "loss_last_50_mean": float(np.mean(losses[-50:])) if losses else None,
+      "accuracy_last_50_mean": float(np.mean(result.accuracies[-50:])) if losses else None,
+      "logit_scale": result.logit_scale,
+      "seconds": {"load_minilm": t_load, "read_media": data.seconds_media,
+                  "encode_train_texts": data.seconds_text,
+                  "minilm_compile": text_encoder.compile_seconds,
+                  "train": result.seconds_train, "train_compile": result.seconds_compile,
+                  "embed_items": t_embed},
+      "checkpoint_dir": str(ckpt),
+  }
+  return summary, emb, model
+
+
+def write_embeddings(files: EmbeddingFiles, item_ids: Sequence[str], embeddings: np.ndarray,
+                     summary: dict, *, model=None) -> None:
+  """Writes ``E.npy``, ``E.ids.txt``, ``E.meta.json`` (and ``E.model.npz`` when ``model``).
+
+  Every file goes to a temporary name first, then all are renamed into place; a stale model of an
+  earlier built-in run is removed when ``model`` is None (it must not pair with these rows).
+  """
+  from cart_jax.index.inputs import content_hash  # pylint: disable=g-import-not-at-top
+  meta = {"format": META_FORMAT, "version": META_VERSION, "encoder": summary["encoder"],
+          "num_items": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]),
+          "corpus": summary["corpus"], "content_hash": content_hash(embeddings, list(item_ids)),
+          "model": files.model.name if model is not None else None,
+          "summary": {k: v for k, v in summary.items() if k != "files"}}
+  files.embeddings.parent.mkdir(parents=True, exist_ok=True)
+  targets = {"embeddings": files.embeddings, "ids": files.ids, "meta": files.meta}
+  if model is not None:
+    targets["model"] = files.model
+  temps = {}
+  try:
+    for key, path in targets.items():
+      fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent,
+                                 suffix=".npz" if key == "model" else "")
+      os.close(fd)
+      temps[key] = tmp
+      if key == "embeddings":
+        with open(tmp, "wb") as f:
+          np.save(f, np.ascontiguousarray(embeddings, np.float32))
+      elif key == "ids":
+        Path(tmp).write_text("".join(f"{i}\n" for i in item_ids), encoding="utf-8")
+      elif key == "meta":
+        Path(tmp).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+      else:
+        from cart_jax.train.dual_encoder import save_model  # pylint: disable=g-import-not-at-top
+        save_model(tmp, model)
+    for key in ("model", "ids", "embeddings", "meta"):
+      if key in temps:
+        os.replace(temps.pop(key), targets[key])
+    if model is None and files.model.exists():
+      files.model.unlink()
+  finally:
+    for tmp in temps.values():
+      if os.path.exists(tmp):
+        os.unlink(tmp)

@@ -4,8 +4,8 @@
 marks an empty slot when a method returned fewer than ``k`` items). A query's relevant items
 are one target row or a set of rows.
 
-* ``R@K``  = share of queries with a relevant item among their first K results.
-* ``MRR@K`` = mean over queries of ``1 / rank`` of the first relevant result within the first K
+* ``r@K``  = share of queries with a relevant item among their first K results.
+* ``mrr@K`` = mean over queries of ``1 / rank`` of the first relevant result within the first K
   (0 when there is none).
 
 Pure numpy: no JAX import, so evaluation code on any side can use it.
@@ -52,7 +52,9 @@ def first_relevant_rank(ranked_item_rows, targets) -> np.ndarray:
 
 def retrieval_metrics(ranked_item_rows, targets, ks: Sequence[int] = (1, 5, 10),
                       mrr_k: int = 10) -> dict:
-  """R@K for each K in ``ks`` and MRR@``mrr_k`` (floats in [0, 1]) plus ``num_queries``.
+  """``r@K`` for each K in ``ks`` and ``mrr@{mrr_k}`` (floats in [0, 1]) plus ``num_queries``.
+
+  These are the one spelling of the metric keys in every JSON ``cart`` writes.
 
   Raises ValueError when a K exceeds the number of ranked columns (that K cannot be measured).
   """
@@ -64,8 +66,8 @@ def retrieval_metrics(ranked_item_rows, targets, ks: Sequence[int] = (1, 5, 10),
       raise ValueError(f"cannot measure @{k} from ranked lists of length {k_avail}")
   q = max(len(rank), 1)
   found = rank >= 0
-  out = {f"R@{k}": float(np.sum(found & (rank < k)) / q) for k in ks}
+  out = {f"r@{k}": float(np.sum(found & (rank < k)) / q) for k in ks}
   rr = np.where(found & (rank < mrr_k), 1.0 / np.maximum(rank + 1.0, 1.0), 0.0)  # [Q]
-  out[f"MRR@{mrr_k}"] = float(np.sum(rr) / q)
+  out[f"mrr@{mrr_k}"] = float(np.sum(rr) / q)
   out["num_queries"] = int(len(rank))
   return out

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 from cart_jax.core.errors import CartError
 
@@ -62,6 +63,8 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
 
   d = Path(model_dir)
   run_path = d / RUN_FILE
+  if not d.is_dir():
+    raise RunError(f"{d}: no such directory (a MODEL_DIR written by `cart train`)")
   if not run_path.exists():
     raise RunError(f"{d}: not a CART model directory (no {RUN_FILE}; train one with `cart train`)")
   try:
@@ -106,3 +109,57 @@ def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size
                           input_length=r.input_length, batch_size=batch_size,
                           item_modalities=modalities)
   return searcher.restrict(modality) if modality is not None else searcher
+
+
+def search_job(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int = 10,
+               beam: int | None = None, modality: str | None = None, step: int | None = None,
+               rerank: bool = False, rerank_weight: float | str | None = None,
+               embeddings: str | os.PathLike | None = None,
+               log: Callable[[str], None] = print) -> dict:
+  """The top ``k`` items a trained run generates for each query (``cart search``).
+
+  Args:
+    beam: beam size (default ``max(k, 10)``).
+    modality: only items of this modality (their trie); ``ModalityError`` when not in the index.
+    rerank: re-sort all ``beam`` results by ``logp + weight * cos`` (the run's ``rerank/``);
+      ``rerank_weight`` overrides its weight, ``embeddings`` builds it first (both imply rerank).
+
+  Returns:
+    ``{"model_dir", "step", "modality", "queries": [{"query", "results": [...]}]}`` (results as
+    :func:`cart_jax.inference.searcher.describe`, plus ``logp`` and ``cos`` when re-ranked) and
+    ``rerank_weight`` when re-ranked.
+  """
+  from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.searcher import describe  # pylint: disable=g-import-not-at-top
+  if k < 1:
+    raise RunError(f"-k {k}: must be >= 1")
+  beam = beam or max(k, 10)
+  if beam < k:
+    raise RunError(f"--beam {beam} is smaller than -k {k}")
+  r = load_run(model_dir, step)
+  searcher = searcher_for_run(r, beam_size=beam, n_results=k, batch_size=max(1, len(queries)),
+                              modality=modality)
+  reranker = None
+  if rerank or embeddings or rerank_weight is not None:
+    weight = rerank_lib.parse_weight(rerank_weight) if isinstance(rerank_weight, str) else rerank_weight
+    reranker = rerank_lib.reranker_for_run(r, embeddings=embeddings, weight=weight, log=log)
+  if reranker is None:
+    rows, scores, _ = searcher.search_texts(r.params, r.frozen, queries)
+    logps, coss = scores, None
+  else:
+    from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
+    beams = searcher.search_beams(r.params, r.frozen, encode_texts(list(queries), searcher.input_length))
+    res = reranker.rerank(beams.rows, beams.scores, beams.query_embedding)
+    rows, scores = res.rows[:, :k], res.scores[:, :k]
+    logps, coss = res.logp[:, :k], res.cos[:, :k]
+  out = []
+  for i, (q, rr, ss) in enumerate(zip(queries, rows, scores)):
+    results = describe(r.index, rr, ss, r.corpus)
+    if coss is not None:
+      for d in results:
+        d["logp"], d["cos"] = float(logps[i, d["rank"] - 1]), float(coss[i, d["rank"] - 1])
+    out.append({"query": q, "results": results})
+  doc = {"model_dir": str(r.model_dir), "step": r.step, "modality": modality, "queries": out}
+  if reranker is not None:
+    doc["rerank_weight"] = rerank_lib.weight_to_json(reranker.weight)
+  return doc

@@ -1,21 +1,25 @@
-"""``cart build-ids``: semantic identifiers for an embedding file, written as an index directory."""
+"""``cart build-ids``: semantic identifiers for an embedding file, written as an index directory.
+
+Library: ``cart_jax.api.build_index``.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
+
+from cart_jax.cli import output
 
 EPILOG = """examples:
   cart build-ids --embeddings items.npy --item-ids ids.txt --out runs/index
   cart build-ids --embeddings items.npz --npz-key emb --out runs/index --clusters 128 --levels 2
   cart build-ids --embeddings items.npy --out runs/index_no_rq --no-rqvae --json stats.json
+  cart build-ids --embeddings E.npy --item-ids E.ids.txt --out runs/index --json - --quiet
 """
 
 
 def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                     formatter_class=output.HelpFormatter)
   p.add_argument("--embeddings", required=True, help="item embeddings [N, d] (.npy, memory-mapped, or .npz)")
   p.add_argument("--npz-key", default=None, help="array name inside an .npz (default: 'embeddings' or the only one)")
   p.add_argument("--item-ids", default=None, help="text file, one item id per line, aligned with the rows "
@@ -30,8 +34,7 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   g = p.add_mutually_exclusive_group()
   g.add_argument("--no-kmeans", action="store_true", help="ablation: RQ-VAE on the raw embedding, no coarse token")
   g.add_argument("--no-rqvae", action="store_true", help="ablation: hierarchical K-Means for the fine levels")
-  p.add_argument("--json", default=None, metavar="PATH", help="write a JSON summary here")
-  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  output.add_output_flags(p, "the JSON summary")
   p.set_defaults(func=run)
   return p
 
@@ -73,36 +76,25 @@ def summary_lines(stats: dict) -> list[str]:
 
 
 def run(args) -> int:
+  from cart_jax import api
   from cart_jax.core.errors import CartError
-  from cart_jax.index import identifiers, inputs
+  from cart_jax.index.identifiers import IdentifierConfig
 
-  t0 = time.perf_counter()
+  for name in ("clusters", "levels", "codebook_size", "rq_steps", "rq_latent_dim"):
+    if getattr(args, name) < 1:
+      raise CartError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  cfg = IdentifierConfig(
+      n_clusters=args.clusters, num_levels=args.levels, codebook_size=args.codebook_size,
+      use_kmeans=not args.no_kmeans, use_rqvae=not args.no_rqvae, rq_steps=args.rq_steps,
+      rq_latent_dim=args.rq_latent_dim, seed=args.seed)
+  cb, close = _progress(args.quiet)
   try:
-    emb = inputs.load_embeddings(args.embeddings, key=args.npz_key)
-    ids = inputs.load_item_ids(args.item_ids) if args.item_ids else None
-    if ids is not None:
-      inputs.check_ids(ids, emb.shape[0], source=f"{args.item_ids} vs {args.embeddings}")
-    for name in ("clusters", "levels", "codebook_size", "rq_steps", "rq_latent_dim"):
-      if getattr(args, name) < 1:
-        raise CartError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    cfg = identifiers.IdentifierConfig(
-        n_clusters=args.clusters, num_levels=args.levels, codebook_size=args.codebook_size,
-        use_kmeans=not args.no_kmeans, use_rqvae=not args.no_rqvae, rq_steps=args.rq_steps,
-        rq_latent_dim=args.rq_latent_dim, seed=args.seed)
-    cb, close = _progress(args.quiet)
-    try:
-      index = identifiers.build_index(emb, ids, cfg, progress=cb)
-    finally:
-      close()
-  except inputs.InputError as e:
-    raise CartError(str(e)) from e
-  index.save(args.out)
-  stats = dict(index.stats)
-  stats["seconds"] = time.perf_counter() - t0
-  stats["out"] = str(args.out)
-  print(f"built {index.n_items} identifiers of length {index.id_length} -> {args.out}")
-  print("\n".join(summary_lines(stats)))
-  if args.json:
-    from cart_jax.core.artefacts import atomic_write_json
-    atomic_write_json(args.json, stats)
+    with output.logs_to_stderr(args):
+      built = api.build_index(args.embeddings, args.out, cfg, item_ids=args.item_ids,
+                              npz_key=args.npz_key, progress=cb)
+  finally:
+    close()
+  text = "\n".join([f"built {built.index.n_items} identifiers of length {built.index.id_length} -> "
+                    f"{args.out}"] + summary_lines(built.stats))
+  output.emit(args, built.stats, text)
   return 0

@@ -8,35 +8,31 @@ add a captioner's output, and validate/summarise a corpus.
   cart data info corpora/emoji
   cart data merge corpora/emoji corpora/instruments --out corpora/mixed \\
       --embeddings emb/emoji.npy emb/instruments.npy
+
+Every action prints its JSON summary; ``--json PATH`` also writes it (``-``: stdout only).
+Library: ``cart_jax.api.prepare``, ``cart_jax.data.importers``, ``cart_jax.data.captions``,
+``cart_jax.data.merge``.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
+
+from cart_jax.api import DATASETS
+from cart_jax.cli import output
 
 FORMATS = ("karpathy", "clotho", "audiocaps", "msrvtt", "msvd")
 
 
-# Built-in data sets: name -> "module:function". Each function is called as
-# fn(out_dir, *, limit=None, size=None, templates=True, overwrite=False) -> (Corpus, stats) where
-# stats is a dataclass whose fields go into the JSON summary; size=None means the set's default.
-# emoji also takes unseen_items=F (--unseen-items), which the others do not have.
-PREPARERS = {
-    "emoji": "cart_jax.data.datasets.emoji:prepare_emoji",
-    "instruments": "cart_jax.data.datasets.instruments:prepare_instruments",
-    "emoji-motion": "cart_jax.data.datasets.emoji_motion:prepare_emoji_motion",
-}
-
-
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p = subparsers.add_parser(name, help=help_text, description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=output.HelpFormatter)
+  F = output.HelpFormatter  # pylint: disable=invalid-name
   sub = p.add_subparsers(dest="data_command", metavar="ACTION")
   sub.required = True
 
-  imp = sub.add_parser("import", help="convert a data set's annotation files to a corpus directory")
+  imp = sub.add_parser("import", formatter_class=F,
+                       help="convert a data set's annotation files to a corpus directory")
   imp.add_argument("format", choices=FORMATS, help="source format")
   imp.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="annotation file(s), or for clotho/audiocaps a directory holding them")
@@ -57,11 +53,12 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   imp.add_argument("--mapping", default=None,
                    help="msvd: youtube_mapping.txt; gives the standard 1200/100/670 split")
   imp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-  imp.add_argument("--json", default=None, help="write a JSON summary here")
+  output.add_output_flags(imp)
   imp.set_defaults(func=run)
 
-  prep = sub.add_parser("prepare", help="build an embedded offline corpus (" + ", ".join(PREPARERS) + ")")
-  prep.add_argument("dataset", choices=tuple(PREPARERS),
+  prep = sub.add_parser("prepare", formatter_class=F,
+                        help="build an embedded offline corpus (" + ", ".join(DATASETS) + ")")
+  prep.add_argument("dataset", choices=tuple(DATASETS),
                     help="emoji: text-image; instruments: text-audio; emoji-motion: text-video")
   prep.add_argument("--out", required=True, help="corpus directory to create")
   prep.add_argument("--limit", type=int, default=None,
@@ -76,19 +73,21 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                          "training query, only English captions, as in CART's protocol "
                          "(default 0)")
   prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-  prep.add_argument("--json", default=None, help="write a JSON summary here")
+  output.add_output_flags(prep)
   prep.set_defaults(func=run)
 
-  cap = sub.add_parser("add-captions", help="add a captioner's JSONL output as caption texts")
+  cap = sub.add_parser("add-captions", formatter_class=F,
+                       help="add a captioner's JSONL output as caption texts")
   cap.add_argument("--corpus", required=True, help="corpus directory")
   cap.add_argument("--captions", required=True, help='JSONL: {"item_id": ..., "text": ...} per line')
   cap.add_argument("--replace", action="store_true", help="drop the existing caption texts first")
   cap.add_argument("--source", default=None, help="provenance tag (default 'captioner')")
-  cap.add_argument("--json", default=None, help="write a JSON summary here")
+  output.add_output_flags(cap)
   cap.set_defaults(func=run)
 
-  mrg = sub.add_parser("merge", help="merge corpora of any modalities into one corpus (header "
-                                     "'mixed' when they differ), with their embeddings")
+  mrg = sub.add_parser("merge", formatter_class=F,
+                       help="merge corpora of any modalities into one corpus (header 'mixed' "
+                            "when they differ), with their embeddings")
   mrg.add_argument("corpora", nargs="+", metavar="CORPUS", help="two or more corpus directories")
   mrg.add_argument("--out", required=True, help="merged corpus directory to create")
   mrg.add_argument("--embeddings", nargs="+", default=None, metavar="E.npy",
@@ -104,12 +103,13 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   mrg.add_argument("--media", dest="media_mode", choices=("symlink", "copy", "hardlink"),
                    default="symlink", help="how media enter the merged corpus (default: symlink)")
   mrg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-  mrg.add_argument("--json", default=None, help="write a JSON summary here")
+  output.add_output_flags(mrg)
   mrg.set_defaults(func=run)
 
-  info = sub.add_parser("info", help="validate a corpus and print its counts and leak check")
+  info = sub.add_parser("info", formatter_class=F,
+                        help="validate a corpus and print its counts and leak check")
   info.add_argument("corpus", help="corpus directory")
-  info.add_argument("--json", default=None, help="write a JSON summary here")
+  output.add_output_flags(info)
   info.set_defaults(func=run)
   return p
 
@@ -123,7 +123,7 @@ def _unseen_fraction(value: str) -> float:
     raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
 
 
-def _parse_split_lists(values: list[str]):
+def _parse_split_lists(values: list[str]) -> dict[str, Path] | None:
   from cart_jax.core.errors import CartError
   out = {}
   for v in values:
@@ -134,22 +134,17 @@ def _parse_split_lists(values: list[str]):
   return out or None
 
 
-def _emit(summary: dict, json_path: str | None) -> None:
-  print(json.dumps(summary, indent=2, ensure_ascii=False))
-  if json_path:
-    from cart_jax.core.artefacts import atomic_write_json
-    atomic_write_json(json_path, summary, ensure_ascii=False)
-
-
 def run(args) -> int:
   from cart_jax.core.errors import CartError
-  from cart_jax.data.corpus import CorpusFormatError, find_leaks, load_corpus
+  from cart_jax.data.corpus import find_leaks, load_corpus
 
-  try:
+  out = getattr(args, "out", None)
+  if out is not None and Path(out).exists() and not args.overwrite:
+    raise CartError(f"--out {out} already exists (pass --overwrite to replace it)")
+  rc = 0
+  with output.logs_to_stderr(args):
     if args.data_command == "import":
       from cart_jax.data.importers import import_corpus
-      if Path(args.out).exists() and not args.overwrite:
-        raise CartError(f"--out {args.out} already exists (pass --overwrite to replace it)")
       corpus, result = import_corpus(
           args.format, args.sources, args.out, media_root=args.media_root,
           media_mode=args.media_mode, overwrite=args.overwrite, name=args.name,
@@ -158,19 +153,10 @@ def run(args) -> int:
       summary = dict(corpus.summary(), out=str(args.out),
                      skipped_missing_media=len(result.skipped_items))
     elif args.data_command == "prepare":
-      import importlib
-      if Path(args.out).exists() and not args.overwrite:
-        raise CartError(f"--out {args.out} already exists (pass --overwrite to replace it)")
-      module, fn = PREPARERS[args.dataset].split(":")
-      prepare = getattr(importlib.import_module(module), fn)
-      extra = {}
-      if args.dataset == "emoji":
-        extra["unseen_items"] = args.unseen_items
-      elif args.unseen_items:
-        raise CartError(f"--unseen-items applies only to the emoji corpus, not {args.dataset}")
-      corpus, stats = prepare(args.out, limit=args.limit, size=args.size,
-                              templates=args.templates, overwrite=args.overwrite, **extra)
-      summary = dict(corpus.summary(), out=str(args.out), **vars(stats))
+      from cart_jax import api
+      summary = api.prepare(args.dataset, args.out, limit=args.limit, size=args.size,
+                            templates=args.templates, unseen_items=args.unseen_items,
+                            overwrite=args.overwrite).summary
     elif args.data_command == "add-captions":
       from cart_jax.data.captions import add_captions
       corpus, stats = add_captions(args.corpus, args.captions, replace=args.replace,
@@ -183,21 +169,11 @@ def run(args) -> int:
                                     names=args.names, name=args.name, prefix=args.prefix,
                                     media_mode=args.media_mode, overwrite=args.overwrite)
       summary = dict(corpus.summary(), out=str(args.out), **dataclasses.asdict(stats))
-    elif args.data_command == "info":
+    else:  # info (argparse allows nothing else)
       corpus = load_corpus(args.corpus)
       leaks = find_leaks(corpus)
       summary = dict(corpus.summary(), leaks=len(leaks),
                      leak_examples=[[a.text, a.split, b.text, b.item_id] for a, b in leaks[:5]])
-      _emit(summary, args.json)
-      return 1 if leaks else 0
-    else:  # argparse guarantees one of the above
-      raise CartError(f"unknown action {args.data_command!r}")
-  except (CorpusFormatError, FileExistsError, ValueError, RuntimeError) as e:
-    raise CartError(str(e)) from None
-  _emit(summary, args.json)
-  return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-  from cart_jax.cli.main import main
-  sys.exit(main(["data"] + sys.argv[1:]))
+      rc = 1 if leaks else 0
+  output.emit(args, summary, ensure_ascii=False)
+  return rc

@@ -9,18 +9,21 @@ The experiment file includes a model (gin_configs/models/) and the train run
 MODEL_DIR resumes from the newest checkpoint. MODEL_DIR layout: see cart_jax/inference/runs.py
 (run.json, config.gin, index/, checkpoints/, tensorboard/, metrics.jsonl, train_summary.json).
 Multi-host: launched by launch/tpu_vm.sh or launch/multi_gpu.sh, jax.distributed is initialised
-from the environment.
+from the environment. ``--json -`` prints the summary alone on stdout (logs go to stderr).
+Library: ``cart_jax.api.train``.
 """
 from __future__ import annotations
 
 import argparse
 
+from cart_jax.cli import output
+
 
 def add_gin_flags(p: argparse.ArgumentParser) -> None:
-  """``--gin_file F`` (repeatable) and ``--gin.NAME=VALUE`` bindings (collected into
-  ``args.gin_bindings``; argparse itself cannot declare a wildcard option)."""
-  p.add_argument("--gin-file", "--gin_file", dest="gin_file", action="append", default=[],
-                 help="gin file (repeatable; --gin_file, t5x's spelling, works too)")
+  """``--gin-file F`` (repeatable; t5x's ``--gin_file`` too) and ``--gin.NAME=VALUE`` bindings
+  (collected into ``args.gin_bindings``; argparse itself cannot declare a wildcard option)."""
+  output.add_argument(p, "--gin-file", "--gin_file", dest="gin_file", action="append", default=[],
+                      help="gin file (repeatable; --gin_file, t5x's spelling, works too)")
   p.set_defaults(gin_bindings=[])
   orig = p.parse_known_args
 
@@ -37,42 +40,20 @@ def add_gin_flags(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p = subparsers.add_parser(name, help=help_text, description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=output.HelpFormatter)
   add_gin_flags(p)
-  p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-  p.add_argument("--json", default=None, metavar="PATH", help="write the training summary here")
+  output.add_output_flags(p, "the training summary")
   p.set_defaults(func=run)
   return p
 
 
 def run(args) -> int:
-  import json
-
-  import gin
-
-  from cart_jax.cli import gin_config as cli_gin
+  from cart_jax import api
   from cart_jax.core.errors import CartError
-  from cart_jax.data.corpus import CorpusFormatError
-  from cart_jax.index.inputs import InputError
-  from cart_jax.inference.runs import RunError
 
   if not args.gin_file:
-    raise CartError("--gin_file is required (e.g. gin_configs/experiments/emoji_demo.gin)")
-  try:
-    cli_gin.parse(args.gin_file, args.gin_bindings)
-  except (ValueError, OSError, gin.config.ParseError if hasattr(gin.config, "ParseError") else ValueError) as e:
-    raise CartError(f"gin: {e}") from None
-  try:
-    summary = cli_gin.run_train(progress=args.progress)
-  except (RunError, CorpusFormatError, InputError, FileNotFoundError) as e:
-    raise CartError(str(e)) from None
-  except TypeError as e:
-    if "missing" in str(e) and "argument" in str(e):
-      raise CartError(f"gin config incomplete: {e} (bind it, e.g. --gin.MODEL_DIR=/tmp/run)") from None
-    raise
-  text = json.dumps(summary, indent=2, default=str)
-  print(text)
-  if args.json:
-    from cart_jax.core.artefacts import atomic_write_json
-    atomic_write_json(args.json, json.loads(text))
+    raise CartError("--gin-file is required (e.g. gin_configs/experiments/emoji_demo.gin)")
+  with output.logs_to_stderr(args):
+    summary = api.train(args.gin_file, args.gin_bindings, progress=not args.quiet)
+  output.emit(args, summary)
   return 0

@@ -88,9 +88,9 @@ MOTION_NAMES = tuple(MOTIONS) + (SEQUENCE_MOTION,)
 DEMO_RECIPE = {
     "dataset": "emoji-motion",
     "experiment": "gin_configs/experiments/emoji_motion_demo.gin",
-    "embed_args": ["--steps", "300"],
-    "ids_args": ["--clusters", "64", "--levels", "2", "--codebook-size", "64", "--rq-steps", "300"],
-    "smoke_ids_args": ["--clusters", "4", "--levels", "1", "--codebook-size", "8", "--rq-steps", "50"],
+    "embed": {"steps": 300},  # cart_jax.data.embeddings.BuiltinEmbedOptions
+    "ids": {"n_clusters": 64, "num_levels": 2, "codebook_size": 64, "rq_steps": 300},  # IdentifierConfig
+    "smoke_ids": {"n_clusters": 4, "num_levels": 1, "codebook_size": 8, "rq_steps": 50},
 }
 
 

@@ -472,7 +472,7 @@ def prepare_instruments(out_dir: str | os.PathLike, *, limit: int | None = None,
 DEMO_RECIPE = {
     "dataset": "instruments",
     "experiment": "gin_configs/experiments/instruments_demo.gin",
-    "embed_args": ["--steps", "300"],
-    "ids_args": ["--clusters", "32", "--levels", "2", "--codebook-size", "32", "--rq-steps", "300"],
-    "smoke_ids_args": ["--clusters", "4", "--levels", "1", "--codebook-size", "8", "--rq-steps", "50"],
+    "embed": {"steps": 300},  # cart_jax.data.embeddings.BuiltinEmbedOptions
+    "ids": {"n_clusters": 32, "num_levels": 2, "codebook_size": 32, "rq_steps": 300},  # IdentifierConfig
+    "smoke_ids": {"n_clusters": 4, "num_levels": 1, "codebook_size": 8, "rq_steps": 50},
 }

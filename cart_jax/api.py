@@ -1,0 +1,224 @@
+"""The CART pipeline as library functions: what every ``cart`` command calls, for a notebook too.
+
+  from cart_jax import api
+  from cart_jax.data.embeddings import BuiltinEmbedOptions
+  from cart_jax.index.identifiers import IdentifierConfig
+
+  corpus = api.prepare("emoji", "work/corpus", limit=200)
+  emb = api.embed("work/corpus", "work/emb/emoji.npy", BuiltinEmbedOptions(steps=300))
+  index = api.build_index(emb.path, "work/index", IdentifierConfig(n_clusters=64, num_levels=2,
+                                                                    codebook_size=64, rq_steps=300))
+  run = api.train(["gin_configs/experiments/emoji_demo.gin"],
+                  ["MODEL_DIR='work/cart'", "CORPUS_DIR='work/corpus'", "INDEX_DIR='work/index'"])
+  api.evaluate("work/cart", split="test")        # {"r@1", "r@5", "r@10", "mrr@10", "qps", ...}
+  api.baseline(emb.path, "work/corpus")          # the dual tower, same keys
+  api.search("work/cart", ["smiling cat"], k=5)  # [{"query", "results": [...]}]
+  api.demo(modality="image", workdir="work")     # all of the above: cart demo
+
+Each function composes the rooms below it (``data``, ``index``, ``train``, ``inference``) and
+returns typed values or the JSON-ready dict its command prints. User errors raise
+:class:`cart_jax.core.errors.CartError` (a subclass naming the file/line/field); anything else
+propagates with its traceback. Heavy imports happen inside the functions, so importing this module
+is cheap and needs neither gin nor TensorFlow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from cart_jax.core.errors import CartError
+from cart_jax.data.embeddings import BuiltinEmbedOptions, EmbedResult, PrecomputedEmbedOptions
+
+if TYPE_CHECKING:
+  from cart_jax.data.corpus import Corpus
+  from cart_jax.index.identifiers import IdentifierConfig, SemanticIndex
+  from cart_jax.recipes import DemoResult
+
+# Built-in data sets: name -> "module:function", called as fn(out_dir, *, limit, size, templates,
+# overwrite[, unseen_items]) -> (Corpus, stats dataclass); only emoji has unseen_items.
+DATASETS = {
+    "emoji": "cart_jax.data.datasets.emoji:prepare_emoji",
+    "instruments": "cart_jax.data.datasets.instruments:prepare_instruments",
+    "emoji-motion": "cart_jax.data.datasets.emoji_motion:prepare_emoji_motion",
+}
+
+__all__ = ["DATASETS", "PreparedCorpus", "BuiltIndex", "BuiltinEmbedOptions",
+           "PrecomputedEmbedOptions", "EmbedResult", "prepare", "embed", "build_index", "train",
+           "evaluate", "baseline", "search", "demo"]
+
+
+@dataclasses.dataclass
+class PreparedCorpus:
+  """A built-in corpus written by :func:`prepare`; ``summary`` is what ``cart data prepare`` prints."""
+  corpus: Corpus
+  summary: dict
+
+
+@dataclasses.dataclass
+class BuiltIndex:
+  """Identifiers written by :func:`build_index`; ``stats`` is what ``cart build-ids --json`` writes."""
+  index: SemanticIndex
+  stats: dict
+
+
+def prepare(dataset: str, out: str | os.PathLike, *, limit: int | None = None,
+            size: int | None = None, templates: bool = True, unseen_items: float = 0.0,
+            overwrite: bool = False) -> PreparedCorpus:
+  """Builds a built-in corpus (:data:`DATASETS`) in ``out`` (``cart data prepare``).
+
+  Args:
+    limit: smoke runs, only the first N items (emoji-motion: N emoji, 11 clips each).
+    size: image/frame side in pixels (``None``: the data set's default).
+    templates: templated English wordings ('<name> emoji', '<name> icon').
+    unseen_items: emoji only, a share of the items without training queries (captions only).
+  """
+  if dataset not in DATASETS:
+    raise CartError(f"unknown data set {dataset!r}; expected one of {sorted(DATASETS)}")
+  if Path(out).exists() and not overwrite:
+    raise CartError(f"--out {out} already exists (pass --overwrite to replace it)")
+  extra = {}
+  if dataset == "emoji":
+    extra["unseen_items"] = unseen_items
+  elif unseen_items:
+    raise CartError(f"--unseen-items applies only to the emoji corpus, not {dataset}")
+  module, fn = DATASETS[dataset].split(":")
+  corpus, stats = getattr(importlib.import_module(module), fn)(
+      out, limit=limit, size=size, templates=templates, overwrite=overwrite, **extra)
+  return PreparedCorpus(corpus, dict(corpus.summary(), out=str(out), **vars(stats)))
+
+
+def embed(corpus_dir: str | os.PathLike, out: str | os.PathLike,
+          options: BuiltinEmbedOptions | PrecomputedEmbedOptions = BuiltinEmbedOptions(), *,
+          overwrite: bool = False, progress: bool = True) -> EmbedResult:
+  """Item embeddings ``out`` (``E.npy`` + sidecars) of a corpus (``cart embed``).
+
+  ``options``: train the built-in dual encoder, or align embeddings computed elsewhere.
+  """
+  from cart_jax.data import embeddings  # pylint: disable=g-import-not-at-top
+  return embeddings.embed(corpus_dir, out, options, overwrite=overwrite, progress=progress)
+
+
+def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, config: IdentifierConfig, *,
+                item_ids: str | os.PathLike | None = None, npz_key: str | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> BuiltIndex:
+  """Semantic identifiers (K-Means + RQ-VAE + counter) of ``embeddings``, saved to ``out``.
+
+  Args:
+    item_ids: ids of the rows, one per line (default: row numbers 0..N-1).
+    npz_key: the array inside an ``.npz``.
+    progress: ``progress(phase, done, total)``.
+  """
+  from cart_jax.index import identifiers, inputs  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  emb = inputs.load_embeddings(embeddings, key=npz_key)
+  ids = inputs.load_item_ids(item_ids) if item_ids else None
+  if ids is not None:
+    inputs.check_ids(ids, emb.shape[0], source=f"{item_ids} vs {embeddings}")
+  index = identifiers.build_index(emb, ids, config, progress=progress)
+  index.save(out)
+  stats = dict(index.stats, seconds=time.perf_counter() - t0, out=str(out))
+  return BuiltIndex(index, stats)
+
+
+def train(gin_files: Sequence[str], bindings: Sequence[str] = (), *, progress: bool = True) -> dict:
+  """Trains CART with a gin-configured ``train_job`` (``cart train``); returns its summary.
+
+  ``bindings`` are gin bindings (``"MODEL_DIR='/tmp/run'"``, ``"TrainConfig.num_steps=100"``; a
+  bare path value is quoted for you). Running again on the same MODEL_DIR resumes.
+  """
+  import gin  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.cli import gin_config as cli_gin  # pylint: disable=g-import-not-at-top
+  try:
+    cli_gin.parse(gin_files, bindings)
+  except (ValueError, OSError) as e:  # gin reports a bad file or binding as these
+    raise CartError(f"gin: {e}") from None
+  _check_train_bindings(gin)
+  return cli_gin.run_train(progress=progress)
+
+
+def _check_train_bindings(gin) -> None:
+  """Every argument ``train_job`` needs is bound, and MODEL_DIR / CORPUS_DIR are not None."""
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.train.jobs import train_job  # pylint: disable=g-import-not-at-top
+  hint = "(bind it, e.g. --gin.MODEL_DIR=/tmp/run)"
+  for name, param in inspect.signature(train_job).parameters.items():
+    if param.default is not inspect.Parameter.empty or name == "operative_config":
+      continue
+    try:
+      value = gin.query_parameter(f"train_job.{name}")
+    except ValueError:
+      raise CartError(f"gin config incomplete: train_job.{name} is not bound {hint}") from None
+    macro = str(value)[1:] if str(value).startswith("%") else None
+    if macro and name in ("model_dir", "corpus_dir") and \
+        gin.query_parameter(f"{macro}/macro.value") is None:
+      raise CartError(f"gin config incomplete: {macro} is None {hint}")
+
+
+def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: int = 10,
+             batch_size: int = 64, limit: int | None = None, step: int | None = None,
+             modality: str | None = None, items: str | os.PathLike | set[str] | None = None,
+             rerank: bool = False, rerank_weight: float | str | None = None,
+             embeddings: str | os.PathLike | None = None, progress: bool = False,
+             log: Callable[[str], None] = print) -> dict:
+  """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries (``cart eval``).
+
+  Args:
+    items: a file of item ids (or a set of them): only the queries of these items.
+    rerank: also CART + dual-tower re-ranking of the same beams (``summary["rerank"]``).
+    rerank_weight: a number >= 0 or ``"cosine"`` (default: the run's tuned weight).
+    embeddings: ``cart embed`` output to build the run's re-ranker from (implies ``rerank``).
+  """
+  from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.evaluation import eval_job  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
+  if beam_size < 10:
+    raise CartError(f"--beam {beam_size}: R@10 and MRR@10 need a beam of at least 10")
+  if isinstance(rerank_weight, str):
+    rerank_weight = rerank_lib.parse_weight(rerank_weight)
+  loaded = load_run(model_dir, step)
+  if items is not None and not isinstance(items, set):
+    items = read_item_ids(items, loaded.corpus)
+  return eval_job(str(model_dir), split=split, beam_size=beam_size, batch_size=batch_size,
+                  limit=limit, loaded=loaded, modality=modality, items=items,
+                  rerank=bool(rerank or embeddings or rerank_weight is not None),
+                  rerank_weight=rerank_weight, embeddings=embeddings, log=log, progress=progress)
+
+
+def baseline(embeddings: str | os.PathLike, corpus_dir: str | os.PathLike, **options) -> dict:
+  """The dual-tower baseline over ``embeddings`` on a corpus's queries (``cart baseline``).
+
+  Options: :func:`cart_jax.inference.dual_tower.baseline_job` (``split``, ``method``, ``k``,
+  ``model``, ``query_embeddings``, ``items``, ``agreement``, ``progress``, ...). The metrics
+  have the keys of :func:`evaluate`.
+  """
+  from cart_jax.inference.dual_tower import baseline_job  # pylint: disable=g-import-not-at-top
+  return baseline_job(corpus_dir, embeddings, **options)
+
+
+def search(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int = 10,
+           **options) -> list[dict]:
+  """The top ``k`` items a trained run generates for each query (``cart search``).
+
+  Options: :func:`cart_jax.inference.runs.search_job` (``beam``, ``modality``, ``step``,
+  ``rerank``, ``rerank_weight``, ``embeddings``). Returns one ``{"query", "results"}`` per query.
+  """
+  from cart_jax.inference.runs import search_job  # pylint: disable=g-import-not-at-top
+  return search_job(model_dir, queries, k=k, **options)["queries"]
+
+
+def demo(modality: str = "image", workdir: str | os.PathLike | None = None, *, full: bool = False,
+         **options) -> DemoResult:
+  """The whole system on a built-in corpus, next to the dual-tower baseline (``cart demo``).
+
+  Options: :func:`cart_jax.recipes.run_demo` (``limit``, ``embed_steps``, ``train_steps``,
+  ``no_templates``, ``unseen_items``, ``stage``).
+  """
+  from cart_jax import recipes  # pylint: disable=g-import-not-at-top
+  return recipes.run_demo(recipes.recipe_for(modality, full), workdir=workdir, **options)

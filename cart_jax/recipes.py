@@ -1,0 +1,329 @@
+"""The demo as a recipe over :mod:`cart_jax.api`: prepare -> embed -> build_index -> train -> evaluate.
+
+A :class:`DemoRecipe` names a built-in data set and the settings of each step (typed: the
+embedding options, the identifier configs, the gin experiment). :func:`recipe_for` picks one by
+modality: image -> ``emoji`` (:data:`IMAGE`, ``--full``: :data:`IMAGE_FULL`), audio ->
+``instruments`` and video -> ``emoji-motion`` (their data set module's ``DEMO_RECIPE``).
+:func:`run_demo` runs the five steps in a work directory (each step's output in
+``WORKDIR/logs/<i>_<step>.log``; a step whose output exists there is reused) and evaluates CART,
+CART + rerank and the dual tower on the same ``test`` queries through the one evaluator.
+:func:`report` is the table ``cart demo`` prints.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from cart_jax.core.errors import CartError
+from cart_jax.data.embeddings import BuiltinEmbedOptions
+from cart_jax.index.identifiers import IdentifierConfig
+
+MODALITIES = ("image", "audio", "video")
+UNSEEN_CAPTION_RATE = 0.5  # unseen_items: share of each CART batch drawn from the caption texts
+_RECIPE_MODULES = {"audio": "cart_jax.data.datasets.instruments",
+                   "video": "cart_jax.data.datasets.emoji_motion"}
+_ITEMS = {"image": "emoji", "audio": "clips", "video": "clips"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoRecipe:
+  """What :func:`run_demo` runs.
+
+  Attributes:
+    modality: image, audio or video.
+    dataset: the built-in data set (:data:`cart_jax.api.DATASETS`).
+    experiment: the gin experiment ``cart train`` runs.
+    embed: the built-in item encoder's settings.
+    ids: identifier settings; ``smoke_ids`` replaces them in smoke runs (``limit``).
+    items: what the results table calls the candidates.
+    full: the full image recipe (``--full``).
+  """
+  modality: str
+  dataset: str
+  experiment: str
+  embed: BuiltinEmbedOptions
+  ids: IdentifierConfig
+  smoke_ids: IdentifierConfig
+  items: str = "items"
+  full: bool = False
+
+  @classmethod
+  def from_settings(cls, modality: str, settings: dict) -> DemoRecipe:
+    """A recipe from a data set module's ``DEMO_RECIPE`` (named settings, see instruments.py)."""
+    missing = sorted({"dataset", "experiment", "embed", "ids", "smoke_ids"} - set(settings))
+    if missing:
+      raise CartError(f"{_RECIPE_MODULES[modality]}.DEMO_RECIPE lacks {missing}")
+    return cls(modality=modality, dataset=settings["dataset"], experiment=settings["experiment"],
+               embed=BuiltinEmbedOptions(**settings["embed"]),
+               ids=IdentifierConfig(**settings["ids"]),
+               smoke_ids=IdentifierConfig(**settings["smoke_ids"]),
+               items=settings.get("items", _ITEMS[modality]))
+
+
+SMOKE_IDS = IdentifierConfig(n_clusters=4, num_levels=1, codebook_size=8, rq_steps=50)
+IMAGE = DemoRecipe(
+    modality="image", dataset="emoji", experiment="gin_configs/experiments/emoji_demo.gin",
+    embed=BuiltinEmbedOptions(steps=300),
+    ids=IdentifierConfig(n_clusters=64, num_levels=2, codebook_size=64, rq_steps=300),
+    smoke_ids=SMOKE_IDS, items="emoji")
+# --full: CART trains on 10% captions, so its dual tower does too (captions): the same texts.
+IMAGE_FULL = dataclasses.replace(IMAGE, experiment="gin_configs/experiments/emoji_cart.gin",
+                                 embed=BuiltinEmbedOptions(steps=600, captions=True), full=True)
+
+
+def recipe_for(modality: str, full: bool = False) -> DemoRecipe:
+  """The demo recipe of a modality (``full`` exists for images only)."""
+  if modality not in MODALITIES:
+    raise CartError(f"--modality {modality!r}: expected one of {list(MODALITIES)}")
+  if modality == "image":
+    return IMAGE_FULL if full else IMAGE
+  if full:
+    raise CartError(f"--full is the image recipe (emoji_cart.gin); not available with --modality {modality}")
+  return DemoRecipe.from_settings(modality,
+                                  importlib.import_module(_RECIPE_MODULES[modality]).DEMO_RECIPE)
+
+
+@dataclasses.dataclass
+class DemoResult:
+  """``summary``: the JSON ``cart demo --json`` writes (rows ``cart``, ``cart_rerank``,
+  ``dual_tower`` with ``r@1``, ``r@5``, ``r@10``, ``mrr@10``, ``qps``; sizes, timings, example)."""
+  summary: dict
+
+  @property
+  def workdir(self) -> Path:
+    return Path(self.summary["workdir"])
+
+
+class _Stages:
+  """Announces ``[i/n] title ...`` through ``log``; the stage's own output goes to a log file."""
+
+  def __init__(self, logs: Path, log: Callable[[str], None], n: int = 5):
+    self.logs, self.log, self.n, self.i = logs, log, n, 0
+    self.times: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, key: str, title: str) -> Iterator[None]:
+    self.i += 1
+    self.log(f"[{self.i}/{self.n}] {title} ...")
+    t0 = time.perf_counter()
+    path = self.logs / f"{self.i}_{key}.log"
+    with open(path, "w", encoding="utf-8") as f:
+      with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):  # progress bars too
+        yield
+    self.times[key] = round(time.perf_counter() - t0, 1)
+    self.log(f"      done in {self.times[key]:.0f} s (log: {path})")
+
+
+def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
+             limit: int | None = None, embed_steps: int | None = None,
+             train_steps: int | None = None, no_templates: bool = False,
+             unseen_items: float = 0.0, log: Callable[[str], None] | None = None) -> DemoResult:
+  """Runs the recipe's five steps in ``workdir`` (default: a new temporary directory).
+
+  Args:
+    limit: smoke runs, only the first N items (and ``recipe.smoke_ids``).
+    embed_steps, train_steps: override the item encoder's and CART's training steps.
+    no_templates, unseen_items: emoji splits (see ``cart data prepare emoji``); with
+      ``unseen_items`` both methods also train on captions, and recall is also reported on the
+      unseen items' test queries (``summary["unseen"]``).
+    log: where the stage lines go (default: print to stdout, flushed).
+  """
+  from cart_jax import api  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
+
+  log = log or (lambda m: print(m, flush=True))
+  t_start = time.perf_counter()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow, if a step imports it, stays quiet
+  if (no_templates or unseen_items) and recipe.modality != "image":
+    raise CartError("--no-templates and --unseen-items are emoji (--modality image) splits")
+  embed = recipe.embed
+  if unseen_items:
+    from cart_jax.data.datasets.emoji import check_unseen_fraction  # pylint: disable=g-import-not-at-top
+    try:
+      check_unseen_fraction(unseen_items)
+    except ValueError as e:
+      raise CartError(str(e)) from None
+    embed = dataclasses.replace(embed, captions=True)
+  if embed_steps:
+    embed = dataclasses.replace(embed, steps=embed_steps)
+  ids = recipe.smoke_ids if limit else recipe.ids
+  work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"cart-demo-{recipe.modality}-"))
+  work.mkdir(parents=True, exist_ok=True)
+  logs = work / "logs"
+  logs.mkdir(exist_ok=True)
+  dataset = recipe.dataset
+  corpus_dir, index_dir = work / "corpus", work / "index"
+  emb = embedding_files(work / "emb" / f"{dataset.replace('-', '_')}.npy")
+  model_dir = work / ("cart_full" if recipe.full else "cart")
+  stage = _Stages(logs, log)
+  flags = (" --full" if recipe.full else "") + \
+      (f" --modality {recipe.modality}" if recipe.modality != "image" else "")
+  log(f"cart demo{flags}: working in {work}")
+
+  with stage("prepare", f"preparing the {dataset} corpus (cart data prepare {dataset})"):
+    if not (corpus_dir / "corpus.json").exists():
+      prepared = api.prepare(dataset, corpus_dir, limit=limit, templates=not no_templates,
+                             unseen_items=unseen_items)
+      print(json.dumps(prepared.summary, indent=2, ensure_ascii=False, default=str))
+
+  with stage("embed", f"training the item encoder, {embed.steps} steps (cart embed)"):
+    if not emb.embeddings.exists():
+      result = api.embed(corpus_dir, emb.embeddings, embed, progress=False)
+      print(json.dumps(result.summary, indent=2, default=str))
+
+  with stage("build_ids", f"building identifiers K={ids.n_clusters}, M={ids.num_levels} x "
+                          f"C={ids.codebook_size} + counter (cart build-ids)"):
+    if not (index_dir / "meta.json").exists():
+      built = api.build_index(emb.embeddings, index_dir, ids, item_ids=emb.ids)
+      print(json.dumps(built.stats, indent=2, default=str))
+
+  with stage("train", f"training CART ({recipe.experiment})"):
+    bindings = [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{corpus_dir}'", f"INDEX_DIR='{index_dir}'",
+                f"EMBEDDINGS='{emb.embeddings}'", "train_job.embeddings=%EMBEDDINGS"]  # -> MODEL_DIR/rerank/
+    if train_steps:
+      bindings.append(f"TrainConfig.num_steps={train_steps}")
+    if unseen_items:  # the unseen items are known only through captions
+      bindings.append(f"InputConfig.caption_rate={UNSEEN_CAPTION_RATE}")
+    with contextlib.redirect_stderr(sys.stdout):
+      train_summary = api.train([recipe.experiment], bindings, progress=False)
+    print(json.dumps(train_summary, indent=2, default=str))
+
+  with stage("eval", "evaluating CART, CART + rerank and the dual tower on the test queries "
+                     "(cart eval --rerank, cart baseline)"):
+    from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference.evaluation import eval_job  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
+    loaded = load_run(model_dir)
+    has_rerank = rerank.exists(model_dir)
+    cart = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank)
+    print(json.dumps(cart, indent=2))
+    base = api.baseline(emb.embeddings, corpus_dir, split="test")
+    print(json.dumps(base, indent=2))
+    unseen = None
+    ids_file = corpus_dir / "unseen_items.txt"
+    if unseen_items and ids_file.exists() and ids_file.read_text(encoding="utf-8").strip():
+      # the same three methods on the unseen items' test queries only
+      cart_u = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank,
+                        items=read_item_ids(ids_file, loaded.corpus))
+      base_u = api.baseline(emb.embeddings, corpus_dir, split="test", items=ids_file)
+      unseen = _three_rows(cart_u, base_u)
+    example = _worked_example(loaded)
+
+  if cart["num_queries"] != base["num_queries"]:
+    raise CartError(f"CART scored {cart['num_queries']} test queries, the baseline {base['num_queries']}")
+  seconds = time.perf_counter() - t_start
+  rows3 = _three_rows(cart, base)
+  rerank_note = None
+  if rows3["cart_rerank"] is None:
+    skipped = (train_summary.get("rerank") or {}).get("skipped")
+    rerank_note = f"no re-ranker: {skipped}" if skipped else "no re-ranker in the run"
+  summary = {
+      **rows3, "rerank_note": rerank_note,
+      "n_items": cart["num_items"], "n_test_queries": cart["num_queries"], "seconds": seconds,
+      "stage_seconds": stage.times, "full": recipe.full, "experiment": recipe.experiment,
+      "embed_steps": embed.steps, "train_steps": train_summary["step"],
+      "modality": recipe.modality, "dataset": dataset, "items": recipe.items,
+      "workdir": str(work), "model_dir": str(model_dir), "example": example,
+      "cpu_seconds": _cpu_seconds(), "machine": {"cpus": os.cpu_count(), "load_avg_1m": _load()},
+      "no_templates": bool(no_templates), "unseen_items": unseen_items,
+  }
+  if unseen is not None:
+    summary["unseen"] = {**unseen, "n_test_queries": cart_u["num_queries"],
+                         "caption_rate": UNSEEN_CAPTION_RATE}
+  return DemoResult(summary)
+
+
+def _three_rows(cart: dict, base: dict) -> dict:
+  """CART, CART + rerank (None without a re-ranker) and dual-tower rows of the table."""
+  keys = ("r@1", "r@5", "r@10", "mrr@10", "qps")
+  rr = cart.get("rerank")
+  return {"cart": {k: cart[k] for k in keys},
+          "cart_rerank": None if rr is None else {k: rr[k] for k in keys + ("weight",)},
+          "dual_tower": {k: base[k] for k in keys}}
+
+
+def _cpu_seconds() -> float:
+  t = os.times()
+  return round(t.user + t.system + t.children_user + t.children_system, 1)
+
+
+def _load() -> float | None:
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return None
+
+
+def _worked_example(loaded) -> dict:
+  """The first test query whose generated top identifier is its item (else the first query)."""
+  from cart_jax.inference.evaluation import split_queries  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.searcher import CartSearcher, describe  # pylint: disable=g-import-not-at-top
+  texts, targets = split_queries(loaded.corpus, loaded.index, "test", 64)
+  searcher = CartSearcher(loaded.graphdef, loaded.index, beam_size=10, n_results=3,
+                          input_length=loaded.input_length, batch_size=64)
+  rows, scores, _ = searcher.search_texts(loaded.params, loaded.frozen, texts)
+  pick = next((i for i in range(len(texts)) if rows[i, 0] == targets[i]), 0)
+  item = loaded.index.item_ids[int(targets[pick])]
+  names = [t.text for t in loaded.corpus.texts(split="train", kind="query") if t.item_id == item][:2]
+  return {"query": texts[pick], "target_item": item, "target_train_texts": names,
+          "target_identifier": [int(c) for c in loaded.index.codes[int(targets[pick])]],
+          "results": describe(loaded.index, rows[pick], scores[pick], loaded.corpus)}
+
+
+def table(summary: dict, header: bool = True) -> str:
+  """The demo's results table (plain text); ``header=False`` leaves out the first line and the note."""
+  n, q = summary["n_items"], summary["n_test_queries"]
+  lines = [f"test queries: {q} (never seen in training), candidates: {n} {summary.get('items', 'emoji')}"]
+  lines = lines if header else []
+  lines.append(f"{'method':<14} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7} {'queries/s':>10}")
+  for name, key in (("CART", "cart"), ("CART + rerank", "cart_rerank"), ("dual tower", "dual_tower")):
+    m = summary.get(key)
+    if m is None:
+      continue
+    lines.append(f"{name:<14} {m['r@1']:>7.3f} {m['r@5']:>7.3f} {m['r@10']:>7.3f} {m['mrr@10']:>7.3f} "
+                 f"{m['qps']:>10.1f}")
+  if not header:
+    return "\n".join(lines)
+  if summary.get("cart_rerank"):
+    w = summary["cart_rerank"]["weight"]
+    lines.append(f"(CART + rerank: CART's beam re-sorted by log p + {w:g} x dual-tower cosine; weight "
+                 f"tuned on val)" if w != "cosine" else
+                 "(CART + rerank: CART's beam re-sorted by the dual-tower cosine; chosen on val)")
+  elif summary.get("rerank_note"):
+    lines.append(f"(CART + rerank: {summary['rerank_note']})")
+  return "\n".join(lines)
+
+
+def example_text(ex: dict) -> str:
+  """The worked example: query -> generated identifiers -> items."""
+  lines = [f"worked example: query \"{ex['query']}\"  (its item {ex['target_item']}, trained on "
+           f"{', '.join(repr(t) for t in ex['target_train_texts']) or 'no texts'})"]
+  for r in ex["results"]:
+    mark = "  <- the query's item" if r["item_id"] == ex["target_item"] else ""
+    lines.append(f"  #{r['rank']} generated identifier {tuple(r['identifier'])} (log p {r['score']:.2f}) "
+                 f"-> item {r['item_id']}  {r.get('media', '')}{mark}")
+  return "\n".join(lines)
+
+
+def report(summary: dict) -> str:
+  """What ``cart demo`` prints once the stages are done: table(s), example, timings, a try line."""
+  parts = ["", table(summary)]
+  if "unseen" in summary:
+    parts.append(f"\nthe {summary['unseen']['n_test_queries']} test queries of the unseen items "
+                 f"(known to both methods only through captions):")
+    parts.append(table({**summary, **summary["unseen"]}, header=False))
+  parts += ["", example_text(summary["example"])]
+  times = summary["stage_seconds"]
+  parts.append(f"\ntotal {summary['seconds']:.0f} s (stages: " +
+               ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
+  parts.append(f"try: cart search --model-dir {summary['model_dir']} \"{summary['example']['query']}\" -k 5")
+  return "\n".join(parts)
