@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cart_jax.core.errors import CartError
+
 DATA = "data"
 MODEL = "model"
 
@@ -109,11 +111,11 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = No
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if model < 1 or n % model != 0:
-    raise ValueError(f"model={model} must be >= 1 and divide the {n} devices")
+    raise CartError(f"model={model} must be >= 1 and divide the {n} devices")
   if data == -1:
     data = n // model
   if data * model != n:
-    raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, have {n}")
+    raise CartError(f"mesh data={data} x model={model} needs {data * model} devices, have {n}")
   return jax.make_mesh((data, model), (DATA, MODEL),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 

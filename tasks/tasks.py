@@ -33,6 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from cart_jax.core.errors import CartError
 from cart_jax.data.captions import caption_texts
 from cart_jax.data.corpus import Corpus, Text, load_corpus
 from cart_jax.index.vocab import IdentifierVocab
@@ -90,8 +91,8 @@ def _item_code_strings(corpus: Corpus, item_ids: Sequence[str], codes: np.ndarra
   by_id = {iid: " ".join(str(int(c)) for c in row) for iid, row in zip(item_ids, codes)}
   missing = [it.id for it in corpus.items if it.id not in by_id]
   if missing:
-    raise ValueError(f"{len(missing)} corpus items have no identifier (e.g. {missing[:3]}); "
-                     "build the index over every item of the corpus")
+    raise CartError(f"{len(missing)} corpus items have no identifier (e.g. {missing[:3]}); "
+                    "build the index over every item of the corpus")
   return by_id
 
 
@@ -127,10 +128,10 @@ def register_caption_mixture(names: CorpusTaskNames, caption_rate: float,
                              mixture_name: str | None = None) -> str:
   """(Re)registers a query/caption mixture with ``caption_rate`` in [0, 1]; returns its name."""
   if not 0.0 <= caption_rate <= 1.0:
-    raise ValueError(f"caption_rate must be in [0, 1], got {caption_rate}")
+    raise CartError(f"caption_rate must be in [0, 1], got {caption_rate}")
   if caption_rate > 0 and names.caption is None:
-    raise ValueError("the corpus has no caption texts: add some (cart data add-captions or "
-                     "captions_file=...) or use caption_rate=0")
+    raise CartError("the corpus has no caption texts: add some (cart data add-captions or "
+                    "captions_file=...) or use caption_rate=0")
   mixture_name = mixture_name or names.train
   parts = []
   if caption_rate < 1.0:
@@ -173,7 +174,7 @@ def register_corpus_tasks(corpus_dir: str | os.PathLike, item_ids: Sequence[str]
   query_splits = {SEQIO_SPLITS[s]: corpus.texts(split=s, kind="query") for s in SEQIO_SPLITS}
   query_splits = {s: t for s, t in query_splits.items() if t}
   if "train" not in query_splits:
-    raise ValueError(f"corpus {corpus.name!r} has no training queries")
+    raise CartError(f"corpus {corpus.name!r} has no training queries")
   _add_task(f"{prefix}_query", _source(query_splits, code_of), output_features, metrics=True)
 
   captions = caption_texts(corpus, captions_file)

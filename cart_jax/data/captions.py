@@ -25,15 +25,19 @@ def read_captions(path: str | os.PathLike, known_ids=None, source: str | None = 
   """Reads a captions JSONL file into ``kind=caption, split=train`` texts (validated)."""
   path = Path(path)
   try:
-    f = open(path, encoding="utf-8")
+    f = open(path, "rb")
   except OSError as e:
     raise CorpusFormatError(f"{path}: cannot read ({e.strerror})") from None
   out = []
   with f:
-    for lineno, line in enumerate(f, start=1):
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise CorpusFormatError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
       if not line.strip():
         continue
-      where = f"{path}:{lineno}"
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:

@@ -62,6 +62,10 @@ class CorpusFormatError(CartError):
   """A corpus (or an importer's source file) is malformed; the message names file and line."""
 
 
+class OutputExistsError(CartError, FileExistsError):
+  """An output directory exists and replacing it was not asked for (``overwrite``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Item:
   """One retrieval candidate."""
@@ -134,9 +138,9 @@ class Corpus:
   def texts(self, split: str | None = None, kind: str | None = None) -> list[Text]:
     """Texts filtered by split and/or kind (``None`` = any)."""
     if split is not None and split not in SPLITS:
-      raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+      raise CartError(f"unknown split {split!r}; expected one of {SPLITS}")
     if kind is not None and kind not in KINDS:
-      raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+      raise CartError(f"unknown kind {kind!r}; expected one of {KINDS}")
     return [t for t in self.all_texts
             if (split is None or t.split == split) and (kind is None or t.kind == kind)]
 
@@ -186,8 +190,16 @@ class Corpus:
 
 
 def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise CorpusFormatError(f"{path}: cannot read ({e.strerror})") from None
+  with f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise CorpusFormatError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
       if not line.strip():
         continue
       try:
@@ -254,6 +266,8 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
     raise CorpusFormatError(f"{meta_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise CorpusFormatError(f"{meta_path}: cannot read ({e})") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
     raise CorpusFormatError(f"{meta_path}: field 'format' must be {FORMAT_NAME!r}")
   if meta.get("version") != FORMAT_VERSION:
@@ -319,7 +333,7 @@ def _place_media(src: Path, dst: Path, mode: str) -> None:
   elif mode == "hardlink":
     os.link(src, dst)
   else:
-    raise ValueError(f"unknown media mode {mode!r}; expected copy, symlink or hardlink")
+    raise CartError(f"unknown media mode {mode!r}; expected copy, symlink or hardlink")
 
 
 def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Sequence[Item],
@@ -344,7 +358,7 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
                             f"{list(CORPUS_MODALITIES)}")
   out = Path(out_dir)
   if out.exists() and not overwrite:
-    raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    raise OutputExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   umask = os.umask(0)

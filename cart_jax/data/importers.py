@@ -123,6 +123,8 @@ def _load_json(path: Path):
       return json.load(f)
   except json.JSONDecodeError as e:
     raise CorpusFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  except UnicodeDecodeError as e:
+    raise CorpusFormatError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
   except OSError as e:
     raise CorpusFormatError(f"{path}: cannot read ({e.strerror})") from None
 

@@ -40,8 +40,8 @@ from typing import Sequence
 import numpy as np
 
 from cart_jax.core.errors import CartError
-from cart_jax.data.corpus import (MEDIA_DIR, MIXED, Corpus, CorpusFormatError, Item, Text,
-                                  find_leaks, load_corpus, write_corpus)
+from cart_jax.data.corpus import (MEDIA_DIR, MIXED, Corpus, CorpusFormatError, Item,
+                                  OutputExistsError, Text, find_leaks, load_corpus, write_corpus)
 from cart_jax.index.inputs import InputError
 
 ID_SEPARATOR = ":"
@@ -193,7 +193,7 @@ def merge_corpora(corpus_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
   if out.resolve() in resolved or any(out.resolve() in d.parents for d in resolved):
     raise MergeError(f"--out {out} is (or holds) one of the corpora being merged")
   if out.exists() and not overwrite:
-    raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    raise OutputExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
   corpora = [load_corpus(d, check_media=True) for d in corpus_dirs]
   if names is None:
     names = [c.name for c in corpora]

@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from flax import nnx
 
 from cart_jax.index import kmeans as kmeans_lib
 from cart_jax.index import rqvae as rqvae_lib
@@ -92,7 +93,7 @@ class IdentifierConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
-      raise ValueError(f"unknown identifier config fields {sorted(unknown)}")
+      raise IndexFormatError(f"unknown identifier config fields {sorted(unknown)}")
     return cls(**d)
 
 
@@ -375,7 +376,10 @@ def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = Non
       raise IndexFormatError(f"{d}: missing file {name}")
     if sha256_file(p) != digest:
       raise IndexFormatError(f"{p}: content does not match meta.json (corrupt or modified)")
-  cfg = IdentifierConfig.from_dict(meta["config"])
+  try:
+    cfg = IdentifierConfig.from_dict(meta["config"])
+  except IndexFormatError as e:
+    raise IndexFormatError(f"{meta_path}: {e}") from None
   vocab = IdentifierVocab.from_dict(meta["vocab"])
   codes = np.load(d / "codes.npy", allow_pickle=False)
   if codes.dtype != np.int32 or codes.ndim != 2:
@@ -385,10 +389,11 @@ def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = Non
     raise IndexFormatError(f"{d}: codes shape {codes.shape} disagrees with meta.json "
                            f"(n_items {meta['n_items']}, id_length {meta['id_length']}, vocab levels "
                            f"{vocab.id_length})")
-  try:
-    vocab.codes_to_tokens(codes)
-  except ValueError as e:
-    raise IndexFormatError(f"{d / 'codes.npy'}: {e}") from e
+  bad = (codes < 0) | (codes >= np.asarray(vocab.level_sizes))
+  if bad.any():
+    row, lvl = (int(i) for i in np.argwhere(bad)[0])
+    raise IndexFormatError(f"{d / 'codes.npy'}: code {int(codes[row, lvl])} at row {row}, level {lvl} "
+                           f"out of range [0, {vocab.level_sizes[lvl]})")
   ids = (d / "item_ids.txt").read_text(encoding="utf-8").splitlines()
   try:
     check_ids(ids, n, source=str(d / "item_ids.txt"))
@@ -406,10 +411,12 @@ def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = Non
   if cfg.use_rqvae:
     with np.load(d / "rqvae.npz", allow_pickle=False) as z:
       rq = {k: z[k] for k in z.keys()}
-    try:
-      rqvae_lib.load_state_dict(cfg.rq_config(dim), rq)
-    except ValueError as e:
-      raise IndexFormatError(f"{d / 'rqvae.npz'}: {e}") from e
+    want = rqvae_lib.state_dict(rqvae_lib.RQVAE(cfg.rq_config(dim), rngs=nnx.Rngs(params=0)))
+    for key, arr in want.items():
+      if key not in rq or rq[key].shape != arr.shape:
+        found = rq[key].shape if key in rq else "missing"
+        raise IndexFormatError(f"{d / 'rqvae.npz'}: RQ-VAE parameter {key!r} is {found}, "
+                               f"expected shape {arr.shape}")
   else:
     with np.load(d / "hierarchical_kmeans.npz", allow_pickle=False) as z:
       tables = [(z[f"prefix_{m}"], z[f"centroids_{m}"]) for m in range(cfg.num_levels)]

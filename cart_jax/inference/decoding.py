@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cart_jax.core.errors import CartError
 from cart_jax.index.trie import TrieTables
 from cart_jax.index.vocab import NUM_RESERVED, PAD_ID, START_ID
 
@@ -60,10 +61,10 @@ class DecodeConfig:
 
   def __post_init__(self):
     if self.beam_size < 1:
-      raise ValueError(f"DecodeConfig.beam_size must be >= 1, got {self.beam_size}")
+      raise CartError(f"DecodeConfig.beam_size must be >= 1, got {self.beam_size}")
     if not 1 <= self.n_results <= self.beam_size:
-      raise ValueError(f"DecodeConfig.n_results must be in [1, beam_size={self.beam_size}], "
-                       f"got {self.n_results}")
+      raise CartError(f"DecodeConfig.n_results must be in [1, beam_size={self.beam_size}], "
+                      f"got {self.n_results}")
 
 
 @flax.struct.dataclass

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -309,7 +310,7 @@ def build(embeddings: str | os.PathLike, item_ids: Sequence[str], *,
   from cart_jax.train.dual_encoder import load_model  # pylint: disable=g-import-not-at-top
   try:
     model = load_model(model_path)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
     raise RerankError(f"{model_path}: unreadable dual-tower model ({e})") from None
   kernel = np.asarray(model.text_proj.kernel.get_value(), np.float32)  # [text_dim, d]
   bias = np.asarray(model.text_proj.bias.get_value(), np.float32)  # [d]
@@ -361,11 +362,12 @@ def load(model_dir: str | os.PathLike, item_ids: Sequence[str] | None = None) ->
                       f"the weight is tuned on '{TUNE_SPLIT}' and stored in the run")
   try:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if not isinstance(meta, dict):
-      raise ValueError("not a JSON object")
-  except (ValueError, UnicodeDecodeError) as e:
+  except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
     raise RerankError(f"{meta_path}: unreadable re-ranker metadata ({e}); rebuild it with "
                       f"`cart eval --rerank --embeddings E.npy`") from None
+  if not isinstance(meta, dict):
+    raise RerankError(f"{meta_path}: unreadable re-ranker metadata (not a JSON object); rebuild it "
+                      f"with `cart eval --rerank --embeddings E.npy`")
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
     raise RerankError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')}, expected "
                       f"{FORMAT!r} v{VERSION}")
@@ -373,7 +375,7 @@ def load(model_dir: str | os.PathLike, item_ids: Sequence[str] | None = None) ->
     items = np.load(d / ITEMS_FILE, allow_pickle=False)
     with np.load(d / PROJ_FILE, allow_pickle=False) as z:
       kernel, bias = z["kernel"], z["bias"]
-  except (OSError, ValueError, KeyError, EOFError) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise RerankError(f"{d}: unreadable re-ranker arrays ({e})") from None
   if items.shape != (meta.get("n_items"), meta.get("dim")):
     raise RerankError(f"{d / ITEMS_FILE}: shape {items.shape}, {meta_path} says "
@@ -445,7 +447,7 @@ def fit(loaded, embeddings: str | os.PathLike, *, split: str = TUNE_SPLIT, limit
   reranker = build(embeddings, loaded.index.item_ids)
   try:
     texts, targets = evaluation.split_queries(loaded.corpus, loaded.index, split, limit)
-  except ValueError as e:
+  except CartError as e:
     raise RerankError(str(e)) from None
   searcher = CartSearcher(loaded.graphdef, loaded.index, beam_size=beam_size,
                           n_results=min(10, beam_size), input_length=loaded.input_length,

@@ -85,8 +85,8 @@ def index_modalities(index, corpus) -> np.ndarray:
   """Modality (str) of every index row, from the corpus's items: ``[N]`` in ``index.item_ids`` order."""
   missing = [i for i in index.item_ids if i not in corpus]
   if missing:
-    raise ValueError(f"{len(missing)} index item(s) are not items of corpus {corpus.name!r}, e.g. "
-                     f"{missing[:3]}: the index was not built from this corpus")
+    raise CartError(f"{len(missing)} index item(s) are not items of corpus {corpus.name!r}, e.g. "
+                    f"{missing[:3]}: the index was not built from this corpus")
   return np.asarray([corpus.item_modality(i) for i in index.item_ids])
 
 

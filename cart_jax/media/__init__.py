@@ -5,3 +5,8 @@ is read) and never flax or ``cart_jax.models``: a reader is configured by the to
 it is given (any object with the fields it names) or by plain ints.
 ``cart_jax.models.towers.registry.load_media`` picks the reader for a corpus's modality.
 """
+from cart_jax.core.errors import CartError
+
+
+class MediaError(CartError):
+  """A media file (image, audio, video) is missing, unreadable or empty; the message names it."""

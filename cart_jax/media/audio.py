@@ -18,6 +18,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from cart_jax.media import MediaError
+
 
 class MelConfig(Protocol):
   """What the readers take from their config (``AudioTowerConfig`` has it).
@@ -95,18 +97,18 @@ def read_wave(path: str | os.PathLike, config: MelConfig) -> np.ndarray:
   """One file -> mono ``float32 [clip_samples]`` at ``config.sample_rate`` (crop / zero-pad).
 
   Raises:
-    ValueError naming the file when it cannot be read as audio or has no samples.
+    MediaError naming the file when it cannot be read as audio or has no samples.
   """
   import soundfile as sf  # pylint: disable=g-import-not-at-top
 
   try:
     data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # [n, channels]
-  except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as e:
-    raise ValueError(f"{path}: cannot read audio ({e})") from e
+  except (sf.SoundFileError, OSError) as e:
+    raise MediaError(f"{path}: cannot read audio ({e})") from e
   if data.shape[0] == 0:
-    raise ValueError(f"{path}: empty audio (0 samples)")
+    raise MediaError(f"{path}: empty audio (0 samples)")
   if not np.all(np.isfinite(data)):
-    raise ValueError(f"{path}: audio has NaN or infinite samples")
+    raise MediaError(f"{path}: audio has NaN or infinite samples")
   wave = data.mean(axis=1)  # [n] mono
   if rate != config.sample_rate:
     from scipy.signal import resample_poly  # pylint: disable=g-import-not-at-top
@@ -123,7 +125,7 @@ def load_audio(paths: Sequence[str | os.PathLike], config: MelConfig,
   """Reads audio files as dB log-mel spectrograms ``float32 [N, frames, n_mels]``.
 
   Raises:
-    ValueError naming the file that cannot be read, or that has no samples.
+    MediaError naming the file that cannot be read, or that has no samples.
   """
   fb = mel_filterbank(config)
   out = np.empty((len(paths), config.frames, config.n_mels), np.float32)  # [N, T, M]

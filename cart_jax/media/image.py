@@ -6,6 +6,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from cart_jax.media import MediaError
+
 
 class ImageMediaConfig(Protocol):
   """What :func:`load_images` reads from its config (``ImageTowerConfig`` has it)."""
@@ -17,7 +19,7 @@ def load_images(paths: Sequence[str | os.PathLike], config: ImageMediaConfig,
   """Reads images as ``uint8 [N, size, size, 3]``: alpha composited onto white, then resized.
 
   Raises:
-    ValueError naming the file that cannot be read as an image.
+    MediaError naming the file that cannot be read as an image.
   """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
 
@@ -36,7 +38,7 @@ def load_images(paths: Sequence[str | os.PathLike], config: ImageMediaConfig,
           im = im.resize((size, size), Image.Resampling.BILINEAR)
         out[i] = np.asarray(im)
     except (OSError, UnidentifiedImageError) as e:
-      raise ValueError(f"{path}: cannot read image ({e})") from e
+      raise MediaError(f"{path}: cannot read image ({e})") from e
     if progress is not None:
       progress(1)
   return out

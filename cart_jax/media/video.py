@@ -21,6 +21,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from cart_jax.media import MediaError
+
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -66,7 +68,7 @@ def _read_frames_dir(path: Path, size: int) -> list[np.ndarray]:
         im.load()
         frames.append(_to_rgb(im, size))
     except (OSError, UnidentifiedImageError) as e:
-      raise ValueError(f"{f}: cannot read frame image ({e})") from e
+      raise MediaError(f"{f}: cannot read frame image ({e})") from e
   return frames
 
 
@@ -91,7 +93,7 @@ def _read_container(path: Path, size: int, num_frames: int) -> list[np.ndarray]:
 
   with av.open(str(path)) as container:
     if not container.streams.video:
-      raise ValueError(f"{path}: no video stream (streams: "
+      raise MediaError(f"{path}: no video stream (streams: "
                        f"{[s.type for s in container.streams] or 'none'})")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -114,13 +116,13 @@ def read_video(path: str | os.PathLike, num_frames: int, size: int) -> np.ndarra
   """One clip as ``uint8 [num_frames, size, size, 3]`` (see the module docstring).
 
   Raises:
-    ValueError naming ``path`` when it is missing, unreadable, or has no frames.
+    MediaError naming ``path`` when it is missing, unreadable, or has no frames.
   """
   import av  # pylint: disable=g-import-not-at-top
   from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   path = Path(path)
   if not path.exists():
-    raise ValueError(f"{path}: video not found")
+    raise MediaError(f"{path}: video not found")
   try:
     if path.is_dir():
       frames = _read_frames_dir(path, size)
@@ -132,9 +134,9 @@ def read_video(path: str | os.PathLike, num_frames: int, size: int) -> np.ndarra
       frames = _read_container(path, size, num_frames)
       what = "no decodable video frames"
   except (av.FFmpegError, OSError, UnidentifiedImageError, EOFError) as e:
-    raise ValueError(f"{path}: cannot read video ({type(e).__name__}: {e})") from e
+    raise MediaError(f"{path}: cannot read video ({type(e).__name__}: {e})") from e
   if not frames:
-    raise ValueError(f"{path}: empty video: {what}")
+    raise MediaError(f"{path}: empty video: {what}")
   idx = sample_indices(len(frames), num_frames)
   return np.stack([frames[i] for i in idx])  # [T, size, size, 3]
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cart_jax.core.errors import CartError
 from cart_jax.models.towers import registry
 from cart_jax.models.towers.image import ImageTowerConfig
 
@@ -41,7 +42,7 @@ class DualEncoderConfig:
 
   def __post_init__(self):
     if not 0 < self.init_temperature <= 1:
-      raise ValueError(f"init_temperature must be in (0, 1], got {self.init_temperature}")
+      raise CartError(f"init_temperature must be in (0, 1], got {self.init_temperature}")
 
   @property
   def embed_dim(self) -> int:

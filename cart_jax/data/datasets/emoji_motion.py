@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
 from cart_jax.data.datasets import emoji as emoji_dataset
 from cart_jax.data.corpus import MEDIA_DIR, Corpus, Item, Text, normalize_text, write_corpus
 
@@ -285,16 +286,16 @@ def prepare_emoji_motion(out_dir: str | os.PathLike, *, limit: int | None = None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   size = FRAME_SIZE if size is None else size
   if size < 16:
-    raise ValueError(f"--size must be at least 16 pixels, got {size}")
+    raise CartError(f"--size must be at least 16 pixels, got {size}")
   if limit is not None and limit < 2:
-    raise ValueError(f"--limit must be at least 2 emoji (a sequence clip needs two), got {limit}")
+    raise CartError(f"--limit must be at least 2 emoji (a sequence clip needs two), got {limit}")
   if num_frames < 2:
-    raise ValueError(f"num_frames must be at least 2, got {num_frames}")
+    raise CartError(f"num_frames must be at least 2, got {num_frames}")
   t0 = time.perf_counter()
   n = num_emoji if limit is None else min(limit, num_emoji)
   entries, sprites, candidates, asym = select_sprites(n, size)
   if len(entries) < 2:
-    raise RuntimeError(f"only {len(entries)} emoji sprite(s) usable; need at least 2")
+    raise CartError(f"only {len(entries)} emoji sprite(s) usable; need at least 2")
   ids = [emoji_dataset.item_id_of(e) for e, _ in entries]
   names = [_name(d) for _, d in entries]
   # Sequence partner of emoji i: a fixed derangement (partner != self).

@@ -46,7 +46,9 @@ from typing import Callable
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
 from cart_jax.data.corpus import MEDIA_DIR, Corpus, Item, Text, write_corpus
+from cart_jax.data.datasets import MissingDependencyError
 
 SOUNDFONT = Path("/usr/share/sounds/sf2/TimGM6mb.sf2")
 EVENT_DIR = Path("/usr/share/sounds/freedesktop/stereo")
@@ -221,8 +223,8 @@ def check_tools() -> str:
   if not EVENT_DIR.is_dir() or not any(EVENT_DIR.glob("*.oga")):
     missing.append(f"the event sounds in {EVENT_DIR} (Debian package sound-theme-freedesktop)")
   if missing:
-    raise RuntimeError("the instruments corpus needs " + "; ".join(missing) +
-                       f". Install them with: {INSTALL_HINT}")
+    raise MissingDependencyError("the instruments corpus needs " + "; ".join(missing) +
+                                 f". Install them with: {INSTALL_HINT}")
   return binary
 
 
@@ -406,10 +408,10 @@ def prepare_instruments(out_dir: str | os.PathLike, *, limit: int | None = None,
     progress: a progress bar on stderr while rendering.
   """
   if size is not None:
-    raise ValueError(f"--size does not apply to the instruments corpus (16 kHz, {CLIP_SECONDS} s "
-                     f"clips), got {size}")
+    raise CartError(f"--size does not apply to the instruments corpus (16 kHz, {CLIP_SECONDS} s "
+                    f"clips), got {size}")
   if limit is not None and limit < 1:
-    raise ValueError(f"--limit must be positive, got {limit}")
+    raise CartError(f"--limit must be positive, got {limit}")
   t0 = time.perf_counter()
   check_tools()  # fail before any work, naming what to install
   events = event_sounds()

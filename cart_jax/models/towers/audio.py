@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cart_jax.core.errors import CartError
+
 
 @dataclasses.dataclass(frozen=True)
 class AudioTowerConfig:
@@ -61,19 +63,19 @@ class AudioTowerConfig:
 
   def __post_init__(self):
     if self.sample_rate < 1000 or self.clip_seconds <= 0:
-      raise ValueError(f"bad AudioTowerConfig: sample_rate {self.sample_rate} must be >= 1000 and "
+      raise CartError(f"bad AudioTowerConfig: sample_rate {self.sample_rate} must be >= 1000 and "
                        f"clip_seconds {self.clip_seconds} > 0")
     if self.n_fft < 16 or self.hop < 1 or self.n_mels < 1:
-      raise ValueError(f"bad AudioTowerConfig: n_fft {self.n_fft}, hop {self.hop}, n_mels {self.n_mels}")
+      raise CartError(f"bad AudioTowerConfig: n_fft {self.n_fft}, hop {self.hop}, n_mels {self.n_mels}")
     if self.clip_samples < self.n_fft:
-      raise ValueError(f"clip_seconds {self.clip_seconds} is shorter than one STFT window "
+      raise CartError(f"clip_seconds {self.clip_seconds} is shorter than one STFT window "
                        f"({self.n_fft} samples at {self.sample_rate} Hz)")
     f_max = self.sample_rate / 2 if self.f_max is None else self.f_max
     if not 0 <= self.f_min < f_max <= self.sample_rate / 2:
-      raise ValueError(f"mel range [{self.f_min}, {f_max}] Hz must lie in [0, Nyquist "
+      raise CartError(f"mel range [{self.f_min}, {f_max}] Hz must lie in [0, Nyquist "
                        f"{self.sample_rate / 2}]")
     if min(self.out_dim, self.hidden_dim, self.kernel, *self.channels, 1) < 1 or self.db_scale <= 0:
-      raise ValueError(f"bad AudioTowerConfig {self}")
+      raise CartError(f"bad AudioTowerConfig {self}")
 
   @property
   def clip_samples(self) -> int:

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cart_jax.core.errors import CartError
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageTowerConfig:
@@ -55,10 +57,10 @@ class ImageTowerConfig:
   def __post_init__(self):
     factor = self.downsample * self.patch_size * 2 ** len(self.channels)
     if self.image_size % factor:
-      raise ValueError(f"image_size {self.image_size} must be divisible by downsample * patch_size "
+      raise CartError(f"image_size {self.image_size} must be divisible by downsample * patch_size "
                        f"* 2**len(channels) = {factor}")
     if min(self.out_dim, self.hidden_dim, self.patch_dim, self.downsample, self.patch_size) < 1:
-      raise ValueError(f"bad ImageTowerConfig {self}")
+      raise CartError(f"bad ImageTowerConfig {self}")
 
   @property
   def grid(self) -> int:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 from flax import nnx
 
+from cart_jax.core.errors import CartError
 from cart_jax.media.image import load_images
 from cart_jax.models.towers.image import ImageTower, ImageTowerConfig
 
@@ -29,7 +30,7 @@ def default_config(modality: str, **overrides):
   fields = {f.name for f in dataclasses.fields(cls)}
   bad = sorted(k for k, v in overrides.items() if k not in fields and v is not None)
   if bad:
-    raise ValueError(f"{modality} tower: option(s) {bad} do not apply to {cls.__name__}")
+    raise CartError(f"{modality} tower: option(s) {bad} do not apply to {cls.__name__}")
   return cls(**{k: v for k, v in overrides.items() if k in fields and v is not None})
 
 
@@ -49,7 +50,7 @@ def config_from_dict(d: dict):
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - fields)
   if unknown:
-    raise ValueError(f"tower config: unknown field(s) {unknown} for {cls.__name__}")
+    raise CartError(f"tower config: unknown field(s) {unknown} for {cls.__name__}")
   return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 

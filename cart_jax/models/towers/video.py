@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cart_jax.core.errors import CartError
 from cart_jax.models.towers.image import ImageTower, ImageTowerConfig, random_shift
 
 TEMPORAL_MODELS = ("flatten", "mean")
@@ -63,13 +64,13 @@ class VideoTowerConfig:
 
   def __post_init__(self):
     if self.modality != "video":
-      raise ValueError(f"VideoTowerConfig.modality must be 'video', got {self.modality!r}")
+      raise CartError(f"VideoTowerConfig.modality must be 'video', got {self.modality!r}")
     if self.num_frames < 2:
-      raise ValueError(f"num_frames must be at least 2 (order needs two frames), got {self.num_frames}")
+      raise CartError(f"num_frames must be at least 2 (order needs two frames), got {self.num_frames}")
     if self.temporal not in TEMPORAL_MODELS:
-      raise ValueError(f"temporal must be one of {TEMPORAL_MODELS}, got {self.temporal!r}")
+      raise CartError(f"temporal must be one of {TEMPORAL_MODELS}, got {self.temporal!r}")
     if min(self.frame_dim, self.hidden_dim, self.out_dim) < 1:
-      raise ValueError(f"bad VideoTowerConfig {self}")
+      raise CartError(f"bad VideoTowerConfig {self}")
     _ = self.frame_config  # ImageTowerConfig validates the per-frame fields (divisibility)
 
   @property
