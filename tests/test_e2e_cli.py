@@ -64,6 +64,14 @@ def test_tiny_pipeline_through_the_cli(tmp_path, capsys):
   assert 0.0 <= ev["r@1"] <= ev["r@5"] <= ev["r@10"] <= 1.0 and ev["qps"] > 0
   # (2 steps: no quality bar here; tests/test_cart_learns.py has one. "R@10 >= 10/24" is not an
   # invariant: queries that get different beams can all miss their own item.)
+  # --json -: stdout is the JSON alone; the library call gives the same recall
+  capsys.readouterr()
+  assert cart("eval", "--model-dir", str(run), "--json", "-", "--quiet") == 0
+  piped = json.loads(capsys.readouterr().out)
+  from cart_jax import api
+  lib = api.evaluate(run, split="test")
+  for key in ("r@1", "r@5", "r@10", "mrr@10", "num_queries", "step"):
+    assert piped[key] == ev[key] == lib[key], key
 
   capsys.readouterr()
   assert cart("search", "--model_dir", str(run), "grinning face", "-k", "3",
@@ -73,6 +81,8 @@ def test_tiny_pipeline_through_the_cli(tmp_path, capsys):
   assert len({r["item_id"] for r in res}) == 3 and all(r["media"].endswith(".png") for r in res)
   assert res[0]["score"] >= res[1]["score"] >= res[2]["score"]
   assert "grinning face" in capsys.readouterr().out
+  assert cart("search", "--model-dir", str(run), "grinning face", "-k", "3", "--json", "-") == 0
+  assert json.loads(capsys.readouterr().out)["queries"] == api.search(run, ["grinning face"], k=3)
 
 
 def test_user_errors(tmp_path, capsys):
@@ -99,3 +109,25 @@ def test_missing_model_dir_and_unbound_gin_are_one_line_errors(tmp_path, capsys)
   assert err.count("\n") == 1 and "gin config incomplete: MODEL_DIR is None" in err, err
   assert main(["train", "--gin-file", "gin_configs/models/tiny.gin"]) == 2
   assert "train_job.model_dir is not bound" in capsys.readouterr().err
+
+
+def test_old_flag_spellings_work_but_are_hidden(capsys):
+  """Kebab-case flags; the old spellings parse to the same option and stay out of --help."""
+  from cart_jax.cli.main import build_parser
+  parser = build_parser()
+  old = {"baseline": (["--corpus", "c", "--embeddings", "e.npy", "--ids", "i.txt", "--query-batch", "7",
+                       "--no-progress"], {"item_ids": "i.txt", "batch_size": 7, "quiet": True}),
+         "eval": (["--model_dir", "m", "--batch", "5"], {"model_dir": "m", "batch_size": 5}),
+         "embed": (["--corpus", "c", "--out", "e.npy", "--ids", "i.txt"], {"item_ids": "i.txt"}),
+         "model-info": (["--src_len", "9", "--cost_analysis"], {"src_len": 9, "cost_analysis": True}),
+         "train": (["--gin_file", "g.gin", "--no-progress"], {"gin_file": ["g.gin"], "quiet": True})}
+  for command, (argv, want) in old.items():
+    args = parser.parse_args([command] + argv)
+    assert {k: getattr(args, k) for k in want} == want, command
+    with pytest.raises(SystemExit):
+      parser.parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--ids ", "--query-batch", "--no-progress", "--model_dir ", "--batch ", "--src_len",
+                 "--cost_analysis"):
+      assert flag not in text, (command, flag)
+    assert "--json PATH" in text and "--quiet" in text

@@ -46,6 +46,18 @@ def add_rerank_flags(p: argparse.ArgumentParser, rerank_help: str) -> None:
                       "val, stored in MODEL_DIR/rerank/); implies --rerank")
 
 
+def rerank_weight(args) -> float | None:
+  """``--rerank-weight`` parsed (None when not given); a bad value names the flag."""
+  if args.rerank_weight is None:
+    return None
+  from cart_jax.core.errors import CartError
+  from cart_jax.inference.rerank import RerankError, parse_weight
+  try:
+    return parse_weight(args.rerank_weight)
+  except RerankError as e:
+    raise CartError(f"--rerank-weight: {e}") from None
+
+
 def add_model_dir_flag(p: argparse.ArgumentParser) -> None:
   output.add_argument(p, "--model-dir", "--model_dir", dest="model_dir", required=True,
                       help="a MODEL_DIR written by cart train")
@@ -90,7 +102,7 @@ def run(args) -> int:
           batch_size=args.batch_size or ec.get("batch_size", 64),
           limit=args.limit if args.limit is not None else ec.get("limit"), step=args.step,
           modality=args.modality, items=args.items, rerank=args.rerank,
-          rerank_weight=args.rerank_weight, embeddings=args.embeddings, progress=not args.quiet)
+          rerank_weight=rerank_weight(args), embeddings=args.embeddings, progress=not args.quiet)
   except ModalityError as e:
     raise CartError(f"--modality {args.modality}: {e}") from None
   output.emit(args, summary)

@@ -42,6 +42,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+  from cart_jax.cli.commands.eval import rerank_weight
   from cart_jax.core.errors import CartError
   from cart_jax.inference.runs import search_job
   from cart_jax.inference.searcher import ModalityError
@@ -50,7 +51,7 @@ def run(args) -> int:
     with output.logs_to_stderr(args):
       doc = search_job(args.model_dir, args.query, k=args.k, beam=args.beam,
                        modality=args.modality, step=args.step, rerank=args.rerank,
-                       rerank_weight=args.rerank_weight, embeddings=args.embeddings)
+                       rerank_weight=rerank_weight(args), embeddings=args.embeddings)
   except ModalityError as e:
     raise CartError(f"--modality {args.modality}: {e}") from None
   lines = []
