@@ -266,11 +266,6 @@ class Reranker:
     return apply(rows, logp, self.cosines(rows, sentence_embedding), w)
 
 
-def _model_path(embeddings: Path) -> Path:
-  stem = embeddings.with_suffix("") if embeddings.suffix == ".npy" else embeddings
-  return Path(f"{stem}.model.npz")
-
-
 def build(embeddings: str | os.PathLike, item_ids: Sequence[str], *,
           ids_path: str | os.PathLike | None = None, model_path: str | os.PathLike | None = None,
           weight: float = 1.0) -> Reranker:
@@ -287,16 +282,16 @@ def build(embeddings: str | os.PathLike, item_ids: Sequence[str], *,
     RerankError naming the file: unreadable embeddings or ids, an index id without a row, no model
     file, a projection whose size does not match the items.
   """
-  from cart_jax.data.embeddings import read_embeddings_with_ids  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.embeddings import embedding_files, read_embeddings_with_ids  # pylint: disable=g-import-not-at-top
   from cart_jax.index.inputs import InputError  # pylint: disable=g-import-not-at-top
 
   embeddings = Path(embeddings)
-  model_path = Path(model_path) if model_path is not None else _model_path(embeddings)
+  model_path = Path(model_path) if model_path is not None else embedding_files(embeddings).model
   try:
     arr, ids = read_embeddings_with_ids(embeddings, ids_path)
   except InputError as e:
     raise RerankError(str(e)) from None
-  ids_src = ids_path or embeddings.with_name(embeddings.stem + ".ids.txt")
+  ids_src = ids_path or embedding_files(embeddings).ids
   pos = {item: i for i, item in enumerate(ids)}
   missing = [i for i in item_ids if i not in pos]
   if missing:
@@ -494,7 +489,9 @@ def after_training(model_dir: str | os.PathLike, embeddings: str | os.PathLike |
   if embeddings is None:
     return None
   import jax  # pylint: disable=g-import-not-at-top
-  model_path = _model_path(Path(embeddings))
+
+  from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
+  model_path = embedding_files(embeddings).model
   if not model_path.is_file():
     return {"skipped": f"{model_path} not found (precomputed embeddings have no text projection)"}
   if jax.process_count() > 1:
@@ -527,19 +524,17 @@ def evaluate_with_rerank(searcher, params, frozen, texts, targets, reranker: Rer
     sentence embedding comes out of the same call). ``rerank``'s queries/s adds the host
     re-ranking (gather ``beam`` item rows, project the query, ``beam`` dot products, sort).
   """
-  from cart_jax.inference.metrics import retrieval_metrics  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.evaluation import ranking_metrics  # pylint: disable=g-import-not-at-top
   compile_s = searcher.warm_up(params, frozen, beams=True) if warm_up else 0.0
   beams, search_s = _timed_beams(searcher, params, frozen, texts)
   t0 = time.perf_counter()
   out = reranker.rerank(beams.rows, beams.scores, beams.query_embedding)
   rerank_s = time.perf_counter() - t0
   n = searcher.decode_config.n_results
-  ks = tuple(x for x in (1, 5, 10) if x <= n)
   q = len(texts)
 
   def metrics(rows):
-    m = retrieval_metrics(rows, targets, ks=ks, mrr_k=min(10, n))
-    return {key.lower(): val for key, val in m.items() if key != "num_queries"}
+    return ranking_metrics(rows, targets, n)  # the one evaluator's keys (r@1 ... mrr@10)
 
   cart_rows, rr_rows = beams.rows[:, :n], out.rows[:, :n]
   cart = {**metrics(cart_rows), "num_queries": int(q), "qps": q / max(search_s, 1e-9),
