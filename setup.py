@@ -30,6 +30,9 @@ EXTRAS = {
     # Audio (wav/flac/ogg) and video (mp4/webm/avi) readers for `cart embed` on audio/video corpora.
     "media": ["soundfile>=0.12", "av>=12"],
     "bench": ["faiss-cpu>=1.8"],
+    # `tensorboard --logdir MODEL_DIR/tensorboard` (training writes the logs with tensorboardX).
+    # In `all` at no extra cost: tensorflow-cpu (the `data` extra) depends on it already.
+    "tensorboard": ["tensorboard>=2.16"],
     # nbformat/nbclient/ipykernel execute notebooks/cart_colab.ipynb in tests/test_notebook.py.
     "test": ["pytest>=8", "hypothesis>=6.100", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
 }

@@ -87,3 +87,36 @@ def test_ablations_change_one_thing_each():
 def test_bad_binding_is_a_clear_error():
   with pytest.raises(ValueError, match="NAME=VALUE"):
     cli_gin.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split"])
+
+
+def test_includes_resolve_from_any_directory_without_error_logs(tmp_path, monkeypatch, caplog):
+  monkeypatch.chdir(tmp_path)  # outside the repository: includes are found under REPO_ROOT
+  assert (cli_gin.REPO_ROOT / "gin_configs").is_dir()
+  with caplog.at_level("INFO"):
+    made = _build([ROOT / "experiments" / "emoji_demo.gin"], ["MODEL_DIR=/tmp/x"])
+  assert made["TrainConfig"].num_steps >= 1000
+  assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_run_train_without_model_dir_is_a_one_line_user_error():
+  from cart_jax.core.errors import CartError
+  cli_gin.parse([str(ROOT / "experiments" / "emoji_demo.gin")], [])
+  with pytest.raises(CartError, match=r"^MODEL_DIR is not set: pass --gin.MODEL_DIR=DIR"):
+    cli_gin.run_train(progress=False)
+
+
+def test_written_config_holds_the_resolved_values():
+  from cart_jax.train import jobs
+  text = "MODEL_DIR = 'run'\nModelConfig.output_vocab_size = 1314\nModelConfig.d_model = 16\n" \
+         "train_job.model_dir = %MODEL_DIR\n"
+  summary = {"model_dir": "/abs/run", "corpus_dir": "/abs/corpus", "index_dir": None,
+             "embeddings": "/abs/e.npy", "model_config": {"output_vocab_size": 29, "d_model": 16,
+                                                          "fusion": "both"}}
+  out = jobs.resolve_config(text, summary)
+  assert "1314" not in out and "MODEL_DIR = 'run'" not in out
+  cli_gin.register()
+  gin.clear_config()
+  gin.parse_config(out, skip_unknown=True)
+  assert gin.query_parameter("%MODEL_DIR") == "/abs/run" and gin.query_parameter("%INDEX_DIR") is None
+  made = gin.get_configurable("ModelConfig")()
+  assert made.output_vocab_size == 29 and made.d_model == 16 and made.fusion == "both"

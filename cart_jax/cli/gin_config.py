@@ -16,12 +16,16 @@ for you, so both ``'/tmp/run'`` and ``/tmp/run`` work.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Sequence
 
 import gin
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cart_jax.core.artefacts import atomic_write_text
+from cart_jax.core.errors import CartError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # cart_jax/cli/gin_config.py -> the repository
 _REGISTERED = False
 _SEARCH_PATHS: set[str] = set()
 
@@ -67,38 +71,69 @@ def _binding(flag: str) -> str:
   return f"{name.strip()} = {v}"
 
 
+class _NoProbeErrors(logging.Filter):
+  """Drops gin's ``ERROR Path not found`` records.
+
+  The run files include each other by repository-relative paths (``gin_configs/...``). Launched
+  from outside the repository, gin first probes the working directory, where its Python-package
+  reader logs that error although a later search path (``REPO_ROOT``) has the file. A file found
+  nowhere still fails, naming every path tried. (``gin_configs/**/__init__.py`` let that reader
+  resolve the includes when the repository is on ``sys.path``, instead of crashing on a
+  namespace package.)
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.msg == "Path not found: %s" and record.module == "resource_reader")
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
-  """Clears gin, registers, then parses files (searched also under the repository root)."""
+  """Clears gin, registers, then parses files (searched also under the repository root, so the
+  repository-relative includes of ``gin_configs/`` resolve from any working directory)."""
   register()
   gin.clear_config()
   for d in (str(Path.cwd()), str(REPO_ROOT)):
     if d not in _SEARCH_PATHS:
       gin.add_config_file_search_path(d)
       _SEARCH_PATHS.add(d)
-  gin.parse_config_files_and_bindings(list(gin_files), [_binding(b) for b in bindings],
-                                      finalize_config=finalize)
+  quiet = _NoProbeErrors()
+  logging.getLogger().addFilter(quiet)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), [_binding(b) for b in bindings],
+                                        finalize_config=finalize)
+  finally:
+    logging.getLogger().removeFilter(quiet)
 
 
-def split_gin_args(argv_extra: Sequence[str]) -> list[str]:
-  """``["--gin.A=1", "--gin.B=x"]`` (unknown argparse args) -> ``["A=1", "B=x"]``."""
-  out = []
-  for a in argv_extra:
-    if not a.startswith("--gin."):
-      raise ValueError(f"unrecognized argument {a!r} (gin bindings are --gin.NAME=VALUE)")
-    out.append(a[len("--gin."):])
-  return out
+def _require_macro(name: str) -> None:
+  """``NAME`` (a macro the run files use) is bound and not None, else a one-line CartError."""
+  try:
+    value = gin.query_parameter(f"{name}/macro.value")
+  except ValueError:
+    value = None
+  if value is None:
+    raise CartError(f"{name} is not set: pass --gin.{name}=DIR (or bind it in a gin file)")
 
 
 def run_train(progress: bool = True) -> dict:
-  """Calls the gin-configured ``train_job`` and saves the operative config with it."""
+  """Calls the gin-configured ``train_job`` and saves the operative config with it.
+
+  ``MODEL_DIR/config.gin`` is gin's operative config (what was actually used) with the values
+  the run resolved itself (absolute paths, ``output_vocab_size`` from the index:
+  :func:`cart_jax.train.jobs.resolve_config`), so parsing it again reproduces the run.
+  Written by process 0 only, atomically.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.train import jobs  # pylint: disable=g-import-not-at-top
+  for name in ("MODEL_DIR", "CORPUS_DIR"):
+    _require_macro(name)
   train_job = gin.get_configurable("train_job")
   # The parsed config is written into MODEL_DIR up front (a crashed run still documents
-  # itself); once the job returns, gin's operative config (what was actually used) replaces it.
+  # itself); once the job returns, gin's operative config replaces it.
   summary = train_job(operative_config=gin.config_str(), progress=progress)
-  out = Path(summary["model_dir"]) / "config.gin"
-  tmp = out.with_name(".config.gin.tmp")
-  tmp.write_text(gin.operative_config_str(), encoding="utf-8")
-  tmp.replace(out)
+  if jax.process_index() == 0:
+    atomic_write_text(Path(summary["model_dir"]) / jobs.CONFIG_FILE,
+                      jobs.resolve_config(gin.operative_config_str(), summary))
   return summary
 
 

@@ -6,20 +6,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
+from cart_jax.core.artefacts import atomic_directory, atomic_write_json, atomic_write_text
 from cart_jax.inference.runs import (CHECKPOINT_SUBDIR, INDEX_SUBDIR, RUN_FILE, RUN_FORMAT, RUN_VERSION,
                                      RunError)
 
+CONFIG_FILE = "config.gin"
 
-def _atomic_json(path: Path, obj) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-  os.replace(tmp, path)
+
+def resolve_config(config: str, summary: dict) -> str:
+  """``config`` (gin text) with the values a run resolved itself in place of the configured ones.
+
+  ``summary`` holds the absolute ``model_dir``, ``corpus_dir``, ``index_dir`` and ``embeddings``
+  (None when not given) and the ``model_config`` the network was built with (its
+  ``output_vocab_size`` comes from the index, not from the gin files). Their bindings in
+  ``config`` are dropped and bound again at the end, so the file says what the run used.
+  """
+  resolved = {macro: summary[key] for macro, key in (
+      ("MODEL_DIR", "model_dir"), ("CORPUS_DIR", "corpus_dir"), ("INDEX_DIR", "index_dir"),
+      ("EMBEDDINGS", "embeddings"))}
+  resolved.update({f"ModelConfig.{k}": v for k, v in summary["model_config"].items()})
+  kept = [line for line in config.splitlines() if line.split("=", 1)[0].strip() not in resolved]
+  lines = kept + ["", "# Resolved by the run (absolute paths; output_vocab_size from the index):"]
+  lines += [f"{name} = {value!r}" for name, value in resolved.items()]
+  return "\n".join(lines) + "\n"
 
 
 def _index_fingerprint(index_dir: Path) -> dict:
@@ -53,11 +67,8 @@ def _ensure_index(index_dir: Path | None, model_dir: Path, embeddings, identifie
       raise RunError(f"{model_dir} was trained on another index than {index_dir} "
                      f"(use a new MODEL_DIR)")
     return dest
-  tmp = model_dir / f".{INDEX_SUBDIR}.tmp-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  shutil.copytree(index_dir, tmp)
-  os.replace(tmp, dest)
+  with atomic_directory(dest) as tmp:
+    shutil.copytree(index_dir, tmp, dirs_exist_ok=True)
   return dest
 
 
@@ -66,7 +77,11 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
               embeddings: str | None = None, identifier_config=None, operative_config: str | None = None,
               progress: bool = True, stop_after: int | None = None,
               log: Callable[[str], None] = print) -> dict:
-  """Trains CART into ``model_dir`` (resuming if it holds checkpoints). Returns a summary."""
+  """Trains CART into ``model_dir`` (resuming if it holds checkpoints). Returns a summary.
+
+  ``operative_config`` (gin text) is written to ``MODEL_DIR/config.gin`` up front, followed by
+  the values resolved here (:func:`resolve_config`), so a crashed run documents itself too.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
@@ -95,10 +110,14 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
     if old.get("model_config") != run["model_config"]:
       raise RunError(f"{run_path}: this MODEL_DIR holds a run of another model config; use a new "
                      f"MODEL_DIR (or the same config to resume)")
+  resolved = {"model_dir": str(model_dir), "corpus_dir": str(corpus_dir),
+              "index_dir": None if index_dir is None else str(Path(index_dir).absolute()),
+              "embeddings": None if embeddings is None else str(Path(embeddings).absolute()),
+              "model_config": model_config.to_dict()}
   if jax.process_index() == 0:
-    _atomic_json(run_path, run)
+    atomic_write_json(run_path, run)
     if operative_config is not None:
-      (model_dir / "config.gin").write_text(operative_config, encoding="utf-8")
+      atomic_write_text(model_dir / CONFIG_FILE, resolve_config(operative_config, resolved))
   pipeline = input_pipeline.make_pipeline(corpus_dir, corpus, index, input_config, captions_file)
   validation = None
   if train_config.eval_every > 0:
@@ -111,7 +130,7 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
                          stop_after=stop_after, log=log,
                          cache_encoder_states=input_config.cache_encoder_states,
                          state_cache_dir=input_config.state_cache_dir)
-  summary = {"model_dir": str(model_dir), "start_step": result.start_step,
+  summary = {**resolved, "start_step": result.start_step,
              "step": int(jax.device_get(result.state.step)),
              "last_metrics": result.history[-1] if result.history else None,
              "validation": result.validation, "input": pipeline.summary(),
@@ -121,5 +140,5 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
     from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
     summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)  # None w/o embeddings
   if jax.process_index() == 0:
-    _atomic_json(model_dir / "train_summary.json", summary)
+    atomic_write_json(model_dir / "train_summary.json", summary)
   return summary
