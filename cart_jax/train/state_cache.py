@@ -37,13 +37,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cart_jax.core.errors import CartError
+
 FORMAT = "cart-encoder-states"
 VERSION = 1
 STATE_DTYPE = np.float16
 ENV_DIR = "CART_CACHE_DIR"
 
 
-class StateCacheError(ValueError):
+class StateCacheError(CartError):
   """A state cache that cannot be used (shape mismatch, a text it does not hold...)."""
 
 
@@ -141,7 +143,7 @@ class StateCache:
 
 
 def _sha(path: Path) -> str:
-  from cart_jax.index.artefact import sha256_file  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.artefacts import sha256_file  # pylint: disable=g-import-not-at-top
   return sha256_file(path)
 
 
@@ -180,7 +182,7 @@ def build(directory: Path, rows: np.ndarray, key: str, layers: Sequence[int],
 
   ``encode(ids int32 [b, L], mask bool [b, L]) -> float [b, S_all, L, width]`` runs the encoder.
   """
-  from cart_jax.index.artefact import atomic_directory  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.artefacts import atomic_directory  # pylint: disable=g-import-not-at-top
   n, src = rows.shape
   lengths = (rows != 0).sum(axis=1).astype(np.int64)  # [n] real tokens ([CLS] .. [SEP])
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # [n + 1]
