@@ -130,34 +130,8 @@ def train(gin_files: Sequence[str], bindings: Sequence[str] = (), *, progress: b
   ``bindings`` are gin bindings (``"MODEL_DIR='/tmp/run'"``, ``"TrainConfig.num_steps=100"``; a
   bare path value is quoted for you). Running again on the same MODEL_DIR resumes.
   """
-  import gin  # pylint: disable=g-import-not-at-top
-
-  from cart_jax.cli import gin_config as cli_gin  # pylint: disable=g-import-not-at-top
-  try:
-    cli_gin.parse(gin_files, bindings)
-  except (ValueError, OSError) as e:  # gin reports a bad file or binding as these
-    raise CartError(f"gin: {e}") from None
-  _check_train_bindings(gin)
-  return cli_gin.run_train(progress=progress)
-
-
-def _check_train_bindings(gin) -> None:
-  """Every argument ``train_job`` needs is bound, and MODEL_DIR / CORPUS_DIR are not None."""
-  import inspect  # pylint: disable=g-import-not-at-top
-
-  from cart_jax.train.jobs import train_job  # pylint: disable=g-import-not-at-top
-  hint = "(bind it, e.g. --gin.MODEL_DIR=/tmp/run)"
-  for name, param in inspect.signature(train_job).parameters.items():
-    if param.default is not inspect.Parameter.empty or name == "operative_config":
-      continue
-    try:
-      value = gin.query_parameter(f"train_job.{name}")
-    except ValueError:
-      raise CartError(f"gin config incomplete: train_job.{name} is not bound {hint}") from None
-    macro = str(value)[1:] if str(value).startswith("%") else None
-    if macro and name in ("model_dir", "corpus_dir") and \
-        gin.query_parameter(f"{macro}/macro.value") is None:
-      raise CartError(f"gin config incomplete: {macro} is None {hint}")
+  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top  (gin stays at the edge)
+  return cli_gin.train(gin_files, bindings, progress=progress)
 
 
 def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: int = 10,

@@ -1,6 +1,6 @@
 """The training job: trains CART into a MODEL_DIR (layout: :mod:`cart_jax.inference.runs`).
 
-No gin here (``cart_jax/cli/gin_config.py`` makes :func:`train_job` configurable).
+No gin here (``cart_jax/cli/cli_gin.py`` makes :func:`train_job` configurable).
 """
 from __future__ import annotations
 

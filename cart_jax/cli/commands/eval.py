@@ -123,7 +123,7 @@ def _gin_eval_config(args) -> dict:
     return {}
   import dataclasses
 
-  from cart_jax.cli import gin_config as cli_gin
+  from cart_jax.cli import cli_gin
   from cart_jax.core.errors import CartError
   try:
     cli_gin.parse(args.gin_file, args.gin_bindings)

@@ -25,7 +25,7 @@ import gin
 from cart_jax.core.artefacts import atomic_write_text
 from cart_jax.core.errors import CartError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # cart_jax/cli/gin_config.py -> the repository
+REPO_ROOT = Path(__file__).resolve().parents[2]  # cart_jax/cli/cli_gin.py -> the repository
 _REGISTERED = False
 _SEARCH_PATHS: set[str] = set()
 
@@ -112,6 +112,35 @@ def _require_macro(name: str) -> None:
     value = None
   if value is None:
     raise CartError(f"{name} is not set: pass --gin.{name}=DIR (or bind it in a gin file)")
+
+
+def train(gin_files: Sequence[str], bindings: Sequence[str] = (), *, progress: bool = True) -> dict:
+  """Parses ``gin_files`` + ``bindings`` and runs the configured ``train_job`` (``api.train``)."""
+  try:
+    parse(gin_files, bindings)
+  except (ValueError, OSError) as e:  # gin reports a bad file or binding as these
+    raise CartError(f"gin: {e}") from None
+  _check_train_bindings()
+  return run_train(progress=progress)
+
+
+def _check_train_bindings() -> None:
+  """Every argument ``train_job`` needs is bound, and MODEL_DIR / CORPUS_DIR are not None."""
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.train.jobs import train_job  # pylint: disable=g-import-not-at-top
+  hint = "(bind it, e.g. --gin.MODEL_DIR=/tmp/run)"
+  for name, param in inspect.signature(train_job).parameters.items():
+    if param.default is not inspect.Parameter.empty or name == "operative_config":
+      continue
+    try:
+      value = gin.query_parameter(f"train_job.{name}")
+    except ValueError:
+      raise CartError(f"gin config incomplete: train_job.{name} is not bound {hint}") from None
+    macro = str(value)[1:] if str(value).startswith("%") else None
+    if macro and name in ("model_dir", "corpus_dir") and \
+        gin.query_parameter(f"{macro}/macro.value") is None:
+      raise CartError(f"gin config incomplete: {macro} is None {hint}")
 
 
 def run_train(progress: bool = True) -> dict:
