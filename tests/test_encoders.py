@@ -215,7 +215,7 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path)
   np.testing.assert_array_equal(train_dual.embed_items(resumed, tiny_data.media),
                                 train_dual.embed_items(full, tiny_data.media))
   other = train_dual.DualTrainConfig(**{**cfg.__dict__, "seed": 1})
-  with pytest.raises(ValueError, match="different train_config"):
+  with pytest.raises(train_dual.DualEncoderError, match="different train_config"):
     train_dual.train_dual_encoder(tiny_data, mc, other, checkpoint_dir=tmp_path)
   # Saved model round trip.
   train_dual.save_model(tmp_path / "m.npz", resumed)
@@ -232,5 +232,15 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path)
 
 def test_training_needs_two_items_with_texts(tiny_data):
   one = train_dual.TrainData(tiny_data.media, tiny_data.text_features[:1], np.zeros((1,), np.int32))
-  with pytest.raises(ValueError, match="only 1 item"):
+  with pytest.raises(train_dual.DualEncoderError, match="only 1 item"):
     train_dual.train_dual_encoder(one, DualEncoderConfig(tower=TINY_TOWER), CFG)
+
+
+def test_old_npz_checkpoints_are_named_not_silently_ignored(tiny_data, tmp_path):
+  np.savez(tmp_path / "ckpt_00000006.npz", a=np.zeros(2))  # the pre-orbax format
+  logs = []
+  cfg = train_dual.DualTrainConfig(**{**CFG.__dict__, "steps": 2})
+  _, res = train_dual.train_dual_encoder(tiny_data, DualEncoderConfig(tower=TINY_TOWER), cfg,
+                                         checkpoint_dir=tmp_path, log=logs.append)
+  assert res.start_step == 0
+  assert any("ckpt_*.npz" in m and "starts at step 0" in m for m in logs), logs

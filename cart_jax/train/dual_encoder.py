@@ -43,6 +43,10 @@ from cart_jax.models.towers import registry
 from cart_jax.train import loop
 
 
+class DualEncoderError(CartError):
+  """A bad dual-encoder setting, corpus or model file (names the file or field)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DualTrainConfig:
   """Attributes:
@@ -67,10 +71,10 @@ class DualTrainConfig:
 
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 2:
-      raise ValueError(f"steps must be >= 1 and batch_size >= 2, got {self.steps}, {self.batch_size}")
+      raise DualEncoderError(f"steps must be >= 1 and batch_size >= 2, got {self.steps}, {self.batch_size}")
     bad = [k for k in self.text_kinds if k not in ("query", "caption")]
     if bad or not self.text_kinds:
-      raise ValueError(f"text_kinds must be a non-empty subset of ('query', 'caption'), got {self.text_kinds}")
+      raise DualEncoderError(f"text_kinds must be a non-empty subset of ('query', 'caption'), got {self.text_kinds}")
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -143,7 +147,7 @@ def prepare_training_data(corpus, tower_config, text_encoder, kinds: Sequence[st
   """
   texts, rows = training_texts(corpus, kinds)
   if not texts:
-    raise ValueError(f"corpus {corpus.name!r} has no train texts of kind(s) {list(kinds)}")
+    raise DualEncoderError(f"corpus {corpus.name!r} has no train texts of kind(s) {list(kinds)}")
   t0 = time.perf_counter()
   paths = [corpus.media_path(it) for it in corpus.items]
   media = registry.load_media(paths, tower_config,
@@ -198,10 +202,10 @@ def _unflat(template, arrays, prefix: str, source: str):
   for path, leaf in leaves:
     key = prefix + jax.tree_util.keystr(path)
     if key not in arrays:
-      raise ValueError(f"{source}: missing array {key!r} (written by a different model version?)")
+      raise DualEncoderError(f"{source}: missing array {key!r} (written by a different model version?)")
     arr = arrays[key]
     if tuple(arr.shape) != tuple(np.shape(leaf)):
-      raise ValueError(f"{source}: {key} has shape {tuple(arr.shape)}, expected {tuple(np.shape(leaf))}")
+      raise DualEncoderError(f"{source}: {key} has shape {tuple(arr.shape)}, expected {tuple(np.shape(leaf))}")
     out.append(jnp.asarray(arr, dtype=leaf.dtype if hasattr(leaf, "dtype") else None))
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -214,14 +218,14 @@ def save_model(path: str | os.PathLike, model: DualEncoder) -> None:
 
 
 def load_model(path: str | os.PathLike) -> DualEncoder:
-  """Inverse of :func:`save_model` (raises ValueError naming the file on any mismatch)."""
+  """Inverse of :func:`save_model` (raises DualEncoderError naming the file on any mismatch)."""
   path = Path(path)
   if not path.is_file():
-    raise ValueError(f"{path}: dual-encoder model file not found")
+    raise DualEncoderError(f"{path}: dual-encoder model file not found")
   with np.load(path, allow_pickle=False) as z:
     arrays = dict(z)
   if "__config__" not in arrays:
-    raise ValueError(f"{path}: not a dual-encoder model file (no __config__)")
+    raise DualEncoderError(f"{path}: not a dual-encoder model file (no __config__)")
   config = DualEncoderConfig.from_json(str(arrays["__config__"]))
   model = nnx.eval_shape(lambda: init_model(config, 0))
   graphdef, params = nnx.split(model)
@@ -255,7 +259,7 @@ def _restore_checkpoint(ckpt, params, opt_state, model_config: DualEncoderConfig
   for key, want in (("model_config", model_config.to_json()), ("train_config", train_config.to_json())):
     found = meta.get(key, "")
     if found != want:
-      raise CartError(f"{where}: checkpoint was written with a different {key} ({found}) than this "
+      raise DualEncoderError(f"{where}: checkpoint was written with a different {key} ({found}) than this "
                        "run's ({want}); use another checkpoint directory or start fresh "
                        "(cart embed --no-resume)")
   restored, _ = ckpt.restore({"params": params, "opt_state": opt_state}, step)
@@ -280,9 +284,9 @@ def train_dual_encoder(data: TrainData, model_config: DualEncoderConfig, config:
   num_items_with_text = len(np.unique(data.text_item_rows))
   batch_size = min(config.batch_size, num_items_with_text)
   if batch_size < 2:
-    raise ValueError(f"only {num_items_with_text} item(s) have train texts; need at least 2")
+    raise DualEncoderError(f"only {num_items_with_text} item(s) have train texts; need at least 2")
   if data.text_features.shape[1] != model_config.text_dim:
-    raise ValueError(f"text features have dimension {data.text_features.shape[1]}, model expects "
+    raise DualEncoderError(f"text features have dimension {data.text_features.shape[1]}, model expects "
                      f"{model_config.text_dim}")
   model = init_model(model_config, config.seed)
   graphdef, params = nnx.split(model)
@@ -297,6 +301,9 @@ def train_dual_encoder(data: TrainData, model_config: DualEncoderConfig, config:
       restored = _restore_checkpoint(ckpt, params, opt_state, model_config, config)
       if restored is not None:
         start, params, opt_state = restored
+      elif log is not None and any(Path(checkpoint_dir).glob("ckpt_*.npz")):
+        log(f"note: {checkpoint_dir} holds ckpt_*.npz checkpoints of an older cart-jax (before orbax); "
+            "they cannot be resumed, so training starts at step 0 (delete them to silence this)")
 
     media = jnp.asarray(data.media)  # [N, ...] on device once
     feats = jnp.asarray(data.text_features)  # [T, text_dim]
