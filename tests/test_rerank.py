@@ -367,7 +367,9 @@ def test_tiny_run_trains_tunes_and_evaluates_with_rerank(tmp_path, capsys):
   for m in (ev, rr):
     assert 0.0 <= m["r@1"] <= m["r@5"] <= m["r@10"] <= 1.0 and m["qps"] > 0
   assert rr["qps"] <= ev["qps"]  # the same search plus the host re-ranking
-  assert "CART + rerank" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "CART + rerank" in err
+  assert "CART search + rerank" in err  # the progress bar over the timed pass (issue 17)
   # Weight 0 keeps the beam order: CART + rerank == CART exactly.
   assert cart("eval", "--model_dir", str(run), "--rerank-weight", "0", "--json", str(ev_path)) == 0
   ev0 = json.loads(ev_path.read_text())

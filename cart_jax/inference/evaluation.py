@@ -182,7 +182,7 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
     metrics, rows, _ = evaluate(searcher, r.params, r.frozen, texts, targets, progress=progress)
   else:
     metrics, rr_metrics, rows, _ = rerank_lib.evaluate_with_rerank(searcher, r.params, r.frozen, texts,
-                                                                   targets, reranker)
+                                                                   targets, reranker, progress=progress)
   summary = {"model_dir": str(r.model_dir), "step": r.step, "split": split, **metrics,
              "num_items": r.index.n_items, "corpus_dir": r.run["corpus_dir"]}
   if rr_metrics is not None:

@@ -406,11 +406,20 @@ def check_model(model_config) -> str | None:
   return None
 
 
-def _timed_beams(searcher, params, frozen, texts) -> tuple:
+def _timed_beams(searcher, params, frozen, texts, progress: bool = False,
+                 desc: str = "CART search") -> tuple:
+  """(every beam of ``texts``, seconds); ``progress``: a bar on stderr over the batches."""
+  from cart_jax.inference.evaluation import progress_bar  # pylint: disable=g-import-not-at-top
   from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  beams = searcher.search_beams(params, frozen, encode_texts(list(texts), searcher.input_length))
-  return beams, time.perf_counter() - t0
+  bar = progress_bar(len(texts), desc, progress)
+  try:
+    t0 = time.perf_counter()
+    beams = searcher.search_beams(params, frozen, encode_texts(list(texts), searcher.input_length),
+                                  progress=None if bar is None else bar.update)
+    return beams, time.perf_counter() - t0
+  finally:
+    if bar is not None:
+      bar.close()
 
 
 def tune_on_split(reranker: Reranker, searcher, params, frozen, texts, targets,
@@ -515,7 +524,8 @@ def after_training(model_dir: str | os.PathLike, embeddings: str | os.PathLike |
 
 
 def evaluate_with_rerank(searcher, params, frozen, texts, targets, reranker: Reranker, *,
-                         warm_up: bool = True) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+                         warm_up: bool = True, progress: bool = False
+                         ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
   """CART alone and CART + re-ranking from ONE search pass (the same beams, re-sorted on the host).
 
   Returns:
@@ -526,7 +536,7 @@ def evaluate_with_rerank(searcher, params, frozen, texts, targets, reranker: Rer
   """
   from cart_jax.inference.evaluation import ranking_metrics  # pylint: disable=g-import-not-at-top
   compile_s = searcher.warm_up(params, frozen, beams=True) if warm_up else 0.0
-  beams, search_s = _timed_beams(searcher, params, frozen, texts)
+  beams, search_s = _timed_beams(searcher, params, frozen, texts, progress, "CART search + rerank")
   t0 = time.perf_counter()
   out = reranker.rerank(beams.rows, beams.scores, beams.query_embedding)
   rerank_s = time.perf_counter() - t0

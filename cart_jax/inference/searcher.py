@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -175,8 +175,12 @@ class CartSearcher:
     view.trie = self._tries[modality]
     return view
 
-  def _run(self, params, frozen, input_ids: np.ndarray, n_results: int, with_embedding: bool):
-    """Fixed-size batches through the jitted search: (rows, scores, codes, embedding or None)."""
+  def _run(self, params, frozen, input_ids: np.ndarray, n_results: int, with_embedding: bool,
+           progress: Callable[[int], None] | None = None):
+    """Fixed-size batches through the jitted search: (rows, scores, codes, embedding or None).
+
+    ``progress(n)`` is called after each batch with its number of queries.
+    """
     q = input_ids.shape[0]
     b = self.batch_size
     rows, scores, codes, embs = [], [], [], []
@@ -196,6 +200,8 @@ class CartSearcher:
       codes.append(np.asarray(res.codes)[:n])
       if with_embedding:
         embs.append(np.asarray(emb, np.float32)[:n])
+      if progress is not None:
+        progress(n)
     if not rows:
       k, L = n_results, self.index.vocab.id_length
       return (np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros((0, k, L), np.int32),
@@ -203,15 +209,16 @@ class CartSearcher:
     return (np.concatenate(rows), np.concatenate(scores), np.concatenate(codes),
             np.concatenate(embs) if with_embedding else None)
 
-  def search_beams(self, params, frozen, input_ids: np.ndarray, *, with_embedding: bool = True) -> Beams:
+  def search_beams(self, params, frozen, input_ids: np.ndarray, *, with_embedding: bool = True,
+                   progress: Callable[[int], None] | None = None) -> Beams:
     """All ``beam_size`` results per query and (by default) the queries' MiniLM sentence embeddings.
 
     The embedding comes out of the same jitted call as the beam search (the encoder runs once):
     ``mean_pool(states[:, -1], mask)`` L2-normalised, i.e. ``minilm.sentence_embedding`` of the
-    query. Needs a MiniLM encoder (ValueError otherwise).
+    query. Needs a MiniLM encoder (ValueError otherwise). ``progress(n)``: after each batch.
     """
     rows, scores, codes, emb = self._run(params, frozen, input_ids, self.decode_config.beam_size,
-                                         with_embedding)
+                                         with_embedding, progress)
     return Beams(rows=rows, scores=scores, codes=codes, query_embedding=emb)
 
   def search_ids(self, params, frozen, input_ids: np.ndarray, rerank: "Reranker | None" = None
