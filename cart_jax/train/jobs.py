@@ -4,6 +4,7 @@ No gin here (``cart_jax/cli/cli_gin.py`` makes :func:`train_job` configurable).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cart_jax.core.artefacts import atomic_directory, atomic_write_json, atomic_write_text
+from cart_jax.core.artefacts import (atomic_directory, atomic_write_json, atomic_write_text,
+                                     output_lock)
 from cart_jax.inference.runs import (CHECKPOINT_SUBDIR, INDEX_SUBDIR, RUN_FILE, RUN_FORMAT, RUN_VERSION,
                                      RunError)
 
@@ -81,6 +83,9 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
 
   ``operative_config`` (gin text) is written to ``MODEL_DIR/config.gin`` up front, followed by
   the values resolved here (:func:`resolve_config`), so a crashed run documents itself too.
+  Process 0 holds ``MODEL_DIR``'s output lock (:func:`cart_jax.core.artefacts.output_lock`) for
+  the whole job: a second job on the same ``MODEL_DIR`` raises ``OutputLockedError`` naming
+  this one's pid before it reads or writes anything.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -93,52 +98,55 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
   trainer.maybe_initialize_distributed()
   t0 = time.perf_counter()
   model_dir = Path(model_dir).absolute()
-  model_dir.mkdir(parents=True, exist_ok=True)
-  corpus_dir = Path(corpus_dir).absolute()
-  corpus = load_corpus(corpus_dir, check_media=False)
-  index_path = _ensure_index(index_dir, model_dir, embeddings, identifier_config, log)
-  index = load_index(index_path)
-  model_config = with_vocab(model_config, index.vocab)
-  run = {"format": RUN_FORMAT, "version": RUN_VERSION, "corpus_dir": str(corpus_dir),
-         "index_dir": INDEX_SUBDIR, "model_config": model_config.to_dict(),
-         "train_config": dataclasses.asdict(train_config),
-         "input_config": dataclasses.asdict(input_config),
-         "captions_file": None if captions_file is None else str(Path(captions_file).absolute())}
-  run_path = model_dir / RUN_FILE
-  if run_path.exists():
-    old = json.loads(run_path.read_text(encoding="utf-8"))
-    if old.get("model_config") != run["model_config"]:
-      raise RunError(f"{run_path}: this MODEL_DIR holds a run of another model config; use a new "
-                     f"MODEL_DIR (or the same config to resume)")
-  resolved = {"model_dir": str(model_dir), "corpus_dir": str(corpus_dir),
-              "index_dir": None if index_dir is None else str(Path(index_dir).absolute()),
-              "embeddings": None if embeddings is None else str(Path(embeddings).absolute()),
-              "model_config": model_config.to_dict()}
-  if jax.process_index() == 0:
-    atomic_write_json(run_path, run)
-    if operative_config is not None:
-      atomic_write_text(model_dir / CONFIG_FILE, resolve_config(operative_config, resolved))
-  pipeline = input_pipeline.make_pipeline(corpus_dir, corpus, index, input_config, captions_file)
-  validation = None
-  if train_config.eval_every > 0:
-    validation = evaluation.split_queries(corpus, index, train_config.eval_split,
-                                          train_config.eval_queries)
-  result = trainer.train(model_config=model_config, train_config=train_config, pipeline=pipeline,
-                         index=index, checkpoint_dir=model_dir / CHECKPOINT_SUBDIR,
-                         metrics_dir=model_dir, validation=validation,
-                         input_length=input_config.input_length, progress=progress,
-                         stop_after=stop_after, log=log,
-                         cache_encoder_states=input_config.cache_encoder_states,
-                         state_cache_dir=input_config.state_cache_dir)
-  summary = {**resolved, "start_step": result.start_step,
-             "step": int(jax.device_get(result.state.step)),
-             "last_metrics": result.history[-1] if result.history else None,
-             "validation": result.validation, "input": pipeline.summary(),
-             "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
-             "compile_seconds": result.compile_seconds, "state_cache": result.state_cache}
-  if jax.process_index() == 0 and summary["step"] >= train_config.num_steps:
-    from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
-    summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)  # None w/o embeddings
-  if jax.process_index() == 0:
-    atomic_write_json(model_dir / "train_summary.json", summary)
-  return summary
+  lock = output_lock(model_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    corpus_dir = Path(corpus_dir).absolute()
+    corpus = load_corpus(corpus_dir, check_media=False)
+    index_path = _ensure_index(index_dir, model_dir, embeddings, identifier_config, log)
+    index = load_index(index_path)
+    model_config = with_vocab(model_config, index.vocab)
+    run = {"format": RUN_FORMAT, "version": RUN_VERSION, "corpus_dir": str(corpus_dir),
+           "index_dir": INDEX_SUBDIR, "model_config": model_config.to_dict(),
+           "train_config": dataclasses.asdict(train_config),
+           "input_config": dataclasses.asdict(input_config),
+           "captions_file": None if captions_file is None else str(Path(captions_file).absolute())}
+    run_path = model_dir / RUN_FILE
+    if run_path.exists():
+      old = json.loads(run_path.read_text(encoding="utf-8"))
+      if old.get("model_config") != run["model_config"]:
+        raise RunError(f"{run_path}: this MODEL_DIR holds a run of another model config; use a new "
+                       f"MODEL_DIR (or the same config to resume)")
+    resolved = {"model_dir": str(model_dir), "corpus_dir": str(corpus_dir),
+                "index_dir": None if index_dir is None else str(Path(index_dir).absolute()),
+                "embeddings": None if embeddings is None else str(Path(embeddings).absolute()),
+                "model_config": model_config.to_dict()}
+    if jax.process_index() == 0:
+      atomic_write_json(run_path, run)
+      if operative_config is not None:
+        atomic_write_text(model_dir / CONFIG_FILE, resolve_config(operative_config, resolved))
+    pipeline = input_pipeline.make_pipeline(corpus_dir, corpus, index, input_config, captions_file)
+    validation = None
+    if train_config.eval_every > 0:
+      validation = evaluation.split_queries(corpus, index, train_config.eval_split,
+                                            train_config.eval_queries)
+    result = trainer.train(model_config=model_config, train_config=train_config, pipeline=pipeline,
+                           index=index, checkpoint_dir=model_dir / CHECKPOINT_SUBDIR,
+                           metrics_dir=model_dir, validation=validation,
+                           input_length=input_config.input_length, progress=progress,
+                           stop_after=stop_after, log=log,
+                           cache_encoder_states=input_config.cache_encoder_states,
+                           state_cache_dir=input_config.state_cache_dir)
+    summary = {**resolved, "start_step": result.start_step,
+               "step": int(jax.device_get(result.state.step)),
+               "last_metrics": result.history[-1] if result.history else None,
+               "validation": result.validation, "input": pipeline.summary(),
+               "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
+               "compile_seconds": result.compile_seconds, "state_cache": result.state_cache}
+    if jax.process_index() == 0 and summary["step"] >= train_config.num_steps:
+      from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+      # None without embeddings
+      summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)
+    if jax.process_index() == 0:
+      atomic_write_json(model_dir / "train_summary.json", summary)
+    return summary

@@ -1,0 +1,349 @@
+"""Writers that are safe together (issue 19, item 6): core/artefacts.py's output lock, the
+directory swap, the cleaning of dead writers' litter; `cart build-ids` and `cart train` on an
+output another process is writing.
+
+Helper processes are plain Python (no JAX) except the two `cart build-ids` runs.
+"""
+import collections
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cart_jax.core import artefacts
+from cart_jax.core.artefacts import OutputLockedError, atomic_directory, output_lock
+from cart_jax.core.errors import CartError
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _siblings(target: Path) -> list[str]:
+  """Everything beside ``target`` that a writer of it made (temporaries, old copies, locks)."""
+  return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+def _commit(target, tag, wait):
+  with atomic_directory(target, wait=wait) as tmp:
+    for j in range(3):
+      (tmp / f"part{j}.txt").write_text(tag)
+    time.sleep(0.001)  # a writer that takes a moment: commits overlap
+
+
+def _consistent_tag(target: Path) -> str:
+  tags = {(target / f"part{j}.txt").read_text() for j in range(3)}
+  assert sorted(os.listdir(target)) == ["part0.txt", "part1.txt", "part2.txt"]
+  assert len(tags) == 1, tags
+  return tags.pop()
+
+
+def _stress_worker(target, n, wait, barrier, queue):
+  barrier.wait()
+  out = collections.Counter()
+  for i in range(n):
+    try:
+      _commit(target, f"{os.getpid()}-{i}", wait)
+      out["ok"] += 1
+    except OutputLockedError as e:
+      assert re.fullmatch(rf"{re.escape(str(target))} is being written by pid \d+ \(since .*\); "
+                          rf"wait for it or remove .*\.target\.lock if that process is gone",
+                          str(e)), e
+      out["locked"] += 1
+    except Exception as e:  # pylint: disable=broad-except
+      out[f"{type(e).__name__}: {e}"] += 1
+  queue.put(dict(out))
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["fail", "wait"])
+def test_stress_processes_one_target(tmp_path, wait):
+  """4 processes x 50 commits to one target. Before the lock, 3 of 600 commits raised
+  FileNotFoundError / OSError ("Directory not empty") and leaked .old-* directories."""
+  target = tmp_path / "target"
+  ctx = mp.get_context("fork")
+  barrier, queue = ctx.Barrier(4), ctx.Queue()
+  procs = [ctx.Process(target=_stress_worker, args=(target, 50, wait, barrier, queue))
+           for _ in range(4)]
+  for p in procs:
+    p.start()
+  total = collections.Counter()
+  for _ in procs:
+    total.update(queue.get(timeout=60))
+  for p in procs:
+    p.join(timeout=10)
+    assert p.exitcode == 0
+  if wait:
+    assert total == {"ok": 200}, total
+  else:  # every commit either landed or was refused by the lock; both happened
+    assert set(total) == {"ok", "locked"} and sum(total.values()) == 200, total
+  assert _siblings(target) == []  # no temporaries, no old copies, no lock file left behind
+  assert re.fullmatch(r"\d+-\d+", _consistent_tag(target))
+  assert oct(target.stat().st_mode & 0o777) == oct(0o777 & ~artefacts._umask())
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "move-aside"])
+def test_stress_threads_one_target_target_never_missing(tmp_path, monkeypatch, exchange):
+  """4 threads x 50 commits (waiting for each other) while a reader watches the target: it is
+  never missing with renameat2's exchange; the move-aside fallback is race-free too."""
+  if not exchange:
+    monkeypatch.setattr(artefacts, "_RENAMEAT2", [None])
+  elif artefacts._renameat2() is None:
+    pytest.skip("no renameat2 here")
+  target = tmp_path / "target"
+  _commit(target, "first", wait=False)
+  errors, missing, done = [], [], threading.Event()
+
+  def writer(k):
+    try:
+      for i in range(50):
+        _commit(target, f"t{k}-{i}", wait=True)
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  def reader():
+    while not done.is_set():
+      if not target.is_dir():
+        missing.append(time.perf_counter())
+
+  threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+  watch = threading.Thread(target=reader)
+  watch.start()
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  done.set()
+  watch.join()
+  assert errors == []
+  assert _siblings(target) == []
+  assert re.fullmatch(r"t\d-\d+", _consistent_tag(target))
+  if exchange:
+    assert missing == []
+
+
+def test_lock_is_per_thread_reentrant_and_names_the_holder(tmp_path):
+  target = tmp_path / "ix"
+  with output_lock(target) as lock:
+    assert lock == tmp_path / ".ix.lock"
+    pid, host, since = lock.read_text().split()
+    assert int(pid) == os.getpid() and abs(float(since) - time.time()) < 60
+    with atomic_directory(target) as tmp:  # the same thread: re-entrant (a build, then its save)
+      (tmp / "a").write_text("1")
+    assert (target / "a").read_text() == "1" and lock.exists()
+    raised = []
+
+    def other_thread():
+      try:
+        with atomic_directory(target):
+          pass
+      except OutputLockedError as e:
+        raised.append(str(e))
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert len(raised) == 1 and f"being written by pid {os.getpid()} (since " in raised[0]
+  assert not lock.exists()  # removed on release
+  assert issubclass(OutputLockedError, CartError)
+
+
+def test_failed_block_leaves_the_old_target_and_nothing_else(tmp_path):
+  target = tmp_path / "ix"
+  _commit(target, "good", wait=False)
+  with pytest.raises(RuntimeError, match="boom"):
+    with atomic_directory(target) as tmp:
+      (tmp / "part0.txt").write_text("half")
+      raise RuntimeError("boom")
+  assert _consistent_tag(target) == "good" and _siblings(target) == []
+
+
+def test_forked_child_does_not_inherit_the_lock(tmp_path):
+  """A child forked inside the block neither holds nor removes its parent's lock."""
+  target = tmp_path / "ix"
+  with output_lock(target) as lock:
+    pid = os.fork()
+    if pid == 0:  # child: the lock is its parent's, not re-entrant here
+      code = 3
+      try:
+        with output_lock(target):
+          code = 1
+      except OutputLockedError as e:
+        code = 0 if f"pid {os.getppid()}" in str(e) else 2
+      finally:
+        os._exit(code)  # pylint: disable=protected-access
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert lock.exists() and lock.read_text().split()[0] == str(os.getpid())
+
+
+# ---------------------------------------------------------------------------------------
+# Killed writers: litter cleaned, lock taken over.
+
+_HOLD = textwrap.dedent("""
+  import sys, time
+  from pathlib import Path
+  from cart_jax.core import artefacts
+  kind, target = sys.argv[1], Path(sys.argv[2])
+  if kind == "dir":
+    with artefacts.atomic_directory(target) as tmp:
+      (tmp / "half.txt").write_text("half")
+      print("ready", flush=True)
+      time.sleep(120)
+  elif kind == "lock":
+    with artefacts.output_lock(target):
+      print("ready", flush=True)
+      time.sleep(120)
+  else:
+    def write(tmp):
+      Path(tmp).write_text("half")
+      print("ready", flush=True)
+      time.sleep(120)
+    artefacts.atomic_write_via(target, write)
+""")
+
+
+def _hold(kind, target) -> subprocess.Popen:
+  """A helper process that is in the middle of writing ``target`` (until killed)."""
+  proc = subprocess.Popen([sys.executable, "-c", _HOLD, kind, str(target)], env=ENV,
+                          stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "ready"
+  return proc
+
+
+def _kill(proc):
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=10)
+  proc.stdout.close()
+
+
+def test_killed_directory_writer_litter_cleaned_and_lock_taken_over(tmp_path):
+  target = tmp_path / "ix"
+  _commit(target, "old", wait=False)
+  writer = _hold("dir", target)
+  try:
+    with pytest.raises(OutputLockedError,
+                       match=rf"ix is being written by pid {writer.pid} \(since "):
+      _commit(target, "second", wait=False)
+  finally:
+    _kill(writer)
+  litter = _siblings(target)
+  assert len(litter) == 2 and ".ix.lock" in litter, litter
+  tmp_name = next(n for n in litter if n != ".ix.lock")
+  assert tmp_name.startswith(f".ix.tmp-{writer.pid}.") and _consistent_tag(target) == "old"
+  # Litter the next run must keep: a live process's, another host's, an untagged (old-format) one.
+  live = _hold("lock", tmp_path / "unrelated")
+  try:
+    keep = [f".ix.tmp-{live.pid}.{artefacts._HOST}-abcdefgh",
+            f".ix.tmp-{writer.pid}.{'0' * 8 if artefacts._HOST != '0' * 8 else '1' * 8}-abcdefgh",
+            ".ix.tmp-x1y2z3"]
+    dead_old = f".ix.old-{writer.pid}.{artefacts._HOST}-abcdefgh"  # killed mid-swap
+    for name in keep + [dead_old]:
+      (tmp_path / name).mkdir()
+      (tmp_path / name / "f").write_text("x")
+    _commit(target, "new", wait=False)  # the dead writer's lock is taken over
+    assert _consistent_tag(target) == "new"
+    assert _siblings(target) == sorted(keep)
+  finally:
+    _kill(live)
+
+
+def test_killed_file_writer_litter_cleaned(tmp_path):
+  path = tmp_path / "summary.json"
+  writer = _hold("file", path)
+  _kill(writer)
+  (litter,) = _siblings(tmp_path / "summary")
+  assert litter.startswith(f".summary.tmp-{writer.pid}.") and litter.endswith(".json")
+  artefacts.atomic_write_json(path, {"a": 1})
+  assert json.loads(path.read_text()) == {"a": 1}
+  assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+  assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~artefacts._umask())
+
+
+# ---------------------------------------------------------------------------------------
+# The commands.
+
+_SLOW_BUILD = textwrap.dedent("""
+  import os, sys, time
+  from pathlib import Path
+  import numpy as np
+  ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+  save = np.save
+  def paused_save(file, *args, **kwargs):  # pauses inside the index's atomic_directory block
+    if ".tmp-" in str(file) and not ready.exists():
+      ready.write_text(str(os.getpid()))
+      while not go.exists():
+        time.sleep(0.02)
+    return save(file, *args, **kwargs)
+  np.save = paused_save
+  from cart_jax.cli.main import main
+  sys.exit(main(sys.argv[3:]))
+""")
+
+
+def test_two_build_ids_to_one_out(tmp_path):
+  """The second `cart build-ids` while the first is writing --out: exit 2 naming its pid; the
+  first then completes. (The first is paused deterministically inside its write.)"""
+  from cart_jax.data.datasets.synthetic import structured_embeddings
+  emb, out = tmp_path / "emb.npy", tmp_path / "ix"
+  np.save(emb, structured_embeddings(60, 8, n_topics=4, n_subtopics=2))
+  args = ["build-ids", "--embeddings", str(emb), "--out", str(out), "--clusters", "3", "--levels",
+          "1", "--codebook-size", "4", "--no-rqvae", "--quiet"]  # --no-rqvae: the faster build
+  ready, go = tmp_path / "ready", tmp_path / "go"
+  first = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(ready), str(go), *args], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for _ in range(1200):
+      if ready.exists() or first.poll() is not None:
+        break
+      time.sleep(0.05)
+    assert ready.exists(), first.communicate()
+    second = subprocess.run([sys.executable, "-m", "cart_jax.cli.main", *args], env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr
+    assert re.fullmatch(rf"cart build-ids: error: {re.escape(str(out))} is being written by pid "
+                        rf"{first.pid} \(since [-0-9: ]+\); wait for it or remove "
+                        rf"{re.escape(str(tmp_path / '.ix.lock'))} if that process is gone\n",
+                        second.stderr), second.stderr
+    assert not out.exists()  # the refused writer wrote nothing
+  finally:
+    go.write_text("")
+    _, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["n_items"] == 60 and np.load(out / "codes.npy").shape == (60, meta["id_length"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "go", "ix", "ready"]
+
+
+def test_train_on_a_model_dir_being_written(tmp_path, capsys):
+  """`cart train` on a MODEL_DIR another process holds: exit 2 naming that pid, before reading
+  the corpus or writing anything; once the holder is killed, the lock is taken over."""
+  from cart_jax.cli.main import main
+  model_dir, corpus = tmp_path / "run", tmp_path / "no_corpus"
+  argv = ["train", "--gin-file", str(REPO / "gin_configs/experiments/emoji_demo.gin"),
+          f"--gin.MODEL_DIR={model_dir}", f"--gin.CORPUS_DIR={corpus}",
+          f"--gin.INDEX_DIR={tmp_path / 'index'}", "--no-progress"]
+  holder = _hold("lock", model_dir)
+  try:
+    assert main(argv) == 2
+    # (gin appends a line "In call to configurable 'train_job'" to errors raised in the job)
+    err = capsys.readouterr().err.splitlines()[0]
+    assert re.fullmatch(rf"cart train: error: {re.escape(str(model_dir))} is being written by pid "
+                        rf"{holder.pid} \(since [-0-9: ]+\); wait for it or remove "
+                        rf"{re.escape(str(tmp_path / '.run.lock'))} if that process is gone", err)
+    assert not model_dir.exists() and not corpus.exists()
+  finally:
+    _kill(holder)
+  assert (tmp_path / ".run.lock").exists()  # the killed holder's
+  assert main(argv) == 2  # now past the lock: the missing corpus is the error
+  err = capsys.readouterr().err
+  assert "being written" not in err and str(corpus) in err, err
+  assert not (tmp_path / ".run.lock").exists()  # released on the way out
