@@ -139,14 +139,18 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
              modality: str | None = None, items: str | os.PathLike | set[str] | None = None,
              rerank: bool = False, rerank_weight: float | str | None = None,
              embeddings: str | os.PathLike | None = None, progress: bool = False,
-             log: Callable[[str], None] = print) -> dict:
+             verify: bool = True, log: Callable[[str], None] = print) -> dict:
   """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries (``cart eval``).
 
   Args:
+    batch_size: queries per compiled call (>= 1).
+    limit: only the first ``limit`` (>= 1) queries.
     items: a file of item ids (or a set of them): only the queries of these items.
     rerank: also CART + dual-tower re-ranking of the same beams (``summary["rerank"]``).
     rerank_weight: a number >= 0 or ``"cosine"`` (default: the run's tuned weight).
     embeddings: ``cart embed`` output to build the run's re-ranker from (implies ``rerank``).
+    verify: check the checkpoint against its manifest before loading it (a mismatch raises
+      ``CheckpointIntegrityError``); ``False`` skips the hashing (``cart eval --no-verify``).
   """
   from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
   from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
@@ -154,9 +158,13 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
   from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
   if beam_size < 10:
     raise CartError(f"--beam {beam_size}: R@10 and MRR@10 need a beam of at least 10")
+  if batch_size < 1:
+    raise CartError(f"--batch-size {batch_size}: must be >= 1")
+  if limit is not None and limit < 1:
+    raise CartError(f"--limit {limit}: must be >= 1 (leave it out for every query)")
   if isinstance(rerank_weight, str):
     rerank_weight = rerank_lib.parse_weight(rerank_weight)
-  loaded = load_run(model_dir, step)
+  loaded = load_run(model_dir, step, verify=verify)
   if items is not None and not isinstance(items, set):
     items = read_item_ids(items, loaded.corpus)
   return eval_job(str(model_dir), split=split, beam_size=beam_size, batch_size=batch_size,
@@ -181,7 +189,9 @@ def search(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int = 10,
   """The top ``k`` items a trained run generates for each query (``cart search``).
 
   Options: :func:`cart_jax.inference.runs.search_job` (``beam``, ``modality``, ``step``,
-  ``rerank``, ``rerank_weight``, ``embeddings``). Returns one ``{"query", "results"}`` per query.
+  ``rerank``, ``rerank_weight``, ``embeddings``, ``verify``: ``False`` skips checking the
+  checkpoint against its manifest). Returns one ``{"query", "results"}`` per query; an empty
+  query is a ``CartError``, ``k`` above the number of items is clamped to it.
   """
   from cart_jax.inference.runs import search_job  # pylint: disable=g-import-not-at-top
   return search_job(model_dir, queries, k=k, **options)["queries"]

@@ -15,12 +15,22 @@ at most ``C`` items take consecutive codes and stop splitting).
 ``int32 [N, L]``, item ids, the vocabulary layout, centroids, RQ-VAE parameters,
 the config and a hash of the inputs. ``save`` is atomic, ``load`` validates, and
 ``assign`` gives identifiers to new items without changing existing ones.
+
+Integrity of the directory: ``meta.json`` lists the SHA-256 of every other file (``files``) and
+``meta.sha256`` holds the SHA-256 of ``meta.json`` itself (``sha256sum -c meta.sha256`` checks
+it). :func:`load_index` checks ``meta.json`` against ``meta.sha256``, every listed file against
+its hash, and that every file of the directory is listed and every file the config needs is
+there: an edited ``meta.json``, a removed entry, an added or a missing file is an
+:class:`IndexFormatError` naming the file. An index written before ``meta.sha256`` existed (its
+``meta.json`` does not name it in ``integrity``) loads with a warning line on stderr.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,6 +47,8 @@ from cart_jax.index.vocab import IdentifierVocab
 
 FORMAT_NAME = "cart-jax-semantic-index"
 FORMAT_VERSION = 1
+META_FILE = "meta.json"
+META_HASH_FILE = "meta.sha256"  # "<sha256 of meta.json>  meta.json", as sha256sum writes it
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -342,8 +354,11 @@ class SemanticIndex:
           "config": self.config.to_dict(), "residual_scale": self.residual_scale,
           "input_hash": self.input_hash, "stats": self.stats,
           "files": {name: sha256_file(tmp / name) for name in files},
+          "integrity": META_HASH_FILE,
       }
-      (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+      (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+      (tmp / META_HASH_FILE).write_text(f"{sha256_file(tmp / META_FILE)}  {META_FILE}\n",
+                                        encoding="utf-8")
     return directory
 
   @classmethod
@@ -356,30 +371,88 @@ class IndexFormatError(InputError):
   """An index directory that is missing, corrupt or from another version."""
 
 
+_META_KEYS = ("format", "version", "n_items", "id_length", "vocab", "embedding_dim", "config",
+              "residual_scale", "input_hash", "files")
+
+
+def required_files(cfg: IdentifierConfig) -> list[str]:
+  """The files an index built with ``cfg`` must have (besides meta.json and meta.sha256)."""
+  return (["codes.npy", "item_ids.txt"] + (["centroids.npy"] if cfg.use_kmeans else [])
+          + (["rqvae.npz"] if cfg.use_rqvae else ["hierarchical_kmeans.npz"]))
+
+
+def _check_meta_hash(d: Path, meta_path: Path) -> bool:
+  """meta.json against meta.sha256; False when there is no meta.sha256."""
+  hash_path = d / META_HASH_FILE
+  if not hash_path.exists():
+    return False
+  try:
+    line = hash_path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise IndexFormatError(f"{hash_path}: unreadable ({e})") from None
+  m = re.fullmatch(r"([0-9a-f]{64}) [ *]" + re.escape(META_FILE) + r"\n?", line)
+  if m is None:
+    raise IndexFormatError(f"{hash_path}: expected one line '<sha256 hex>  {META_FILE}', found "
+                           f"{line[:80]!r}")
+  got = sha256_file(meta_path)
+  if got != m.group(1):
+    raise IndexFormatError(f"{meta_path}: content does not match {META_HASH_FILE} (sha256 "
+                           f"{got[:16]}..., expected {m.group(1)[:16]}...): meta.json was edited or "
+                           "is corrupt")
+  return True
+
+
 def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = None) -> SemanticIndex:
   d = Path(directory)
-  meta_path = d / "meta.json"
+  meta_path = d / META_FILE
   if not meta_path.exists():
     raise IndexFormatError(f"{d}: not an index directory (no meta.json)")
   try:
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-  except (OSError, json.JSONDecodeError) as e:
-    raise IndexFormatError(f"{meta_path}: unreadable ({e})") from e
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise IndexFormatError(f"{meta_path}: unreadable ({e})") from None
+  if not isinstance(meta, dict):
+    raise IndexFormatError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
   if meta.get("format") != FORMAT_NAME:
     raise IndexFormatError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
   if meta.get("version") != FORMAT_VERSION:
     raise IndexFormatError(f"{meta_path}: index format version {meta.get('version')}, this cart-jax "
                            f"reads version {FORMAT_VERSION}; rebuild it with `cart build-ids`")
-  for name, digest in meta.get("files", {}).items():
+  hashed = _check_meta_hash(d, meta_path)  # after the version (an older/newer index says so)
+  missing = [k for k in _META_KEYS if k not in meta]
+  if missing:
+    raise IndexFormatError(f"{meta_path}: missing field(s) {missing}")
+  if not hashed:
+    if meta.get("integrity") == META_HASH_FILE:
+      raise IndexFormatError(f"{d / META_HASH_FILE}: missing (meta.json says the index was written "
+                             f"with it); the index cannot be verified: rebuild it with `cart build-ids`")
+    print(f"warning: {d}: no {META_HASH_FILE} (an index written before cart-jax hashed meta.json): "
+          "meta.json itself is not verified", file=sys.stderr)
+  files = meta["files"]
+  if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+    raise IndexFormatError(f"{meta_path}: 'files' must map file names to sha256 hex digests")
+  for entry in sorted(os.listdir(d)):
+    if entry not in (META_FILE, META_HASH_FILE) and entry not in files:
+      raise IndexFormatError(f"{d / entry}: not listed in meta.json's files (every file of an index "
+                             "directory is hashed there: an added file, or an entry removed)")
+  for name, digest in files.items():
     p = d / name
-    if not p.exists():
-      raise IndexFormatError(f"{d}: missing file {name}")
-    if sha256_file(p) != digest:
-      raise IndexFormatError(f"{p}: content does not match meta.json (corrupt or modified)")
+    if name in (META_FILE, META_HASH_FILE) or "/" in name or name.startswith("."):
+      raise IndexFormatError(f"{meta_path}: 'files' lists {name!r}, not a data file of the index")
+    if not p.is_file():
+      raise IndexFormatError(f"{p}: missing (meta.json lists it)")
+    got = sha256_file(p)
+    if got != digest:
+      raise IndexFormatError(f"{p}: content does not match meta.json (sha256 {got[:16]}..., expected "
+                             f"{digest[:16]}...): the file is corrupt or was modified")
   try:
     cfg = IdentifierConfig.from_dict(meta["config"])
   except IndexFormatError as e:
     raise IndexFormatError(f"{meta_path}: {e}") from None
+  for name in required_files(cfg):
+    if name not in files:
+      raise IndexFormatError(f"{meta_path}: 'files' has no entry for {name}, which this index's "
+                             "config needs (an entry and its file removed)")
   vocab = IdentifierVocab.from_dict(meta["vocab"])
   codes = np.load(d / "codes.npy", allow_pickle=False)
   if codes.dtype != np.int32 or codes.ndim != 2:

@@ -17,6 +17,11 @@ The corpus itself is not copied (media can be large): ``run.json`` points at it 
 path. A second ``cart train`` on the same MODEL_DIR resumes; it refuses a different model
 config or index.
 
+Loading verifies: the index copy against ``meta.sha256``/``meta.json`` (every file listed and
+hashed, :func:`cart_jax.index.identifiers.load_index`) and the checkpoint step against its
+``manifest.sha256.json`` (:mod:`cart_jax.train.checkpointing`); a mismatch is a ``CartError``
+naming the file (exit 2 in ``cart``), never results. ``verify=False`` (``--no-verify``) skips the
+checkpoint's hashing (the index is small and always checked).
 """
 from __future__ import annotations
 
@@ -54,8 +59,13 @@ class LoadedRun:
   input_length: int
 
 
-def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corpus: bool = True) -> LoadedRun:
-  """Reads ``run.json``, the index copy and the newest (or given) checkpoint of a MODEL_DIR."""
+def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corpus: bool = True,
+             verify: bool = True) -> LoadedRun:
+  """Reads ``run.json``, the index copy and the newest (or given) checkpoint of a MODEL_DIR.
+
+  ``verify``: check the checkpoint's files against its manifest before reading any array
+  (``CheckpointIntegrityError`` naming the step and the file on a mismatch).
+  """
   from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
   from cart_jax.models.cart.config import ModelConfig  # pylint: disable=g-import-not-at-top
@@ -69,8 +79,10 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
     raise RunError(f"{d}: not a CART model directory (no {RUN_FILE}; train one with `cart train`)")
   try:
     run = json.loads(run_path.read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise RunError(f"{run_path}: unreadable JSON ({e})") from None
+  if not isinstance(run, dict):
+    raise RunError(f"{run_path}: expected a JSON object, found {type(run).__name__}")
   if run.get("format") != RUN_FORMAT or run.get("version") != RUN_VERSION:
     raise RunError(f"{run_path}: format {run.get('format')!r} v{run.get('version')}, expected "
                    f"{RUN_FORMAT!r} v{RUN_VERSION}")
@@ -84,7 +96,11 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
   ckpt_dir = d / CHECKPOINT_SUBDIR
   if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     raise RunError(f"{ckpt_dir}: no checkpoint yet")
-  graphdef, params, frozen, got_step = trainer.restore_for_inference(model_config, ckpt_dir, step)
+  if step is not None and not (ckpt_dir / str(step)).is_dir():
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    raise RunError(f"{ckpt_dir}: no checkpoint of step {step} (steps: {steps})")
+  graphdef, params, frozen, got_step = trainer.restore_for_inference(model_config, ckpt_dir, step,
+                                                                     verify=verify)
   return LoadedRun(model_dir=d, run=run, model_config=model_config, index=index, corpus=corpus,
                    graphdef=graphdef, params=params, frozen=frozen, step=got_step,
                    input_length=int(run["input_config"]["input_length"]))
@@ -114,29 +130,45 @@ def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size
 def search_job(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int = 10,
                beam: int | None = None, modality: str | None = None, step: int | None = None,
                rerank: bool = False, rerank_weight: float | str | None = None,
-               embeddings: str | os.PathLike | None = None,
+               embeddings: str | os.PathLike | None = None, verify: bool = True,
                log: Callable[[str], None] = print) -> dict:
   """The top ``k`` items a trained run generates for each query (``cart search``).
 
   Args:
-    beam: beam size (default ``max(k, 10)``).
+    k: results per query; more than the items that can be generated (the index's, or the
+      modality's) is clamped to that number, with a line through ``log`` (a larger beam could
+      not find more items, only cost more).
+    beam: beam size (default ``max(k, 10)``; clamped like ``k``).
     modality: only items of this modality (their trie); ``ModalityError`` when not in the index.
     rerank: re-sort all ``beam`` results by ``logp + weight * cos`` (the run's ``rerank/``);
       ``rerank_weight`` overrides its weight, ``embeddings`` builds it first (both imply rerank).
+    verify: check the checkpoint against its manifest (``False``: ``cart search --no-verify``).
 
   Returns:
     ``{"model_dir", "step", "modality", "queries": [{"query", "results": [...]}]}`` (results as
     :func:`cart_jax.inference.searcher.describe`, plus ``logp`` and ``cos`` when re-ranked) and
-    ``rerank_weight`` when re-ranked.
+    ``rerank_weight`` when re-ranked. Empty queries raise ``RunError``.
   """
   from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
   from cart_jax.inference.searcher import describe  # pylint: disable=g-import-not-at-top
+  queries = list(queries)
+  if not queries:
+    raise RunError("no query given")
+  for i, q in enumerate(queries):
+    if not isinstance(q, str) or not q.strip():
+      raise RunError(f"query {i + 1} of {len(queries)} is empty ({q!r}): give some words to search for")
   if k < 1:
     raise RunError(f"-k {k}: must be >= 1")
-  beam = beam or max(k, 10)
-  if beam < k:
+  if beam is not None and beam < 1:
+    raise RunError(f"--beam {beam}: must be >= 1")
+  if beam is not None and beam < k:
     raise RunError(f"--beam {beam} is smaller than -k {k}")
-  r = load_run(model_dir, step)
+  r = load_run(model_dir, step, verify=verify)
+  searchable = _searchable_items(r, modality)
+  if k > searchable:
+    log(f"-k {k}: {_items_phrase(searchable, modality)}; showing at most {searchable} results")
+    k = searchable
+  beam = min(beam or max(k, 10), max(searchable, k))
   searcher = searcher_for_run(r, beam_size=beam, n_results=k, batch_size=max(1, len(queries)),
                               modality=modality)
   reranker = None
@@ -163,3 +195,20 @@ def search_job(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int =
   if reranker is not None:
     doc["rerank_weight"] = rerank_lib.weight_to_json(reranker.weight)
   return doc
+
+
+def _searchable_items(r: LoadedRun, modality: str | None) -> int:
+  """How many items a search of ``modality`` (None: all) can generate."""
+  if modality is None or r.corpus is None:
+    return r.index.n_items
+  from cart_jax.inference.searcher import index_modalities  # pylint: disable=g-import-not-at-top
+  try:
+    mods = index_modalities(r.index, r.corpus)
+  except ValueError:
+    return r.index.n_items  # searcher_for_run names the problem
+  n = int((mods == modality).sum())
+  return n if n > 0 else r.index.n_items  # an unknown modality: restrict() raises ModalityError
+
+
+def _items_phrase(n: int, modality: str | None) -> str:
+  return f"the index has {n} {modality + ' ' if modality else ''}item{'s' if n != 1 else ''}"

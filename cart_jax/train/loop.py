@@ -28,20 +28,36 @@ Metrics = dict[str, Any]
 
 
 class MetricWriter:
-  """TensorBoard (tensorboardX) + JSONL, on process 0 only; both get the same keys."""
+  """TensorBoard (tensorboardX) + JSONL, on process 0 only; both get the same keys.
 
-  def __init__(self, directory: Path | None):
+  ``metrics.jsonl`` has one line per step: what is written for a step (train metrics, then
+  validation) is merged and the line goes out when another step is written, at :meth:`flush`
+  (the loop flushes at the end of every step) or at :meth:`close`.
+
+  ``resume_step``: the step a resumed run starts from (0: a fresh start in a used directory).
+  Lines of later steps (written before a kill, after the last checkpoint) and a truncated last
+  line are dropped, atomically, before appending, and TensorBoard purges its events after that
+  step, so a resumed run leaves each step once. ``None``: append to what is there.
+  """
+
+  def __init__(self, directory: Path | None, *, resume_step: int | None = None):
     self.tb = None
     self.jsonl = None
+    self._step: int | None = None  # the step of the line being gathered
+    self._line: dict[str, float] = {}
     if directory is None or jax.process_index() != 0:
       return
     directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "metrics.jsonl"
+    if resume_step is not None and path.exists():
+      _truncate_jsonl(path, int(resume_step))
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(str(directory / "tensorboard"))
+      purge = {"purge_step": int(resume_step) + 1} if resume_step is not None else {}
+      self.tb = SummaryWriter(str(directory / "tensorboard"), **purge)
     except ImportError:
       self.tb = None
-    self.jsonl = open(directory / "metrics.jsonl", "a", encoding="utf-8")
+    self.jsonl = open(path, "a", encoding="utf-8")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Writes ``scalars`` (name -> value; non-finite values are skipped) at ``step``."""
@@ -51,14 +67,47 @@ class MetricWriter:
         self.tb.add_scalar(k, v, step)
       self.tb.flush()
     if self.jsonl is not None:
-      self.jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+      if self._step is not None and self._step != int(step):
+        self.flush()
+      self._step = int(step)
+      self._line.update(scalars)
+
+  def flush(self) -> None:
+    """Writes the gathered line (if any) of the current step."""
+    if self.jsonl is not None and self._step is not None:
+      self.jsonl.write(json.dumps({"step": self._step, **self._line}) + "\n")
       self.jsonl.flush()
+    self._step, self._line = None, {}
 
   def close(self) -> None:
+    self.flush()
     if self.tb is not None:
       self.tb.close()
     if self.jsonl is not None:
       self.jsonl.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+  """Keeps the lines of steps <= ``last_step`` (and lines without a step), drops a torn last line."""
+  from cart_jax.core.artefacts import atomic_write_text  # pylint: disable=g-import-not-at-top
+  text = path.read_text(encoding="utf-8", errors="replace")
+  lines = text.split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
+  elif lines:
+    lines.pop()  # no final newline: a line torn by a kill
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      kept.append(line)  # not ours to judge; kept as it was
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > last_step:
+      continue
+    kept.append(line)
+  if len(kept) != len(lines) or not text.endswith("\n"):
+    atomic_write_text(path, "".join(l + "\n" for l in kept))
 
 
 @dataclasses.dataclass
@@ -159,6 +208,8 @@ def run(step_fn: Callable[[int, Any], tuple[Any, Metrics]], state: Any, *, start
       t_eval = time.perf_counter()
       evaluate(done, state)
       window_t += time.perf_counter() - t_eval
+    if writer is not None:
+      writer.flush()  # this step's line (train + validation metrics), before its checkpoint
     stopping = stop_after is not None and ran >= stop_after
     if checkpointer is not None and (checkpointer.should_save(done, last) or stopping):
       meta = dict(checkpoint_meta or {}, metrics=history[-1] if history else {}, time=time.time())

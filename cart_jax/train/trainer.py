@@ -315,7 +315,11 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   start = 0
   if checkpoint_dir is not None:
     ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
+    for dropped in ckpt.drop_unverifiable():
+      log(f"dropped checkpoint step {dropped} of {ckpt.directory}: its save was interrupted before "
+          "its manifest was written (the resumed run redoes it)")
     if ckpt.latest_step() is not None:
+      # Verified against its manifest first: a corrupt checkpoint is a CheckpointIntegrityError.
       restored, meta = ckpt.restore({"params": state.params, "opt_state": state.opt_state,
                                      "frozen": frozen})
       start = int(meta["step"])
@@ -328,7 +332,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     cache = build_state_cache(graphdef, state.params, frozen, model_config, pipeline.token_rows(),
                               root=state_cache_dir, progress=progress, log=log)
   step_fn = make_train_step(graphdef, tx, c)
-  writer = loop.MetricWriter(Path(metrics_dir) if metrics_dir is not None else None)
+  # Lines of steps after the checkpoint (a run killed between a log and its next save) are
+  # dropped: the resumed run writes those steps again, so each step stays one line.
+  writer = loop.MetricWriter(Path(metrics_dir) if metrics_dir is not None else None, resume_step=start)
   searcher = None
   if validation is not None and c.eval_every > 0:
     from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
@@ -392,8 +398,13 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
 
 
 def restore_for_inference(model_config: ModelConfig, checkpoint_dir: str | os.PathLike,
-                          step: int | None = None, mesh: jax.sharding.Mesh | None = None):
-  """``(graphdef, params, frozen, step)`` from a checkpoint (no optimizer state kept)."""
+                          step: int | None = None, mesh: jax.sharding.Mesh | None = None, *,
+                          verify: bool = True):
+  """``(graphdef, params, frozen, step)`` from a checkpoint (no optimizer state kept).
+
+  ``verify``: check the step's ``params``/``frozen``/``meta`` files against its manifest first
+  (``checkpointing.CheckpointIntegrityError`` on any difference).
+  """
   from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   mesh = mesh or partitioning.make_mesh(1, 1, devices=[jax.devices()[0]])
   graphdef, params, frozen = abstract_model(model_config)
@@ -402,7 +413,7 @@ def restore_for_inference(model_config: ModelConfig, checkpoint_dir: str | os.Pa
                           {"params": params, "frozen": frozen})
   ckpt = Checkpointer(checkpoint_dir, keep=0)
   try:
-    restored, meta = ckpt.restore(template, step)
+    restored, meta = ckpt.restore(template, step, verify=verify)
   finally:
     ckpt.close()
   return graphdef, restored["params"], restored["frozen"], int(meta["step"])

@@ -15,6 +15,11 @@ query-item cosine); each result then shows its log-probability, cosine and combi
 
   cart search --model-dir /tmp/cart_emoji --rerank "smiling cat" -k 5
 
+``-k`` above the number of items that can be generated (the index's, or the ``--modality``'s) is
+clamped to it with a note (a larger beam finds no more items). An empty query is an error.
+The checkpoint and the index are verified before loading, as in ``cart eval`` (``--no-verify``
+skips hashing the checkpoint).
+
 ``--json PATH`` writes the results as JSON (``-``: on stdout, alone). Library: ``cart_jax.api.search``.
 """
 from __future__ import annotations
@@ -30,7 +35,8 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                             formatter_class=output.HelpFormatter)
   add_model_dir_flag(p)
   p.add_argument("query", nargs="+", help="query text(s); each is searched separately")
-  p.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+  p.add_argument("-k", type=int, default=10,
+                 help="results per query (default 10; at most the number of items)")
   p.add_argument("--beam", type=int, default=None, help="beam size (default max(k, 10))")
   p.add_argument("--modality", default=None, metavar="MODALITY",
                  help="only items of this modality (image, audio or video; must be in the index)")
@@ -51,7 +57,8 @@ def run(args) -> int:
     with output.logs_to_stderr(args):
       doc = search_job(args.model_dir, args.query, k=args.k, beam=args.beam,
                        modality=args.modality, step=args.step, rerank=args.rerank,
-                       rerank_weight=rerank_weight(args), embeddings=args.embeddings)
+                       rerank_weight=rerank_weight(args), embeddings=args.embeddings,
+                       verify=args.verify)
   except ModalityError as e:
     raise CartError(f"--modality {args.modality}: {e}") from None
   lines = []
