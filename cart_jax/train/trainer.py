@@ -302,6 +302,20 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   if model_config.output_vocab_size != index.vocab.vocab_size:
     raise ValueError(f"model output_vocab_size {model_config.output_vocab_size} != index vocabulary "
                      f"{index.vocab.vocab_size} (use model.config.with_vocab)")
+  ckpt = None
+  if checkpoint_dir is not None:
+    ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
+    try:
+      for dropped in ckpt.drop_unverifiable():
+        log(f"dropped checkpoint step {dropped} of {ckpt.directory}: its save was interrupted before "
+            "its manifest was written (the resumed run redoes it)")
+      if ckpt.latest_step() is not None:
+        # Checked against its manifest before anything is built: a corrupt checkpoint is a
+        # CheckpointIntegrityError at once (the restore below does not hash it again).
+        ckpt.verify(ckpt.latest_step())
+    except BaseException:
+      ckpt.close()
+      raise
   mesh = mesh or make_mesh(c)
   tx = make_optimizer(c)
   graphdef, state, frozen = create_train_state(model_config, c, mesh, tx)
@@ -311,22 +325,15 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
                                                  seed=c.seed, output=c.identifier_init == "embed+output")
     state = state.replace(params=params)
     log(f"identifier init ({c.identifier_init}): {info['rows_set']} token rows from the index")
-  ckpt = None
   start = 0
-  if checkpoint_dir is not None:
-    ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
-    for dropped in ckpt.drop_unverifiable():
-      log(f"dropped checkpoint step {dropped} of {ckpt.directory}: its save was interrupted before "
-          "its manifest was written (the resumed run redoes it)")
-    if ckpt.latest_step() is not None:
-      # Verified against its manifest first: a corrupt checkpoint is a CheckpointIntegrityError.
-      restored, meta = ckpt.restore({"params": state.params, "opt_state": state.opt_state,
-                                     "frozen": frozen})
-      start = int(meta["step"])
-      state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), state.step.sharding),
-                         params=restored["params"], opt_state=restored["opt_state"])
-      frozen = restored["frozen"]
-      log(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start})")
+  if ckpt is not None and ckpt.latest_step() is not None:
+    restored, meta = ckpt.restore({"params": state.params, "opt_state": state.opt_state,
+                                   "frozen": frozen})
+    start = int(meta["step"])
+    state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), state.step.sharding),
+                       params=restored["params"], opt_state=restored["opt_state"])
+    frozen = restored["frozen"]
+    log(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start})")
   cache = None
   if cache_encoder_states and uses_state_cache(model_config) and start < c.num_steps:
     cache = build_state_cache(graphdef, state.params, frozen, model_config, pipeline.token_rows(),
