@@ -17,8 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from cart_jax.data.corpus import (Corpus, CorpusFormatError, Text, check_text, load_corpus,
-                                  normalize_text, rewrite_texts)
+from cart_jax.data.corpus import (BOM, Corpus, CorpusFormatError, Text, check_text, json_error,
+                                  load_corpus, normalize_text, rewrite_texts)
 
 
 def read_captions(path: str | os.PathLike, known_ids=None, source: str | None = None) -> list[Text]:
@@ -35,15 +35,18 @@ def read_captions(path: str | os.PathLike, known_ids=None, source: str | None = 
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise CorpusFormatError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise CorpusFormatError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                                "line)") from None
+      if lineno == 1 and line.startswith(BOM):
+        line = line[1:]
       if not line.strip():
         continue
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise CorpusFormatError(f"{where}: not valid JSON ({e.msg})") from None
+        raise CorpusFormatError(json_error(where, e)) from None
       if not isinstance(rec, dict):
-        raise CorpusFormatError(f"{where}: expected a JSON object")
+        raise CorpusFormatError(f"{where}: expected a JSON object, found {type(rec).__name__}")
       for key in ("item_id", "text"):
         if not isinstance(rec.get(key), str):
           raise CorpusFormatError(f"{where}: field {key!r} missing or not a string")

@@ -4,7 +4,8 @@ A corpus is a directory::
 
   corpus.json    {"format": "cart-corpus", "version": 1, "name": ..., "modality": ...
                   (image|audio|video, or "mixed" when the items are of several modalities),
-                  "num_items": N, "counts": {split: {kind: n}}, "meta": {...}}
+                  "num_items": N, "num_texts": T, "counts": {split: {kind: n}},
+                  "media_roots": [dir, ...] (optional, see below), "meta": {...}}
   items.jsonl    one candidate per line: {"id": str, "modality": "image"|"audio"|"video",
                   "media": "media/<file>"}   (path relative to the corpus directory)
   texts.jsonl    one text per line: {"item_id": str, "text": str,
@@ -21,8 +22,26 @@ identifier), and a test item's human queries are simply all ``split=test``. ``ki
 texts are human queries; ``kind=caption`` texts are caption-enhancement descriptions of the
 item (from a captioner), used only for training.
 
+Item ids follow one rule wherever they enter (``items.jsonl``, importers, ids files such as
+``E.ids.txt`` / ``--item-ids``, the ids of precomputed embeddings): :func:`check_item_id`. An id is
+non-empty, printable (no control, format, separator or unassigned characters; the ASCII space and,
+inside emoji sequences and scripts that need them, the zero-width (non-)joiner and emoji tag
+characters are allowed), without leading or trailing whitespace and without line separators
+(``\\n``, ``\\r``, ``\\u2028``, ``\\u2029``, ``\\x85``, ...), so it round-trips through a one-id-per-line
+file. A UTF-8 byte order mark at the very start of a file is stripped (editors on Windows write
+one); anywhere else it is a non-printable character and refused.
+
+Containment: an item's media path is relative, and its real path (symbolic links resolved) must lie
+under the corpus directory or under one of the directories the header declares in ``media_roots``
+(absolute, or relative to the corpus directory). ``cart data import --media symlink`` and
+``cart data merge`` declare the directories their links point into, so a ``media/`` that links
+to a data folder keeps working, while a link that leads elsewhere (``media -> /etc``) is refused.
+Corpora written before ``media_roots`` existed declare their root through ``meta.media_root``
+(which ``cart data import`` wrote); it is honoured too.
+
 ``load_corpus`` validates everything and raises :class:`CorpusFormatError` naming the file
-and line. ``write_corpus`` writes into a temporary directory next to the target and renames
+and line. ``num_items``, ``num_texts`` and ``counts`` of the header, when present, must agree with
+the files. ``write_corpus`` writes into a temporary directory next to the target and renames
 it into place, so a failed write leaves nothing behind.
 
 Pure Python: importing this module never imports TensorFlow or JAX.
@@ -64,6 +83,110 @@ class CorpusFormatError(CartError):
 
 class OutputExistsError(CartError, FileExistsError):
   """An output directory exists and replacing it was not asked for (``overwrite``)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Item ids: the one rule (module docstring), used wherever ids enter.
+
+BOM = "\ufeff"
+# What str.splitlines() splits on: none of these may be inside an id, or a one-id-per-line file
+# would hold more lines than ids.
+LINE_SEPARATORS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# Format characters (category Cf, not printable for str.isprintable) that real names need inside
+# an id: the zero-width non-joiner and joiner (emoji ZWJ sequences, Indic scripts) and the emoji
+# tag characters (subdivision flags). Other format characters (bidi overrides, zero-width space,
+# a BOM inside a line) make two different-looking ids print the same and are refused.
+_ID_FORMAT_OK = frozenset("\u200c\u200d") | frozenset(map(chr, range(0xE0020, 0xE0080)))
+ID_RULE = ("ids must be non-empty and printable, without line separators and without leading or "
+           "trailing whitespace")
+
+
+def item_id_problem(item_id) -> str | None:
+  """What is wrong with ``item_id`` under the id rule, or ``None`` when it is a valid id."""
+  if not isinstance(item_id, str):
+    return f"must be a string, found {type(item_id).__name__} {item_id!r}"
+  if not item_id:
+    return "is empty"
+  for pos, ch in enumerate(item_id):
+    if ch in LINE_SEPARATORS:
+      return f"contains the line separator {ch!r} (U+{ord(ch):04X}) at position {pos}"
+  if item_id != item_id.strip():
+    return "has leading or trailing whitespace"
+  for pos, ch in enumerate(item_id):
+    if not ch.isprintable() and ch not in _ID_FORMAT_OK:
+      return (f"contains the non-printable character {ch!r} (U+{ord(ch):04X}, "
+              f"{unicodedata.category(ch)}) at position {pos}")
+  return None
+
+
+def check_item_id(item_id, where: str, error: type[CartError] | None = None) -> str:
+  """Returns ``item_id`` if it follows the id rule, else raises ``error`` naming ``where``.
+
+  Args:
+    item_id: the id as read (no stripping happens here: whitespace around an id is an error).
+    where: the file and line (``items.jsonl:12``), or array and row, the id comes from.
+    error: the CartError subclass to raise (default :class:`CorpusFormatError`).
+  """
+  problem = item_id_problem(item_id)
+  if problem is not None:
+    shown = repr(item_id) if isinstance(item_id, str) else ""
+    raise (error or CorpusFormatError)(
+        f"{where}: item id {shown + ' ' if shown else ''}{problem} ({ID_RULE})")
+  return item_id
+
+
+def read_id_lines(path: str | os.PathLike, error: type[CartError] | None = None,
+                  what: str = "item ids") -> list[tuple[int, str]]:
+  """``(line number, line)`` of a one-id-per-line UTF-8 file, exactly as written.
+
+  Lines end at ``\\n`` (a ``\\r\\n`` ending counts as one); nothing is stripped but a UTF-8 BOM at
+  the start of the file, so the caller sees (and refuses, through :func:`check_item_id`) blank
+  lines, surrounding whitespace and other separators (``\\u2028``) inside a line. A final newline
+  does not make an extra line.
+
+  Raises:
+    ``error`` (default CorpusFormatError) naming the file (and line, for bad UTF-8).
+  """
+  error = error or CorpusFormatError
+  try:
+    data = Path(path).read_bytes()
+  except OSError as e:
+    raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+  lines = data.split(b"\n")
+  if lines and lines[-1] == b"":
+    lines.pop()
+  out = []
+  for lineno, raw in enumerate(lines, start=1):
+    if raw.endswith(b"\r"):
+      raw = raw[:-1]
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise error(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+    if lineno == 1 and line.startswith(BOM):
+      line = line[1:]
+    out.append((lineno, line))
+  return out
+
+
+def escape_controls(text: str) -> str:
+  """``text`` with control, format and separator characters escaped as ``repr`` would.
+
+  For user-supplied strings echoed in messages and logs: a terminal never interprets them (an
+  ESC sequence, a carriage return that hides the start of the line), and the message stays one
+  line.
+  """
+  return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
+def json_error(where: str, e: json.JSONDecodeError, one_line: bool = True) -> str:
+  """``where: not valid JSON (MSG: column C)``, or ``line L column C`` for a multi-line file.
+
+  ``e.msg`` alone is cut off mid-sentence for some errors (``"Invalid control character at"``):
+  the position completes it, as in ``str(e)``.
+  """
+  pos = f"column {e.colno}" if one_line else f"line {e.lineno} column {e.colno}"
+  return f"{where}: not valid JSON ({e.msg}: {pos})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +234,16 @@ class Corpus:
   """An in-memory corpus: items, texts and helpers. Build with ``load_corpus`` or directly."""
 
   def __init__(self, name: str, modality: str, items: Sequence[Item], texts: Sequence[Text],
-               root: str | os.PathLike | None = None, meta: Mapping | None = None):
+               root: str | os.PathLike | None = None, meta: Mapping | None = None,
+               media_roots: Sequence[str | os.PathLike] = ()):
     self.name = name
     self.modality = modality
     self.items: tuple[Item, ...] = tuple(items)
     self.all_texts: tuple[Text, ...] = tuple(texts)
     self.root = Path(root) if root is not None else None
     self.meta = dict(meta or {})
+    # Real paths of the directories besides the corpus directory that media may resolve into.
+    self.media_roots: tuple[Path, ...] = tuple(Path(os.path.realpath(r)) for r in media_roots)
     self._index = {it.id: i for i, it in enumerate(self.items)}
 
   def __repr__(self) -> str:
@@ -151,11 +277,19 @@ class Corpus:
     return [t.text for t in sel], rows
 
   def media_path(self, item: Item | str) -> Path:
-    """Absolute path of an item's media file."""
+    """Path of an item's media file (under ``root``), checked to resolve inside the corpus.
+
+    Raises:
+      CorpusFormatError: its real path (links resolved) leaves the corpus directory and the
+        declared ``media_roots`` (module docstring: containment).
+    """
     if isinstance(item, str):
       item = self.items[self._index[item]]
     if self.root is None:
       raise ValueError("corpus has no root directory; media paths are relative to it")
+    problem = _containment_problem(self.root, item.media, self.media_roots)
+    if problem:
+      raise CorpusFormatError(f"{self.root / ITEMS_FILE}: item {item.id!r}: {problem}")
     return self.root / item.media
 
   def modalities(self) -> tuple[str, ...]:
@@ -199,13 +333,16 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise CorpusFormatError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise CorpusFormatError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} "
+                                "of the line)") from None
+      if lineno == 1 and line.startswith(BOM):
+        line = line[1:]
       if not line.strip():
         continue
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise CorpusFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        raise CorpusFormatError(json_error(f"{path}:{lineno}", e)) from None
       if not isinstance(rec, dict):
         raise CorpusFormatError(f"{path}:{lineno}: expected a JSON object, found {type(rec).__name__}")
       yield lineno, rec
@@ -220,30 +357,80 @@ def _field(rec: dict, key: str, where: str) -> str:
   return val
 
 
+def has_visible_text(text: str) -> bool:
+  """True when ``text`` has a character other than whitespace, control and format characters.
+
+  A query of spaces, zero-width spaces or control characters tokenizes to nothing.
+  """
+  return any(not (ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Zs"))
+             for ch in text)
+
+
 def check_text(text: Text, where: str, known_ids: Mapping[str, int] | set | None = None) -> None:
   """Validates one text record (raises CorpusFormatError naming ``where``)."""
   if known_ids is not None and text.item_id not in known_ids:
     raise CorpusFormatError(f"{where}: unknown item id {text.item_id!r}")
-  if not text.text.strip():
-    raise CorpusFormatError(f"{where}: empty text for item {text.item_id!r}")
+  if not has_visible_text(text.text):
+    raise CorpusFormatError(f"{where}: empty text {text.text!r} for item {text.item_id!r} (no "
+                            "visible character)")
   if text.split not in SPLITS:
     raise CorpusFormatError(f"{where}: bad split {text.split!r}; expected one of {list(SPLITS)}")
   if text.kind not in KINDS:
     raise CorpusFormatError(f"{where}: bad kind {text.kind!r}; expected one of {list(KINDS)}")
 
 
-def _check_item(item: Item, where: str, root: Path | None, check_media: bool) -> None:
-  if not item.id:
-    raise CorpusFormatError(f"{where}: empty item id")
+def _within(real: str, directory: str) -> bool:
+  return real == directory or real.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _containment_problem(root: Path, media: str, media_roots: Sequence[Path]) -> str | None:
+  """Why ``root / media`` (links resolved) is outside ``root`` and ``media_roots``, else None."""
+  real = os.path.realpath(root / media)
+  allowed = [os.path.realpath(root)] + [str(r) for r in media_roots]
+  if any(_within(real, d) for d in allowed):
+    return None
+  return (f"media path {media!r} resolves to {real!r}, outside the corpus directory "
+          f"{allowed[0]!r} and its declared media roots {allowed[1:]}; if the media really live "
+          f"there, list that directory in {CORPUS_FILE}'s \"media_roots\"")
+
+
+def _media_roots(header: Mapping, root: Path, where: str) -> list[Path]:
+  """The header's ``media_roots`` (and the legacy ``meta.media_root``) as real paths."""
+  declared = header.get("media_roots", [])
+  if not isinstance(declared, list) or not all(isinstance(d, str) and d for d in declared):
+    raise CorpusFormatError(f"{where}: field 'media_roots' must be a list of directory paths "
+                            f"(absolute, or relative to the corpus), found {declared!r}")
+  meta = header.get("meta")
+  legacy = meta.get("media_root") if isinstance(meta, dict) else None
+  if isinstance(legacy, str) and legacy:  # written by `cart data import` before media_roots
+    declared = declared + [legacy]
+  out = []
+  for d in declared:
+    real = Path(os.path.realpath(root / d))  # an absolute d replaces root
+    if real == Path(real.anchor):
+      raise CorpusFormatError(f"{where}: media root {d!r} is the file system root: every file of "
+                              "the machine would be readable through the corpus; declare the "
+                              "media's own directory")
+    out.append(real)
+  return out
+
+
+def _check_item(item: Item, where: str, root: Path | None, check_media: bool,
+                media_roots: Sequence[Path] = ()) -> None:
+  check_item_id(item.id, where)
   if item.modality not in MODALITIES:
     raise CorpusFormatError(f"{where}: bad modality {item.modality!r}; expected one of {list(MODALITIES)}")
   if not item.media:
     raise CorpusFormatError(f"{where}: empty media path for item {item.id!r}")
   if os.path.isabs(item.media) or ".." in Path(item.media).parts:
     raise CorpusFormatError(f"{where}: media path {item.media!r} must be relative and inside the corpus")
-  if check_media and root is not None and not (root / item.media).is_file():
-    raise CorpusFormatError(f"{where}: media file {item.media!r} of item {item.id!r} not found "
-                            f"under {root}")
+  if check_media and root is not None:
+    problem = _containment_problem(root, item.media, media_roots)
+    if problem:
+      raise CorpusFormatError(f"{where}: item {item.id!r}: {problem}")
+    if not (root / item.media).is_file():
+      raise CorpusFormatError(f"{where}: media file {item.media!r} of item {item.id!r} not found "
+                              f"under {root}")
 
 
 def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpus:
@@ -263,11 +450,13 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
   if not meta_path.is_file():
     raise CorpusFormatError(f"{meta_path}: missing (not a corpus directory?)")
   try:
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
   except json.JSONDecodeError as e:
-    raise CorpusFormatError(f"{meta_path}:{e.lineno}: not valid JSON ({e.msg})") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise CorpusFormatError(f"{meta_path}: cannot read ({e})") from None
+    raise CorpusFormatError(json_error(f"{meta_path}:{e.lineno}", e, one_line=False)) from None
+  except UnicodeDecodeError as e:
+    raise CorpusFormatError(f"{meta_path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+  except OSError as e:
+    raise CorpusFormatError(f"{meta_path}: cannot read ({e.strerror or e})") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
     raise CorpusFormatError(f"{meta_path}: field 'format' must be {FORMAT_NAME!r}")
   if meta.get("version") != FORMAT_VERSION:
@@ -280,6 +469,10 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
   if modality not in CORPUS_MODALITIES:
     raise CorpusFormatError(f"{meta_path}: bad modality {modality!r}; expected one of "
                             f"{list(CORPUS_MODALITIES)}")
+  if not isinstance(meta.get("meta", {}), dict):
+    raise CorpusFormatError(f"{meta_path}: field 'meta' must be a JSON object, found "
+                            f"{meta['meta']!r}")
+  media_roots = _media_roots(meta, root, str(meta_path))
 
   items_path = root / ITEMS_FILE
   if not items_path.is_file():
@@ -292,7 +485,7 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
     if item.id in seen:
       raise CorpusFormatError(f"{where}: duplicate item id {item.id!r} (first on line {seen[item.id]})")
     seen[item.id] = lineno
-    _check_item(item, where, root, check_media)
+    _check_item(item, where, root, check_media, media_roots)
     items.append(item)
   if not items:
     raise CorpusFormatError(f"{items_path}: no items")
@@ -311,11 +504,44 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
     check_text(text, where, seen)
     texts.append(text)
 
-  corpus = Corpus(name, modality, items, texts, root=root, meta=meta.get("meta", {}))
-  if meta.get("num_items") not in (None, len(items)):
-    raise CorpusFormatError(f"{meta_path}: num_items {meta['num_items']} but {items_path} has "
-                            f"{len(items)} items")
+  corpus = Corpus(name, modality, items, texts, root=root, meta=meta.get("meta", {}),
+                  media_roots=media_roots)
+  _check_header_counts(meta, corpus, meta_path)
   return corpus
+
+
+_EDITED_HINT = (" (a file edited by hand? update the header's num_items/num_texts/counts, or "
+                "remove them)")
+
+
+def _check_header_counts(header: Mapping, corpus: Corpus, meta_path: Path) -> None:
+  """``num_items``, ``num_texts`` and ``counts`` of ``corpus.json``, when present, match the files."""
+  items_path, texts_path = meta_path.parent / ITEMS_FILE, meta_path.parent / TEXTS_FILE
+  for key, found, path, what in (("num_items", len(corpus.items), items_path, "items"),
+                                 ("num_texts", len(corpus.all_texts), texts_path, "texts")):
+    want = header.get(key)
+    if want is None:
+      continue
+    if not isinstance(want, int) or isinstance(want, bool):
+      raise CorpusFormatError(f"{meta_path}: field {key!r} must be an integer, found {want!r}")
+    if want != found:
+      raise CorpusFormatError(f"{meta_path}: {key} is {want} but {path} has {found} {what}"
+                              f"{_EDITED_HINT}")
+  counts = header.get("counts")
+  if counts is None:
+    return
+  found = corpus.counts()
+  if not isinstance(counts, dict) or not all(
+      isinstance(v, dict) and all(isinstance(n, int) and not isinstance(n, bool) for n in v.values())
+      for v in counts.values()):
+    raise CorpusFormatError(f"{meta_path}: field 'counts' must be {{split: {{kind: integer}}}}, "
+                            f"found {counts!r}")
+  for split in sorted(set(counts) | set(found)):
+    for kind in sorted(set(counts.get(split, {})) | set(found.get(split, {}))):
+      want, have = counts.get(split, {}).get(kind, 0), found.get(split, {}).get(kind, 0)
+      if want != have:
+        raise CorpusFormatError(f"{meta_path}: counts[{split!r}][{kind!r}] is {want} but {texts_path} "
+                                f"has {have} {split} {kind} texts{_EDITED_HINT}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,7 +565,8 @@ def _place_media(src: Path, dst: Path, mode: str) -> None:
 def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Sequence[Item],
                  texts: Sequence[Text], *, media_sources: Mapping[str, str | os.PathLike] | None = None,
                  media_mode: str = "symlink", media_writer: MediaWriter | None = None,
-                 meta: Mapping | None = None, overwrite: bool = False) -> Corpus:
+                 meta: Mapping | None = None, overwrite: bool = False,
+                 media_roots: Sequence[str | os.PathLike] = ()) -> Corpus:
   """Writes a corpus directory atomically and returns it (loaded back and validated).
 
   Args:
@@ -352,6 +579,9 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
     media_writer: alternatively a function that writes the media into the temp directory.
     meta: free-form provenance stored in ``corpus.json``.
     overwrite: replace an existing corpus directory.
+    media_roots: with ``media_mode="symlink"``, the directories the links may point into (an
+      importer's media root), stored as real paths in the header's ``media_roots``; the directory
+      of any source outside them is added, so every link written is declared.
   """
   if modality not in CORPUS_MODALITIES:
     raise CorpusFormatError(f"corpus {name!r}: bad modality {modality!r}; expected one of "
@@ -368,18 +598,22 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
     # Validate records before writing anything heavy.
     ids: dict[str, int] = {}
     for i, it in enumerate(items):
+      check_item_id(it.id, f"item #{i}")
       if it.id in ids:
         raise CorpusFormatError(f"item #{i}: duplicate item id {it.id!r}")
       ids[it.id] = i
       _check_item(it, f"item #{i} ({it.id!r})", None, check_media=False)
     for i, t in enumerate(texts):
       check_text(t, f"text #{i}", ids)
+    declared: list[str] = []
     if media_sources is not None:
       for it in items:
         src = media_sources.get(it.id)
         if src is None:
           raise CorpusFormatError(f"item {it.id!r}: no media source given")
         _place_media(Path(src), tmp / it.media, media_mode)
+      if media_mode == "symlink":
+        declared = _declared_roots(media_roots, [media_sources[it.id] for it in items])
     if media_writer is not None:
       media_writer(tmp)
     (tmp / MEDIA_DIR).mkdir(exist_ok=True)
@@ -392,7 +626,7 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
     corpus = Corpus(name, modality, items, texts)
     header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "name": name, "modality": modality,
               "num_items": len(items), "num_texts": len(texts), "counts": corpus.counts(),
-              "meta": dict(meta or {})}
+              **({"media_roots": declared} if declared else {}), "meta": dict(meta or {})}
     (tmp / CORPUS_FILE).write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
     load_corpus(tmp)  # full validation, media included, before it becomes visible
@@ -401,6 +635,24 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return load_corpus(out, check_media=False)
+
+
+def _declared_roots(given: Sequence[str | os.PathLike], sources: Sequence[str | os.PathLike]
+                    ) -> list[str]:
+  """Real paths of ``given`` plus the fewest directories holding every source outside them."""
+  roots = [os.path.realpath(r) for r in given]
+  extra: set[str] = set()
+  for src in sources:
+    real = os.path.realpath(src)
+    if not any(_within(real, r) for r in roots):
+      extra.add(os.path.dirname(real))
+  # Drop a directory that lies under another one.
+  extra_sorted = sorted(extra, key=len)
+  cover: list[str] = []
+  for d in extra_sorted:
+    if not any(_within(d, c) for c in cover):
+      cover.append(d)
+  return list(dict.fromkeys(roots)) + sorted(cover)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -427,7 +679,7 @@ def rewrite_texts(corpus_dir: str | os.PathLike, texts: Sequence[Text]) -> Corpu
     with open(tmp_texts, "w", encoding="utf-8") as f:
       for t in texts:
         f.write(json.dumps(t.to_json(), ensure_ascii=False) + "\n")
-    header = json.loads((root / CORPUS_FILE).read_text(encoding="utf-8"))
+    header = json.loads((root / CORPUS_FILE).read_text(encoding="utf-8-sig"))
     header["num_texts"] = len(texts)
     header["counts"] = Corpus(corpus.name, corpus.modality, corpus.items, texts).counts()
     tmp_meta.write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -443,19 +695,17 @@ def rewrite_texts(corpus_dir: str | os.PathLike, texts: Sequence[Text]) -> Corpu
 def read_item_ids(path: str | os.PathLike, corpus: Corpus) -> set[str]:
   """Item ids listed one per line in ``path`` (blank lines ignored), each an item of ``corpus``.
 
+  Each id follows :func:`check_item_id` as written (surrounding spaces are an error, not stripped).
+
   Used to restrict an evaluation to some items (e.g. ``unseen_items.txt`` of
   ``cart data prepare emoji --unseen-items``). Raises CorpusFormatError naming the file and line.
   """
   path = Path(path)
-  try:
-    lines = path.read_text(encoding="utf-8").splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise CorpusFormatError(f"{path}: cannot read the item list ({e})") from None
   out = set()
-  for lineno, line in enumerate(lines, start=1):
-    item = line.strip()
-    if not item:
+  for lineno, item in read_id_lines(path, what="item list"):
+    if not item.strip():
       continue
+    check_item_id(item, f"{path}:{lineno}")
     if item not in corpus:
       raise CorpusFormatError(f"{path}:{lineno}: {item!r} is not an item of corpus {corpus.name!r}")
     out.add(item)

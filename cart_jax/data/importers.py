@@ -35,14 +35,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from cart_jax.data.corpus import (MEDIA_DIR, Corpus, CorpusFormatError, Item, Text,
-                                  write_corpus)
+from cart_jax.data.corpus import (BOM, MEDIA_DIR, Corpus, CorpusFormatError, Item, Text,
+                                  check_item_id, json_error, write_corpus)
 
 
 @dataclasses.dataclass
@@ -64,16 +65,21 @@ def _safe_name(item_id: str) -> str:
 class _Collector:
   """Accumulates items and texts in file order; resolves media at the end."""
 
-  def __init__(self, modality: str):
+  def __init__(self, modality: str, media_root: Path):
     self.modality = modality
+    self.media_root = Path(os.path.normpath(media_root))
     self.order: list[str] = []
     self.where: dict[str, str] = {}
     self.candidates: dict[str, list[Path]] = {}
     self.texts: list[Text] = []
 
   def add_item(self, item_id: str, where: str, candidates: Sequence[Path]) -> None:
-    if not item_id:
-      raise CorpusFormatError(f"{where}: empty item id")
+    check_item_id(item_id, where)  # the one id rule, named at the source record
+    for c in candidates:  # a name from the annotations may not climb out of the media root
+      rel = os.path.relpath(os.path.normpath(c), self.media_root)
+      if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
+        raise CorpusFormatError(f"{where}: media path {str(c)!r} of item {item_id!r} leaves the "
+                                f"media root {str(self.media_root)!r}")
     if item_id not in self.where:
       self.order.append(item_id)
       self.where[item_id] = where
@@ -119,10 +125,10 @@ class _Collector:
 
 def _load_json(path: Path):
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise CorpusFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    raise CorpusFormatError(json_error(f"{path}:{e.lineno}", e, one_line=False)) from None
   except UnicodeDecodeError as e:
     raise CorpusFormatError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
   except OSError as e:
@@ -137,14 +143,27 @@ def _need(rec, key: str, where: str):
   return rec[key]
 
 
-def _read_csv(path: Path, required: Sequence[str]):
-  """Yields (line number, row dict) after checking the header has every required column."""
+def _text_lines(path: Path) -> list[str]:
+  """The lines of a UTF-8 text file (BOM at the start dropped); bad UTF-8 names file and line."""
   try:
-    f = open(path, encoding="utf-8-sig", newline="")
+    data = path.read_bytes()
   except OSError as e:
     raise CorpusFormatError(f"{path}: cannot read ({e.strerror})") from None
-  with f:
-    reader = csv.DictReader(f)
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+    raise CorpusFormatError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {col} of the "
+                            "line)") from None
+  # Lines end at \n, \r\n or \r only (as open() and csv read them), not at \u2028 inside a field.
+  return list(io.StringIO(text.removeprefix(BOM), newline=""))
+
+
+def _read_csv(path: Path, required: Sequence[str]):
+  """Yields (line number, row dict) after checking the header has every required column."""
+  reader = csv.DictReader(_text_lines(path))
+  try:
     header = reader.fieldnames or []
     missing = [c for c in required if c not in header]
     if missing:
@@ -153,6 +172,8 @@ def _read_csv(path: Path, required: Sequence[str]):
       if None in row or any(v is None for v in row.values()):
         raise CorpusFormatError(f"{path}:{reader.line_num}: expected {len(header)} columns")
       yield reader.line_num, row
+  except csv.Error as e:
+    raise CorpusFormatError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
 
 
 def _fill(pattern: str, where: str, **fields) -> str:
@@ -170,7 +191,7 @@ def import_karpathy(sources: Sequence[Path], media_root: Path, *, name: str | No
                     skip_missing_media: bool = False, **_) -> ImportResult:
   """Karpathy split JSON (Flickr30K / MS-COCO)."""
   split_map = {"train": "train", "restval": "train", "val": "val", "test": "test"}
-  col = _Collector("image")
+  col = _Collector("image", media_root)
   found_name = None
   for path in sources:
     data = _load_json(path)
@@ -218,7 +239,7 @@ def import_clotho(sources: Sequence[Path], media_root: Path, *, name: str | None
     raise CorpusFormatError(f"no clotho_captions_*.csv found in {[str(s) for s in sources]}")
   order = list(CLOTHO_SPLITS)
   files.sort(key=lambda f: order.index(f[1]))  # development, validation, evaluation
-  col = _Collector("audio")
+  col = _Collector("audio", media_root)
   columns = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
   for path, key in files:
     for line, row in _read_csv(path, columns):
@@ -254,7 +275,7 @@ def import_audiocaps(sources: Sequence[Path], media_root: Path, *, name: str | N
       files.append((f, split))
   if not files:
     raise CorpusFormatError(f"no train/val/test.csv found in {[str(s) for s in sources]}")
-  col = _Collector("audio")
+  col = _Collector("audio", media_root)
   for path, split in files:
     for line, row in _read_csv(path, ["audiocap_id", "youtube_id", "start_time", "caption"]):
       where = f"{path}:{line}"
@@ -278,7 +299,7 @@ def import_msrvtt(sources: Sequence[Path], media_root: Path, *, name: str | None
                   **_) -> ImportResult:
   """MSR-VTT ``*_videodatainfo.json`` files (videos + sentences)."""
   pattern = media_pattern or "{video_id}.mp4"
-  col = _Collector("video")
+  col = _Collector("video", media_root)
   split_of: dict[str, str] = {}
   datas = [(p, _load_json(p)) for p in sources]
   for path, data in datas:  # all videos first: a test file may hold sentences only for itself
@@ -316,26 +337,18 @@ def _msvd_annotations(path: Path) -> list[tuple[str, str, str]]:
       vid = f"{row['VideoID'].strip()}_{row['Start'].strip()}_{row['End'].strip()}"
       out.append((vid, row["Description"], f"{path}:{line}"))
     return out
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise CorpusFormatError(f"{path}: cannot read ({e.strerror})") from None
-  with f:
-    for lineno, line in enumerate(f, start=1):
-      line = line.strip()
-      if not line or line.startswith("#"):
-        continue
-      parts = line.split(None, 1)
-      out.append((parts[0], parts[1] if len(parts) > 1 else "", f"{path}:{lineno}"))
+  for lineno, line in enumerate(_text_lines(path), start=1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    parts = line.split(None, 1)
+    out.append((parts[0], parts[1] if len(parts) > 1 else "", f"{path}:{lineno}"))
   return out
 
 
 def _read_id_lines(path: Path) -> list[tuple[str, str]]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return [(ln.split()[0], f"{path}:{i}") for i, ln in enumerate(f, start=1) if ln.strip()]
-  except OSError as e:
-    raise CorpusFormatError(f"{path}: cannot read ({e.strerror})") from None
+  return [(ln.split()[0], f"{path}:{i}") for i, ln in enumerate(_text_lines(path), start=1)
+          if ln.strip()]
 
 
 def import_msvd(sources: Sequence[Path], media_root: Path, *, name: str | None = None,
@@ -346,11 +359,7 @@ def import_msvd(sources: Sequence[Path], media_root: Path, *, name: str | None =
   pattern = media_pattern or "{video_id}.avi"
   to_clip: dict[str, str] = {}  # "vid17" -> clip id
   if mapping is not None:
-    try:
-      lines = Path(mapping).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-      raise CorpusFormatError(f"{mapping}: cannot read ({e.strerror})") from None
-    for i, ln in enumerate(lines, start=1):
+    for i, ln in enumerate(_text_lines(Path(mapping)), start=1):
       if not ln.strip():
         continue
       parts = ln.split()
@@ -372,7 +381,7 @@ def import_msvd(sources: Sequence[Path], media_root: Path, *, name: str | None =
   else:
     raise CorpusFormatError("msvd needs its splits: --split-list SPLIT=FILE (repeat per split) "
                             "or --mapping youtube_mapping.txt (standard 1200/100/670 split)")
-  col = _Collector("video")
+  col = _Collector("video", media_root)
   split_of: dict[str, str] = {}
   for vid, split, where in split_entries:
     if vid in split_of:
@@ -414,7 +423,8 @@ def import_corpus(fmt: str, sources: Sequence[str | os.PathLike], out_dir: str |
     sources: annotation files (or, for clotho/audiocaps, a directory holding them).
     out_dir: the corpus directory to create.
     media_root: where the media live (default: the directory of the first source).
-    media_mode: ``symlink`` (default, absolute links), ``copy`` or ``hardlink``.
+    media_mode: ``symlink`` (default, absolute links; the corpus then declares the media root in
+      ``corpus.json``'s ``media_roots``, see :mod:`cart_jax.data.corpus`), ``copy`` or ``hardlink``.
     overwrite: replace ``out_dir`` if it exists.
     **options: importer options (``name``, ``media_pattern``, ``skip_missing_media``,
       ``split_lists``, ``mapping``).
@@ -432,7 +442,8 @@ def import_corpus(fmt: str, sources: Sequence[str | os.PathLike], out_dir: str |
   result = FORMATS[fmt](paths, root, **options)
   meta = dict(result.meta, sources=[str(p.resolve()) for p in paths], media_root=str(root.resolve()),
               media_mode=media_mode)
+  # With symlinks the media stay in the media root: the corpus declares it (media_roots).
   corpus = write_corpus(out_dir, result.name, result.modality, result.items, result.texts,
                         media_sources=result.media_sources, media_mode=media_mode, meta=meta,
-                        overwrite=overwrite)
+                        overwrite=overwrite, media_roots=[root])
   return corpus, result

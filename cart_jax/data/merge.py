@@ -8,7 +8,9 @@ together is built from one embedding matrix. :func:`merge_corpora` writes
 
   OUT/corpus.json, items.jsonl, texts.jsonl   header modality ``mixed`` when the items are of
                                               several modalities (each item keeps its own)
-  OUT/media/<corpus name>/...                 each source's media, symlinked (or copied)
+  OUT/media/<corpus name>/...                 each source's media, symlinked (or copied); with
+                                              symlinks, the header's media_roots declares the
+                                              source corpora and their own media roots
   OUT/embeddings.npy, .ids.txt, .meta.json    (with ``embeddings``) float32 [N, d], rows in the
                                               merged item order, every row L2-normalised, the same
                                               files ``cart embed`` writes, so
@@ -227,8 +229,11 @@ def merge_corpora(corpus_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
     writer = lambda tmp: _write_embeddings(tmp, emb, merged_ids, out.absolute(), emb_info)
 
   meta = {"merged_from": sources, "id_separator": ID_SEPARATOR, "prefix_all": bool(prefix)}
+  # Symlinked media resolve into the source corpora (or the data folders they declare).
+  roots = [r for c in corpora for r in (c.root.resolve(), *c.media_roots)]
   merged = write_corpus(out, merged_name, modality, items, texts, media_sources=media_sources,
-                        media_mode=media_mode, media_writer=writer, meta=meta, overwrite=overwrite)
+                        media_mode=media_mode, media_writer=writer, meta=meta, overwrite=overwrite,
+                        media_roots=roots)
   stats = MergeStats(
       name=merged_name, modality=modality, num_items=len(items), num_texts=len(texts),
       modality_counts=merged.modality_counts(), sources=sources,
