@@ -3,6 +3,10 @@
 Each subcommand lives in ``cart_jax/cli/commands/<module>.py`` and exposes
 ``register(subparsers) -> argparse.ArgumentParser`` (which sets ``func``).
 Modules are imported only when listed here, so ``cart --help`` stays fast.
+
+A user error (:class:`CartError`) is printed as one line ``cart COMMAND: error: MESSAGE``, exit 2;
+control characters a message carries from user input (a path, an id, a flag value) are escaped as
+``repr`` writes them, so a terminal never interprets them and the message stays one line, whole.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import importlib
 import sys
 
 from cart_jax.core.errors import CartError
+from cart_jax.data.corpus import escape_controls
 
 # (subcommand name, module under cart_jax.cli.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -26,8 +31,15 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse's parser; its error messages (which may echo an argument) are escaped too."""
+
+  def error(self, message: str):
+    super().error(escape_controls(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="cart", description="CART: generative cross-modal retrieval in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
@@ -43,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     rc = args.func(args)
   except CartError as e:
-    print(f"cart {args.command}: error: {e}", file=sys.stderr)
+    print(f"cart {args.command}: error: {escape_controls(str(e))}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"cart {args.command}: interrupted", file=sys.stderr)

@@ -28,18 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from cart_jax.core.errors import CartError
-from cart_jax.index.inputs import InputError, check_ids, load_item_ids, validate_embeddings
+from cart_jax.index.inputs import (NPY_READ_ERRORS, InputError, check_ids, check_is_array,
+                                   load_item_ids, validate_embeddings)
 
 IDS_KEYS = ("ids", "item_ids")
 META_FORMAT = "cart-embeddings"
@@ -72,9 +73,10 @@ def read_meta(embeddings_path: str | os.PathLike) -> dict:
   if not path.is_file():
     return {}
   try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except json.JSONDecodeError:
+    meta = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError, OSError):
     return {}
+  return meta if isinstance(meta, dict) else {}
 
 
 @dataclasses.dataclass
@@ -90,6 +92,9 @@ def read_embeddings_with_ids(path: str | os.PathLike, ids_path: str | os.PathLik
                              key: str | None = None, ids_key: str | None = None
                              ) -> tuple[np.ndarray, list[str]]:
   """Reads ``[M, d]`` embeddings (``.npy`` memory-mapped) and their ``M`` row ids, validated.
+
+  Values: :func:`cart_jax.index.inputs.validate_embeddings` (as float32: finite, not huge); ids:
+  the one id rule (:func:`cart_jax.data.corpus.check_item_id`), whether from a file or a ``.npz``.
 
   Raises:
     InputError naming the file and what was expected versus found.
@@ -119,13 +124,14 @@ def read_embeddings_with_ids(path: str | os.PathLike, ids_path: str | os.PathLik
           check_ids(ids, arr.shape[0] if arr.ndim else -1, source=f"{path}[{id_name}]")
     except InputError:
       raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+    except NPY_READ_ERRORS as e:
       raise InputError(f"{path}: not a readable .npz file ({e})") from e
   else:
     try:
       arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except NPY_READ_ERRORS as e:
       raise InputError(f"{path}: not a readable .npy file ({e})") from e
+    check_is_array(arr, path)
   validate_embeddings(arr, source=str(path))
   if ids is None:
     if ids_path is None:
@@ -262,6 +268,19 @@ def align_precomputed(corpus, corpus_dir: str, options: PrecomputedEmbedOptions
           "reordered": al.reordered, "extra_ids_dropped": al.extra_ids}, al.embeddings
 
 
+def check_builtin_options(options: BuiltinEmbedOptions) -> None:
+  """Every option in its range, before any training (raises CartError naming the flag)."""
+  o = options
+  for flag, value, low in (("--steps", o.steps, 1), ("--batch-size", o.batch_size, 2),
+                           ("--dim", o.dim, 1), ("--text-batch", o.text_batch, 1),
+                           ("--checkpoint-every", o.checkpoint_every, 0),
+                           ("--max-shift", 0 if o.max_shift is None else o.max_shift, 0)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise CartError(f"{flag} must be an integer >= {low}, got {value!r}")
+  if not (isinstance(o.lr, (int, float)) and math.isfinite(o.lr) and o.lr > 0):
+    raise CartError(f"--lr must be a finite number > 0, got {o.lr!r}")
+
+
 def embed_builtin(corpus, corpus_dir: str, options: BuiltinEmbedOptions, files: EmbeddingFiles, *,
                   progress: bool = True) -> tuple[dict, np.ndarray, object]:
   """Trains the built-in dual encoder on the corpus and embeds every item.
@@ -282,9 +301,7 @@ def embed_builtin(corpus, corpus_dir: str, options: BuiltinEmbedOptions, files: 
   if not registry.has_tower(corpus.modality):
     raise CartError(f"corpus modality {corpus.modality!r}: no built-in item tower; use --encoder "
                     "precomputed")
-  if options.steps < 1 or options.batch_size < 2:
-    raise CartError(f"--steps must be >= 1 and --batch-size >= 2, got {options.steps}, "
-                    f"{options.batch_size}")
+  check_builtin_options(options)
   tower = registry.default_config(corpus.modality, out_dim=options.dim, max_shift=options.max_shift)
   model_config = DualEncoderConfig(tower=tower)
   kinds = ("query", "caption") if options.captions else ("query",)
@@ -346,9 +363,16 @@ def write_embeddings(files: EmbeddingFiles, item_ids: Sequence[str], embeddings:
   """Writes ``E.npy``, ``E.ids.txt``, ``E.meta.json`` (and ``E.model.npz`` when ``model``).
 
   Every file goes to a temporary name first, then all are renamed into place; a stale model of an
-  earlier built-in run is removed when ``model`` is None (it must not pair with these rows).
+  earlier built-in run is removed when ``model`` is None (it must not pair with these rows). The
+  float32 rows are validated first (:func:`validate_embeddings`: a diverged training, ``--lr nan``,
+  writes nothing). Files get the permissions the umask gives (``mkstemp`` would leave 0600).
+
+  Raises:
+    InputError: non-finite or huge values (nothing is written then).
   """
   from cart_jax.index.inputs import content_hash  # pylint: disable=g-import-not-at-top
+  embeddings = np.ascontiguousarray(embeddings, np.float32)
+  validate_embeddings(embeddings, source=f"embeddings computed for {files.embeddings}")
   meta = {"format": META_FORMAT, "version": META_VERSION, "encoder": summary["encoder"],
           "num_items": int(embeddings.shape[0]), "dim": int(embeddings.shape[1]),
           "corpus": summary["corpus"], "content_hash": content_hash(embeddings, list(item_ids)),
@@ -358,16 +382,19 @@ def write_embeddings(files: EmbeddingFiles, item_ids: Sequence[str], embeddings:
   targets = {"embeddings": files.embeddings, "ids": files.ids, "meta": files.meta}
   if model is not None:
     targets["model"] = files.model
+  umask = os.umask(0)
+  os.umask(umask)
   temps = {}
   try:
     for key, path in targets.items():
       fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent,
                                  suffix=".npz" if key == "model" else "")
+      os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
       os.close(fd)
       temps[key] = tmp
       if key == "embeddings":
         with open(tmp, "wb") as f:
-          np.save(f, np.ascontiguousarray(embeddings, np.float32))
+          np.save(f, embeddings)
       elif key == "ids":
         Path(tmp).write_text("".join(f"{i}\n" for i in item_ids), encoding="utf-8")
       elif key == "meta":

@@ -306,6 +306,23 @@ def evaluate_dual_tower(items: np.ndarray, texts: Sequence[str], targets, encode
   return out
 
 
+def check_search_options(*, chunk_size: int | None = 65536, query_batch: int = 256,
+                         text_batch: int = 128, nlist: int | None = None, nprobe: int = 8) -> None:
+  """Batch and index sizes in range (``cart baseline``'s flags), before any work.
+
+  ``--batch-size 0`` used to fail in ``range()``, a negative one to search nothing and report
+  recall 0; ``--chunk-size 0`` and ``--nlist 0`` silently meant "the default", ``--nprobe 0`` failed
+  inside FAISS. Raises CartError naming the flag.
+  """
+  for flag, value, low in (("--chunk-size", chunk_size, 1), ("--batch-size", query_batch, 1),
+                           ("--text-batch", text_batch, 1), ("--nlist", nlist, 1),
+                           ("--nprobe", nprobe, 1)):
+    if value is None and flag in ("--chunk-size", "--nlist"):
+      continue
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+      raise CartError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+
 def searcher_for(method: str, items: np.ndarray, k: int, *, chunk_size: int | None = 65536,
                  query_batch: int = 256, nlist: int | None = None, nprobe: int = 8):
   """:func:`make_searcher` with the options of ``method`` picked from all of them.
@@ -351,7 +368,10 @@ def baseline_job(corpus_dir: str | os.PathLike, embeddings: str | os.PathLike, *
 
   if k < 10:
     raise CartError(f"-k {k}: R@10 and MRR@10 need at least 10 results per query")
+  check_search_options(chunk_size=chunk_size, query_batch=query_batch, text_batch=text_batch,
+                       nlist=nlist, nprobe=nprobe)
   corpus = load_corpus(corpus_dir, check_media=False)
+  # load_aligned validated the values as float32 (finite, not huge): this cast is that one.
   vectors = np.asarray(load_aligned(embeddings, corpus.item_ids, ids_path=ids).embeddings,
                        np.float32)  # [N, d]
   n, d = vectors.shape
@@ -388,14 +408,19 @@ def baseline_job(corpus_dir: str | os.PathLike, embeddings: str | os.PathLike, *
 
 
 def _read_query_embeddings(path, num_texts: int, dim: int, split: str) -> np.ndarray:
-  """``[num_texts, dim]`` finite query embeddings from an ``.npy`` file."""
+  """``[num_texts, dim]`` query embeddings from an ``.npy`` file, validated as float32.
+
+  The values are checked after the cast to float32, the dtype searched with
+  (:func:`cart_jax.index.inputs.validate_embeddings`): a float64 1e300 is an error, not ``inf``.
+  """
+  from cart_jax.index.inputs import NPY_READ_ERRORS, check_is_array, validate_embeddings  # pylint: disable=g-import-not-at-top
   try:
     qe = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
+  except NPY_READ_ERRORS as e:
     raise CartError(f"{path}: not a readable .npy file ({e})") from None
+  check_is_array(qe, path)
   if qe.ndim != 2 or qe.shape != (num_texts, dim):
     raise CartError(f"{path}: expected shape [{num_texts}, {dim}] (the '{split}' query texts x "
                     f"item dimension), found {qe.shape}")
-  if not np.isfinite(qe).all():
-    raise CartError(f"{path}: non-finite values")
+  validate_embeddings(qe, source=str(path))
   return np.asarray(qe, np.float32)

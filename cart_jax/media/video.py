@@ -22,6 +22,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from cart_jax.media import MediaError
+from cart_jax.media.image import open_image
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -64,18 +65,23 @@ def _read_frames_dir(path: Path, size: int) -> list[np.ndarray]:
   frames = []
   for f in files:
     try:
-      with Image.open(f) as im:
+      with open_image(f) as im:  # the explicit size limit of media.image
         im.load()
         frames.append(_to_rgb(im, size))
-    except (OSError, UnidentifiedImageError) as e:
+    except MediaError:
+      raise
+    except (OSError, UnidentifiedImageError, ValueError) as e:
       raise MediaError(f"{f}: cannot read frame image ({e})") from e
   return frames
 
 
 def _read_gif(path: Path, size: int) -> list[np.ndarray]:
   from PIL import Image, ImageSequence  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as im:
-    return [_to_rgb(frame.copy(), size) for frame in ImageSequence.Iterator(im)]
+  with open_image(path) as im:  # the explicit size limit of media.image
+    try:
+      return [_to_rgb(frame.copy(), size) for frame in ImageSequence.Iterator(im)]
+    except Image.DecompressionBombError as e:  # a frame larger than the canvas checked above
+      raise MediaError(f"{path}: image too large: a frame exceeds the limit ({e})") from None
 
 
 def _read_container(path: Path, size: int, num_frames: int) -> list[np.ndarray]:

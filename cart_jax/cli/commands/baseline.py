@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 from cart_jax.cli import output
+from cart_jax.cli.commands import int_at_least
 
 
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -37,12 +38,12 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                  help="only the queries of these items (ids one per line); all items are searched")
   p.add_argument("--method", choices=("jax", "faiss-flat", "faiss-ivf"), default="jax")
   p.add_argument("-k", type=int, default=10, help="results per query (>= 10 for R@10/MRR@10)")
-  p.add_argument("--chunk-size", type=int, default=65536, help="jax: items per scan step")
-  output.add_argument(p, "--batch-size", "--query-batch", dest="batch_size", type=int, default=256,
+  p.add_argument("--chunk-size", type=int_at_least(1), default=65536, help="jax: items per scan step")
+  output.add_argument(p, "--batch-size", "--query-batch", dest="batch_size", type=int_at_least(1), default=256,
                  help="jax: queries per compiled call")
-  p.add_argument("--text-batch", type=int, default=128, help="MiniLM batch size")
-  p.add_argument("--nlist", type=int, default=None, help="faiss-ivf: cells (default ~4 sqrt N)")
-  p.add_argument("--nprobe", type=int, default=8, help="faiss-ivf: cells visited (default 8)")
+  p.add_argument("--text-batch", type=int_at_least(1), default=128, help="MiniLM batch size")
+  p.add_argument("--nlist", type=int_at_least(1), default=None, help="faiss-ivf: cells (default ~4 sqrt N)")
+  p.add_argument("--nprobe", type=int_at_least(1), default=8, help="faiss-ivf: cells visited (default 8)")
   p.add_argument("--agreement", choices=("jax", "faiss-flat", "faiss-ivf"), default=None,
                  help="also search with this method and report how often the top-k lists agree")
   output.add_output_flags(p, "the JSON summary")

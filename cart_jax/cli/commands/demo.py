@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 
 from cart_jax.cli import output
+from cart_jax.cli.commands import int_at_least
 
 MODALITIES = ("image", "audio", "video")
 
@@ -56,17 +57,28 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--no-templates", action="store_true",
                  help="image: the strict emoji split, without templated training wordings "
                       "('<name> emoji', '<name> icon')")
-  p.add_argument("--unseen-items", type=float, default=0.0, metavar="F",
+  p.add_argument("--unseen-items", type=_unseen_fraction, default=0.0, metavar="F",
                  help="image: a share F of the items has no training query, only captions (the "
                       "paper's protocol); CART and the dual tower both train on the captions, and "
                       "recall is also reported on those items' test queries")
-  p.add_argument("--limit", type=int, default=None,
+  p.add_argument("--limit", type=int_at_least(1), default=None,
                  help="smoke runs: only the first N items (video: N emoji, 11 clips each)")
-  p.add_argument("--embed-steps", type=int, default=None, help="override the item encoder's steps")
-  p.add_argument("--train-steps", type=int, default=None, help="override CART's training steps")
+  p.add_argument("--embed-steps", type=int_at_least(1), default=None,
+                 help="override the item encoder's steps")
+  p.add_argument("--train-steps", type=int_at_least(1), default=None,
+                 help="override CART's training steps")
   output.add_output_flags(p, "the JSON summary")
   p.set_defaults(func=run)
   return p
+
+
+def _unseen_fraction(value: str) -> float:
+  """argparse type of --unseen-items: a share in [0, 1) (as ``cart data prepare`` checks it)."""
+  from cart_jax.data.datasets.emoji import check_unseen_fraction
+  try:
+    return check_unseen_fraction(value)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
 
 
 def run(args) -> int:

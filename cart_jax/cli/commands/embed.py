@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from cart_jax.cli import output
+from cart_jax.cli.commands import int_at_least, positive_float
 from cart_jax.data.embeddings import BuiltinEmbedOptions
 
 BUILTIN_DEFAULTS = BuiltinEmbedOptions()  # the flags' defaults are the library's
@@ -42,23 +43,23 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   g.add_argument("--ids-key", default=None, help=".npz: name of the ids array")
   g.add_argument("--allow-extra-ids", action="store_true",
                  help="drop rows whose id is not a corpus item instead of failing")
-  g.add_argument("--expect-dim", type=int, default=None, help="fail unless the dimension is this")
+  g.add_argument("--expect-dim", type=int_at_least(1), default=None, help="fail unless the dimension is this")
   b = p.add_argument_group("builtin")
   d = BUILTIN_DEFAULTS
-  b.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
-  b.add_argument("--batch-size", type=int, default=d.batch_size,
+  b.add_argument("--steps", type=int_at_least(1), default=d.steps, help=f"training steps (default {d.steps})")
+  b.add_argument("--batch-size", type=int_at_least(2), default=d.batch_size,
                  help=f"items per step (default {d.batch_size})")
-  b.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+  b.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
   b.add_argument("--seed", type=int, default=d.seed)
-  b.add_argument("--dim", type=int, default=d.dim, help=f"embedding dimension (default {d.dim})")
+  b.add_argument("--dim", type=int_at_least(1), default=d.dim, help=f"embedding dimension (default {d.dim})")
   b.add_argument("--captions", action="store_true",
                  help="also train on the train captions (default: train queries only)")
-  b.add_argument("--max-shift", type=int, default=None,
+  b.add_argument("--max-shift", type=int_at_least(0), default=None,
                  help="augmentation: random translation up to this many pixels (default 0)")
-  b.add_argument("--text-batch", type=int, default=d.text_batch,
+  b.add_argument("--text-batch", type=int_at_least(1), default=d.text_batch,
                  help=f"MiniLM batch size (default {d.text_batch})")
   b.add_argument("--checkpoint-dir", default=None, help="default: <out without .npy>.ckpt")
-  b.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+  b.add_argument("--checkpoint-every", type=int_at_least(0), default=d.checkpoint_every,
                  help="steps (0: only at the end)")
   b.add_argument("--no-resume", dest="resume", action="store_false",
                  help="ignore existing checkpoints in --checkpoint-dir (they are overwritten)")
