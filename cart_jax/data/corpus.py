@@ -459,7 +459,7 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
     raise CorpusFormatError(f"{meta_path}: cannot read ({e.strerror or e})") from None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
     raise CorpusFormatError(f"{meta_path}: field 'format' must be {FORMAT_NAME!r}")
-  if meta.get("version") != FORMAT_VERSION:
+  if meta.get("version") != FORMAT_VERSION or isinstance(meta.get("version"), bool):
     raise CorpusFormatError(f"{meta_path}: unsupported version {meta.get('version')!r} "
                             f"(this reader knows {FORMAT_VERSION})")
   name = meta.get("name")
