@@ -334,11 +334,11 @@ def test_train_on_a_model_dir_being_written(tmp_path, capsys):
   holder = _hold("lock", model_dir)
   try:
     assert main(argv) == 2
-    # (re.match: gin appends "In call to configurable 'train_job'" to errors raised in the job)
+    # one line: gin's "In call to configurable 'train_job'" suffix is stripped (cli_gin.run_train)
     err = capsys.readouterr().err
-    assert re.match(rf"cart train: error: {re.escape(str(model_dir))} is being written by pid "
-                    rf"{holder.pid} \(since [-0-9: ]+\); wait for it or remove "
-                    rf"{re.escape(str(tmp_path / '.run.lock'))} if that process is gone", err), err
+    assert re.fullmatch(rf"cart train: error: {re.escape(str(model_dir))} is being written by pid "
+                        rf"{holder.pid} \(since [-0-9: ]+\); wait for it or remove "
+                        rf"{re.escape(str(tmp_path / '.run.lock'))} if that process is gone\n", err), err
     assert not model_dir.exists() and not corpus.exists()
   finally:
     _kill(holder)

@@ -159,11 +159,25 @@ def run_train(progress: bool = True) -> dict:
   train_job = gin.get_configurable("train_job")
   # The parsed config is written into MODEL_DIR up front (a crashed run still documents
   # itself); once the job returns, gin's operative config replaces it.
-  summary = train_job(operative_config=gin.config_str(), progress=progress)
+  try:
+    summary = train_job(operative_config=gin.config_str(), progress=progress)
+  except CartError as e:
+    raise _without_gin_context(e) from None
   if jax.process_index() == 0:
     atomic_write_text(Path(summary["model_dir"]) / jobs.CONFIG_FILE,
                       jobs.resolve_config(gin.operative_config_str(), summary))
   return summary
+
+
+def _without_gin_context(e: CartError) -> CartError:
+  """The user error as raised: gin appends "In call to configurable 'train_job' (<function ...>)"
+  to an exception's text (through a proxy subclass of its class), which is noise on a one-line error."""
+  message = str(e).split("\n  In call to configurable")[0]
+  cls = type(e)
+  if len(cls.__mro__) > 1 and cls.__mro__[1].__name__ == cls.__name__:  # gin's proxy of the real class
+    e.__class__ = cls.__mro__[1]
+  e.args = (message,)
+  return e
 
 
 def eval_config() -> EvalConfig:

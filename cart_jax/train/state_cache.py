@@ -196,7 +196,8 @@ def build(directory: Path, rows: np.ndarray, key: str, layers: Sequence[int],
                dynamic_ncols=True)
   t0 = time.perf_counter()
   width = None
-  with atomic_directory(directory) as tmp:
+  # wait=True: a shared cache; a second run building the same key waits for the first
+  with atomic_directory(directory, wait=True) as tmp:
     states = None
     for bi, length in enumerate(buckets):
       sel = np.flatnonzero(bucket_of == bi)
