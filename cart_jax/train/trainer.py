@@ -306,7 +306,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   if checkpoint_dir is not None:
     ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
     try:
-      for dropped in ckpt.drop_unverifiable():
+      for dropped in ckpt.drop_interrupted():
         log(f"dropped checkpoint step {dropped} of {ckpt.directory}: its save was interrupted before "
             "its manifest was written (the resumed run redoes it)")
       if ckpt.latest_step() is not None:

@@ -33,7 +33,8 @@ Integrity: the checkpoint step is checked against its ``manifest.sha256.json`` (
 every file, written after the save) and the index copy against ``meta.sha256``/``meta.json``
 before anything is loaded; a corrupt, truncated, added or missing file is one error line naming
 the file and the step (exit 2), never metrics. A checkpoint from before manifests loads with a
-warning. ``--no-verify`` skips hashing the checkpoint (it reads every byte once, about 1 GB/s).
+warning. ``--no-verify`` skips hashing the checkpoint (it reads every byte of the restored items
+once: 0.09 s for a 148 MiB ``minilm_small`` checkpoint on a 2-core CPU).
 """
 from __future__ import annotations
 
