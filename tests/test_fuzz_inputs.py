@@ -95,7 +95,8 @@ JSON_NON_STRINGS = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False
 @st.composite
 def corrupt_line(draw, kind: str):
   """(raw bytes of a broken line, what its error names)."""
-  what = draw(st.sampled_from(["json", "not-object", "wrong-type", "missing", "bad-id", "utf8"]))
+  what = draw(st.sampled_from(["json", "not-object", "wrong-type", "missing", "bad-id", "utf8"] +
+                              (["bad-media"] if kind == "items" else [])))
   field = "id" if kind == "items" else draw(st.sampled_from(["item_id", "text", "split", "kind"]))
   good = ({"id": "zz", "modality": "image", "media": "media/m0.png"} if kind == "items" else
           {"item_id": "i0", "text": "a thing", "split": "train", "kind": "query"})
@@ -110,6 +111,10 @@ def corrupt_line(draw, kind: str):
     return json.dumps(dict(good, **{field: draw(JSON_NON_STRINGS)})).encode()
   if what == "missing":
     return json.dumps({k: v for k, v in good.items() if k != field}).encode()
+  if what == "bad-media":
+    media = draw(st.sampled_from(["", "/etc/passwd", "../x.png", "media/\x00.png",
+                                  "media/../../x.png", 3, None]))
+    return json.dumps(dict(good, media=media)).encode()
   if what == "bad-id":
     key = "id" if kind == "items" else "item_id"
     return json.dumps(dict(good, **{key: draw(BAD_IDS)})).encode()
@@ -171,7 +176,7 @@ def corrupt_header(draw):
       "counts": st.one_of(st.just({"test": {"query": 99}}), st.just({"train": 3}),
                           st.just({"train": {"query": "6"}}), st.integers(), st.text(max_size=2)),
       "media_roots": st.one_of(st.just("/data"), st.just([""]), st.just([3]), st.just(["/"]),
-                               st.integers()),
+                               st.just(["x\x00"]), st.just(["/.."]), st.integers()),
       "meta": st.one_of(st.integers(), st.text(max_size=2), st.lists(st.integers(), max_size=1)),
   }[change]
   header[change] = draw(bad)

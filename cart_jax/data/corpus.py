@@ -36,8 +36,9 @@ under the corpus directory or under one of the directories the header declares i
 (absolute, or relative to the corpus directory). ``cart data import --media symlink`` and
 ``cart data merge`` declare the directories their links point into, so a ``media/`` that links
 to a data folder keeps working, while a link that leads elsewhere (``media -> /etc``) is refused.
-Corpora written before ``media_roots`` existed declare their root through ``meta.media_root``
-(which ``cart data import`` wrote); it is honoured too.
+Corpora written before ``media_roots`` existed declare their roots through ``meta.media_root``
+(written by ``cart data import``) and ``meta.merged_from[].dir`` (``cart data merge``); they are
+honoured too.
 
 ``load_corpus`` validates everything and raises :class:`CorpusFormatError` naming the file
 and line. ``num_items``, ``num_texts`` and ``counts`` of the header, when present, must agree with
@@ -397,13 +398,16 @@ def _containment_problem(root: Path, media: str, media_roots: Sequence[Path]) ->
 def _media_roots(header: Mapping, root: Path, where: str) -> list[Path]:
   """The header's ``media_roots`` (and the legacy ``meta.media_root``) as real paths."""
   declared = header.get("media_roots", [])
-  if not isinstance(declared, list) or not all(isinstance(d, str) and d for d in declared):
+  if not isinstance(declared, list) or not all(isinstance(d, str) and d and "\x00" not in d
+                                               for d in declared):
     raise CorpusFormatError(f"{where}: field 'media_roots' must be a list of directory paths "
                             f"(absolute, or relative to the corpus), found {declared!r}")
-  meta = header.get("meta")
-  legacy = meta.get("media_root") if isinstance(meta, dict) else None
-  if isinstance(legacy, str) and legacy:  # written by `cart data import` before media_roots
-    declared = declared + [legacy]
+  meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+  # Corpora written before media_roots declared their roots in provenance fields: the media root
+  # of `cart data import` and the source corpora of `cart data merge` (whose links point there).
+  merged_from = meta.get("merged_from") if isinstance(meta.get("merged_from"), list) else []
+  legacy = [meta.get("media_root")] + [s.get("dir") for s in merged_from if isinstance(s, dict)]
+  declared = declared + [d for d in legacy if isinstance(d, str) and d and "\x00" not in d]
   out = []
   for d in declared:
     real = Path(os.path.realpath(root / d))  # an absolute d replaces root
@@ -422,6 +426,9 @@ def _check_item(item: Item, where: str, root: Path | None, check_media: bool,
     raise CorpusFormatError(f"{where}: bad modality {item.modality!r}; expected one of {list(MODALITIES)}")
   if not item.media:
     raise CorpusFormatError(f"{where}: empty media path for item {item.id!r}")
+  if "\x00" in item.media:
+    raise CorpusFormatError(f"{where}: media path {item.media!r} of item {item.id!r} holds a NUL "
+                            "character")
   if os.path.isabs(item.media) or ".." in Path(item.media).parts:
     raise CorpusFormatError(f"{where}: media path {item.media!r} must be relative and inside the corpus")
   if check_media and root is not None:
