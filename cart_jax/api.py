@@ -112,14 +112,19 @@ def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, config: I
     npz_key: the array inside an ``.npz``.
     progress: ``progress(phase, done, total)``.
   """
+  from cart_jax.core.artefacts import output_lock  # pylint: disable=g-import-not-at-top
   from cart_jax.index import identifiers, inputs  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  emb = inputs.load_embeddings(embeddings, key=npz_key)
-  ids = inputs.load_item_ids(item_ids) if item_ids else None
-  if ids is not None:
-    inputs.check_ids(ids, emb.shape[0], source=f"{item_ids} vs {embeddings}")
-  index = identifiers.build_index(emb, ids, config, progress=progress)
-  index.save(out)
+  # ``out``'s lock for the whole build, not only the final write: a second build of the same
+  # ``out`` started meanwhile fails at once (OutputLockedError naming this pid) instead of both
+  # reporting success.
+  with output_lock(out):
+    emb = inputs.load_embeddings(embeddings, key=npz_key)
+    ids = inputs.load_item_ids(item_ids) if item_ids else None
+    if ids is not None:
+      inputs.check_ids(ids, emb.shape[0], source=f"{item_ids} vs {embeddings}")
+    index = identifiers.build_index(emb, ids, config, progress=progress)
+    index.save(out)
   stats = dict(index.stats, seconds=time.perf_counter() - t0, out=str(out))
   return BuiltIndex(index, stats)
 

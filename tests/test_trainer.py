@@ -92,7 +92,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
                          pipeline=ns["SyntheticPipeline"](), index=ns["INDEX"], checkpoint_dir=None,
                          progress=False, log=lambda s: None)
     deadline = time.time() + 240
-    while not (ckpt / "4" / "commit_success.txt").exists():
+    while not (ckpt / "4" / "manifest.sha256.json").exists():  # written once orbax's save is complete
       assert child.poll() is None, f"child died early: {child.stderr.read().decode()[-2000:]}"
       assert time.time() < deadline, "child never wrote the step-4 checkpoint"
       time.sleep(0.2)

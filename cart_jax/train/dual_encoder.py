@@ -298,6 +298,9 @@ def train_dual_encoder(data: TrainData, model_config: DualEncoderConfig, config:
     if ckpt is not None and not resume:
       ckpt.delete_all()
     if ckpt is not None:
+      for step in ckpt.drop_interrupted():  # killed between orbax's commit and the manifest
+        if log is not None:
+          log(f"dropped checkpoint step {step} of {checkpoint_dir}: its save was interrupted")
       restored = _restore_checkpoint(ckpt, params, opt_state, model_config, config)
       if restored is not None:
         start, params, opt_state = restored
