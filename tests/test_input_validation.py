@@ -98,10 +98,11 @@ def good(tmp_path):
   return corpus, emb, queries
 
 
-def with_value(tmp_path, name, dtype, row, col, value, ids=True) -> Path:
+def with_value(tmp_path, name, dtype, row, col, value) -> Path:
+  """Embeddings [N, 8] (and their ids) with one bad value at (row, col)."""
   arr = np.random.default_rng(1).normal(size=(N, 8)).astype(dtype)
   arr[row, col] = value
-  return save_embeddings(tmp_path / name, arr) if ids else np.save(tmp_path / name, arr)
+  return save_embeddings(tmp_path / name, arr)
 
 
 # ----------------------------------------------------------------- one validation point after the cast

@@ -59,7 +59,7 @@ def _to_rgb(im, size: int) -> np.ndarray:
 
 
 def _read_frames_dir(path: Path, size: int) -> list[np.ndarray]:
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS),
                  key=lambda p: _natural_key(p.name))
   frames = []
