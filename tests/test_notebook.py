@@ -1,4 +1,5 @@
 """The Colab notebook runs top to bottom through cart_jax.api (reduced size: 24 emoji, a few steps)."""
+import json
 import os
 from pathlib import Path
 
@@ -26,8 +27,11 @@ def test_notebook_executes_at_reduced_size(tmp_path, monkeypatch):
   assert "CART + rerank" in outputs and "dual tower" in outputs  # the results table
   pictures = [c for c in nb.cells if c.cell_type == "code"
               if any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
-  # the corpus grid, the training curve, the recall bars and the search results
-  assert len(pictures) == 4, [c.source[:40] for c in pictures]
+  # the corpus grid, the training curve, the recall bars, the search results, the reduced ablation
+  assert len(pictures) == 5, [c.source[:40] for c in pictures]
+  abl = json.loads((tmp_path / "work" / "ablations" / "ablations.json").read_text())
+  assert {r["variant"] for r in abl["runs"]} == {"full", "no_rdrop"}  # (Colab: also no_fusion)
+  assert "order of harm" in outputs or "verdict" in outputs  # the driver's table was printed
   assert (tmp_path / "work" / "training_curve.png").stat().st_size > 1000
   assert (tmp_path / "work" / "cart_test.json").exists()
   assert (tmp_path / "work" / "search.json").exists()
