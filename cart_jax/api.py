@@ -118,11 +118,12 @@ def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, config: I
   # ``out``'s lock for the whole build, not only the final write: a second build of the same
   # ``out`` started meanwhile fails at once (OutputLockedError naming this pid) instead of both
   # reporting success.
+  # The inputs are checked first, so bad input leaves nothing behind (not even OUT's parent).
+  emb = inputs.load_embeddings(embeddings, key=npz_key)
+  ids = inputs.load_item_ids(item_ids) if item_ids else None
+  if ids is not None:
+    inputs.check_ids(ids, emb.shape[0], source=f"{item_ids} vs {embeddings}")
   with output_lock(out):
-    emb = inputs.load_embeddings(embeddings, key=npz_key)
-    ids = inputs.load_item_ids(item_ids) if item_ids else None
-    if ids is not None:
-      inputs.check_ids(ids, emb.shape[0], source=f"{item_ids} vs {embeddings}")
     index = identifiers.build_index(emb, ids, config, progress=progress)
     index.save(out)
   stats = dict(index.stats, seconds=time.perf_counter() - t0, out=str(out))

@@ -151,3 +151,25 @@ def test_build_rejects_bad_input(emb):
   bad[3, 1] = np.inf
   with pytest.raises(InputError, match="row 3"):
     ident.build_index(bad, None, ident.IdentifierConfig(**SMALL))
+
+
+def test_train_job_builds_a_missing_index_from_validated_embeddings(tmp_path):
+  """train_job's own index build (INDEX_DIR without meta.json + EMBEDDINGS) reads E.npy and its
+  E.ids.txt sidecar through the same validation as `cart build-ids`."""
+  from cart_jax.index.identifiers import IdentifierConfig, load_index
+  from cart_jax.index.inputs import InputError
+  from cart_jax.train.jobs import _ensure_index
+  rng = np.random.default_rng(0)
+  emb = tmp_path / "E.npy"
+  np.save(emb, rng.normal(size=(12, 8)).astype(np.float32))
+  (tmp_path / "E.ids.txt").write_text("".join(f"item{i}\n" for i in range(12)))
+  cfg = IdentifierConfig(n_clusters=3, num_levels=1, codebook_size=4, rq_steps=5, rq_latent_dim=4,
+                         rq_hidden_dims=(8,))
+  logs = []
+  index_dir = _ensure_index(tmp_path / "index", tmp_path / "run", emb, cfg, logs.append)
+  assert load_index(index_dir).item_ids == [f"item{i}" for i in range(12)]
+  assert any("building the index" in m for m in logs)
+  (tmp_path / "E.ids.txt").write_text("".join(f"item{i}\n" for i in range(11)) + " item11 \n")
+  with pytest.raises(InputError, match=r"E\.ids\.txt:12: .*whitespace"):
+    _ensure_index(tmp_path / "index2", tmp_path / "run2", emb, cfg, logs.append)
+  assert not (tmp_path / "index2").exists()

@@ -42,7 +42,7 @@ from flax import nnx
 from cart_jax.index import kmeans as kmeans_lib
 from cart_jax.index import rqvae as rqvae_lib
 from cart_jax.core.artefacts import atomic_directory, sha256_file
-from cart_jax.index.inputs import InputError, check_ids, content_hash, validate_embeddings
+from cart_jax.index.inputs import InputError, check_ids, content_hash, load_item_ids, validate_embeddings
 from cart_jax.index.vocab import IdentifierVocab
 
 FORMAT_NAME = "cart-jax-semantic-index"
@@ -467,8 +467,8 @@ def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = Non
     row, lvl = (int(i) for i in np.argwhere(bad)[0])
     raise IndexFormatError(f"{d / 'codes.npy'}: code {int(codes[row, lvl])} at row {row}, level {lvl} "
                            f"out of range [0, {vocab.level_sizes[lvl]})")
-  ids = (d / "item_ids.txt").read_text(encoding="utf-8").splitlines()
   try:
+    ids = load_item_ids(d / "item_ids.txt")  # the one id rule, lines split at \n only
     check_ids(ids, n, source=str(d / "item_ids.txt"))
   except InputError as e:
     raise IndexFormatError(str(e)) from e

@@ -57,10 +57,13 @@ def _ensure_index(index_dir: Path | None, model_dir: Path, embeddings, identifie
     if embeddings is None:
       raise RunError(f"{index_dir}: not an index directory (no meta.json); build it with "
                      f"`cart build-ids`, or set EMBEDDINGS so the job builds it")
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    emb = np.load(embeddings, allow_pickle=False)
-    ids_path = Path(str(embeddings)[:-4] + ".ids.txt") if str(embeddings).endswith(".npy") else None
-    ids = ids_path.read_text(encoding="utf-8").splitlines() if ids_path and ids_path.exists() else None
+    from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
+    from cart_jax.index import inputs  # pylint: disable=g-import-not-at-top
+    emb = inputs.load_embeddings(embeddings)  # the float32 values, validated (finite, magnitude)
+    ids_path = embedding_files(embeddings).ids
+    ids = inputs.load_item_ids(ids_path) if ids_path.exists() else None
+    if ids is not None:
+      inputs.check_ids(ids, emb.shape[0], source=f"{ids_path} vs {embeddings}")
     log(f"building the index {index_dir} from {embeddings}")
     cfg = identifier_config or identifiers.IdentifierConfig()
     identifiers.build_index(emb, ids, cfg).save(index_dir)
