@@ -48,7 +48,7 @@ DATASETS = {
 
 __all__ = ["DATASETS", "PreparedCorpus", "BuiltIndex", "BuiltinEmbedOptions",
            "PrecomputedEmbedOptions", "EmbedResult", "prepare", "embed", "build_index", "train",
-           "evaluate", "baseline", "search", "demo"]
+           "evaluate", "baseline", "search", "index_add", "index_remove", "demo"]
 
 
 @dataclasses.dataclass
@@ -201,6 +201,30 @@ def search(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int = 10,
   """
   from cart_jax.inference.runs import search_job  # pylint: disable=g-import-not-at-top
   return search_job(model_dir, queries, k=k, **options)["queries"]
+
+
+def index_add(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
+              embeddings: str | os.PathLike, **options) -> dict:
+  """Adds a corpus's items to a trained run without retraining it (``cart index add``).
+
+  Options: :func:`cart_jax.train.incremental.add_items` (``item_ids``, ``steps`` (None: auto, 0:
+  identifiers only), ``replay_ratio``, ``learning_rate``, ``batch_size``, ``seed``,
+  ``keep_versions``, ``verify``, ``progress``, ``log``). Returns its summary: the run's new
+  ``version``, ``added``, ``num_items``, ``fine_tune`` (steps, seconds, last metrics), ``seconds``.
+  """
+  from cart_jax.train.incremental import add_items  # pylint: disable=g-import-not-at-top
+  return add_items(model_dir, corpus_dir, embeddings, **options)
+
+
+def index_remove(model_dir: str | os.PathLike, ids: str | os.PathLike | Sequence[str],
+                 **options) -> dict:
+  """Removes items (a file of ids, or the ids) from a trained run (``cart index remove``).
+
+  Options: :func:`cart_jax.train.incremental.remove_items` (``keep_versions``, ``verify``,
+  ``log``). The items leave search at once; their identifiers are never reused.
+  """
+  from cart_jax.train.incremental import remove_items  # pylint: disable=g-import-not-at-top
+  return remove_items(model_dir, ids, **options)
 
 
 def demo(modality: str = "image", workdir: str | os.PathLike | None = None, *, full: bool = False,

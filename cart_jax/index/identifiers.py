@@ -16,6 +16,12 @@ at most ``C`` items take consecutive codes and stop splitting).
 the config and a hash of the inputs. ``save`` is atomic, ``load`` validates, and
 ``assign`` gives identifiers to new items without changing existing ones.
 
+Removed items (``remove``, ``cart index remove``) leave the index's rows and become tombstones:
+``removed_codes.npy`` (int32 ``[R, L]``) and ``removed_item_ids.txt`` (written only when there
+are any). ``assign`` never gives a tombstoned identifier to a new item (the counters of a prefix
+continue after every identifier it ever held), so a decoder that still remembers a removed
+identifier can only generate what the trie allows, never a new item under an old name.
+
 Integrity of the directory: ``meta.json`` lists the SHA-256 of every other file (``files``) and
 ``meta.sha256`` holds the SHA-256 of ``meta.json`` itself (``sha256sum -c meta.sha256`` checks
 it). :func:`load_index` checks ``meta.json`` against ``meta.sha256``, every listed file against
@@ -49,6 +55,8 @@ FORMAT_NAME = "cart-jax-semantic-index"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 META_HASH_FILE = "meta.sha256"  # "<sha256 of meta.json>  meta.json", as sha256sum writes it
+REMOVED_CODES_FILE = "removed_codes.npy"  # tombstones (see the module docstring)
+REMOVED_IDS_FILE = "removed_item_ids.txt"
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -268,6 +276,8 @@ class SemanticIndex:
   residual_scale: float = 1.0           # RQ-VAE input = residual / residual_scale
   hier_tables: list | None = None       # [(group prefixes [G, m], centroids [G, C, d])] (not use_rqvae)
   stats: dict = dataclasses.field(default_factory=dict)
+  removed_codes: np.ndarray | None = None  # int32 [R, L] tombstones: identifiers of removed items
+  removed_item_ids: list[str] = dataclasses.field(default_factory=list)  # row r <-> removed_codes[r]
 
   @property
   def n_items(self) -> int:
@@ -306,7 +316,8 @@ class SemanticIndex:
 
     Returns the extended index (rows appended) and the new items' codes ``[n, L]``.
     The counter level's size grows if a prefix needs a larger counter (then the
-    decoder vocabulary grows too: ``index.vocab`` tells).
+    decoder vocabulary grows too: ``index.vocab`` tells). Tombstoned identifiers (of removed
+    items) are never reused: counters continue after them.
     """
     validate_embeddings(np.asarray(embeddings), source="new embeddings")
     if embeddings.shape[1] != self.embedding_dim:
@@ -317,7 +328,8 @@ class SemanticIndex:
     if clash:
       raise InputError(f"item ids already in the index: {sorted(clash)[:5]}")
     prefixes = self._prefixes(embeddings)
-    u = assign_counters(prefixes, prefix_counts(self.codes))
+    used = self.codes if self.removed_codes is None else np.concatenate([self.codes, self.removed_codes])
+    u = assign_counters(prefixes, prefix_counts(used))
     new_codes = np.concatenate([prefixes, u[:, None]], axis=1).astype(np.int32)
     all_codes = np.concatenate([self.codes, new_codes], axis=0)
     sizes = list(self.vocab.level_sizes)
@@ -328,6 +340,38 @@ class SemanticIndex:
                                      "n_items": int(all_codes.shape[0]), "assigned_after_build": int(
                                          self.stats.get("assigned_after_build", 0) + len(item_ids))})
     return new, new_codes
+
+  def remove(self, item_ids: list[str]) -> "SemanticIndex":
+    """The index without ``item_ids``: their rows become tombstones (never assigned again).
+
+    Raises InputError for an id that is not in the index, an id given twice, or removing
+    every item (a trie needs at least one identifier). The vocabulary does not shrink.
+    """
+    item_ids = list(item_ids)
+    row_of = self.row_of()
+    seen: set[str] = set()
+    for i, item in enumerate(item_ids):
+      if item not in row_of:
+        raise InputError(f"item id {item!r} (#{i + 1} of the ids to remove) is not in the index")
+      if item in seen:
+        raise InputError(f"item id {item!r} is listed twice among the ids to remove")
+      seen.add(item)
+    if not item_ids:
+      raise InputError("no item ids to remove")
+    if len(seen) >= self.n_items:
+      raise InputError(f"removing all {self.n_items} items would leave an empty index")
+    gone = np.asarray(sorted(row_of[i] for i in item_ids), np.int64)  # [R]
+    keep = np.ones(self.n_items, bool)
+    keep[gone] = False
+    old_removed = (self.removed_codes if self.removed_codes is not None
+                   else np.zeros((0, self.id_length), np.int32))
+    codes = np.ascontiguousarray(self.codes[keep])
+    return dataclasses.replace(
+        self, codes=codes, item_ids=[i for i, k in zip(self.item_ids, keep) if k],
+        removed_codes=np.concatenate([old_removed, self.codes[gone]]).astype(np.int32),
+        removed_item_ids=list(self.removed_item_ids) + [self.item_ids[r] for r in gone],
+        stats={**self.stats, **collision_stats(codes), "n_items": int(codes.shape[0]),
+               "n_removed": len(self.removed_item_ids) + int(gone.size)})
 
   # ---- artefact
   def save(self, directory: str | os.PathLike) -> Path:
@@ -346,6 +390,9 @@ class SemanticIndex:
           arrays[f"prefix_{m}"] = gp
           arrays[f"centroids_{m}"] = gc
         np.savez(tmp / "hierarchical_kmeans.npz", **arrays)
+      if self.removed_codes is not None and len(self.removed_codes):
+        np.save(tmp / REMOVED_CODES_FILE, np.ascontiguousarray(self.removed_codes, np.int32))
+        (tmp / REMOVED_IDS_FILE).write_text("\n".join(self.removed_item_ids) + "\n", encoding="utf-8")
       files = sorted(p.name for p in tmp.iterdir())
       meta = {
           "format": FORMAT_NAME, "version": FORMAT_VERSION,
@@ -476,6 +523,7 @@ def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = Non
     raise IndexFormatError(f"{d / 'codes.npy'}: identifiers are not unique")
   centroids = rq = tables = None
   dim = int(meta["embedding_dim"])
+  removed, removed_ids = _load_tombstones(d, files, codes, vocab)
   if cfg.use_kmeans:
     centroids = np.load(d / "centroids.npy", allow_pickle=False)
     if centroids.shape != (cfg.n_clusters, dim):
@@ -501,7 +549,36 @@ def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = Non
   return SemanticIndex(codes=codes, item_ids=ids, vocab=vocab, config=cfg, embedding_dim=dim,
                        input_hash=meta["input_hash"], centroids=centroids, rqvae_params=rq,
                        residual_scale=float(meta["residual_scale"]), hier_tables=tables,
-                       stats=meta.get("stats", {}))
+                       stats=meta.get("stats", {}), removed_codes=removed, removed_item_ids=removed_ids)
+
+
+def _load_tombstones(d: Path, files: dict, codes: np.ndarray, vocab: IdentifierVocab):
+  """``(removed codes [R, L] or None, removed ids)`` of an index directory, validated."""
+  has = [name in files for name in (REMOVED_CODES_FILE, REMOVED_IDS_FILE)]
+  if not any(has):
+    return None, []
+  if not all(has):
+    missing = REMOVED_IDS_FILE if has[0] else REMOVED_CODES_FILE
+    raise IndexFormatError(f"{d / missing}: missing (the index has tombstones of removed items; "
+                           "their codes and ids go together)")
+  removed = np.load(d / REMOVED_CODES_FILE, allow_pickle=False)
+  if removed.dtype != np.int32 or removed.ndim != 2 or removed.shape[1] != codes.shape[1]:
+    raise IndexFormatError(f"{d / REMOVED_CODES_FILE}: expected int32 [R, {codes.shape[1]}], found "
+                           f"{removed.dtype} {removed.shape}")
+  if ((removed < 0) | (removed >= np.asarray(vocab.level_sizes))).any():
+    raise IndexFormatError(f"{d / REMOVED_CODES_FILE}: a code out of the vocabulary's range")
+  if np.unique(np.concatenate([codes, removed]), axis=0).shape[0] != codes.shape[0] + removed.shape[0]:
+    raise IndexFormatError(f"{d / REMOVED_CODES_FILE}: a removed identifier is listed twice or is "
+                           "still held by an item")
+  from cart_jax.data.corpus import check_item_id, read_id_lines  # pylint: disable=g-import-not-at-top
+  path = d / REMOVED_IDS_FILE
+  # An id may be listed twice (removed, added again with a new identifier, removed again).
+  ids = [check_item_id(item, f"{path}:{i}", IndexFormatError)
+         for i, item in read_id_lines(path, IndexFormatError)]
+  if len(ids) != removed.shape[0]:
+    raise IndexFormatError(f"{d / REMOVED_IDS_FILE}: {len(ids)} ids for {removed.shape[0]} removed "
+                           f"identifiers in {REMOVED_CODES_FILE}")
+  return removed, ids
 
 
 # --------------------------------------------------------------------------- building

@@ -324,7 +324,17 @@ def build(embeddings: str | os.PathLike, item_ids: Sequence[str], *,
 
 
 def directory(model_dir: str | os.PathLike) -> Path:
-  return Path(model_dir) / SUBDIR
+  """``MODEL_DIR/rerank``, or the run's current version's (``run.json``'s ``rerank_dir``, written
+  by ``cart index add/remove``)."""
+  d = Path(model_dir)
+  try:
+    run = json.loads((d / "run.json").read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return d / SUBDIR  # no run.json (yet): load_run names a bad one
+  if not isinstance(run, dict) or "rerank_dir" not in run:
+    return d / SUBDIR
+  from cart_jax.inference.runs import run_subdir  # pylint: disable=g-import-not-at-top
+  return run_subdir(d, run, "rerank_dir", SUBDIR)
 
 
 def exists(model_dir: str | os.PathLike) -> bool:

@@ -14,8 +14,11 @@
     train_summary.json  last metrics, validation recall, timings
 
 The corpus itself is not copied (media can be large): ``run.json`` points at it by absolute
-path. A second ``cart train`` on the same MODEL_DIR resumes; it refuses a different model
-config or index.
+path. After ``cart index add`` / ``cart index remove`` (:mod:`cart_jax.train.incremental`),
+``run.json`` also names ``checkpoint_dir`` and ``rerank_dir``, and ``index_dir``,
+``checkpoint_dir``, ``rerank_dir`` and ``corpus_dir`` point into ``versions/<n>/``; every path
+relative to MODEL_DIR must stay inside it. A second ``cart train`` on the same MODEL_DIR
+resumes; it refuses a different model config or index (or a run changed by ``cart index``).
 
 Loading verifies: the index copy against ``meta.sha256``/``meta.json`` (every file listed and
 hashed, :func:`cart_jax.index.identifiers.load_index`) and the checkpoint step against its
@@ -87,13 +90,13 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
     raise RunError(f"{run_path}: format {run.get('format')!r} v{run.get('version')}, expected "
                    f"{RUN_FORMAT!r} v{RUN_VERSION}")
   model_config = ModelConfig(**run["model_config"])
-  index = load_index(d / run.get("index_dir", INDEX_SUBDIR))
+  index = load_index(run_subdir(d, run, "index_dir", INDEX_SUBDIR))
   corpus = None
   if need_corpus:
     if not Path(run["corpus_dir"]).exists():
       raise RunError(f"{run_path}: corpus_dir {run['corpus_dir']} does not exist")
     corpus = load_corpus(run["corpus_dir"], check_media=False)
-  ckpt_dir = d / CHECKPOINT_SUBDIR
+  ckpt_dir = run_subdir(d, run, "checkpoint_dir", CHECKPOINT_SUBDIR)
   if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     raise RunError(f"{ckpt_dir}: no checkpoint yet")
   if step is not None and not (ckpt_dir / str(step)).is_dir():
@@ -104,6 +107,15 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
   return LoadedRun(model_dir=d, run=run, model_config=model_config, index=index, corpus=corpus,
                    graphdef=graphdef, params=params, frozen=frozen, step=got_step,
                    input_length=int(run["input_config"]["input_length"]))
+
+
+def run_subdir(model_dir: Path, run: dict, key: str, default: str) -> Path:
+  """``MODEL_DIR / run[key]`` (``default`` when absent): a relative path inside MODEL_DIR."""
+  rel = run.get(key, default)
+  if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+    raise RunError(f"{Path(model_dir) / RUN_FILE}: field {key!r} must be a relative path inside "
+                   f"the MODEL_DIR, found {rel!r}")
+  return Path(model_dir) / rel
 
 
 def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size: int,

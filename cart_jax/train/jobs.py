@@ -77,6 +77,18 @@ def _ensure_index(index_dir: Path | None, model_dir: Path, embeddings, identifie
   return dest
 
 
+def _refuse_updated_run(run_path: Path) -> None:
+  """A run whose items ``cart index add/remove`` changed (it reads ``versions/<n>/``) is not resumed."""
+  try:
+    old = json.loads(run_path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return
+  if isinstance(old, dict) and old.get("index_version", 1) != 1:
+    raise RunError(f"{run_path}: items were added or removed (`cart index`, index version "
+                   f"{old.get('index_version')}): this MODEL_DIR cannot be trained further; train a "
+                   f"new MODEL_DIR on its corpus {old.get('corpus_dir')}")
+
+
 def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_config,
               train_config, input_config, captions_file: str | None = None,
               embeddings: str | None = None, identifier_config=None, operative_config: str | None = None,
@@ -103,6 +115,7 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
   model_dir = Path(model_dir).absolute()
   lock = output_lock(model_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
+    _refuse_updated_run(model_dir / RUN_FILE)
     model_dir.mkdir(parents=True, exist_ok=True)
     corpus_dir = Path(corpus_dir).absolute()
     corpus = load_corpus(corpus_dir, check_media=False)
