@@ -263,6 +263,11 @@ def fine_tune(*, model_config, run: dict, params: dict, frozen: dict, batches: R
     if got_s != want_s:
       raise ValueError(f"fine-tune: the checkpoint's {name} do not fit the model config")
   mesh = trainer.make_mesh(tc)
+  from cart_jax.partitioning import DATA  # pylint: disable=g-import-not-at-top
+  b = batches.num_new + batches.num_old
+  if b % mesh.shape[DATA]:
+    raise IndexUpdateError(f"--batch-size {b} is not divisible by the {mesh.shape[DATA]} devices of "
+                           "the mesh's data axis")
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   params = jax.device_put(params, replicated)
   frozen = jax.device_put(frozen, replicated)
@@ -315,7 +320,12 @@ def fine_tune(*, model_config, run: dict, params: dict, frozen: dict, batches: R
 
 
 def _check_run_dir(model_dir: Path) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+
   from cart_jax.inference.runs import RUN_FILE, RunError  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:  # every process would write the same version
+    raise IndexUpdateError("cart index runs in one process (jax.process_count() is "
+                           f"{jax.process_count()})")
   if not model_dir.is_dir():
     raise RunError(f"{model_dir}: no such directory (a MODEL_DIR written by `cart train`)")
   if not (model_dir / RUN_FILE).is_file():
