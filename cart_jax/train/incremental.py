@@ -68,7 +68,6 @@ A changed run cannot be trained further with ``cart train`` (it refuses; train a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
