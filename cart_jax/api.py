@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from cart_jax.core.errors import CartError
-from cart_jax.data.embeddings import BuiltinEmbedOptions, EmbedResult, PrecomputedEmbedOptions
+from cart_jax.data.embeddings import (BuiltinEmbedOptions, EmbedResult, ModelEmbedOptions,
+                                     PrecomputedEmbedOptions)
 
 if TYPE_CHECKING:
   from cart_jax.data.corpus import Corpus
@@ -46,7 +47,7 @@ DATASETS = {
     "emoji-motion": "cart_jax.data.datasets.emoji_motion:prepare_emoji_motion",
 }
 
-__all__ = ["DATASETS", "PreparedCorpus", "BuiltIndex", "BuiltinEmbedOptions",
+__all__ = ["DATASETS", "PreparedCorpus", "BuiltIndex", "BuiltinEmbedOptions", "ModelEmbedOptions",
            "PrecomputedEmbedOptions", "EmbedResult", "prepare", "embed", "build_index", "train",
            "evaluate", "baseline", "search", "index_add", "index_remove", "demo"]
 
@@ -92,11 +93,14 @@ def prepare(dataset: str, out: str | os.PathLike, *, limit: int | None = None,
 
 
 def embed(corpus_dir: str | os.PathLike, out: str | os.PathLike,
-          options: BuiltinEmbedOptions | PrecomputedEmbedOptions = BuiltinEmbedOptions(), *,
-          overwrite: bool = False, progress: bool = True) -> EmbedResult:
+          options: BuiltinEmbedOptions | ModelEmbedOptions | PrecomputedEmbedOptions
+          = BuiltinEmbedOptions(), *, overwrite: bool = False, progress: bool = True
+          ) -> EmbedResult:
   """Item embeddings ``out`` (``E.npy`` + sidecars) of a corpus (``cart embed``).
 
-  ``options``: train the built-in dual encoder, or align embeddings computed elsewhere.
+  ``options``: train the built-in dual encoder; encode with one trained before
+  (``ModelEmbedOptions(model="E.model.npz")``, ``cart embed --model``: new items in the space
+  of that model's ``E.npy``, e.g. for :func:`index_add`); or align embeddings computed elsewhere.
   """
   from cart_jax.data import embeddings  # pylint: disable=g-import-not-at-top
   return embeddings.embed(corpus_dir, out, options, overwrite=overwrite, progress=progress)

@@ -8,8 +8,10 @@ the one place their names are derived):
   E.model.npz   (built-in encoder) the trained item tower + text projection
 
 The built-in encoder (:func:`embed_builtin`) trains the dual encoder of
-:mod:`cart_jax.train.dual_encoder` and embeds every item; :func:`align_precomputed` takes
-embeddings computed elsewhere (ImageBind, CLIP, CLAP...) and aligns them to the corpus's items.
+:mod:`cart_jax.train.dual_encoder` and embeds every item; :func:`embed_with_model` only encodes
+the items with a dual encoder trained before (an ``E.model.npz``: new items land in the space of
+that model's earlier ``E.npy``); :func:`align_precomputed` takes embeddings computed elsewhere
+(ImageBind, CLIP, CLAP...) and aligns them to the corpus's items.
 
 Accepted precomputed inputs:
 
@@ -213,6 +215,21 @@ class PrecomputedEmbedOptions:
   expect_dim: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelEmbedOptions:
+  """Encode only: the items through the item tower of an already-trained built-in dual encoder.
+
+  Attributes:
+    model: an ``E.model.npz`` that ``cart embed`` wrote next to an earlier ``E.npy``; the rows
+      land in that model's space (new items next to the old ones, e.g. for ``cart index add``).
+    batch_size: items per forward pass.
+    expect_dim: fail unless the model's embedding dimension is this (e.g. the run index's).
+  """
+  model: str
+  batch_size: int = 256
+  expect_dim: int | None = None
+
+
 @dataclasses.dataclass
 class EmbedResult:
   """What :func:`embed` wrote (``files``) and its JSON summary."""
@@ -225,13 +242,19 @@ class EmbedResult:
 
 
 def embed(corpus_dir: str | os.PathLike, out: str | os.PathLike,
-          options: BuiltinEmbedOptions | PrecomputedEmbedOptions = BuiltinEmbedOptions(), *,
-          overwrite: bool = False, progress: bool = True) -> EmbedResult:
+          options: BuiltinEmbedOptions | ModelEmbedOptions | PrecomputedEmbedOptions
+          = BuiltinEmbedOptions(), *, overwrite: bool = False, progress: bool = True
+          ) -> EmbedResult:
   """Item embeddings of a corpus, written as ``out`` (``E.npy``) and its sidecars.
+
+  ``options``: train the built-in dual encoder (and write its ``E.model.npz``), encode with one
+  trained before (:class:`ModelEmbedOptions`; its model is written next to ``out`` too), or align
+  embeddings computed elsewhere.
 
   Raises:
     CartError: ``out`` is not a ``.npy`` name, its files exist (without ``overwrite``), the corpus
-      or the precomputed embeddings are invalid, or the corpus has no built-in item tower.
+      or the precomputed embeddings are invalid, the corpus has no built-in item tower, or the
+      model is unreadable, of another modality or of another dimension than ``expect_dim``.
   """
   from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
   files = embedding_files(out)
@@ -241,10 +264,16 @@ def embed(corpus_dir: str | os.PathLike, out: str | os.PathLike,
   if existing and not overwrite:
     raise CartError(f"--out: {', '.join(map(str, existing))} already exist(s) (pass --overwrite "
                     "to replace)")
-  builtin = isinstance(options, BuiltinEmbedOptions)
+  builtin = isinstance(options, (BuiltinEmbedOptions, ModelEmbedOptions))
+  if isinstance(options, ModelEmbedOptions) and Path(options.model).absolute() == \
+      files.model.absolute():
+    raise CartError(f"--model {options.model} is the model file --out {out} would write; pass "
+                    "another --out")
   corpus = load_corpus(corpus_dir, check_media=builtin)
   t0 = time.perf_counter()
-  if builtin:
+  if isinstance(options, ModelEmbedOptions):
+    summary, emb, model = embed_with_model(corpus, str(corpus_dir), options, progress=progress)
+  elif builtin:
     summary, emb, model = embed_builtin(corpus, str(corpus_dir), options, files, progress=progress)
   else:
     (summary, emb), model = align_precomputed(corpus, str(corpus_dir), options), None
@@ -356,6 +385,79 @@ def embed_builtin(corpus, corpus_dir: str, options: BuiltinEmbedOptions, files: 
       "checkpoint_dir": str(ckpt),
   }
   return summary, emb, model
+
+
+def embed_with_model(corpus, corpus_dir: str, options: ModelEmbedOptions, *,
+                     progress: bool = True) -> tuple[dict, np.ndarray, object]:
+  """Encodes every item with the item tower of ``options.model`` (no training).
+
+  The media are read exactly as :func:`embed_builtin` reads them for that tower, so a corpus
+  embedded with the model trained on it gets the rows of its own ``E.npy`` back.
+
+  Returns:
+    (summary, embeddings float32 [N, d] L2-normalised, the loaded DualEncoder).
+  """
+  from cart_jax.models.towers import registry  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import dual_encoder as train_dual  # pylint: disable=g-import-not-at-top
+
+  b = options.batch_size
+  if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+    raise CartError(f"--batch-size must be an integer >= 1, got {b!r}")
+  model = train_dual.load_model(options.model)  # DualEncoderError naming the file
+  tower = model.config.tower
+  dim = int(model.config.embed_dim)
+  if corpus.modality == "mixed":
+    raise CartError(f"{corpus_dir} is a mixed corpus ({corpus.modality_counts()}): --model "
+                    f"{options.model} is one {tower.modality} item tower; embed each source corpus "
+                    "with its own modality's model")
+  if corpus.modality != tower.modality:
+    raise CartError(f"--model {options.model} is a {tower.modality} item tower; {corpus_dir} is a "
+                    f"{corpus.modality} corpus (use the E.model.npz of a {corpus.modality} "
+                    "embedding)")
+  if options.expect_dim is not None and dim != options.expect_dim:
+    raise CartError(f"--model {options.model}: its embeddings have dimension {dim}, expected "
+                    f"{options.expect_dim} (--expect-dim)")
+  bars = []
+
+  def bar(desc: str, total: int):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bb = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+    bars.append(bb)
+    return bb.update
+
+  try:
+    t0 = time.perf_counter()
+    paths = [corpus.media_path(it) for it in corpus.items]
+    media = registry.load_media(paths, tower, bar("reading media", len(paths)) if progress else None)
+    t1 = time.perf_counter()
+    emb = train_dual.embed_items(model, media, batch_size=b, progress=(
+        bar("embedding items", len(paths)) if progress else None))
+    t2 = time.perf_counter()
+  finally:
+    for bb in bars:
+      bb.close()
+  summary = {
+      "encoder": "builtin", "mode": "encode-only", "model": str(options.model),
+      "corpus": corpus_dir, "num_items": len(corpus.items), "dim": int(emb.shape[1]),
+      "model_config": json.loads(model.config.to_json()),
+      "model_meta": _model_source(options.model),
+      "seconds": {"read_media": t1 - t0, "embed_items": t2 - t1},
+  }
+  return summary, emb, model
+
+
+def _model_source(model_path: str | os.PathLike) -> dict | None:
+  """What the ``E.meta.json`` next to ``E.model.npz`` says of the model's training (or None)."""
+  path = Path(model_path)
+  suffix = ".model.npz"
+  if not path.name.endswith(suffix):
+    return None
+  meta = read_meta(path.with_name(path.name[:-len(suffix)] + ".npy"))
+  if not meta:
+    return None
+  return {"corpus": meta.get("corpus"), "num_items": meta.get("num_items"),
+          "content_hash": meta.get("content_hash"),
+          "train_config": meta.get("summary", {}).get("train_config")}
 
 
 def write_embeddings(files: EmbeddingFiles, item_ids: Sequence[str], embeddings: np.ndarray,

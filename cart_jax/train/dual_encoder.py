@@ -222,7 +222,14 @@ def load_model(path: str | os.PathLike) -> DualEncoder:
   path = Path(path)
   if not path.is_file():
     raise DualEncoderError(f"{path}: dual-encoder model file not found")
-  with np.load(path, allow_pickle=False) as z:
+  from cart_jax.index.inputs import NPY_READ_ERRORS  # pylint: disable=g-import-not-at-top
+  try:
+    z = np.load(path, allow_pickle=False)
+  except NPY_READ_ERRORS as e:
+    raise DualEncoderError(f"{path}: not a readable dual-encoder model file ({e})") from None
+  if not isinstance(z, np.lib.npyio.NpzFile):  # an .npy array: not a model
+    raise DualEncoderError(f"{path}: not a dual-encoder model file (an array, not an .npz)")
+  with z:
     arrays = dict(z)
   if "__config__" not in arrays:
     raise DualEncoderError(f"{path}: not a dual-encoder model file (no __config__)")

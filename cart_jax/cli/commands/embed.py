@@ -5,6 +5,8 @@
   # embeddings computed elsewhere (ImageBind, CLIP...), aligned to the corpus's items
   cart embed --corpus corpora/f30k --out emb/f30k.npy --encoder precomputed \\
       --precomputed clip_images.npy --item-ids clip_image_ids.txt
+  # encode only, with an item tower trained before: new items in the space of emb/emoji.npy
+  cart embed --corpus corpora/new_emoji --out emb/new_emoji.npy --model emb/emoji.model.npz
 
 Writes, next to ``--out E.npy`` (float32 [N, d], L2-normalised for the built-in encoder, rows in
 the corpus's item order):
@@ -22,6 +24,7 @@ import argparse
 
 from cart_jax.cli import output
 from cart_jax.cli.commands import int_at_least, positive_float
+from cart_jax.core.errors import CartError
 from cart_jax.data.embeddings import BuiltinEmbedOptions
 
 BUILTIN_DEFAULTS = BuiltinEmbedOptions()  # the flags' defaults are the library's
@@ -34,6 +37,11 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="item embeddings to write (.npy)")
   p.add_argument("--encoder", choices=("builtin", "precomputed"), default="builtin",
                  help="train the built-in dual encoder, or align embeddings computed elsewhere")
+  p.add_argument("--model", default=None, metavar="E.model.npz",
+                 help="encode only: embed the items with this trained built-in item tower (the "
+                      "E.model.npz of an earlier cart embed) instead of training one; the rows "
+                      "share that model's space (written next to --out too); --expect-dim "
+                      "checks its dimension, --batch-size is items per forward pass")
   g = p.add_argument_group("precomputed")
   g.add_argument("--precomputed", default=None, help=".npy or .npz of item embeddings")
   output.add_argument(g, "--item-ids", "--ids", dest="item_ids", default=None,
@@ -72,7 +80,13 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 def run(args) -> int:
   from cart_jax import api
   from cart_jax.data import embeddings as emb
-  if args.encoder == "precomputed":
+  if args.model is not None:
+    if args.encoder == "precomputed":
+      raise CartError("--model encodes with a trained built-in tower; it does not go with "
+                              "--encoder precomputed")
+    options = emb.ModelEmbedOptions(model=args.model, batch_size=args.batch_size,
+                                    expect_dim=args.expect_dim)
+  elif args.encoder == "precomputed":
     options = emb.PrecomputedEmbedOptions(
         path=args.precomputed, ids=args.item_ids, key=args.key, ids_key=args.ids_key,
         allow_extra_ids=args.allow_extra_ids, expect_dim=args.expect_dim)
