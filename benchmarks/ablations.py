@@ -489,7 +489,8 @@ def run_one(ws: _Workspace, args, variant: str, seed: int, extra: list[str], log
       "limit": args.limit, "steps": args.steps, "embed_steps": args.embed_steps,
       "extra_bindings": list(extra),
       "config": {"experiment": experiment, "bindings": bindings, "identifier_config": cfg.to_dict(),
-                 "what": VARIANTS[variant].what},
+                 "what": VARIANTS[variant].what if ws.has_captions else
+                         VARIANTS[variant].what.replace("caption rate 0.1", "caption rate 0 (no captions)")},
       "model_dir": str(model_dir), "index_dir": str(index_dir),
       "train": {"wall_seconds": round(train_wall if done is None else summary.get("seconds", train_wall), 2),
                 "already_trained": done is not None, "step": summary.get("step"),
