@@ -52,9 +52,7 @@ difference decides, flagged as ``single_seed``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import statistics
@@ -69,6 +67,12 @@ if str(ROOT) not in sys.path:  # `python benchmarks/ablations.py` from a checkou
 
 from cart_jax.core.artefacts import atomic_write_json, atomic_write_via  # noqa: E402
 from cart_jax.core.errors import CartError  # noqa: E402
+from benchmarks.driver_common import load_average as _load  # noqa: E402
+from benchmarks.driver_common import log as _log  # noqa: E402
+from benchmarks.driver_common import quiet_to as _quiet_to  # noqa: E402
+from benchmarks.driver_common import short_hash as _short_hash  # noqa: E402
+from benchmarks.driver_common import split_binding  # noqa: E402
+from benchmarks.driver_common import train_done as _train_done  # noqa: E402
 
 FORMAT = "cart-ablations"
 VERSION = 1
@@ -152,13 +156,6 @@ def parse_seeds(text: str) -> list[int]:
   if not seeds or any(s < 0 for s in seeds):
     raise ValueError(f"--seeds {text!r}: expected one or more integers >= 0")
   return seeds
-
-
-def split_binding(b: str) -> tuple[str, str]:
-  if "=" not in b:
-    raise ValueError(f"--extra-binding {b!r}: expected NAME=VALUE (a gin binding)")
-  name, value = b.split("=", 1)
-  return name.strip(), value.strip()
 
 
 def split_extra(extra: list[str]) -> tuple[list[str], dict]:
@@ -331,21 +328,6 @@ def plot(summary: dict, path: str | os.PathLike, title: str) -> None:
 
 # ----------------------------------------------------------------------------- the driver
 
-def _log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _load() -> float | None:
-  try:
-    return round(os.getloadavg()[0], 2)
-  except OSError:
-    return None
-
-
-def _short_hash(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def _setting_dir(root: Path, args, extra: list[str]) -> Path:
   name = args.dataset + ("-strict" if args.no_templates else "") + \
       (f"-limit{args.limit}" if args.limit else "") + f"-embed{args.embed_steps}"
@@ -365,18 +347,6 @@ def _read_report(path: Path) -> dict:
     raise CartError(f"--json {path}: not an ablation report (format {report.get('format')!r}); "
                     f"pass another --json")
   return report
-
-
-@contextlib.contextmanager
-def _quiet_to(path: Path | None):
-  """With a path: stdout/stderr of the block go to that log file (--quiet)."""
-  if path is None:
-    yield
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a", encoding="utf-8") as f:
-    with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-      yield
 
 
 class _Workspace:
@@ -442,17 +412,6 @@ class _Workspace:
            f"{stats.get('collision_rate', float('nan')):.3f}")
     self._indexes[name] = (path, stats)
     return path, stats
-
-
-def _train_done(model_dir: Path, steps: int) -> dict | None:
-  p = model_dir / "train_summary.json"
-  if not p.exists():
-    return None
-  try:
-    s = json.loads(p.read_text(encoding="utf-8"))
-  except (OSError, json.JSONDecodeError):
-    return None
-  return s if s.get("step", 0) >= steps else None
 
 
 def run_one(ws: _Workspace, args, variant: str, seed: int, extra: list[str], log_file: Path | None) -> dict:

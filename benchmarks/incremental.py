@@ -59,9 +59,7 @@ a fresh copy of ``base``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -76,6 +74,12 @@ if str(ROOT) not in sys.path:  # `python benchmarks/incremental.py` from a check
 
 from cart_jax.core.artefacts import atomic_write_json, atomic_write_via  # noqa: E402
 from cart_jax.core.errors import CartError  # noqa: E402
+from benchmarks.driver_common import load_average as _load  # noqa: E402
+from benchmarks.driver_common import log as _log  # noqa: E402
+from benchmarks.driver_common import quiet_to as _quiet_to  # noqa: E402
+from benchmarks.driver_common import short_hash as _short_hash  # noqa: E402
+from benchmarks.driver_common import split_binding  # noqa: E402
+from benchmarks.driver_common import train_done as _train_done  # noqa: E402
 
 FORMAT = "cart-incremental"
 VERSION = 1
@@ -106,13 +110,6 @@ SPLIT_SALT = 16  # the hold-out sample's rng: default_rng([seed, SPLIT_SALT])
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-def split_binding(b: str) -> tuple[str, str]:
-  if "=" not in b:
-    raise ValueError(f"--extra-binding {b!r}: expected NAME=VALUE (a gin binding)")
-  name, value = b.split("=", 1)
-  return name.strip(), value.strip()
-
 
 def split_extra(extra: list[str]) -> tuple[list[str], dict]:
   """--extra-binding values -> (gin bindings for training, IdentifierConfig field overrides)."""
@@ -252,33 +249,6 @@ def plot(runs: dict[str, dict], path: str | os.PathLike, title: str) -> None:
 
 # ----------------------------------------------------------------------------- the driver
 
-def _log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _load() -> float | None:
-  try:
-    return round(os.getloadavg()[0], 2)
-  except OSError:
-    return None
-
-
-def _short_hash(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
-
-
-@contextlib.contextmanager
-def _quiet_to(path: Path | None):
-  """With a path: stdout/stderr of the block go to that log file (--quiet)."""
-  if path is None:
-    yield
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a", encoding="utf-8") as f:
-    with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-      yield
-
-
 def _read_report(path: Path) -> dict:
   if not path.exists():
     return {"format": FORMAT, "version": VERSION, "runs": []}
@@ -298,17 +268,6 @@ def _sub_corpus(full, out: Path, keep: set[str]) -> None:
   write_corpus(out, full.name, full.modality, items, [t for t in full.all_texts if t.item_id in keep],
                media_sources={it.id: full.media_path(it) for it in items}, media_mode="symlink",
                meta={"subset_of": str(full.root), "items": len(items)}, overwrite=True)
-
-
-def _train_done(model_dir: Path, steps: int) -> dict | None:
-  p = model_dir / "train_summary.json"
-  if not p.exists():
-    return None
-  try:
-    s = json.loads(p.read_text(encoding="utf-8"))
-  except (OSError, json.JSONDecodeError):
-    return None
-  return s if s.get("step", 0) >= steps else None
 
 
 def _copy_run(src: Path, dst: Path) -> str:
