@@ -34,7 +34,12 @@ EXTRAS = {
     # In `all` at no extra cost: tensorflow-cpu (the `data` extra) depends on it already.
     "tensorboard": ["tensorboard>=2.16"],
     # nbformat/nbclient/ipykernel execute notebooks/cart_colab.ipynb in tests/test_notebook.py.
-    "test": ["pytest>=8", "hypothesis>=6.100", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
+    # `cart serve`: the HTTP server (Starlette app under uvicorn).
+    "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+    # httpx: Starlette's TestClient and the load test's clients; selenium drives the Debian
+    # chromium/chromium-driver (Makefile) in tests/test_browser.py.
+    "test": ["pytest>=8", "hypothesis>=6.100", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29",
+             "httpx>=0.27", "selenium>=4.20"],
 }
 EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
 
@@ -48,7 +53,7 @@ setup(
     # collide with another project's `tasks` package or a t5x user's tasks.py.
     packages=find_packages(include=["cart_jax", "cart_jax.*"]) + ["cart_seqio"],
     package_dir={"cart_seqio": "tasks"},
-    package_data={"cart_jax": ["py.typed"]},
+    package_data={"cart_jax": ["py.typed", "serve/static/*"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["cart=cart_jax.cli.main:main"]},
