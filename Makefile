@@ -11,6 +11,9 @@ export PYTHONUNBUFFERED := 1
 # event sounds; they come from Debian. Installed when missing and we are root; otherwise the
 # `cart data prepare instruments` error says what to install.
 SYSTEM_PACKAGES := fluidsynth timgm6mb-soundfont sound-theme-freedesktop
+# tests/test_browser.py drives headless Chromium (Debian's browser and its driver) through Selenium;
+# installed when missing and we are root; otherwise that test is skipped, naming these packages.
+BROWSER_PACKAGES := chromium chromium-driver
 
 $(STAMP): setup.py
 	@if ! command -v fluidsynth >/dev/null || ! test -f /usr/share/sounds/sf2/TimGM6mb.sf2 \
@@ -19,6 +22,11 @@ $(STAMP): setup.py
 	    (apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null 2>&1 \
 	     || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null)); \
 	  else echo "note: not root; install $(SYSTEM_PACKAGES) for the audio data set"; fi; fi
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1 \
+	     || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null)); \
+	  else echo "note: not root; install $(BROWSER_PACKAGES) for the browser test of cart serve"; fi; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all]'
