@@ -1,5 +1,18 @@
 """cart-jax: generative cross-modal retrieval (CART, ACL 2025) in JAX/Flax."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+# One version: cart_jax.__version__ (read here, never imported: setup must not need jax).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "cart_jax" / "__init__.py").read_text(),
+                    re.M).group(1)
+# The gin configs (gin_configs/ in the repository) install as the package cart_jax.gin_configs, so
+# an installed cart finds them through package resources (cart_jax/cli/cli_gin.py) from any cwd.
+GIN_PACKAGES = ["cart_jax.gin_configs"] + sorted(
+    "cart_jax.gin_configs." + d.name for d in (HERE / "gin_configs").iterdir()
+    if (d / "__init__.py").is_file())
 
 CORE = [
     "jax>=0.7",
@@ -15,6 +28,7 @@ CORE = [
     "pillow>=10",
     "matplotlib>=3.8",
     "tensorboardX>=2.6",  # training metrics for TensorBoard without TensorFlow
+    "filelock>=3.12",  # lets JAX bound the persistent compilation cache (LRU eviction)
 ]
 EXTRAS = {
     # SeqIO tasks, TFDS builder and the WordPiece tokenizer; pulls TensorFlow.
@@ -45,9 +59,20 @@ EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
 
 setup(
     name="cart-jax",
-    version="0.1.0",
+    version=VERSION,
     description="CART generative cross-modal retrieval in JAX/Flax: semantic identifiers, "
                 "fused encoder-decoder, trie-constrained beam search",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     # The SeqIO tasks live in the tasks/ folder but install as `cart_seqio`, so they can never
     # collide with another project's `tasks` package or a t5x user's tasks.py.

@@ -26,6 +26,7 @@ from cart_jax.core.artefacts import atomic_write_text
 from cart_jax.core.errors import CartError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # cart_jax/cli/cli_gin.py -> the repository
+GIN_PACKAGE = "cart_jax.gin_configs"  # gin_configs/ as installed by the wheel (setup.py)
 _REGISTERED = False
 _SEARCH_PATHS: set[str] = set()
 
@@ -86,12 +87,43 @@ class _NoProbeErrors(logging.Filter):
     return not (record.msg == "Path not found: %s" and record.module == "resource_reader")
 
 
+def gin_search_paths() -> list[Path]:
+  """Directories holding ``gin_configs/``: where ``gin_configs/...`` paths and includes resolve.
+
+  The working directory first (a user's own ``gin_configs/``), then the repository root of this
+  checkout, then the installed package's copy (``cart_jax/gin_configs`` in the wheel, found
+  through package resources), so ``--gin_file=gin_configs/experiments/emoji_demo.gin`` works
+  from any directory with an installed ``cart`` too.
+  """
+  paths = [Path.cwd()]
+  if (REPO_ROOT / "gin_configs").is_dir():
+    paths.append(REPO_ROOT)
+  installed = installed_gin_configs()
+  if installed is not None and installed.parent not in paths:
+    paths.append(installed.parent)
+  return paths
+
+
+def installed_gin_configs() -> Path | None:
+  """The ``gin_configs`` folder of the installed package (``None``: not installed as one)."""
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  try:
+    root = importlib.resources.files(GIN_PACKAGE)
+  except ModuleNotFoundError:
+    return None
+  path = Path(str(root))
+  # gin reads files by path: the package's folder must exist as one (not a zip) and, to resolve
+  # includes written as 'gin_configs/...', be named gin_configs.
+  return path if path.name == "gin_configs" and path.is_dir() else None
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str], *, finalize: bool = True) -> None:
-  """Clears gin, registers, then parses files (searched also under the repository root, so the
-  repository-relative includes of ``gin_configs/`` resolve from any working directory)."""
+  """Clears gin, registers, then parses files (searched also under the repository root and the
+  installed package, so the ``gin_configs/`` paths and includes resolve from any working
+  directory: :func:`gin_search_paths`)."""
   register()
   gin.clear_config()
-  for d in (str(Path.cwd()), str(REPO_ROOT)):
+  for d in map(str, gin_search_paths()):
     if d not in _SEARCH_PATHS:
       gin.add_config_file_search_path(d)
       _SEARCH_PATHS.add(d)

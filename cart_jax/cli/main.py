@@ -7,11 +7,17 @@ Modules are imported only when listed here, so ``cart --help`` stays fast.
 A user error (:class:`CartError`) is printed as one line ``cart COMMAND: error: MESSAGE``, exit 2;
 control characters a message carries from user input (a path, an id, a flag value) are escaped as
 ``repr`` writes them, so a terminal never interprets them and the message stays one line, whole.
+
+Every command runs with JAX's persistent compilation cache on
+(:func:`cart_jax.core.compile_cache.enable_compilation_cache`): a second ``cart search`` loads the
+programs the first compiled. ``cart --no-compile-cache COMMAND`` (or ``CART_JAX_COMPILE_CACHE=0``)
+turns it off.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from cart_jax.core.errors import CartError
@@ -42,6 +48,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="cart", description="CART: generative cross-modal retrieval in JAX/Flax.")
+  parser.add_argument("--no-compile-cache", action="store_true",
+                      help="do not use the persistent JAX compilation cache (also: "
+                           "CART_JAX_COMPILE_CACHE=0; default dir: $CART_JAX_CACHE_DIR, else "
+                           "~/.cache/cart-jax/jax)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   for name, module, help_text in COMMANDS:
@@ -54,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
+    _compile_cache(args)
     rc = args.func(args)
   except CartError as e:
     print(f"cart {args.command}: error: {escape_controls(str(e))}", file=sys.stderr)
@@ -62,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cart {args.command}: interrupted", file=sys.stderr)
     return 130
   return int(rc or 0)
+
+
+def _compile_cache(args) -> None:
+  """The persistent compilation cache for this command (off with ``--no-compile-cache``)."""
+  from cart_jax.core import compile_cache  # pylint: disable=g-import-not-at-top
+  if args.no_compile_cache:
+    os.environ[compile_cache.ENV_SWITCH] = "0"  # also for a command that enables it itself
+    return
+  compile_cache.enable_compilation_cache(model_dir=getattr(args, "model_dir", None))
 
 
 if __name__ == "__main__":
