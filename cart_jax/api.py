@@ -14,6 +14,7 @@
   api.baseline(emb.path, "work/corpus")          # the dual tower, same keys
   api.search("work/cart", ["smiling cat"], k=5)  # [{"query", "results": [...]}]
   api.demo(modality="image", workdir="work")     # all of the above: cart demo
+  api.make_server("work/cart").run()             # HTTP search + page: cart serve
 
 Each function composes the rooms below it (``data``, ``index``, ``train``, ``inference``) and
 returns typed values or the JSON-ready dict its command prints. User errors raise
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
   from cart_jax.data.corpus import Corpus
   from cart_jax.index.identifiers import IdentifierConfig, SemanticIndex
   from cart_jax.recipes import DemoResult
+  from cart_jax.serve import Server, ServeConfig
 
 # Built-in data sets: name -> "module:function", called as fn(out_dir, *, limit, size, templates,
 # overwrite[, unseen_items]) -> (Corpus, stats dataclass); only emoji has unseen_items.
@@ -49,7 +51,7 @@ DATASETS = {
 
 __all__ = ["DATASETS", "PreparedCorpus", "BuiltIndex", "BuiltinEmbedOptions", "ModelEmbedOptions",
            "PrecomputedEmbedOptions", "EmbedResult", "prepare", "embed", "build_index", "train",
-           "evaluate", "baseline", "search", "index_add", "index_remove", "demo"]
+           "evaluate", "baseline", "search", "index_add", "index_remove", "demo", "make_server"]
 
 
 @dataclasses.dataclass
@@ -240,3 +242,16 @@ def demo(modality: str = "image", workdir: str | os.PathLike | None = None, *, f
   """
   from cart_jax import recipes  # pylint: disable=g-import-not-at-top
   return recipes.run_demo(recipes.recipe_for(modality, full), workdir=workdir, **options)
+
+
+def make_server(model_dir: str | os.PathLike, config: ServeConfig | None = None,
+                **options) -> Server:
+  """A trained run loaded once and compiled, ready to serve over HTTP (``cart serve``).
+
+  ``config``: :class:`cart_jax.serve.ServeConfig` (host, port, beam, max_batch, max_wait_ms,
+  queue_size, batch_sizes, ...). Options: :func:`cart_jax.serve.make_server` (``step``,
+  ``rerank``, ``rerank_weight``, ``embeddings``, ``verify``, ``log``). ``server.run()`` serves
+  until SIGTERM/SIGINT, answers the requests in flight, and returns.
+  """
+  from cart_jax import serve  # pylint: disable=g-import-not-at-top  (starlette/uvicorn: the serve extra)
+  return serve.make_server(model_dir, config or serve.ServeConfig(), **options)

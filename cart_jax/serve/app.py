@@ -1,0 +1,224 @@
+"""The HTTP side of ``cart serve``: a Starlette app over a :class:`SearchEngine` and a micro-batcher.
+
+Routes:
+
+  POST /search   ``{"query": str, "k": int?, "modality": str?}`` ->
+                 ``{"query", "k", "modality", "results": [{"rank", "id", "identifier", "score",
+                 "modality", "media_url", "media_type"[, "logp", "cos"]}], "step"}``;
+                 batch form ``{"queries": [str, ...], "k"?, "modality"?}`` ->
+                 ``{"queries": [{"query", "results"}, ...], "k", "modality", "step"}``.
+  GET  /healthz  ``{"status": "ok", ...the run's info}`` (503 ``"draining"`` while shutting down).
+  GET  /metrics  requests and responses by status, queries, batches, the batch size histogram
+                 (queries per executed batch, and the compiled size each ran at), latency
+                 percentiles (end to end per /search request, and per batch search call), queue depth.
+  GET  /         the search page (``static/index.html``: self-contained, nothing loaded from elsewhere).
+  GET  /media/<item id>  the item's media file; ids are looked up, never used as paths
+                 (:meth:`SearchEngine.media_file`): an unknown id is 404, a file whose real path
+                 leaves the corpus directory (and the media roots the corpus declares) is 403.
+
+Errors are JSON ``{"error": message}``: 400 for a malformed request (bad JSON, missing or empty
+query, a bad ``k`` or ``modality``, an unknown field), 413 for an oversized body or query, 415 for
+a content type other than JSON, 503 when the request queue is full or the server is draining.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from importlib import resources
+
+from cart_jax.data.corpus import has_visible_text
+from cart_jax.serve.batcher import Metrics, MicroBatcher, QueueFull
+from cart_jax.serve.engine import Query
+
+log = logging.getLogger("cart.serve")
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+DEFAULT_MAX_QUERY_CHARS = 1000
+DEFAULT_MAX_QUERIES = 256  # per batch-form request
+_FIELDS = {"query", "queries", "k", "modality"}
+
+
+class RequestError(Exception):
+  """A bad request: its HTTP status and the message sent back."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+    self.message = message
+
+
+def page_html() -> str:
+  """The search page (package data ``cart_jax/serve/static/index.html``)."""
+  return resources.files("cart_jax.serve").joinpath("static", "index.html").read_text("utf-8")
+
+
+def parse_search(body: bytes, content_type: str, *, max_k: int, modalities: dict,
+                 max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
+                 max_queries: int = DEFAULT_MAX_QUERIES) -> tuple[list[Query], bool]:
+  """A /search body -> (queries, batch form?); RequestError naming the problem otherwise."""
+  if content_type.split(";")[0].strip().lower() != "application/json":
+    raise RequestError(415, f"Content-Type must be application/json, found {content_type or 'none'!r}")
+  if len(body) > MAX_BODY_BYTES:
+    raise RequestError(413, f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES}")
+  try:
+    doc = json.loads(body)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RequestError(400, f"body is not valid JSON: {e}") from None
+  if not isinstance(doc, dict):
+    raise RequestError(400, f"body must be a JSON object, found {type(doc).__name__}")
+  unknown = sorted(set(doc) - _FIELDS)
+  if unknown:
+    raise RequestError(400, f"unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
+  if ("query" in doc) == ("queries" in doc):
+    raise RequestError(400, "give either 'query' (a string) or 'queries' (a list of strings)"
+                       + (", not both" if "query" in doc else ""))
+  k = doc.get("k", min(10, max_k))
+  if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
+    raise RequestError(400, f"'k' must be an integer from 1 to {max_k}, found {k!r}")
+  modality = doc.get("modality")
+  if modality is not None:
+    if not isinstance(modality, str) or modality not in modalities:
+      listed = ", ".join(f"{m} ({n} items)" for m, n in modalities.items()) or "none known"
+      raise RequestError(400, f"unknown modality {modality!r}; this index holds: {listed}")
+  batch = "queries" in doc
+  texts = doc["queries"] if batch else [doc["query"]]
+  if batch:
+    if not isinstance(texts, list) or not texts:
+      raise RequestError(400, f"'queries' must be a non-empty list of strings, found {texts!r:.80}")
+    if len(texts) > max_queries:
+      raise RequestError(413, f"'queries' holds {len(texts)} queries; at most {max_queries} per request")
+  for i, text in enumerate(texts):
+    where = f"'queries'[{i}]" if batch else "'query'"
+    if not isinstance(text, str):
+      raise RequestError(400, f"{where} must be a string, found {type(text).__name__}")
+    if not has_visible_text(text):
+      raise RequestError(400, f"{where} is empty ({text!r:.40}): give some words to search for")
+    if len(text) > max_query_chars:
+      raise RequestError(413, f"{where} is {len(text)} characters; at most {max_query_chars}")
+  return [Query(t, k, modality) for t in texts], batch
+
+
+def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_size: int = 256,
+               max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
+               max_queries: int = DEFAULT_MAX_QUERIES, run_batch=None):
+  """The Starlette app serving ``engine`` (a :class:`SearchEngine`).
+
+  Args:
+    max_batch, max_wait_ms, queue_size: the micro-batcher's (:class:`MicroBatcher`).
+    run_batch: what the batcher calls with a batch of queries (default ``engine.search``).
+  """
+  from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
+  from starlette.requests import Request  # pylint: disable=g-import-not-at-top
+  from starlette.responses import FileResponse, HTMLResponse, JSONResponse  # pylint: disable=g-import-not-at-top
+  from starlette.routing import Route  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.core.errors import CartError  # pylint: disable=g-import-not-at-top
+
+  metrics = Metrics()
+  batcher = MicroBatcher(run_batch or engine.search, max_batch=max_batch,
+                         max_wait_s=max_wait_ms / 1e3, queue_size=queue_size,
+                         padded_size=engine.padded_size, metrics=metrics)
+  info = engine.info()
+  state = {"draining": False}
+  html = page_html()
+
+  def reply(endpoint: str, status: int, doc: dict) -> JSONResponse:
+    metrics.requests[endpoint] += 1
+    metrics.responses[status] += 1
+    return JSONResponse(doc, status_code=status)
+
+  async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+      raise RequestError(413, f"request body is {declared} bytes; at most {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+      size += len(chunk)
+      if size > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body is over {MAX_BODY_BYTES} bytes")
+      chunks.append(chunk)
+    return b"".join(chunks)
+
+  async def search(request: Request):
+    t0 = time.perf_counter()
+    try:
+      body = await read_body(request)
+      queries, batch = parse_search(body, request.headers.get("content-type", ""),
+                                    max_k=engine.beam, modalities=engine.modalities,
+                                    max_query_chars=max_query_chars, max_queries=max_queries)
+      results = await batcher.submit(queries)
+    except RequestError as e:
+      return reply("/search", e.status, {"error": e.message})
+    except QueueFull as e:
+      metrics.rejected += 1
+      return reply("/search", 503, {"error": str(e)})
+    except CartError as e:  # e.g. a modality without items: named, not a 500
+      return reply("/search", 400, {"error": str(e)})
+    metrics.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+    k, modality = queries[0].k, queries[0].modality
+    if batch:
+      doc = {"queries": [{"query": q.text, "results": r} for q, r in zip(queries, results)]}
+    else:
+      doc = {"query": queries[0].text, "results": results[0]}
+    doc.update(k=k, modality=modality, step=info["step"])
+    return reply("/search", 200, doc)
+
+  async def healthz(request: Request):
+    if state["draining"]:
+      return reply("/healthz", 503, {"status": "draining"})
+    return reply("/healthz", 200, dict(status="ok", **info))
+
+  async def metrics_route(request: Request):
+    metrics.requests["/metrics"] += 1
+    metrics.responses[200] += 1
+    return JSONResponse(metrics.snapshot(batcher.depth))
+
+  async def index_page(request: Request):
+    metrics.requests["/"] += 1
+    metrics.responses[200] += 1
+    return HTMLResponse(html, headers={"Content-Security-Policy": _CSP})
+
+  async def media(request: Request):
+    item_id = request.path_params["item_id"]
+    try:
+      path = engine.media_file(item_id)
+    except CartError as e:  # the real path leaves the corpus: refused, and said so in the log only
+      log.warning("refused media of item %r: %s", item_id, e)
+      return reply("/media", 403, {"error": f"the media of item {item_id!r} lie outside the corpus "
+                                            "directory; not served"})
+    if path is None:
+      return reply("/media", 404, {"error": f"no media for item id {item_id!r} (not an item of "
+                                            "the served index)"})
+    metrics.requests["/media"] += 1
+    metrics.responses[200] += 1
+    import mimetypes  # pylint: disable=g-import-not-at-top
+    return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0],
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    await batcher.start()
+    try:
+      yield
+    finally:
+      state["draining"] = True
+      await batcher.stop()  # every queued request is answered first
+
+  app = Starlette(routes=[
+      Route("/search", search, methods=["POST"]),
+      Route("/healthz", healthz, methods=["GET"]),
+      Route("/metrics", metrics_route, methods=["GET"]),
+      Route("/", index_page, methods=["GET"]),
+      Route("/media/{item_id:path}", media, methods=["GET"]),
+  ], lifespan=lifespan)
+  app.state.batcher = batcher
+  app.state.metrics = metrics
+  app.state.engine = engine
+  return app
+
+
+# The page loads nothing from elsewhere: its own script and style, media from /media.
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "img-src 'self'; media-src 'self'; connect-src 'self'")
