@@ -56,6 +56,10 @@ EXTRAS = {
              "httpx>=0.27", "selenium>=4.20"],
 }
 EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
+# Accelerators (launch/): JAX's own wheels for the hardware; not in `all` (the CPU install).
+# gcsfs: gs:// MODEL_DIR / corpora through etils.epath on hosts without TensorFlow.
+EXTRAS["tpu"] = ["jax[tpu]>=0.7", "gcsfs>=2024.2"]
+EXTRAS["gpu"] = ["jax[cuda12]>=0.7", "gcsfs>=2024.2"]
 
 setup(
     name="cart-jax",
