@@ -175,6 +175,12 @@ def summarise(runs: dict[str, dict], dataset: str) -> dict:
       "old_r1_after": add["old"]["r@1"] if add else None,
       "seconds_add": add["seconds"] if add else None,
       "seconds_full": full["seconds"] if full else None,
+      # beside the issue's keys: full retraining's own old R@1 (the old items compete with the
+      # new ones there too), and where the add's old-query errors went
+      "old_r1_full": full["old"]["r@1"] if full else None,
+      "old_errors_before": base.get("old_errors") if base else None,
+      "old_errors_add": add.get("old_errors") if add else None,
+      "old_errors_full": full.get("old_errors") if full else None,
   }
   out_goals = {}
   if base and full:
@@ -407,6 +413,26 @@ class _Workspace:
                         log=(lambda m: None) if self.args.quiet else print)
     return {k: ev[k] for k in EVAL_KEYS}
 
+  def old_errors(self, model_dir: Path) -> dict:
+    """Where the old items' test queries go wrong at rank 1: to a new item (the added items
+    compete for them) or to another old item (what the model forgot). Forgetting proper is the
+    second share's rise over ``base``'s."""
+    from cart_jax import api  # pylint: disable=g-import-not-at-top
+    from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
+    kept, new = set(self.kept), set(self.new)
+    qs = [t for t in load_corpus(self.full_dir).texts(split="test")
+          if t.item_id in kept and t.kind == "query"]
+    if not qs:
+      return {"queries": 0}
+    with self._quiet():
+      res = api.search(model_dir, [t.text for t in qs], k=1, log=lambda m: None)
+    top = [r["results"][0]["item_id"] if r["results"] else None for r in res]
+    right = sum(t.item_id == g for t, g in zip(qs, top))
+    to_new = sum(g in new for t, g in zip(qs, top) if g != t.item_id)
+    n = len(qs)
+    return {"queries": n, "r@1": right / n, "error_to_new_item": to_new / n,
+            "error_to_old_item": (n - right - to_new) / n}
+
 
 def run_variant(ws: _Workspace, variant: str, runs: dict[str, dict]) -> dict:
   """Runs one variant and evaluates it; returns its record."""
@@ -468,6 +494,7 @@ def run_variant(ws: _Workspace, variant: str, runs: dict[str, dict]) -> dict:
   t1 = time.perf_counter()
   rec["old"] = ws.evaluate(model_dir, ws.kept)
   rec["new"] = None if variant == "base" else ws.evaluate(model_dir, ws.new)
+  rec["old_errors"] = ws.old_errors(model_dir)
   rec["eval_seconds"] = time.perf_counter() - t1
   rec["machine"] = {"load_avg_1m_before": load_before, "load_avg_1m_after": _load(),
                     "cpu_count": os.cpu_count()}
@@ -526,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "new_only takes as many")
   ap.add_argument("--replay-ratio", type=float, default=None,
                   help="the replay add's share of old texts per batch (default: cart index add's, 0.5)")
+  ap.add_argument("--redo", default="", metavar="V1,V2",
+                  help="run these variants again even if the report has them for this setting "
+                       f"(of {', '.join(ORDER)})")
   ap.add_argument("--workdir", default=None,
                   help="root of the work directories (default $TMPDIR/cart-incremental)")
   ap.add_argument("--json", default=None,
@@ -603,11 +633,15 @@ def _run(args, extra, recipe, json_path, plot_path, root) -> int:
                                      "every variant uses these vectors, full retraining too"})
   ws = _Workspace(work, args, recipe, extra, log_file)
   done = _current(report, setting)
+  redo = {v for v in args.redo.split(",") if v}
+  if redo - set(ORDER):
+    raise CartError(f"--redo {args.redo}: unknown variant(s) {sorted(redo - set(ORDER))}; "
+                    f"the variants are {', '.join(ORDER)}")
   ran = skipped = 0
   prepared = False
   for i, variant in enumerate(ORDER, start=1):
     tag = f"[{i}/{len(ORDER)}] {variant}"
-    if variant in done:
+    if variant in done and variant not in redo:
       _log(f"{tag}: skip (done)")
       skipped += 1
       continue

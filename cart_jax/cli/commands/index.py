@@ -20,9 +20,9 @@ Each change writes a new version of the run (``MODEL_DIR/versions/<n>/``: index,
 checkpoint, re-ranker) and switches ``run.json`` to it only once it is complete: a kill leaves
 the run at its previous version. A run changed this way is not trained further by ``cart train``.
 
-Defaults (provisional until the incremental benchmark measures them): ``--replay-ratio 0.5``;
-``--steps`` auto: as many passes over the new texts as the run made over its own, at most 20% of
-its training steps; ``--lr`` the run's peak learning rate. Library: ``cart_jax.api.index_add``,
+Defaults (measured by benchmarks/incremental.py; README "Adding and removing items"):
+``--replay-ratio 0.5``; ``--steps`` auto: as many passes over the new texts as the run made over
+its own, at most 18% of its training steps (an add then takes about a fifth of a retraining); ``--lr`` the run's peak learning rate. Library: ``cart_jax.api.index_add``,
 ``cart_jax.api.index_remove`` (``cart_jax.train.incremental``).
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   output.add_argument(add, "--item-ids", "--ids", dest="item_ids", default=None,
                       help="ids of the embedding rows, one per line (default: NEW_E.ids.txt)")
   add.add_argument("--steps", type=int_at_least(0), default=None,
-                   help="fine-tuning steps (default: auto, at most 20%% of the run's; 0: none)")
+                   help="fine-tuning steps (default: auto, at most 18%% of the run's; 0: none)")
   add.add_argument("--replay-ratio", type=_ratio, default=incremental.DEFAULT_REPLAY_RATIO,
                    help="share of each batch from the old items' training texts (default "
                         f"{incremental.DEFAULT_REPLAY_RATIO})")
