@@ -199,3 +199,113 @@ def param_logical_axes_table(state: Any) -> dict[str, dict]:
 
 def num_elements(shape: Sequence[int]) -> int:
   return int(math.prod(shape))
+
+
+# --------------------------------------------------------------------------- processes
+#
+# Multi-host (``jax.distributed``): every process runs the same program; arrays on a mesh that
+# spans several processes are *global* (each process holds only its addressable shards). The
+# helpers below are the only ways host data enters and leaves such arrays, and the only barrier.
+# With one process they reduce to ``device_put`` / ``np.asarray`` and no-ops.
+
+
+def is_primary() -> bool:
+  """Whether this is process 0: the one that writes shared artefacts (MODEL_DIR, summaries)."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier across all processes (no-op with one); ``name`` must be the same on all."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def agree(ok: bool, what: str) -> None:
+  """Raises on every process when any process's ``ok`` is False (with one process: when ``ok`` is).
+
+  Work done by one process (process 0 writing MODEL_DIR) can fail there only; the others would
+  then wait for it at the next collective for ever. Each process says whether its part worked
+  and all raise together. ``what``: the part, for the message of the processes that did not fail.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = np.asarray(multihost_utils.process_allgather(np.asarray(bool(ok), np.int32)))  # [processes]
+  failed = [int(i) for i in np.flatnonzero(flags == 0)]
+  if failed and ok:
+    raise CartError(f"{what} failed on process(es) {failed} (this is process "
+                    f"{jax.process_index()}); see that process's error")
+
+
+def host_to_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array that every process holds whole -> an array with ``sharding``.
+
+  Each process places only its addressable shards (``make_array_from_callback``), so this is
+  right on one process and on many, for a replicated or a sharded ``sharding``.
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def process_local_to_global(local: np.ndarray, sharding: jax.sharding.Sharding,
+                            global_shape: Sequence[int]) -> jax.Array:
+  """This process's rows of a batch sharded over its leading axis -> the global array.
+
+  ``local`` holds the rows of this process's devices (``process_slice``); with one process it
+  is the whole batch.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(np.asarray(local), sharding)
+  return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))
+
+
+def process_slice(global_batch: int, sharding: jax.sharding.Sharding) -> slice:
+  """The rows ``[start, stop)`` of a batch sharded over its leading axis that this process holds.
+
+  Read from the sharding (``addressable_devices_indices_map``), not assumed from the process
+  index, so any device order of the mesh is right. The rows must be contiguous (they are for a
+  mesh built by :func:`make_mesh`).
+  """
+  if jax.process_count() == 1:
+    return slice(0, global_batch)
+  idx = sharding.addressable_devices_indices_map((global_batch,))
+  starts = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                   for s in idx.values()})
+  lo, hi = starts[0][0], starts[-1][1]
+  covered = sum(b - a for a, b in starts)
+  if covered != hi - lo:
+    raise CartError(f"this process's rows of a batch of {global_batch} are not contiguous "
+                    f"({starts}): build the mesh with partitioning.make_mesh")
+  return slice(lo, hi)
+
+
+def global_to_host(tree: Any) -> Any:
+  """Arrays (global or local) -> numpy with the full value, on every process.
+
+  ``np.asarray`` cannot fetch an array that spans devices of other processes; those are
+  gathered with ``multihost_utils.process_allgather(tiled=True)`` (a collective: every process
+  must call this in the same order).
+  """
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(fetch, tree)
+
+
+def local_copy(tree: Any) -> Any:
+  """Replicated global arrays -> the same values on this process's first device only.
+
+  For work one process does alone (a per-host cache); sharded arrays are gathered first.
+  """
+  device = jax.local_devices()[0]
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return x
+    if x.is_fully_replicated:
+      return jax.device_put(x.addressable_data(0), device)
+    return jax.device_put(global_to_host(x), device)
+  return jax.tree.map(one, tree)

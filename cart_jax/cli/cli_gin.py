@@ -22,7 +22,6 @@ from typing import Sequence
 
 import gin
 
-from cart_jax.core.artefacts import atomic_write_text
 from cart_jax.core.errors import CartError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # cart_jax/cli/cli_gin.py -> the repository
@@ -56,7 +55,7 @@ def register() -> None:
   gin.external_configurable(IdentifierConfig, "IdentifierConfig")
   gin.external_configurable(EvalConfig, "EvalConfig")
   gin.external_configurable(jobs.train_job, "train_job",
-                            denylist=["progress", "stop_after", "log", "operative_config"])
+                            denylist=["progress", "log", "operative_config"])
   _REGISTERED = True
 
 
@@ -195,9 +194,12 @@ def run_train(progress: bool = True) -> dict:
     summary = train_job(operative_config=gin.config_str(), progress=progress)
   except CartError as e:
     raise _without_gin_context(e) from None
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    atomic_write_text(Path(summary["model_dir"]) / jobs.CONFIG_FILE,
-                      jobs.resolve_config(gin.operative_config_str(), summary))
+    paths.write_text(paths.absolute(summary["model_dir"]) / jobs.CONFIG_FILE,
+                     jobs.resolve_config(gin.operative_config_str(), summary))
+  partitioning.sync("cart-train-config")  # config.gin is final when any process returns
   return summary
 
 

@@ -60,22 +60,32 @@ class LoadedRun:
   frozen: object
   step: int
   input_length: int
+  mesh: object = None  # the mesh params/frozen live on (all devices, every process: data x model)
 
 
 def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corpus: bool = True,
-             verify: bool = True) -> LoadedRun:
+             verify: bool = True, mesh=None) -> LoadedRun:
   """Reads ``run.json``, the index copy and the newest (or given) checkpoint of a MODEL_DIR.
 
   ``verify``: check the checkpoint's files against its manifest before reading any array
   (``CheckpointIntegrityError`` naming the step and the file on a mismatch).
+  ``mesh``: where the parameters go (default: every device of every process, ``data`` x
+  ``model``, the run's ``mesh_model`` where it divides the devices: :func:`inference_model_axis`),
+  so :func:`searcher_for_run` splits query batches over all of them. A
+  multi-process launch (``jax.distributed``, see ``launch/``) is joined first; then every
+  process must call this (the restore is collective).
   """
   from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
   from cart_jax.models.cart.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
   from cart_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
-  d = Path(model_dir)
-  run_path = d / RUN_FILE
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+
+  trainer.maybe_initialize_distributed()
+  d = paths.as_path(model_dir)  # gs://... stays a URI (etils.epath); the index and the corpus's
+  run_path = d / RUN_FILE        # JSON files are read from a local copy of a remote directory
   if not d.is_dir():
     raise RunError(f"{d}: no such directory (a MODEL_DIR written by `cart train`)")
   if not run_path.exists():
@@ -90,32 +100,50 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
     raise RunError(f"{run_path}: format {run.get('format')!r} v{run.get('version')}, expected "
                    f"{RUN_FORMAT!r} v{RUN_VERSION}")
   model_config = ModelConfig(**run["model_config"])
-  index = load_index(run_subdir(d, run, "index_dir", INDEX_SUBDIR))
+  index = load_index(paths.stage(run_subdir(d, run, "index_dir", INDEX_SUBDIR)))
   corpus = None
   if need_corpus:
-    if not Path(run["corpus_dir"]).exists():
-      raise RunError(f"{run_path}: corpus_dir {run['corpus_dir']} does not exist")
-    corpus = load_corpus(run["corpus_dir"], check_media=False)
+    corpus_dir = run["corpus_dir"]
+    if not paths.as_path(corpus_dir).exists():
+      raise RunError(f"{run_path}: corpus_dir {corpus_dir} does not exist")
+    if paths.is_remote(corpus_dir):
+      from cart_jax.train.jobs import CORPUS_FILES  # pylint: disable=g-import-not-at-top
+      corpus_dir = paths.stage(corpus_dir, CORPUS_FILES)
+    corpus = load_corpus(corpus_dir, check_media=False)
   ckpt_dir = run_subdir(d, run, "checkpoint_dir", CHECKPOINT_SUBDIR)
   if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     raise RunError(f"{ckpt_dir}: no checkpoint yet")
   if step is not None and not (ckpt_dir / str(step)).is_dir():
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
     raise RunError(f"{ckpt_dir}: no checkpoint of step {step} (steps: {steps})")
+  if mesh is None:
+    mesh = partitioning.make_mesh(-1, inference_model_axis(run))
   graphdef, params, frozen, got_step = trainer.restore_for_inference(model_config, ckpt_dir, step,
-                                                                     verify=verify)
+                                                                     mesh, verify=verify)
   return LoadedRun(model_dir=d, run=run, model_config=model_config, index=index, corpus=corpus,
                    graphdef=graphdef, params=params, frozen=frozen, step=got_step,
-                   input_length=int(run["input_config"]["input_length"]))
+                   input_length=int(run["input_config"]["input_length"]), mesh=mesh)
 
 
-def run_subdir(model_dir: Path, run: dict, key: str, default: str) -> Path:
-  """``MODEL_DIR / run[key]`` (``default`` when absent): a relative path inside MODEL_DIR."""
+def inference_model_axis(run: dict) -> int:
+  """The run's ``TrainConfig.mesh_model`` when it divides the devices here, else 1."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model = (run.get("train_config") or {}).get("mesh_model", 1)
+  n = jax.device_count()
+  return model if isinstance(model, int) and model >= 1 and n % model == 0 else 1
+
+
+def run_subdir(model_dir, run: dict, key: str, default: str) -> Path:
+  """``MODEL_DIR / run[key]`` (``default`` when absent): a relative path inside MODEL_DIR
+  (``model_dir`` may be remote: the result is then an ``etils.epath.Path``)."""
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+  model_dir = paths.as_path(model_dir)
   rel = run.get(key, default)
-  if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-    raise RunError(f"{Path(model_dir) / RUN_FILE}: field {key!r} must be a relative path inside "
+  if (not isinstance(rel, str) or not rel or os.path.isabs(rel) or paths.is_remote(rel)
+      or ".." in Path(rel).parts):
+    raise RunError(f"{model_dir / RUN_FILE}: field {key!r} must be a relative path inside "
                    f"the MODEL_DIR, found {rel!r}")
-  return Path(model_dir) / rel
+  return model_dir / rel
 
 
 def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size: int,
@@ -135,7 +163,7 @@ def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size
         raise RunError(f"{r.model_dir}: cannot restrict by modality: {e}") from None
   searcher = CartSearcher(r.graphdef, r.index, beam_size=beam_size, n_results=n_results,
                           input_length=r.input_length, batch_size=batch_size,
-                          item_modalities=modalities)
+                          item_modalities=modalities, mesh=getattr(r, "mesh", None))
   return searcher.restrict(modality) if modality is not None else searcher
 
 

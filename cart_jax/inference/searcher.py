@@ -18,6 +18,11 @@ what the dual tower's text side starts from), at no extra encoder pass:
 :meth:`CartSearcher.search_beams`. ``search_ids``/``search_texts`` take a
 :class:`cart_jax.inference.rerank.Reranker`: every beam result is then re-scored on the host by the
 dual tower's query-item cosine and re-sorted (``cart eval --rerank``).
+
+**On every device.** With a ``mesh`` (the trainer's, or :func:`cart_jax.inference.runs.load_run`'s:
+all devices of all processes) a batch is placed with each process filling only its own shards
+and results come back through ``partitioning.global_to_host`` (a gather across processes
+where needed, never ``np.asarray`` of an array other processes hold).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cart_jax import partitioning
 from cart_jax.core.errors import CartError
 from cart_jax.inference.decoding import DecodeConfig, beam_search
 from cart_jax.index.trie import TrieTables, build_trie
@@ -98,8 +104,11 @@ class CartSearcher:
     index: the SemanticIndex (codes, vocab, item ids).
     beam_size, n_results: decode settings.
     input_length: query token length.
-    batch_size: queries per compiled call.
-    mesh: optional mesh the search runs under.
+    batch_size: queries per compiled call (with a mesh: rounded up to a multiple of its data axis).
+    mesh: optional mesh the search runs on: each query batch is split over its ``data`` axis (every
+      device searches its queries), the trie is replicated on it, and the results are gathered
+      whole on every process (a mesh spanning several processes works; every process must then
+      run the same searches). The parameters must live on this mesh. None: one device.
     item_modalities: optional modality (str) per index row (:func:`index_modalities`); needed by
       :meth:`restrict`.
   """
@@ -120,7 +129,10 @@ class CartSearcher:
       if self.item_modalities.shape != (index.n_items,):
         raise ValueError(f"item_modalities: {self.item_modalities.shape[0]} entries for an index of "
                          f"{index.n_items} items")
-    self.trie = build_trie(np.asarray(index.codes), index.vocab, device_put=True)
+    if mesh is not None:  # queries are split over the data axis: a batch fills it evenly
+      n_data = mesh.shape[partitioning.DATA]
+      self.batch_size = -(-self.batch_size // n_data) * n_data
+    self.trie = self._place(build_trie(np.asarray(index.codes), index.vocab))
     self._tries: dict[str | None, TrieTables] = {None: self.trie}  # shared by restricted views
     id_length = index.vocab.id_length
     config = self.decode_config
@@ -159,9 +171,17 @@ class CartSearcher:
         listed = ", ".join(f"{m} ({n} items)" for m, n in available.items()) or "none known"
         raise ModalityError(f"modality {modality!r} is not in this index; available: {listed}")
       rows = np.flatnonzero(self.item_modalities == modality)  # [n_modality] global rows
-      self._tries[modality] = subset_trie(np.asarray(self.index.codes), rows, self.index.vocab,
-                                          device_put=True)
+      self._tries[modality] = self._place(subset_trie(np.asarray(self.index.codes), rows,
+                                                      self.index.vocab))
     return self._tries[modality]
+
+  def _place(self, trie: TrieTables) -> TrieTables:
+    """The trie's tables on the device (no mesh) or replicated over every device of the mesh
+    (each process placing its own copies: right when the mesh spans several processes)."""
+    if self.mesh is None:
+      return trie.to_device()
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.P())
+    return jax.tree.map(lambda x: partitioning.host_to_global(np.asarray(x), replicated), trie)
 
   def restrict(self, modality: str | None) -> "CartSearcher":
     """A view of this searcher that only generates identifiers of ``modality`` (None: all).
@@ -190,8 +210,14 @@ class CartSearcher:
       if n < b:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, axis=0)])  # [b, src]
       if self.mesh is not None:
+        # The batch is split over the data axis (every device searches its queries); every
+        # process holds the whole host batch and places its own rows, and the results come back
+        # whole on every process (global_to_host: a gather across processes where needed).
+        queries = jax.sharding.NamedSharding(self.mesh, jax.P(partitioning.DATA))
         with jax.set_mesh(self.mesh):
-          res, emb = self._search(params, frozen, jnp.asarray(chunk), self.trie, n_results, with_embedding)
+          res, emb = self._search(params, frozen, partitioning.host_to_global(chunk, queries),
+                                  self.trie, n_results, with_embedding)
+          res, emb = partitioning.global_to_host((res, emb))
       else:
         res, emb = self._search(params, frozen, jnp.asarray(chunk), self.trie, n_results, with_embedding)
       valid = np.asarray(res.valid)[:n]

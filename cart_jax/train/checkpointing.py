@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from cart_jax.core.artefacts import atomic_write_json, sha256_file
+from cart_jax.core import paths
 from cart_jax.core.errors import CartError
 
 ITEMS = ("params", "frozen", "opt_state")
@@ -65,31 +65,24 @@ def _stderr(line: str) -> None:
   print(line, file=sys.stderr)
 
 
-def step_files(step_dir: Path) -> dict[str, Path]:
-  """Every file under ``step_dir`` except the manifest: relative POSIX path -> path (sorted)."""
-  out = {}
-  for root, dirs, files in os.walk(step_dir):
-    dirs.sort()
-    for name in files:
-      p = Path(root) / name
-      rel = p.relative_to(step_dir).as_posix()
-      if rel != MANIFEST:
-        out[rel] = p
-  return dict(sorted(out.items()))
+def step_files(step_dir) -> dict[str, Path]:
+  """Every file under ``step_dir`` except the manifest: relative POSIX path -> path (sorted).
+  ``step_dir`` may be remote (``gs://``: :mod:`cart_jax.core.paths`)."""
+  return {rel: p for rel, p in paths.walk_files(step_dir).items() if rel != MANIFEST}
 
 
 def write_manifest(step_dir: str | os.PathLike, step: int) -> dict:
   """Writes ``step_dir/manifest.sha256.json`` (size + SHA-256 of every file) atomically."""
-  step_dir = Path(step_dir)
-  files = {rel: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+  step_dir = paths.absolute(step_dir)
+  files = {rel: {"bytes": paths.size(p), "sha256": paths.sha256(p)}
            for rel, p in step_files(step_dir).items()}
   manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "step": int(step),
               "files": files}
-  atomic_write_json(step_dir / MANIFEST, manifest)
+  paths.write_json(step_dir / MANIFEST, manifest)
   return manifest
 
 
-def _read_json(path: Path, step_dir: Path, step: int, what: str) -> Any:
+def _read_json(path, step_dir, step: int, what: str) -> Any:
   try:
     return json.loads(path.read_bytes().decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -119,7 +112,7 @@ def verify_step(step_dir: str | os.PathLike, step: int, items: Sequence[str] | N
   Raises:
     CheckpointIntegrityError: naming the step directory, the step and the file.
   """
-  step_dir = Path(step_dir)
+  step_dir = paths.absolute(step_dir)
   where = f"checkpoint step {step} of {step_dir.parent}"
   manifest_path = step_dir / MANIFEST
   if not manifest_path.is_file():
@@ -153,13 +146,13 @@ def verify_step(step_dir: str | os.PathLike, step: int, items: Sequence[str] | N
     p = step_dir / rel
     if rel not in present:
       raise CheckpointIntegrityError(f"{p}: {where}: file missing ({MANIFEST} lists it)")
-    size = p.stat().st_size
+    size = paths.size(p)
     if size != want["bytes"]:
       raise CheckpointIntegrityError(
           f"{p}: {where}: {size} bytes, {MANIFEST} records {want['bytes']} (truncated or modified)")
     top = rel.split("/", 1)[0]
     if hashed is None or "/" not in rel or top in hashed:
-      got = sha256_file(p)
+      got = paths.sha256(p)
       if got != want["sha256"]:
         raise CheckpointIntegrityError(
             f"{p}: {where}: content does not match {MANIFEST} (sha256 {got[:16]}..., expected "
@@ -173,7 +166,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, save_every: int = 0,
                async_save: bool = False, items: Sequence[str] = ITEMS,
                log: Callable[[str], None] = _stderr):
-    self.directory = Path(directory).absolute()
+    self.directory = paths.absolute(directory)  # gs:// stays gs:// (orbax writes there itself)
     self.save_every = int(save_every)
     self.items = tuple(items)
     self.log = log
@@ -188,7 +181,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=self.items + (META,))
 
-  def step_dir(self, step: int) -> Path:
+  def step_dir(self, step: int):
     return self.directory / str(int(step))
 
   def latest_step(self) -> int | None:

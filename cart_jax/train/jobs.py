@@ -7,17 +7,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
-from pathlib import Path
 from typing import Callable
 
-from cart_jax.core.artefacts import (atomic_directory, atomic_write_json, atomic_write_text,
-                                     output_lock)
+from cart_jax.core import paths
+from cart_jax.core.artefacts import output_lock
 from cart_jax.inference.runs import (CHECKPOINT_SUBDIR, INDEX_SUBDIR, RUN_FILE, RUN_FORMAT, RUN_VERSION,
                                      RunError)
 
 CONFIG_FILE = "config.gin"
+CORPUS_FILES = ("corpus.json", "items.jsonl", "texts.jsonl")  # what training reads of a corpus
 
 
 def resolve_config(config: str, summary: dict) -> str:
@@ -38,22 +37,27 @@ def resolve_config(config: str, summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _index_fingerprint(index_dir: Path) -> dict:
+def _index_fingerprint(index_dir) -> dict:
   meta = json.loads((index_dir / "meta.json").read_text(encoding="utf-8"))
   return meta.get("files", {})
 
 
-def _ensure_index(index_dir: Path | None, model_dir: Path, embeddings, identifier_config,
-                  log: Callable[[str], None]) -> Path:
-  """Copies (or first builds) the index into ``MODEL_DIR/index``; returns that path."""
+def _ensure_index(index_dir, model_dir, embeddings, identifier_config,
+                  log: Callable[[str], None]):
+  """Copies (or first builds) the index into ``MODEL_DIR/index``; returns that path.
+
+  Either directory may be remote (``gs://``); the index is built only into a local one."""
   from cart_jax.index import identifiers  # pylint: disable=g-import-not-at-top
   dest = model_dir / INDEX_SUBDIR
   if index_dir is None:
     if (dest / "meta.json").exists():
       return dest
     raise RunError(f"no index: pass index_dir (INDEX_DIR), or resume a MODEL_DIR that has {dest}")
-  index_dir = Path(index_dir)
+  index_dir = paths.absolute(index_dir)
   if not (index_dir / "meta.json").exists():
+    if paths.is_remote(index_dir):
+      raise RunError(f"{index_dir}: not an index directory (no meta.json); build it with "
+                     f"`cart build-ids` and copy it there (indexes are built on a local disk)")
     if embeddings is None:
       raise RunError(f"{index_dir}: not an index directory (no meta.json); build it with "
                      f"`cart build-ids`, or set EMBEDDINGS so the job builds it")
@@ -72,14 +76,15 @@ def _ensure_index(index_dir: Path | None, model_dir: Path, embeddings, identifie
       raise RunError(f"{model_dir} was trained on another index than {index_dir} "
                      f"(use a new MODEL_DIR)")
     return dest
-  with atomic_directory(dest) as tmp:
-    shutil.copytree(index_dir, tmp, dirs_exist_ok=True)
+  paths.copy_tree(index_dir, dest)  # atomic locally; meta.json last on a bucket
   return dest
 
 
-def _refuse_updated_run(run_path: Path) -> None:
+def _refuse_updated_run(run_path) -> None:
   """A run whose items ``cart index add/remove`` changed (it reads ``versions/<n>/``) is not resumed."""
   try:
+    if not run_path.exists():
+      return
     old = json.loads(run_path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError):
     return
@@ -101,9 +106,18 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
   Process 0 holds ``MODEL_DIR``'s output lock (:func:`cart_jax.core.artefacts.output_lock`) for
   the whole job: a second job on the same ``MODEL_DIR`` raises ``OutputLockedError`` naming
   this one's pid before it reads or writes anything.
+
+  Multi-process (``jax.distributed``, see ``launch/``): every process reads and checks the
+  inputs; process 0 alone writes MODEL_DIR (the index copy, or the index built from
+  ``embeddings``; ``run.json``; ``config.gin``; metrics; ``train_summary.json``), each file
+  atomically, and the others read the index copy only after it is complete (a barrier). A
+  failure on any process during that setup raises on all of them (:func:`partitioning.agree`),
+  so none waits for ever at a collective. Checkpoints are saved by all processes together
+  (orbax). Log lines come from process 0.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
   from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
   from cart_jax.models.cart.config import with_vocab  # pylint: disable=g-import-not-at-top
@@ -111,37 +125,61 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
   from cart_jax.train import input_pipeline, trainer
 
   trainer.maybe_initialize_distributed()
+  primary = partitioning.is_primary()
+  if not primary:
+    log = lambda line: None  # noqa: E731  one copy of each line, from process 0
   t0 = time.perf_counter()
-  model_dir = Path(model_dir).absolute()
-  lock = output_lock(model_dir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:
-    _refuse_updated_run(model_dir / RUN_FILE)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    corpus_dir = Path(corpus_dir).absolute()
-    corpus = load_corpus(corpus_dir, check_media=False)
-    index_path = _ensure_index(index_dir, model_dir, embeddings, identifier_config, log)
-    index = load_index(index_path)
-    model_config = with_vocab(model_config, index.vocab)
-    run = {"format": RUN_FORMAT, "version": RUN_VERSION, "corpus_dir": str(corpus_dir),
-           "index_dir": INDEX_SUBDIR, "model_config": model_config.to_dict(),
-           "train_config": dataclasses.asdict(train_config),
-           "input_config": dataclasses.asdict(input_config),
-           "captions_file": None if captions_file is None else str(Path(captions_file).absolute())}
-    run_path = model_dir / RUN_FILE
-    if run_path.exists():
-      old = json.loads(run_path.read_text(encoding="utf-8"))
-      if old.get("model_config") != run["model_config"]:
-        raise RunError(f"{run_path}: this MODEL_DIR holds a run of another model config; use a new "
-                       f"MODEL_DIR (or the same config to resume)")
-    resolved = {"model_dir": str(model_dir), "corpus_dir": str(corpus_dir),
-                "index_dir": None if index_dir is None else str(Path(index_dir).absolute()),
-                "embeddings": None if embeddings is None else str(Path(embeddings).absolute()),
-                "model_config": model_config.to_dict()}
-    if jax.process_index() == 0:
-      atomic_write_json(run_path, run)
+  model_dir = paths.absolute(model_dir)  # gs://... stays a URI (etils.epath)
+  with contextlib.ExitStack() as held:
+    failure = None
+    try:
+      if primary and not paths.is_remote(model_dir):  # advisory locks exist on local disks only
+        held.enter_context(output_lock(model_dir))
+      _refuse_updated_run(model_dir / RUN_FILE)
+      corpus_dir = paths.absolute(corpus_dir)
+      # A remote corpus: its JSON files are read from a local copy (media are not read here).
+      local_corpus = paths.stage(corpus_dir, CORPUS_FILES) if paths.is_remote(corpus_dir) else corpus_dir
+      corpus = load_corpus(local_corpus, check_media=False)
+      if primary:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        index_path = _ensure_index(index_dir, model_dir, embeddings, identifier_config, log)
+    except BaseException as e:  # pylint: disable=broad-except
+      failure = e
+    partitioning.agree(failure is None, "preparing MODEL_DIR (process 0) or reading the inputs")
+    if failure is not None:
+      raise failure
+    # The index copy is complete (process 0 wrote it before the barrier above).
+    index_path = model_dir / INDEX_SUBDIR
+    try:
+      index = load_index(paths.stage(index_path))
+      model_config = with_vocab(model_config, index.vocab)
+      run = {"format": RUN_FORMAT, "version": RUN_VERSION, "corpus_dir": str(corpus_dir),
+             "index_dir": INDEX_SUBDIR, "model_config": model_config.to_dict(),
+             "train_config": dataclasses.asdict(train_config),
+             "input_config": dataclasses.asdict(input_config),
+             "captions_file": paths.to_str(captions_file and paths.absolute(captions_file))}
+      run_path = model_dir / RUN_FILE
+      if run_path.exists():
+        old = json.loads(run_path.read_text(encoding="utf-8"))
+        if old.get("model_config") != run["model_config"]:
+          raise RunError(f"{run_path}: this MODEL_DIR holds a run of another model config; use a new "
+                         f"MODEL_DIR (or the same config to resume)")
+      resolved = {"model_dir": str(model_dir), "corpus_dir": str(corpus_dir),
+                  "index_dir": paths.to_str(index_dir and paths.absolute(index_dir)),
+                  "embeddings": paths.to_str(embeddings and paths.absolute(embeddings)),
+                  "model_config": model_config.to_dict()}
+    except BaseException as e:  # pylint: disable=broad-except
+      failure = e
+    # Every process has read run.json before process 0 replaces it.
+    partitioning.agree(failure is None, "reading MODEL_DIR's index copy and run.json")
+    if failure is not None:
+      raise failure
+    if primary:
+      paths.write_json(run_path, run)
       if operative_config is not None:
-        atomic_write_text(model_dir / CONFIG_FILE, resolve_config(operative_config, resolved))
-    pipeline = input_pipeline.make_pipeline(corpus_dir, corpus, index, input_config, captions_file)
+        paths.write_text(model_dir / CONFIG_FILE, resolve_config(operative_config, resolved))
+    pipeline = input_pipeline.make_pipeline(local_corpus, corpus, index, input_config,
+                                            paths.to_str(captions_file and paths.stage_file(captions_file)))
     validation = None
     if train_config.eval_every > 0:
       validation = evaluation.split_queries(corpus, index, train_config.eval_split,
@@ -159,10 +197,15 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
                "validation": result.validation, "input": pipeline.summary(),
                "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
                "compile_seconds": result.compile_seconds, "state_cache": result.state_cache}
-    if jax.process_index() == 0 and summary["step"] >= train_config.num_steps:
+    if primary and summary["step"] >= train_config.num_steps:
       from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
-      # None without embeddings
-      summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)
-    if jax.process_index() == 0:
-      atomic_write_json(model_dir / "train_summary.json", summary)
+      if paths.is_remote(model_dir):
+        summary["rerank"] = None if embeddings is None else {
+            "skipped": "remote MODEL_DIR: build it afterwards with `cart eval --rerank --embeddings` "
+                       "on a local copy"}
+      else:
+        summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)  # None w/o embeddings
+    if primary:
+      paths.write_json(model_dir / "train_summary.json", summary)
+    partitioning.sync("cart-train-done")  # MODEL_DIR is complete when any process returns
     return summary

@@ -43,13 +43,20 @@ class MetricWriter:
   def __init__(self, directory: Path | None, *, resume_step: int | None = None):
     self.tb = None
     self.jsonl = None
+    self._remote = None  # metrics.jsonl on a bucket: its lines, rewritten whole per flush
     self._step: int | None = None  # the step of the line being gathered
     self._line: dict[str, float] = {}
     if directory is None or jax.process_index() != 0:
       return
+    from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+    directory = paths.absolute(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "metrics.jsonl"
-    if resume_step is not None and path.exists():
+    if paths.is_remote(directory):
+      # Object stores cannot append: the file is rewritten whole (one upload) at each flush.
+      text = paths.read_text(path) if path.exists() else ""
+      self._remote = (path, _kept_lines(text, resume_step))
+    elif resume_step is not None and path.exists():
       _truncate_jsonl(path, int(resume_step))
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -57,7 +64,8 @@ class MetricWriter:
       self.tb = SummaryWriter(str(directory / "tensorboard"), **purge)
     except ImportError:
       self.tb = None
-    self.jsonl = open(path, "a", encoding="utf-8")
+    if self._remote is None:
+      self.jsonl = open(path, "a", encoding="utf-8")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Writes ``scalars`` (name -> value; non-finite values are skipped) at ``step``."""
@@ -66,7 +74,7 @@ class MetricWriter:
       for k, v in scalars.items():
         self.tb.add_scalar(k, v, step)
       self.tb.flush()
-    if self.jsonl is not None:
+    if self.jsonl is not None or self._remote is not None:
       if self._step is not None and self._step != int(step):
         self.flush()
       self._step = int(step)
@@ -74,6 +82,11 @@ class MetricWriter:
 
   def flush(self) -> None:
     """Writes the gathered line (if any) of the current step."""
+    if self._step is not None and self._remote is not None:
+      from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+      path, lines = self._remote
+      lines.append(json.dumps({"step": self._step, **self._line}))
+      paths.write_text(path, "".join(line + "\n" for line in lines))
     if self.jsonl is not None and self._step is not None:
       self.jsonl.write(json.dumps({"step": self._step, **self._line}) + "\n")
       self.jsonl.flush()
@@ -87,10 +100,9 @@ class MetricWriter:
       self.jsonl.close()
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-  """Keeps the lines of steps <= ``last_step`` (and lines without a step), drops a torn last line."""
-  from cart_jax.core.artefacts import atomic_write_text  # pylint: disable=g-import-not-at-top
-  text = path.read_text(encoding="utf-8", errors="replace")
+def _kept_lines(text: str, last_step: int | None) -> list[str]:
+  """The lines of ``text`` to keep on resuming at ``last_step``: those of steps <= it (and lines
+  without a step; all of them when ``last_step`` is None), without a torn last line."""
   lines = text.split("\n")
   if lines and lines[-1] == "":
     lines.pop()
@@ -103,10 +115,19 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     except json.JSONDecodeError:
       kept.append(line)  # not ours to judge; kept as it was
       continue
-    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > last_step:
+    if (last_step is not None and isinstance(row, dict) and isinstance(row.get("step"), int)
+        and row["step"] > last_step):
       continue
     kept.append(line)
-  if len(kept) != len(lines) or not text.endswith("\n"):
+  return kept
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+  """Keeps the lines of steps <= ``last_step`` (and lines without a step), drops a torn last line."""
+  from cart_jax.core.artefacts import atomic_write_text  # pylint: disable=g-import-not-at-top
+  text = path.read_text(encoding="utf-8", errors="replace")
+  kept = _kept_lines(text, last_step)
+  if len(kept) != len(text.split("\n")) - 1 or not text.endswith("\n"):
     atomic_write_text(path, "".join(l + "\n" for l in kept))
 
 

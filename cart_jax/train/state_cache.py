@@ -243,11 +243,27 @@ def load_or_build(token_rows: np.ndarray, *, fingerprint: str, layers: Sequence[
   key = cache_key(rows, fingerprint, layers)
   directory = Path(root) if root is not None else default_root()
   directory = directory / key[:24]
-  if (directory / "meta.json").exists():
-    try:
-      cache = _open(directory, key)
-      log(f"encoder states: reusing {directory} ({cache.num_texts} texts)")
+  from cart_jax.core.artefacts import output_lock  # pylint: disable=g-import-not-at-top
+
+  def reuse():
+    if (directory / "meta.json").exists():
+      try:
+        cache = _open(directory, key)
+        log(f"encoder states: reusing {directory} ({cache.num_texts} texts)")
+        return cache
+      except (StateCacheError, OSError, ValueError, KeyError) as e:
+        log(f"encoder states: {e}; rebuilding the cache")
+    return None
+
+  cache = reuse()
+  if cache is not None:
+    return cache
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  # Another process (e.g. a second process of a multi-host job on this machine) building the same
+  # cache holds its lock: wait for it, then use what it wrote instead of building it again.
+  with output_lock(directory, wait=True):
+    cache = reuse()
+    if cache is not None:
       return cache
-    except (StateCacheError, OSError, ValueError, KeyError) as e:
-      log(f"encoder states: {e}; rebuilding the cache")
-  return build(directory, rows, key, layers, encode, batch_size=batch_size, progress=progress, log=log)
+    return build(directory, rows, key, layers, encode, batch_size=batch_size, progress=progress,
+                 log=log)

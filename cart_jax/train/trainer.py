@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import flax.struct
@@ -189,20 +188,28 @@ def make_train_step(graphdef, tx, c: TrainConfig) -> Callable:
                  donate_argnums=(0,))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Global numpy batch -> arrays sharded over ``data`` (each host contributes its slice)."""
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, *,
+                global_batch: int | None = None) -> dict[str, jax.Array]:
+  """A batch -> arrays sharded over ``data``, each process contributing only its rows.
+
+  ``global_batch=None``: ``batch`` is the whole global batch (every process holds it; each
+  places its own rows). Else ``batch`` holds only this process's rows
+  (:func:`cart_jax.partitioning.process_slice` of ``global_batch``), as a sharded input
+  pipeline builds them.
+  """
   sharding = jax.sharding.NamedSharding(mesh, jax.P(partitioning.DATA))
   n_data = mesh.shape[partitioning.DATA]
   out = {}
   for k, v in batch.items():
-    if v.shape[0] % n_data:
-      raise ValueError(f"global batch {v.shape[0]} is not divisible by the data axis ({n_data})")
-    if jax.process_count() == 1:
-      out[k] = jax.device_put(v, sharding)
-    else:
-      per = v.shape[0] // jax.process_count()
-      local = v[jax.process_index() * per:(jax.process_index() + 1) * per]
-      out[k] = jax.make_array_from_process_local_data(sharding, local, v.shape)
+    total = v.shape[0] if global_batch is None else int(global_batch)
+    if total % n_data:
+      raise ValueError(f"global batch {total} is not divisible by the data axis ({n_data})")
+    rows = partitioning.process_slice(total, sharding)
+    local = v[rows] if global_batch is None else v
+    if local.shape[0] != rows.stop - rows.start:
+      raise ValueError(f"{k}: {local.shape[0]} rows given, this process holds {rows.stop - rows.start} "
+                       f"of the global batch {total}")
+    out[k] = partitioning.process_local_to_global(local, sharding, (total,) + v.shape[1:])
   return out
 
 
@@ -211,21 +218,28 @@ def maybe_initialize_distributed() -> bool:
 
   Detected from ``JAX_COORDINATOR_ADDRESS`` (launch/multi_gpu.sh), SLURM with several tasks, or
   a TPU VM pod slice (``TPU_WORKER_HOSTNAMES`` with several hosts). ``CART_DISTRIBUTED=0``
-  disables it.
+  disables it, ``CART_DISTRIBUTED=1`` forces it. Idempotent (``cart train``, ``cart eval`` and the
+  library calls may each ask); returns whether this process is part of a distributed run.
+  ``CART_DISTRIBUTED_TIMEOUT``: seconds to wait for the other processes at start-up (300).
+  Must run before any JAX computation.
   """
   env = os.environ
+  if jax.distributed.is_initialized():
+    return True
   if env.get("CART_DISTRIBUTED") == "0":
     return False
   multi = bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("SLURM_NTASKS", "1") or 1) > 1 \
       or "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("CART_DISTRIBUTED") == "1"
   if not multi:
     return False
+  timeout = int(env.get("CART_DISTRIBUTED_TIMEOUT", "300"))
   if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env.get("JAX_PROCESS_ID", "0")))
+                               process_id=int(env.get("JAX_PROCESS_ID", "0")),
+                               initialization_timeout=timeout)
   else:
-    jax.distributed.initialize()  # TPU pod slices and SLURM are auto-detected
+    jax.distributed.initialize(initialization_timeout=timeout)  # TPU pod slices, SLURM: detected
   return True
 
 
@@ -259,6 +273,11 @@ def build_state_cache(graphdef, params, frozen, model_config: ModelConfig, token
   batch holds that the cache lacks (e.g. a different tokenisation upstream) are encoded on the fly.
   """
   from cart_jax.train import state_cache  # pylint: disable=g-import-not-at-top
+
+  # Every process builds (or reuses) the whole cache on its own first device, with no
+  # collective: the frozen weights are copied there (a per-host cache, like a per-host input
+  # pipeline; on one host every process finds the one a first process wrote).
+  params, frozen = partitioning.local_copy((params, frozen))
 
   @jax.jit
   def encode(params, frozen, ids, mask):
@@ -302,6 +321,12 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   if model_config.output_vocab_size != index.vocab.vocab_size:
     raise ValueError(f"model output_vocab_size {model_config.output_vocab_size} != index vocabulary "
                      f"{index.vocab.vocab_size} (use model.config.with_vocab)")
+  mesh = mesh or make_mesh(c)
+  n_data = mesh.shape[partitioning.DATA]
+  if getattr(getattr(pipeline, "config", None), "batch_size", 0) % n_data:
+    from cart_jax.core.errors import CartError  # pylint: disable=g-import-not-at-top
+    raise CartError(f"InputConfig.batch_size {pipeline.config.batch_size} is not divisible by the "
+                    f"mesh's data axis ({n_data} devices): use a multiple of {n_data}")
   ckpt = None
   if checkpoint_dir is not None:
     ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
@@ -316,7 +341,6 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     except BaseException:
       ckpt.close()
       raise
-  mesh = mesh or make_mesh(c)
   tx = make_optimizer(c)
   graphdef, state, frozen = create_train_state(model_config, c, mesh, tx)
   if c.identifier_init != "none":  # a restored checkpoint below overwrites this
@@ -341,7 +365,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   step_fn = make_train_step(graphdef, tx, c)
   # Lines of steps after the checkpoint (a run killed between a log and its next save) are
   # dropped: the resumed run writes those steps again, so each step stays one line.
-  writer = loop.MetricWriter(Path(metrics_dir) if metrics_dir is not None else None, resume_step=start)
+  writer = loop.MetricWriter(metrics_dir, resume_step=start)  # a gs:// path stays one
   searcher = None
   if validation is not None and c.eval_every > 0:
     from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
@@ -352,14 +376,23 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     bar = loop.tqdm_bar(c.num_steps, start, "train")
   say = bar.write if bar is not None else log
   val_history = []
-  it = pipeline.iterate(start)
+  # Each process builds only its rows of every global batch where the pipeline can
+  # (iterate_rows); else it builds the whole batch and keeps its rows (shard_batch).
+  global_batch = None
+  if hasattr(pipeline, "iterate_rows"):
+    global_batch = int(pipeline.config.batch_size)
+    rows = partitioning.process_slice(
+        global_batch, jax.sharding.NamedSharding(mesh, jax.P(partitioning.DATA)))
+    it = pipeline.iterate_rows(start, rows)
+  else:
+    it = pipeline.iterate(start)
 
   def one_step(step: int, state: TrainState) -> tuple[TrainState, dict]:
     del step  # the pipeline yields batches in step order
     host_batch = to_loss_batch(next(it))
     if cache is not None:
       host_batch["states"] = cache.lookup(host_batch["inputs"])  # [b, S, src, width] float16
-    return step_fn(state, frozen, shard_batch(host_batch, mesh))
+    return step_fn(state, frozen, shard_batch(host_batch, mesh, global_batch=global_batch))
 
   def on_step(done: int, m: dict | None) -> None:
     if bar is not None:
@@ -409,18 +442,31 @@ def restore_for_inference(model_config: ModelConfig, checkpoint_dir: str | os.Pa
                           verify: bool = True):
   """``(graphdef, params, frozen, step)`` from a checkpoint (no optimizer state kept).
 
+  ``mesh``: where the arrays go, sharded by the logical axis rules (replicated over ``data``,
+  split over ``model`` where the rules say so); default: this process's first device. On a mesh
+  that spans several processes the restore is collective (every process calls it).
   ``verify``: check the step's ``params``/``frozen``/``meta`` files against its manifest first
   (``checkpointing.CheckpointIntegrityError`` on any difference).
   """
   from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
-  mesh = mesh or partitioning.make_mesh(1, 1, devices=[jax.devices()[0]])
-  graphdef, params, frozen = abstract_model(model_config)
-  replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          {"params": params, "frozen": frozen})
+  mesh = mesh or partitioning.make_mesh(1, 1, devices=[jax.local_devices()[0]])
+  graphdef, template = abstract_sharded(model_config, mesh)
   ckpt = Checkpointer(checkpoint_dir, keep=0)
   try:
     restored, meta = ckpt.restore(template, step, verify=verify)
   finally:
     ckpt.close()
   return graphdef, restored["params"], restored["frozen"], int(meta["step"])
+
+
+def abstract_sharded(model_config: ModelConfig, mesh: jax.sharding.Mesh):
+  """``(graphdef, {"params": ..., "frozen": ...})`` of ``jax.ShapeDtypeStruct`` with the rules'
+  shardings on ``mesh`` (a restore template; nothing is allocated)."""
+  model = nnx.eval_shape(lambda: CARTNetwork(model_config, rngs=nnx.Rngs(0)))
+  graphdef, trainable, frozen = nnx.split(model, trainable_filter(model_config), ...)
+
+  def template(state):
+    shardings = nnx.to_pure_dict(partitioning.state_shardings(state, mesh))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(state), shardings)
+  return graphdef, {"params": template(trainable), "frozen": template(frozen)}
