@@ -114,7 +114,7 @@ class SearchEngine:
   def info(self) -> dict:
     """What the page and ``GET /healthz`` show about the served run."""
     from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
-    return {"model_dir": str(self.loaded.model_dir), "step": self.loaded.step,
+    return {"model": Path(self.loaded.model_dir).name, "step": self.loaded.step,
             "num_items": self.index.n_items, "modalities": self.modalities,
             "max_k": self.beam, "batch_sizes": list(self.batch_sizes),
             "rerank_weight": (rerank_lib.weight_to_json(self.reranker.weight)
