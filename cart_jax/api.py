@@ -51,7 +51,8 @@ DATASETS = {
 
 __all__ = ["DATASETS", "PreparedCorpus", "BuiltIndex", "BuiltinEmbedOptions", "ModelEmbedOptions",
            "PrecomputedEmbedOptions", "EmbedResult", "prepare", "embed", "build_index", "train",
-           "evaluate", "baseline", "search", "index_add", "index_remove", "demo", "make_server"]
+           "evaluate", "baseline", "search", "export", "index_add", "index_remove", "demo",
+           "make_server"]
 
 
 @dataclasses.dataclass
@@ -207,6 +208,18 @@ def search(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int = 10,
   """
   from cart_jax.inference.runs import search_job  # pylint: disable=g-import-not-at-top
   return search_job(model_dir, queries, k=k, **options)["queries"]
+
+
+def export(model_dir: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
+  """Writes a trained run's search as a ``jax.export`` program + data directory (``cart export``).
+
+  Options: :func:`cart_jax.inference.export.export_run` (``batch_size``, ``k``, ``beam``,
+  ``step``, ``platforms``, ``verify``, ``overwrite``, ``log``). Run it with JAX and NumPy only:
+  ``cart_jax.inference.exported.load_exported(out).search(queries, k)``. Returns the summary
+  (sizes, shapes, platforms).
+  """
+  from cart_jax.inference.export import export_run  # pylint: disable=g-import-not-at-top
+  return export_run(model_dir, out, **options)
 
 
 def index_add(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,

@@ -32,6 +32,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "train", "train CART with a gin-configured job (resumes from MODEL_DIR)"),
     ("eval", "eval", "recall (R@1/5/10, MRR@10) and queries/s of a trained CART run"),
     ("search", "search", "the top items a trained CART run generates for a text query"),
+    ("export", "export", "a trained run's search as a jax.export program that runs without the model code"),
     ("serve", "serve", "serve a trained run over HTTP: micro-batched search, a search page, media"),
     ("index", "index", "add items to or remove items from a trained run, without retraining it"),
     ("model-info", "model_info", "parameter counts per part and FLOPs per query of a model config"),
