@@ -80,9 +80,9 @@ setup(
     python_requires=">=3.10",
     # The SeqIO tasks live in the tasks/ folder but install as `cart_seqio`, so they can never
     # collide with another project's `tasks` package or a t5x user's tasks.py.
-    packages=find_packages(include=["cart_jax", "cart_jax.*"]) + ["cart_seqio"],
-    package_dir={"cart_seqio": "tasks"},
-    package_data={"cart_jax": ["py.typed", "serve/static/*"]},
+    packages=find_packages(include=["cart_jax", "cart_jax.*"]) + ["cart_seqio"] + GIN_PACKAGES,
+    package_dir={"cart_seqio": "tasks", "cart_jax.gin_configs": "gin_configs"},
+    package_data={"cart_jax": ["py.typed", "serve/static/*"], **{p: ["*.gin"] for p in GIN_PACKAGES}},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["cart=cart_jax.cli.main:main"]},
