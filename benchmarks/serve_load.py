@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--rerank", action="store_true", help="serve with --rerank")
   ap.add_argument("--eval-batch", default="16,64", help="cart eval batch sizes (default 16,64)")
   ap.add_argument("--screenshot", default=None, metavar="PNG", help="also a screenshot of the page")
-  ap.add_argument("--screenshot-query", default="cat face")
+  ap.add_argument("--screenshot-query", default="anxious face with sweat",
+                  help="the query of the screenshot (default: a test query of the 400-emoji run)")
   return ap
 
 
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
                   "load_before": load_before, "load_after": _load()},
       "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
   }
-  atomic_write_json(args.json, report, indent=2)
+  atomic_write_json(args.json, report)
   if args.plot:
     plot(report, args.plot)
   print(table(report))
