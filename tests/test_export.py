@@ -159,6 +159,19 @@ def test_bad_inputs_are_named_errors(world, tmp_path, capsys):
     load_exported(bad)
 
 
+def test_exported_for_several_platforms_runs_here_and_others_are_refused(world, tmp_path):
+  """Lowered for cpu, cuda and tpu on this CPU-only machine: the same results here; a program
+  exported for TPU alone is refused by name, not run."""
+  _, run, out, _ = world
+  multi = api.export(run, tmp_path / "multi", batch_size=3, k=8, platforms=["cpu", "cuda", "tpu"])
+  assert multi["platforms"] == ["cpu", "cuda", "tpu"]
+  queries = TEST_QUERIES[:3]
+  assert load_exported(tmp_path / "multi").search(queries, k=8) == load_exported(out).search(queries, k=8)
+  api.export(run, tmp_path / "tpu", batch_size=3, k=8, platforms=["tpu"])
+  with pytest.raises(ExportError, match="exported for tpu; this process runs on cpu"):
+    load_exported(tmp_path / "tpu")
+
+
 def test_a_failed_export_leaves_nothing(world, tmp_path, monkeypatch):
   _, run, _, _ = world
 
