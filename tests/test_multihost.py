@@ -90,38 +90,51 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(args, tmp: Path, tag: str, timeout: float = 300) -> list[str]:
-  """``launch/multi_gpu.sh ARGS`` as 2 processes of 2 CPU devices each; returns their stderr.
+# XLA's CPU backend without its LLVM optimisation passes: a train step of the tiny model compiles
+# in ~8 s instead of ~27 s on 2 cores. Every run of the test (1 and 2 processes) uses it.
+XLA_FLAGS = "--xla_backend_optimization_level=0"
 
-  ``args``: the arguments, or a function of the process id that returns them.
+
+class Launch:
+  """``launch/multi_gpu.sh ARGS`` as ``processes`` processes of ``devices`` CPU devices each.
+
+  ``args``: the arguments, or a function of the process id that returns them. :meth:`wait`
+  returns their stderr and fails the test if any exited non-zero (or ran past ``timeout``).
   """
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", LOCAL_DEVICES="2", NUM_HOSTS="2", HOST_ID=str(i),
-               COORDINATOR=f"localhost:{port}", CART=f"{sys.executable} -m cart_jax.cli.main",
-               CART_DISTRIBUTED_TIMEOUT="120", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    err = open(tmp / f"{tag}.{i}.err", "w+")
-    argv = args(i) if callable(args) else args
-    procs.append((subprocess.Popen(["bash", str(LAUNCH), *argv], cwd=REPO, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=err), err))
-  try:
-    for p, _ in procs:
-      p.wait(timeout=timeout)
-  finally:
-    for p, _ in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  logs = []
-  for p, err in procs:
-    err.seek(0)
-    logs.append(err.read())
-    err.close()
-  for i, (p, _) in enumerate(procs):
-    assert p.returncode == 0, f"{tag}: process {i} exited {p.returncode}:\n{logs[i][-3000:]}"
-  return logs
+
+  def __init__(self, args, tmp: Path, tag: str, *, processes: int = 2, devices: int = 2):
+    self.tag, self.procs = tag, []
+    port = _free_port()
+    for i in range(processes):
+      env = dict(os.environ, JAX_PLATFORMS="cpu", LOCAL_DEVICES=str(devices), XLA_FLAGS=XLA_FLAGS,
+                 CART=f"{sys.executable} -m cart_jax.cli.main", CART_DISTRIBUTED_TIMEOUT="120",
+                 PYTHONUNBUFFERED="1")
+      for k in ("NUM_HOSTS", "HOST_ID", "COORDINATOR", "JAX_COORDINATOR_ADDRESS"):
+        env.pop(k, None)
+      if processes > 1:
+        env.update(NUM_HOSTS=str(processes), HOST_ID=str(i), COORDINATOR=f"localhost:{port}")
+      err = open(tmp / f"{tag}.{i}.err", "w+")
+      argv = args(i) if callable(args) else args
+      self.procs.append((subprocess.Popen(["bash", str(LAUNCH), *argv], cwd=REPO, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=err), err))
+
+  def wait(self, timeout: float = 300) -> list[str]:
+    try:
+      for p, _ in self.procs:
+        p.wait(timeout=timeout)
+    finally:
+      for p, _ in self.procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    logs = []
+    for _, err in self.procs:
+      err.seek(0)
+      logs.append(err.read())
+      err.close()
+    for i, (p, _) in enumerate(self.procs):
+      assert p.returncode == 0, f"{self.tag}: process {i} exited {p.returncode}:\n{logs[i][-3000:]}"
+    return logs
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -129,30 +142,25 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
-  from cart_jax import api
   from cart_jax.inference.runs import load_run
 
   corpus, index = _corpus(tmp_path)
   run2, run1 = tmp_path / "run2", tmp_path / "run1"
-  gin = _gin(corpus, index)
-  files = [f"--gin_file={f}" for f in GIN_FILES[1:]]  # train.gin; tiny.gin is the GIN_FILE argument
+  gin = [f"--gin_file={GIN_FILES[1]}", *_gin(corpus, index), "--quiet"]  # tiny.gin: GIN_FILE
 
-  # 2 processes: stop after 3 steps (checkpoints 2 and 3), then resume to step 6.
-  _launch([GIN_FILES[0], str(run2), *files, *gin, "--gin.train_job.stop_after=3", "--quiet"],
-          tmp_path, "train_a")
+  # The reference: the same job in one process with one device (the same global batch), run
+  # while the 2 processes x 2 devices run stops after 3 steps; then the latter resumes to step 6.
+  reference = Launch([GIN_FILES[0], str(run1), *gin], tmp_path, "train_1", processes=1, devices=1)
+  Launch([GIN_FILES[0], str(run2), *gin, "--gin.train_job.stop_after=3"], tmp_path, "train_a").wait()
   stopped = json.loads((run2 / "train_summary.json").read_text())
   assert (stopped["start_step"], stopped["step"]) == (0, 3)
   assert sorted(os.listdir(run2 / "checkpoints")) == ["2", "3"]
   assert [m["step"] for m in _metrics(run2)] == [1, 2, 3]
-  _launch([GIN_FILES[0], str(run2), *files, *gin, "--quiet"], tmp_path, "train_b")
+  Launch([GIN_FILES[0], str(run2), *gin], tmp_path, "train_b").wait()
   resumed = json.loads((run2 / "train_summary.json").read_text())
   assert (resumed["start_step"], resumed["step"]) == (3, 6)
   assert [v["step"] for v in resumed["validation"]] == [4, 6]
-
-  # The same job in this process (one device, the same global batch).
-  summary1 = api.train(GIN_FILES, [b[len("--gin."):] for b in gin] + [f"MODEL_DIR='{run1}'"],
-                       progress=False)
-  assert summary1["step"] == 6
+  reference.wait()
 
   # MODEL_DIR: one of each artefact, nothing half-written left beside them.
   assert sorted(os.listdir(run2)) == sorted(os.listdir(run1)) == sorted(
@@ -167,6 +175,12 @@ def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
   assert f"MODEL_DIR = '{run2}'" in (run2 / "config.gin").read_text()
   m2, m1 = _metrics(run2), _metrics(run1)
   assert [m["step"] for m in m2] == [m["step"] for m in m1] == [1, 2, 3, 4, 5, 6]
+
+  # cart eval on 2 processes x 2 devices and on 1 process x 1 device, of the 2-process run.
+  evals = Launch(lambda i: ["eval", str(run2), "--split", "test", "--json",
+                            str(tmp_path / f"eval2.{i}.json"), "--quiet"], tmp_path, "eval_2")
+  eval1 = Launch(["eval", str(run2), "--split", "test", "--json", str(tmp_path / "eval1.json"),
+                  "--quiet"], tmp_path, "eval_1", processes=1, devices=1)
 
   # Same losses and validation recall as one process; same final parameters.
   loss2 = np.array([m["train/loss"] for m in m2])
@@ -186,12 +200,11 @@ def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
   assert diff <= 1e-5 and moved > 0.1
   assert np.max(np.abs(loss2 - loss1)) <= 1e-5
 
-  # cart eval on 2 processes = cart eval in one process; both processes report the same.
-  one = api.evaluate(run2, split="test", beam_size=10)
-  _launch(lambda i: ["eval", str(run2), "--split", "test", "--json", str(tmp_path / f"eval.{i}.json"),
-                      "--quiet"], tmp_path, "eval")
+  evals.wait()
+  eval1.wait()
+  one = json.loads((tmp_path / "eval1.json").read_text())
   for i in range(2):
-    two = json.loads((tmp_path / f"eval.{i}.json").read_text())
+    two = json.loads((tmp_path / f"eval2.{i}.json").read_text())
     for key in ("r@1", "r@5", "r@10", "mrr@10", "num_queries", "step", "num_items"):
       assert two[key] == one[key], (i, key, two[key], one[key])
   assert one["num_queries"] == 12 and one["step"] == 6
