@@ -164,28 +164,29 @@ def _read_bytes(p) -> bytes:
   return absolute(os.fspath(p)).read_bytes() if is_remote(os.fspath(p)) else Path(p).read_bytes()
 
 
-_STAGED: dict[tuple[str, tuple[str, ...] | None], Path] = {}
+_STAGED: dict[tuple[str, tuple[str, ...] | None], tuple[Path, list]] = {}
 
 
 def stage(directory: AnyPath, files: tuple[str, ...] | None = None) -> Path:
   """A local directory with ``directory``'s files (``files``: only these relative paths).
 
-  Local directories are returned as they are. A remote one is copied once per process into a
-  temporary directory (removed at exit) for readers that need a local path; copying again
-  after it changed needs a new process (MODEL_DIR's index copy never changes).
+  Local directories are returned as they are. A remote one is copied into a temporary directory
+  (removed at exit) for readers that need a local path, once per process while its files (names
+  and sizes) stay the same.
   """
   if not is_remote(directory):
     return Path(directory)
   key = (os.fspath(directory), None if files is None else tuple(files))
-  if key not in _STAGED:
+  src = walk_files(directory) if files is None else {f: absolute(directory) / f for f in files}
+  signature = sorted((rel, size(p)) for rel, p in src.items())
+  if key not in _STAGED or _STAGED[key][1] != signature:
     import atexit  # pylint: disable=g-import-not-at-top
     import shutil  # pylint: disable=g-import-not-at-top
     local = Path(tempfile.mkdtemp(prefix="cart-staged-"))
     atexit.register(shutil.rmtree, local, True)
-    src = walk_files(directory) if files is None else {f: absolute(directory) / f for f in files}
     for rel, p in src.items():
       out = local / rel
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_bytes(_read_bytes(p))
-    _STAGED[key] = local
-  return _STAGED[key]
+    _STAGED[key] = (local, signature)
+  return _STAGED[key][0]

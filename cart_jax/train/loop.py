@@ -60,6 +60,8 @@ class MetricWriter:
       _truncate_jsonl(path, int(resume_step))
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      if self._remote is not None and not _remote_events_supported(directory):
+        raise ImportError("no client for events on this remote file system")
       purge = {"purge_step": int(resume_step) + 1} if resume_step is not None else {}
       self.tb = SummaryWriter(str(directory / "tensorboard"), **purge)
     except ImportError:
@@ -98,6 +100,18 @@ class MetricWriter:
       self.tb.close()
     if self.jsonl is not None:
       self.jsonl.close()
+
+
+def _remote_events_supported(directory) -> bool:
+  """Whether tensorboardX can write events under a remote ``directory``: ``gs://`` needs
+  ``google-cloud-storage``, ``s3://`` ``boto3`` (without them metrics.jsonl is still written)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  need = {"gs": "google.cloud.storage", "s3": "boto3"}.get(os.fspath(directory).split("://")[0])
+  try:
+    return need is not None and importlib.util.find_spec(need) is not None
+  except ModuleNotFoundError:
+    return False
 
 
 def _kept_lines(text: str, last_step: int | None) -> list[str]:
