@@ -75,8 +75,8 @@ def test_no_compile_cache_flag_and_env_turn_it_off(run, tmp_path):
 
 
 def test_where_the_cache_goes(tmp_path, monkeypatch):
-  for name in (compile_cache.ENV_DIR, compile_cache.ENV_ROOT, "XDG_CACHE_HOME",
-               compile_cache.ENV_SWITCH):
+  for name in (compile_cache.ENV_DIR, compile_cache.ENV_JAX, compile_cache.ENV_ROOT,
+               "XDG_CACHE_HOME", compile_cache.ENV_SWITCH):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   assert compile_cache.default_cache_dir() == tmp_path / "home" / ".cache" / "cart-jax" / "jax"
@@ -84,6 +84,8 @@ def test_where_the_cache_goes(tmp_path, monkeypatch):
   assert compile_cache.default_cache_dir() == tmp_path / "xdg" / "cart-jax" / "jax"
   monkeypatch.setenv(compile_cache.ENV_ROOT, str(tmp_path / "cart"))
   assert compile_cache.default_cache_dir() == tmp_path / "cart" / "jax"
+  monkeypatch.setenv(compile_cache.ENV_JAX, str(tmp_path / "jax-own"))
+  assert compile_cache.default_cache_dir() == tmp_path / "jax-own"
   monkeypatch.setenv(compile_cache.ENV_DIR, str(tmp_path / "mine"))
   assert compile_cache.default_cache_dir() == tmp_path / "mine"
   for off in ("0", "off", "False"):

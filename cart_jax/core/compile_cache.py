@@ -12,6 +12,7 @@ Where (first that is set)::
 
   enable_compilation_cache(cache_dir=...)     the caller's choice
   $CART_JAX_CACHE_DIR                         this cache only
+  $JAX_COMPILATION_CACHE_DIR                  JAX's own setting, when a user has one
   $CART_CACHE_DIR/jax                         cart-jax's cache root (the encoder-state cache's too)
   $XDG_CACHE_HOME/cart-jax/jax, else ~/.cache/cart-jax/jax
 
@@ -38,6 +39,7 @@ import threading
 from pathlib import Path
 
 ENV_DIR = "CART_JAX_CACHE_DIR"
+ENV_JAX = "JAX_COMPILATION_CACHE_DIR"  # JAX's own variable: a user's choice is kept
 ENV_ROOT = "CART_CACHE_DIR"  # cart-jax's cache root (cart_jax/train/state_cache.py uses it too)
 ENV_SWITCH = "CART_JAX_COMPILE_CACHE"  # "0", "false", "no" or "off": no persistent cache
 ENV_MAX_BYTES = "CART_JAX_CACHE_MAX_BYTES"
@@ -97,10 +99,11 @@ def is_disabled_by_env() -> bool:
 
 
 def default_cache_dir() -> Path:
-  """``$CART_JAX_CACHE_DIR``, else ``$CART_CACHE_DIR/jax``, else ``$XDG_CACHE_HOME`` (or
-  ``~/.cache``) ``/cart-jax/jax``."""
-  if os.environ.get(ENV_DIR):
-    return Path(os.environ[ENV_DIR]).expanduser()
+  """``$CART_JAX_CACHE_DIR``, else ``$JAX_COMPILATION_CACHE_DIR``, else ``$CART_CACHE_DIR/jax``,
+  else ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/cart-jax/jax``."""
+  for name in (ENV_DIR, ENV_JAX):
+    if os.environ.get(name):
+      return Path(os.environ[name]).expanduser()
   if os.environ.get(ENV_ROOT):
     return Path(os.environ[ENV_ROOT]).expanduser() / "jax"
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
