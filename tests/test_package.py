@@ -101,3 +101,8 @@ print(json.dumps({"file": cart_jax.__file__, "repo_root_has_gin": (cli_gin.REPO_
   assert doc["paths"] == [str(elsewhere), str(target / "cart_jax")]
   # emoji_demo.gin includes gin_configs/models/minilm_frozen.gin and gin_configs/runs/train.gin
   assert doc["steps"] == 1000 and doc["encoder"] == "minilm"
+  # the console script's module runs from the installed copy
+  proc = subprocess.run([sys.executable, "-m", "cart_jax.cli.main", "--help"], cwd=elsewhere, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and "export" in proc.stdout and "--no-compile-cache" in proc.stdout
+  assert (target / "bin" / "cart").is_file()
