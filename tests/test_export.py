@@ -104,8 +104,13 @@ s = load_exported({str(out)!r})
 res = s.search({TEST_QUERIES[:4]!r}, k=5)
 heavy = ("flax", "cart_jax", "cart_seqio", "tensorflow", "optax", "orbax")
 bad = [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in heavy]
+import contextlib, io, exported
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+  rc = exported.main([{str(out)!r}, "smiling cat", "-k", "2"])  # python exported.py DIR QUERY -k 2
 print(json.dumps({{"results": res, "bad": bad, "jax": "jax" in sys.modules,
-                   "error_base": ExportError.__mro__[1].__name__}}))
+                   "error_base": ExportError.__mro__[1].__name__, "rc": rc,
+                   "printed": json.loads(buf.getvalue())}}))
 """
   env = dict(os.environ, PYTHONPATH="")
   proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
@@ -114,6 +119,7 @@ print(json.dumps({{"results": res, "bad": bad, "jax": "jax" in sys.modules,
   doc = json.loads(proc.stdout.strip().splitlines()[-1])
   assert doc["bad"] == [] and doc["jax"] and doc["error_base"] == "ValueError"
   _assert_same(doc["results"], load_exported(out).search(TEST_QUERIES[:4], k=5), 5)
+  assert doc["rc"] == 0 and doc["printed"] == load_exported(out).search(["smiling cat"], k=2)
 
 
 def test_bad_inputs_are_named_errors(world, tmp_path, capsys):

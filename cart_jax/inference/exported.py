@@ -9,6 +9,8 @@ no TensorFlow), so it can be copied next to an export and used on its own::
   # [{"query": "smiling cat", "results": [{"rank": 1, "item_id": "1F63A", "identifier": [..],
   #                                         "score": -0.12}, ...]}, ...]
 
+or from a shell: ``python exported.py emoji.cart-export "smiling cat" -k 5`` (JSON on stdout).
+
 An export is one directory (written atomically by ``cart export``)::
 
   manifest.json      format, version, shapes, the tokenizer's special ids, sha256 of every file
@@ -342,3 +344,25 @@ def load_exported(path: str | os.PathLike, *, verify: bool = True) -> ExportedSe
   tokenizer = WordPiece(vocab, cls_id=tok["cls_id"], sep_id=tok["sep_id"], pad_id=tok["pad_id"],
                         unk_id=tok["unk_id"], lowercase=tok.get("lowercase", True))
   return ExportedSearch(d, manifest, exported, arguments, codes, items, tokenizer)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python exported.py EXPORT_DIR QUERY... [-k K]``: the results as JSON on stdout."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  ap = argparse.ArgumentParser(description="Search with a `cart export` directory (JAX + NumPy only).")
+  ap.add_argument("export_dir")
+  ap.add_argument("query", nargs="+")
+  ap.add_argument("-k", type=int, default=None, help="results per query (default: the export's)")
+  args = ap.parse_args(argv)
+  try:
+    s = load_exported(args.export_dir)
+    print(json.dumps(s.search(args.query, k=args.k or s.n_results), indent=2, ensure_ascii=False))
+  except ExportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
