@@ -37,7 +37,7 @@ def _search(run: Path, cache: Path, *flags: str) -> dict:
   proc = subprocess.run([sys.executable, "-c", SCRIPT, *argv], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return dict(json.loads(proc.stdout.strip().splitlines()[-1]), stderr=proc.stderr)
 
 
 def _search_programs(cache: Path) -> set[str]:
@@ -63,6 +63,9 @@ def test_second_search_loads_what_the_first_compiled(run, tmp_path):
 
   second = _search(run, cache)
   assert second["rc"] == 0
+  if second["hits"] == 0 and "doesn't match the machine type for execution" in second["stderr"]:
+    # XLA:CPU refuses to load its own executables on some CPUs (jax-ml/jax#38445): no gain there
+    pytest.skip("this CPU's XLA rejects its own cached executables (jax-ml/jax#38445)")
   assert second["hits"] >= len(entries) and second["writes"] == 0  # nothing compiled again
   assert len(compile_cache.cache_entries(cache)) == len(entries)
 
