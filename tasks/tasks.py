@@ -1,6 +1,7 @@
 """SeqIO task and mixture registration for a corpus. Nothing registers on import: call
 :func:`register_corpus_tasks` (or :func:`register_index_tasks`) with a corpus directory and
-the identifiers of its items.
+the identifiers of its items (or import ``cart_seqio.registered``, which does it from
+environment variables, for ``--module_import``).
 
 For a corpus named ``NAME`` (prefix ``cart_NAME``) it registers:
 
@@ -115,6 +116,62 @@ def _source(texts_by_split: dict[str, list[Text]], code_of: dict[str, str]) -> s
                                   num_input_examples={s: len(t) for s, t in texts_by_split.items()})
 
 
+_FEATURES = ("inputs", "targets", "item_id", "kind")
+_COMPLETE = "_COMPLETE"  # written last into a TFRecord source directory
+
+
+def _tfrecord_source(texts_by_split: dict[str, list[Text]], code_of: dict[str, str], directory: str,
+                     *, num_shards: int, write: bool) -> seqio.DataSource:
+  """A file-backed source: TFRecord shards of tf.train.Examples under ``directory`` (local or
+  ``gs://``), one ``<split>.tfrecord-XXXXX-of-YYYYY`` set per split, then ``_COMPLETE``.
+
+  Written once (``write=True`` and no ``_COMPLETE`` yet); readers shard by file (one SeqIO
+  ``ShardInfo`` per host) and ``seqio.scripts.cache_tasks_main`` can preprocess them with Beam.
+  ``write=False`` (the other processes of a multi-host job): the files must exist.
+  """
+  gfile = tf.io.gfile
+  done = f"{directory}/{_COMPLETE}"
+  counts = {split: len(texts) for split, texts in texts_by_split.items()}
+  shards = {split: max(1, min(num_shards, n)) for split, n in counts.items()}  # files per split
+  if not gfile.exists(done):
+    if not write:
+      raise CartError(f"{directory}: no TFRecord source ({_COMPLETE} missing); the process that "
+                      "writes it (process 0) has not, or another job is writing it")
+    gfile.makedirs(directory)
+    for split, texts in texts_by_split.items():
+      n = shards[split]
+      for shard in range(n):
+        with tf.io.TFRecordWriter(f"{directory}/{split}.tfrecord-{shard:05d}-of-{n:05d}") as w:
+          for t in texts[shard::n]:
+            values = {"inputs": t.text, "targets": code_of[t.item_id], "item_id": t.item_id,
+                      "kind": t.kind}
+            feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode("utf-8")]))
+                       for k, v in values.items()}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    with gfile.GFile(done, "w") as f:
+      f.write(_json_dumps(counts))
+  return seqio.TFExampleDataSource(
+      split_to_filepattern={split: f"{directory}/{split}.tfrecord-*-of-{n:05d}"
+                            for split, n in shards.items()},
+      feature_description={k: tf.io.FixedLenFeature([], tf.string) for k in _FEATURES},
+      num_input_examples=counts)
+
+
+def _json_dumps(obj) -> str:
+  import json  # pylint: disable=g-import-not-at-top
+  return json.dumps(obj, sort_keys=True)
+
+
+def _content_key(corpus: Corpus, code_of: dict[str, str], caption_texts_: Sequence[Text]) -> str:
+  """A hash of every text and identifier a corpus's tasks hold (names its TFRecord sources)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for t in list(corpus.texts()) + list(caption_texts_):
+    h.update("\x1f".join((t.item_id, t.text, t.split, t.kind, code_of.get(t.item_id, ""))).encode())
+    h.update(b"\x1e")
+  return h.hexdigest()[:12]
+
+
 def _add_task(name: str, source: seqio.DataSource, output_features: dict, metrics: bool) -> None:
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
@@ -146,7 +203,9 @@ def register_caption_mixture(names: CorpusTaskNames, caption_rate: float,
 def register_corpus_tasks(corpus_dir: str | os.PathLike, item_ids: Sequence[str], codes: np.ndarray,
                           vocab: IdentifierVocab, *, name: str | None = None,
                           input_vocab: str = "wordpiece", caption_rate: float | None = None,
-                          captions_file: str | os.PathLike | None = None) -> CorpusTaskNames:
+                          captions_file: str | os.PathLike | None = None,
+                          source_dir: str | None = None, num_shards: int = 16,
+                          write_sources: bool = True) -> CorpusTaskNames:
   """Registers the query/caption tasks, the training mixture and the eval tasks of a corpus.
 
   Args:
@@ -160,6 +219,13 @@ def register_corpus_tasks(corpus_dir: str | os.PathLike, item_ids: Sequence[str]
       when the corpus (or ``captions_file``) has captions, else 0.
     captions_file: a captioner's JSONL (``{"item_id", "text"}``) used instead of the
       corpus's own ``caption`` texts.
+    source_dir: None: the texts are served from memory. Else a directory (local or ``gs://``)
+      under which each task's texts are written once as TFRecord shards
+      (``<source_dir>/<prefix>-<content hash>/<task>/``, ``num_shards`` files per split) and read
+      back from them: shardable per host, and what ``seqio.scripts.cache_tasks_main`` (Apache
+      Beam) preprocesses into the cache ``seqio.get_dataset(use_cached=True)`` reads.
+    write_sources: write missing TFRecord sources (False: they must exist; multi-host processes
+      other than the writer).
 
   Returns:
     The registered names.
@@ -175,19 +241,26 @@ def register_corpus_tasks(corpus_dir: str | os.PathLike, item_ids: Sequence[str]
   query_splits = {s: t for s, t in query_splits.items() if t}
   if "train" not in query_splits:
     raise CartError(f"corpus {corpus.name!r} has no training queries")
-  _add_task(f"{prefix}_query", _source(query_splits, code_of), output_features, metrics=True)
-
   captions = caption_texts(corpus, captions_file)
+
+  def source(task: str, texts_by_split: dict[str, list[Text]]) -> seqio.DataSource:
+    if source_dir is None:
+      return _source(texts_by_split, code_of)
+    root = f"{str(source_dir).rstrip('/')}/{prefix}-{_content_key(corpus, code_of, captions)}"
+    return _tfrecord_source(texts_by_split, code_of, f"{root}/{task}", num_shards=num_shards,
+                            write=write_sources)
+
+  _add_task(f"{prefix}_query", source(f"{prefix}_query", query_splits), output_features, metrics=True)
   caption_task = None
   if captions:
     caption_task = f"{prefix}_caption"
-    _add_task(caption_task, _source({"train": captions}, code_of), output_features, metrics=False)
+    _add_task(caption_task, source(caption_task, {"train": captions}), output_features, metrics=False)
 
   evals = {}
   for split in ("validation", "test"):
     if split in query_splits:
       evals[split] = f"{prefix}_eval_{'val' if split == 'validation' else 'test'}"
-      _add_task(evals[split], _source({split: query_splits[split]}, code_of), output_features,
+      _add_task(evals[split], source(evals[split], {split: query_splits[split]}), output_features,
                 metrics=True)
   if caption_rate is None:
     caption_rate = 0.5 if captions else 0.0

@@ -20,6 +20,13 @@ iterator position is the step stored in the checkpoint; nothing else needs savin
 The numpy pipeline mixes the two sources like the SeqIO mixture: per batch ``round(rate * B)``
 examples come from the caption pool and the rest from the query pool; each pool is walked in a
 fresh seeded permutation per epoch (``caption_rate=0`` is the "w/o caption enhancement" ablation).
+
+**Multi-host.** A pipeline with ``iterate_rows(start_step, rows)`` (both do) gives a process only
+its rows of each global batch (``partitioning.process_slice``: the rows its devices hold); the
+trainer assembles the global batch with ``jax.make_array_from_process_local_data``. The numpy
+pipeline tokenises a text the first time one of this process's slices needs it, so no process
+tokenises the whole corpus for its batches (the frozen-encoder state cache, when used, still
+covers every training text: any of them can land in any slice in a later epoch).
 """
 from __future__ import annotations
 
@@ -47,6 +54,12 @@ class InputConfig:
       encoder in every step (the same numbers up to float16 rounding of the states, far slower).
     state_cache_dir: where those caches live (None: ``$CART_CACHE_DIR/encoder_states`` or
       ``~/.cache/cart-jax/encoder_states``).
+    seqio_source_dir: ``seqio`` pipeline: None serves the texts from memory; a directory (local
+      or ``gs://``) makes the tasks file-backed (TFRecord shards written there once, by process 0;
+      ``cart_seqio.tasks.register_corpus_tasks``).
+    use_cached: ``seqio`` pipeline: read the tasks' preprocessed cache that
+      ``seqio.scripts.cache_tasks_main`` wrote (``--module_import=cart_seqio.registered``).
+    seqio_cache_dir: where that cache is (added to SeqIO's global cache directories).
   """
   batch_size: int = 64
   input_length: int = 32
@@ -55,6 +68,9 @@ class InputConfig:
   seed: int = 0
   cache_encoder_states: bool = True
   state_cache_dir: str | None = None
+  seqio_source_dir: str | None = None
+  use_cached: bool = False
+  seqio_cache_dir: str | None = None
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
@@ -115,15 +131,38 @@ def encode_texts(texts: Sequence[str], input_length: int) -> np.ndarray:
 
 
 class _Pool:
-  """One source of examples walked in per-epoch seeded permutations."""
+  """One source of examples walked in per-epoch seeded permutations.
 
-  def __init__(self, inputs: np.ndarray, targets: np.ndarray, seed: int, salt: int):
-    self.inputs, self.targets = inputs, targets  # [n, src], [n, L]
+  Texts are tokenised lazily, each once, when a batch of this process first needs it
+  (:meth:`tokens`): a process of a multi-host run tokenises only the texts of its slices.
+  """
+
+  def __init__(self, texts: Sequence[str], targets: np.ndarray, seed: int, salt: int,
+               input_length: int):
+    self.texts = list(texts)
+    self.targets = targets  # [n, L]
     self.seed, self.salt = seed, salt
+    self.input_length = int(input_length)
     self._perm_cache: dict[int, np.ndarray] = {}
+    self._tokens = np.zeros((len(self.texts), self.input_length), np.int32)  # [n, src]
+    self._done = np.zeros(len(self.texts), bool)  # [n] rows tokenised so far
 
   def __len__(self) -> int:
-    return int(self.inputs.shape[0])
+    return len(self.texts)
+
+  def tokens(self, rows) -> np.ndarray:
+    """Token rows ``[len(rows), src]`` of the texts ``rows`` (tokenised on first use)."""
+    rows = np.asarray(rows, np.int64)
+    todo = np.unique(rows[~self._done[rows]])
+    if todo.size:
+      self._tokens[todo] = encode_texts([self.texts[r] for r in todo], self.input_length)
+      self._done[todo] = True
+    return self._tokens[rows]
+
+  @property
+  def inputs(self) -> np.ndarray:
+    """Every text's token row ``[n, src]`` (tokenises all that are not yet)."""
+    return self.tokens(np.arange(len(self)))
 
   def _perm(self, epoch: int) -> np.ndarray:
     if epoch not in self._perm_cache:
@@ -159,9 +198,8 @@ class NumpyPipeline:
     def pool(texts, salt):
       if not texts:
         return None
-      ids = encode_texts([t.text for t in texts], config.input_length)  # [n, src]
       tgt = tokens[np.asarray([row_of[t.item_id] for t in texts])]  # [n, L]
-      return _Pool(ids, tgt, config.seed, salt)
+      return _Pool([t.text for t in texts], tgt, config.seed, salt, config.input_length)
 
     self.queries = pool(corpus.texts(split="train", kind="query"), 0)
     if self.queries is None:
@@ -174,17 +212,22 @@ class NumpyPipeline:
     self.caption_rate = float(rate)
     self.num_captions_per_batch = int(round(rate * config.batch_size)) if self.captions else 0
 
-  def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """The global batch of training step ``step`` (a pure function of seed and step)."""
+  def batch_at(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
+    """The global batch of training step ``step`` (a pure function of seed and step), or only
+    its rows ``rows`` (``[start, stop)`` of the global batch: a process's slice). Only the texts
+    of those rows are tokenised."""
     b = self.config.batch_size
     nc = self.num_captions_per_batch
     nq = b - nc
-    q_rows = self.queries.rows(step * nq, nq)
-    inputs = [self.queries.inputs[q_rows]]
+    lo, hi = (0, b) if rows is None else (rows.start or 0, b if rows.stop is None else rows.stop)
+    if not 0 <= lo <= hi <= b:
+      raise ValueError(f"rows {lo}:{hi} are not rows of a global batch of {b}")
+    q_rows = self.queries.rows(step * nq, nq)[min(lo, nq):min(hi, nq)]  # this slice's queries
+    inputs = [self.queries.tokens(q_rows)]
     targets = [self.queries.targets[q_rows]]
     if nc:
-      c_rows = self.captions.rows(step * nc, nc)
-      inputs.append(self.captions.inputs[c_rows])
+      c_rows = self.captions.rows(step * nc, nc)[max(lo - nq, 0):max(hi - nq, 0)]  # ... captions
+      inputs.append(self.captions.tokens(c_rows))
       targets.append(self.captions.targets[c_rows])
     return model_features(np.concatenate(inputs), np.concatenate(targets))
 
@@ -192,6 +235,13 @@ class NumpyPipeline:
     step = start_step
     while True:
       yield self.batch_at(step)
+      step += 1
+
+  def iterate_rows(self, start_step: int, rows: slice) -> Iterator[dict[str, np.ndarray]]:
+    """Like :meth:`iterate`, only the rows ``rows`` of each global batch (a process's slice)."""
+    step = start_step
+    while True:
+      yield self.batch_at(step, rows)
       step += 1
 
   def token_rows(self) -> np.ndarray:
@@ -205,49 +255,111 @@ class NumpyPipeline:
             "caption_rate": self.caption_rate}
 
 
-class SeqioPipeline:
-  """The SeqIO mixture ``cart_<name>_train`` through ``CartFeatureConverter``.
+class _TokenPool(_Pool):
+  """A :class:`_Pool` of examples tokenised already (by SeqIO)."""
 
-  Determinism by step: the mixture is shuffled with a fixed seed and the iterator of a run
-  resumed at step ``s`` skips ``s`` batches (cheap at the sizes this runs on).
+  def __init__(self, inputs: np.ndarray, targets: np.ndarray, seed: int, salt: int):
+    super().__init__([""] * len(inputs), targets, seed, salt, inputs.shape[1])
+    self._tokens = np.asarray(inputs, np.int32)  # [n, src]
+    self._done[:] = True
+
+
+class SeqioPipeline:
+  """The SeqIO tasks ``cart_<name>_query`` / ``_caption`` through ``CartFeatureConverter``.
+
+  Each process reads only its shard of every task's training examples (``seqio.ShardInfo``:
+  process index of process count; file-backed tasks shard by file), preprocessed by SeqIO (or
+  read from its cache, ``use_cached``), once, into arrays. Batches are then drawn like the numpy
+  pipeline's: per global batch ``round(caption_rate * B)`` caption rows and the rest query
+  rows, each pool walked in seeded per-epoch permutations, so a batch is a pure function of
+  (seed, process, step): a resumed run continues exactly, with no replay of the stream. Each
+  process draws only its rows of the global batch from its own shard (with one process: every
+  example, as before sharding existed).
   """
 
   def __init__(self, corpus_dir: str, index, config: InputConfig, captions_file: str | None = None,
                corpus=None):
+    import jax  # pylint: disable=g-import-not-at-top
     import seqio  # pylint: disable=g-import-not-at-top
 
+    from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
     from cart_seqio import tasks as cart_tasks  # pylint: disable=g-import-not-at-top
     from cart_seqio.feature_converters import CartFeatureConverter  # pylint: disable=g-import-not-at-top
     self.config = config
     self.corpus, self.corpus_dir, self.captions_file = corpus, corpus_dir, captions_file
-    self.names = cart_tasks.register_index_tasks(corpus_dir, index, caption_rate=config.caption_rate,
-                                                 captions_file=captions_file)
+    if config.seqio_cache_dir:
+      seqio.add_global_cache_dirs([config.seqio_cache_dir])
+
+    def register(write: bool):
+      return cart_tasks.register_index_tasks(
+          corpus_dir, index, caption_rate=config.caption_rate, captions_file=captions_file,
+          source_dir=config.seqio_source_dir, write_sources=write)
+
+    # Process 0 writes file-backed sources (once); the others register after it did.
+    if partitioning.is_primary():
+      self.names = register(True)
+    partitioning.sync("cart-seqio-sources")
+    if not partitioning.is_primary():
+      self.names = register(False)
+    self.caption_rate = float(self.names.caption_rate)
+    b = config.batch_size
+    self.num_captions_per_batch = int(round(self.caption_rate * b)) if self.names.caption else 0
     lengths = {"inputs": config.input_length, "targets": index.vocab.id_length}
-    self._make = lambda: seqio.get_dataset(
-        self.names.train, task_feature_lengths=lengths, dataset_split="train", shuffle=True,
-        num_epochs=None, seed=config.seed, use_cached=False,
-        feature_converter=CartFeatureConverter()).batch(config.batch_size, drop_remainder=True)
+    shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
 
-  def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-    ds = self._make().skip(start_step)
-    keys = ("encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens",
-            "decoder_loss_weights")
-    for ex in ds.as_numpy_iterator():
-      yield {k: np.asarray(ex[k], np.int32) for k in keys}
+    def pool(task: str, salt: int) -> _TokenPool:
+      ds = seqio.get_dataset(task, task_feature_lengths=lengths, dataset_split="train", shuffle=False,
+                             num_epochs=1, shard_info=shard, use_cached=config.use_cached,
+                             seed=config.seed, feature_converter=CartFeatureConverter())
+      inputs, targets = [], []
+      for ex in ds.as_numpy_iterator():
+        inputs.append(np.asarray(ex["encoder_input_tokens"], np.int32))
+        targets.append(np.asarray(ex["decoder_target_tokens"], np.int32))
+      if not inputs:
+        raise ValueError(f"SeqIO task {task}: no training example in shard {shard.index} of "
+                         f"{shard.num_shards}")
+      inputs, targets = np.stack(inputs), np.stack(targets)  # [n, src], [n, L]
+      # A fixed order whatever order the files were read in (interleaving): sorted by content.
+      order = sorted(range(len(inputs)), key=lambda i: (inputs[i].tobytes(), targets[i].tobytes()))
+      # Seeds per process: the shards differ, so do their walks.
+      return _TokenPool(inputs[order], targets[order], config.seed, salt + 2 * jax.process_index())
 
-  def token_rows(self) -> np.ndarray:
-    """The training texts' token rows, tokenised as the SeqIO tasks do (the same WordPiece ids)."""
-    from cart_jax.data.captions import caption_texts  # pylint: disable=g-import-not-at-top
-    if self.corpus is None:
-      from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
-      self.corpus = load_corpus(self.corpus_dir, check_media=False)
-    texts = [t.text for t in self.corpus.texts(split="train", kind="query")]
-    if self.names.caption_rate:
-      texts += [t.text for t in caption_texts(self.corpus, self.captions_file)]
-    return encode_texts(texts, self.config.input_length)
+    self.queries = pool(self.names.query, 0)
+    self.captions = pool(self.names.caption, 1) if self.num_captions_per_batch else None
+
+  def batch_at(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
+    """Rows ``rows`` (default: all) of step ``step``'s global batch, from this process's shard.
+
+    Of the rows, those before ``B - round(caption_rate * B)`` are queries, the rest captions; each
+    local pool is read as a stream at offset ``step * (its rows per step)``, so every example of
+    the shard comes once per local epoch.
+    """
+    b = self.config.batch_size
+    nq = b - self.num_captions_per_batch
+    lo, hi = (0, b) if rows is None else (rows.start or 0, b if rows.stop is None else rows.stop)
+    if not 0 <= lo <= hi <= b:
+      raise ValueError(f"rows {lo}:{hi} are not rows of a global batch of {b}")
+    lq = min(hi, nq) - min(lo, nq)  # query rows in this slice
+    lc = (hi - lo) - lq  # caption rows
+    q_rows = self.queries.rows(step * lq, lq)
+    inputs, targets = [self.queries.tokens(q_rows)], [self.queries.targets[q_rows]]
+    if lc:
+      c_rows = self.captions.rows(step * lc, lc)
+      inputs.append(self.captions.tokens(c_rows))
+      targets.append(self.captions.targets[c_rows])
+    return model_features(np.concatenate(inputs), np.concatenate(targets))
+
+  iterate = NumpyPipeline.iterate
+  iterate_rows = NumpyPipeline.iterate_rows
+  token_rows = NumpyPipeline.token_rows
 
   def summary(self) -> dict:
-    return {"pipeline": "seqio", "mixture": self.names.train, "caption_rate": self.names.caption_rate}
+    return {"pipeline": "seqio", "tasks": [self.names.query] + (
+        [self.names.caption] if self.captions is not None else []),
+            "caption_rate": self.caption_rate, "train_queries": len(self.queries),
+            "train_captions": len(self.captions) if self.captions is not None else 0,
+            "file_backed": self.config.seqio_source_dir is not None,
+            "use_cached": self.config.use_cached}
 
 
 def make_pipeline(corpus_dir: str, corpus, index, config: InputConfig,
