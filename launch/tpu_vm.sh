@@ -1,23 +1,39 @@
 #!/usr/bin/env bash
-# Train CART on a Cloud TPU VM (single host or a pod slice: every worker runs the same command;
-# jax.distributed is initialised from the TPU environment, the mesh spans all chips).
+# Train or evaluate CART on a Cloud TPU VM: one host or a pod slice. Every worker runs the same
+# command (gcloud ... ssh --worker=all); jax.distributed is initialised from the TPU environment,
+# the mesh spans every chip of the slice, process 0 writes MODEL_DIR's files, orbax writes each
+# checkpoint with all workers together.
 #
 #   launch/tpu_vm.sh TPU_NAME ZONE gin_configs/experiments/flickr30k.gin gs://BUCKET/cart_f30k [--gin.X=V ...]
+#   launch/tpu_vm.sh TPU_NAME ZONE eval gs://BUCKET/cart_f30k [cart eval flags: --split test ...]
 #
-# Expects the repository at ~/cart-jax on every worker (first run: SETUP=1 clones nothing, it
-# installs: `pip install -e .[tpu]` needs jax[tpu]); corpora/ and runs/ paths in the gin file must be
-# readable on every worker (a GCS path or a copy per worker). Checkpoints go to MODEL_DIR (orbax, GCS ok).
+# MODEL_DIR may be a bucket (gs://...): it stays a URI (etils.epath; orbax writes there directly).
+# CORPUS_DIR / INDEX_DIR in the gin file: a bucket too, or the same local path on every worker.
+# Expects the repository at REMOTE_DIR (default ~/cart-jax) on every worker; SETUP=1 installs it
+# first: pip install -e '.[tpu]' (jax[tpu], with libtpu) and gcsfs for gs:// paths without
+# TensorFlow. DRY_RUN=1 prints the gcloud command instead of running it.
 set -euo pipefail
-if [[ $# -lt 4 ]]; then
-  sed -n '2,10p' "$0"; exit 2
+usage() { sed -n '2,15p' "$0"; exit 2; }
+if [[ $# -lt 4 ]]; then usage; fi
+TPU_NAME=$1; ZONE=$2; shift 2
+REMOTE_DIR=${REMOTE_DIR:-"~/cart-jax"}  # expanded on the worker
+quote() { local out=() a; for a in "$@"; do out+=("$(printf '%q' "$a")"); done; echo "${out[*]}"; }
+if [[ "$1" == "eval" ]]; then
+  MODEL_DIR=$2; shift 2
+  CART_ARGS=(eval --model-dir "${MODEL_DIR}" --quiet "$@")
+else
+  GIN_FILE=$1; MODEL_DIR=$2; shift 2
+  CART_ARGS=(train --gin_file="${GIN_FILE}" --gin.MODEL_DIR="${MODEL_DIR}" --no-progress "$@")
 fi
-TPU_NAME=$1; ZONE=$2; GIN_FILE=$3; MODEL_DIR=$4; shift 4
-EXTRA=("$@")
-REMOTE_DIR=${REMOTE_DIR:-~/cart-jax}
 CMD="cd ${REMOTE_DIR} && "
 if [[ "${SETUP:-0}" == "1" ]]; then
-  CMD+="pip install -q -e . 'jax[tpu]' && "
+  CMD+="pip install -q -e '.[tpu]' && "
 fi
 # CART_DISTRIBUTED=1: call jax.distributed.initialize() even on a single-host slice (harmless).
-CMD+="CART_DISTRIBUTED=1 cart train --gin_file=${GIN_FILE} --gin.MODEL_DIR=${MODEL_DIR} --no-progress ${EXTRA[*]:-}"
-exec gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone "${ZONE}" --worker=all --command "${CMD}"
+CMD+="CART_DISTRIBUTED=1 cart $(quote "${CART_ARGS[@]}")"
+GCLOUD=(gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone "${ZONE}" --worker=all --command "${CMD}")
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+  quote "${GCLOUD[@]}"
+  exit 0
+fi
+exec "${GCLOUD[@]}"
