@@ -109,11 +109,13 @@ def test_an_unwritable_cache_dir_falls_back_to_the_run(tmp_path, monkeypatch):
       "from cart_jax.core import compile_cache as c\n"
       f"print(c.enable_compilation_cache(cache_dir={str(blocker / 'jax')!r}, model_dir={str(model_dir)!r}))\n"
       f"print(c.enable_compilation_cache(cache_dir={str(blocker / 'jax')!r}))\n"
+      f"print(c.enable_compilation_cache(cache_dir={str(blocker / 'jax')!r}, model_dir={str(tmp_path / 'typo')!r}))\n"
       "import jax; print(jax.config.jax_compilation_cache_dir)\n")
   env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV_SWITCH}
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   fallback = str((model_dir / compile_cache.MODEL_DIR_SUBDIR).resolve())
-  assert proc.stdout.split() == [fallback, "None", fallback]
+  assert proc.stdout.split() == [fallback, "None", "None", fallback]
+  assert not (tmp_path / "typo").exists()  # a missing MODEL_DIR is never created
   assert "compilation cache off: cannot write" in proc.stderr

@@ -139,8 +139,8 @@ def enable_compilation_cache(model_dir: str | os.PathLike | None = None, *,
   """Turns on JAX's persistent compilation cache for this process; returns its directory.
 
   Args:
-    model_dir: a run directory; used (as ``MODEL_DIR/compile_cache``) only when the user cache
-      directory cannot be written.
+    model_dir: an existing run directory; used (as ``MODEL_DIR/compile_cache``) only when the
+      user cache directory cannot be written.
     cache_dir: use this directory instead of the default (:func:`default_cache_dir`).
 
   Returns ``None`` (and changes nothing) when ``CART_JAX_COMPILE_CACHE=0`` or no directory is
@@ -151,8 +151,8 @@ def enable_compilation_cache(model_dir: str | os.PathLike | None = None, *,
   if is_disabled_by_env():
     return None
   candidates = [Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()]
-  if model_dir is not None and "://" not in str(model_dir):
-    candidates.append(Path(model_dir) / MODEL_DIR_SUBDIR)
+  if model_dir is not None and "://" not in str(model_dir) and Path(model_dir).is_dir():
+    candidates.append(Path(model_dir) / MODEL_DIR_SUBDIR)  # an existing run only: never create one
   chosen = next((d for d in candidates if _usable(d)), None)
   if chosen is None:
     _log.warning("compilation cache off: cannot write %s", " or ".join(map(str, candidates)))
