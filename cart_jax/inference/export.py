@@ -83,6 +83,7 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
     raise ExportOptionsError(f"-k {k}: must be an integer >= 1")
   if beam is not None and (not isinstance(beam, int) or beam < k):
     raise ExportOptionsError(f"--beam {beam}: must be an integer >= -k ({k})")
+  explicit_platforms = bool(platforms)
   platforms = _platforms(platforms)
   out = Path(out)
   if out.exists() and not overwrite:
@@ -119,6 +120,8 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
   try:
     exp = jax.export.export(jax.jit(program), platforms=platforms)(*specs)
   except (NotImplementedError, ValueError) as e:
+    if not explicit_platforms:  # this machine's own platform: a bug, not a user error
+      raise
     raise ExportOptionsError(f"--platforms {','.join(platforms)}: cannot lower the search for "
                              f"them here ({type(e).__name__}: {str(e).splitlines()[0]})") from None
   program_bytes = exp.serialize()
