@@ -32,7 +32,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="the export directory to write")
   output.add_argument(p, "--batch-size", "--batch_size", dest="batch_size", type=int_at_least(1),
                       default=8, help="queries per program call (default 8; the loader pads)")
-  p.add_argument("-k", type=int_at_least(1), default=10,
+  p.add_argument("-k", "--k", type=int_at_least(1), default=10,
                  help="results per query the program returns (default 10; at most the items)")
   p.add_argument("--beam", type=int_at_least(1), default=None, help="beam size (default max(k, 10))")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
