@@ -55,6 +55,9 @@ EXTRAS = {
     "test": ["pytest>=8", "hypothesis>=6.100", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29",
              "httpx>=0.27", "selenium>=4.20"],
 }
+# tests/test_package.py builds the wheel offline (pip wheel --no-build-isolation): the build backend
+# must be in the environment itself.
+EXTRAS["test"] = EXTRAS["test"] + ["setuptools>=61", "wheel>=0.40"]
 EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
 # Accelerators (launch/): JAX's own wheels for the hardware; not in `all` (the CPU install).
 # gcsfs: gs:// MODEL_DIR / corpora through etils.epath on hosts without TensorFlow.
