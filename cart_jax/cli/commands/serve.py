@@ -14,7 +14,8 @@ few batch sizes (1, 4, 16, ... up to ``--max-batch``; one log line each with its
                   generated identifier and the score of each
   GET  /healthz   {"status": "ok", "step", "num_items", "modalities", "max_k", ...}
   GET  /metrics   requests, errors, the batch size histogram, latency p50/p90/p99
-  GET  /media/ID  an item's media file (only the index's items; never a file outside the corpus)
+  GET  /media/ID  an item's media file (only the index's items; never a file whose real path
+                  leaves the corpus directory and the media roots its corpus.json declares)
 
 Concurrent requests are gathered into one search call of up to ``--max-batch`` queries; the first
 request of a batch waits at most ``--max-wait-ms`` for others. At most ``--queue-size`` requests
