@@ -27,7 +27,9 @@ Queries are tokenised here (BERT uncased WordPiece over ``vocab.txt``: the rules
 ``cart_jax/models/text/tokenizer.py``, which the tests hold this copy to), padded to the export's
 batch size and run through the program; any number of queries and any ``k`` up to the export's
 ``n_results`` work. The program runs on the platforms it was exported for (``manifest.json``
-``platforms``; ``cart export --platforms cpu,cuda,tpu`` exports for several).
+``platforms``; ``cart export --platforms cpu,cuda,tpu`` exports for several), by a JAX at most
+6 months newer or 3 weeks older than the one that exported it (``jax.export``'s guarantees; the
+manifest's ``created_with``).
 """
 from __future__ import annotations
 
