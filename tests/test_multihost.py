@@ -3,7 +3,9 @@
 Both commands are launched the way a user launches them on GPU hosts, through
 ``launch/multi_gpu.sh`` (``NUM_HOSTS=2 HOST_ID=i COORDINATOR=localhost:PORT``), with
 ``JAX_PLATFORMS=cpu`` (gloo collectives) and 2 CPU devices per process: a global mesh of 4
-devices over 2 processes, so every global array spans devices this process cannot read.
+devices over 2 processes (data 2 x model 2: batches split across the processes, parameters the
+rules shard split across each process's devices), so every global array spans devices this
+process cannot read.
 
 Training: a tiny model on a 12-item corpus, global batch 8, validation every 2 steps (the
 constrained beam search over the mesh), a checkpoint every 2 steps. The first launch stops after
@@ -15,8 +17,8 @@ resumes to step 6. Checked against the same job run in one process (this one, on
 * MODEL_DIR holds exactly one of each artefact: run.json, config.gin, the index copy, one
   metrics line per step, one checkpoint per saved step, no temporary litter.
 
-Evaluation: ``cart eval`` on the 2 processes gives the metrics of the 1-process evaluation, and
-both processes report the same (results gathered across processes).
+Evaluation: ``cart eval`` on the 2 processes (restored onto the 2 x 2 mesh) gives the metrics of
+the 1-process evaluation, and both processes report the same (results gathered across processes).
 """
 from __future__ import annotations
 
@@ -151,12 +153,15 @@ def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
   # The reference: the same job in one process with one device (the same global batch), run
   # while the 2 processes x 2 devices run stops after 3 steps; then the latter resumes to step 6.
   reference = Launch([GIN_FILES[0], str(run1), *gin], tmp_path, "train_1", processes=1, devices=1)
-  Launch([GIN_FILES[0], str(run2), *gin, "--gin.train_job.stop_after=3"], tmp_path, "train_a").wait()
+  # The 2-process run's mesh: data 2 x model 2 (tensor-parallel parameters split across each
+  # process's 2 devices, batches across the processes).
+  gin2 = [*gin, "--gin.TrainConfig.mesh_model=2"]
+  Launch([GIN_FILES[0], str(run2), *gin2, "--gin.train_job.stop_after=3"], tmp_path, "train_a").wait()
   stopped = json.loads((run2 / "train_summary.json").read_text())
   assert (stopped["start_step"], stopped["step"]) == (0, 3)
   assert sorted(os.listdir(run2 / "checkpoints")) == ["2", "3"]
   assert [m["step"] for m in _metrics(run2)] == [1, 2, 3]
-  Launch([GIN_FILES[0], str(run2), *gin], tmp_path, "train_b").wait()
+  Launch([GIN_FILES[0], str(run2), *gin2], tmp_path, "train_b").wait()
   resumed = json.loads((run2 / "train_summary.json").read_text())
   assert (resumed["start_step"], resumed["step"]) == (3, 6)
   assert [v["step"] for v in resumed["validation"]] == [4, 6]
@@ -172,6 +177,7 @@ def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
   assert sorted(os.listdir(run2 / "index")) == sorted(os.listdir(index))
   run_json = json.loads((run2 / "run.json").read_text())
   assert run_json["train_config"]["eval_every"] == 2 and run_json["index_dir"] == "index"
+  assert run_json["train_config"]["mesh_model"] == 2
   assert f"MODEL_DIR = '{run2}'" in (run2 / "config.gin").read_text()
   m2, m1 = _metrics(run2), _metrics(run1)
   assert [m["step"] for m in m2] == [m["step"] for m in m1] == [1, 2, 3, 4, 5, 6]
