@@ -120,7 +120,7 @@ class Launch:
       self.procs.append((subprocess.Popen(["bash", str(LAUNCH), *argv], cwd=REPO, env=env,
                                           stdout=subprocess.DEVNULL, stderr=err), err))
 
-  def wait(self, timeout: float = 300) -> list[str]:
+  def wait(self, timeout: float = 300, expect: int = 0) -> list[str]:
     try:
       for p, _ in self.procs:
         p.wait(timeout=timeout)
@@ -135,7 +135,7 @@ class Launch:
       logs.append(err.read())
       err.close()
     for i, (p, _) in enumerate(self.procs):
-      assert p.returncode == 0, f"{self.tag}: process {i} exited {p.returncode}:\n{logs[i][-3000:]}"
+      assert p.returncode == expect, f"{self.tag}: process {i} exited {p.returncode}:\n{logs[i][-3000:]}"
     return logs
 
 
@@ -217,6 +217,17 @@ def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
   with capsys.disabled():
     print(f"[multihost] eval R@1/R@10/MRR@10 1 process {one['r@1']:.4f}/{one['r@10']:.4f}/"
           f"{one['mrr@10']:.4f}, 2 processes: the same")
+
+
+def test_a_setup_error_on_process_0_stops_every_process(tmp_path):
+  """Process 0 alone copies the index into MODEL_DIR; when that fails, the other process must not
+  wait for it at the next collective: both exit with the error (2), within seconds."""
+  corpus, _ = _corpus(tmp_path)
+  logs = Launch([GIN_FILES[0], str(tmp_path / "run"), f"--gin_file={GIN_FILES[1]}",
+                 *_gin(corpus, tmp_path / "no_index")], tmp_path, "bad").wait(timeout=180, expect=2)
+  assert "no_index: not an index directory (no meta.json)" in logs[0]
+  assert "failed on process(es) [0] (this is process 1)" in logs[1]
+  assert not (tmp_path / "run" / "run.json").exists()
 
 
 def test_launch_scripts_cite_extras_that_exist_and_tpu_command(monkeypatch):
