@@ -25,6 +25,11 @@ hashed, :func:`cart_jax.index.identifiers.load_index`) and the checkpoint step a
 ``manifest.sha256.json`` (:mod:`cart_jax.train.checkpointing`); a mismatch is a ``CartError``
 naming the file (exit 2 in ``cart``), never results. ``verify=False`` (``--no-verify``) skips the
 checkpoint's hashing (the index is small and always checked).
+
+MODEL_DIR may be remote (``gs://...``, :mod:`cart_jax.core.paths`): orbax reads the checkpoints
+there, the index copy and the corpus's JSON files are read through a local copy. ``load_run``
+restores onto every device of every process (a ``jax.distributed`` launch is joined first), so
+``cart eval`` / ``cart search`` search on all of them (:class:`cart_jax.inference.searcher.CartSearcher`).
 """
 from __future__ import annotations
 

@@ -304,12 +304,14 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   Args:
     model_config: the network (``output_vocab_size`` must match ``index.vocab``).
     train_config: optimizer, loop and mesh settings.
-    pipeline: an input pipeline with ``iterate(start_step)`` yielding model-feature batches.
+    pipeline: an input pipeline with ``iterate(start_step)`` yielding model-feature batches (and,
+      optionally, ``iterate_rows(start_step, rows)`` yielding only this process's rows of each).
     index: the SemanticIndex (for validation decoding).
     checkpoint_dir: orbax directory (None = no checkpoints, no resume).
     metrics_dir: where ``tensorboard/`` and ``metrics.jsonl`` go (None = console only).
     validation: ``(texts, target index rows)`` scored every ``eval_every`` steps.
-    stop_after: stop (after saving a checkpoint) once this many steps ran in this call (tests).
+    stop_after: stop (after saving a checkpoint) once this many steps ran in this call (tests;
+      ``train_job.stop_after``: a run in time slices, the next launch resumes).
     cache_encoder_states: with a frozen pretrained encoder, compute its states once per training
       text (``pipeline.token_rows()``) and feed them to the step instead of tokens.
     state_cache_dir: root of those caches (None: ``state_cache.default_root()``).
