@@ -9,8 +9,10 @@ process cannot read.
 
 Training: a tiny model on a 12-item corpus, global batch 8, validation every 2 steps (the
 constrained beam search over the mesh), a checkpoint every 2 steps. The first launch stops after
-3 steps (``train_job.stop_after``: it saves step 3 and exits in the middle of the run), the second
-resumes to step 6. Checked against the same job run in one process (this one, one device):
+3 steps (``train_job.stop_after``: it saves step 3 and exits in the middle of the run); the test
+then leaves what a SIGKILL during that save would (step 3 without its manifest, metrics lines of
+later steps, a torn last line), and the second launch resumes, from step 2, to step 6. Checked
+against the same job run in one process with one device:
 
 * the final parameters (max abs difference printed; <= 1e-5),
 * every step's loss and every validation's recall,
@@ -161,9 +163,15 @@ def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
   assert (stopped["start_step"], stopped["step"]) == (0, 3)
   assert sorted(os.listdir(run2 / "checkpoints")) == ["2", "3"]
   assert [m["step"] for m in _metrics(run2)] == [1, 2, 3]
+  # What a SIGKILL during the step-3 save leaves behind: orbax's step directory complete but no
+  # manifest yet, and metrics lines of later steps, the last one torn. The resumed run must drop
+  # step 3, go on from step 2 and write each step's line once.
+  (run2 / "checkpoints" / "3" / "manifest.sha256.json").unlink()
+  with open(run2 / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "train/loss": 99.0}\n{"step": 5, "train/lo')
   Launch([GIN_FILES[0], str(run2), *gin2], tmp_path, "train_b").wait()
   resumed = json.loads((run2 / "train_summary.json").read_text())
-  assert (resumed["start_step"], resumed["step"]) == (3, 6)
+  assert (resumed["start_step"], resumed["step"]) == (2, 6)
   assert [v["step"] for v in resumed["validation"]] == [4, 6]
   reference.wait()
 
@@ -172,8 +180,8 @@ def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
       ["checkpoints", "config.gin", "index", "metrics.jsonl", "run.json", "tensorboard",
        "train_summary.json"])
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], list(tmp_path.iterdir())
-  assert sorted(os.listdir(run2 / "checkpoints")) == ["2", "3", "4", "6"]
-  assert all((run2 / "checkpoints" / s / "manifest.sha256.json").is_file() for s in "2346")
+  assert sorted(os.listdir(run2 / "checkpoints")) == ["2", "4", "6"]
+  assert all((run2 / "checkpoints" / s / "manifest.sha256.json").is_file() for s in "246")
   assert sorted(os.listdir(run2 / "index")) == sorted(os.listdir(index))
   run_json = json.loads((run2 / "run.json").read_text())
   assert run_json["train_config"]["eval_every"] == 2 and run_json["index_dir"] == "index"
