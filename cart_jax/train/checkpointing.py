@@ -7,6 +7,11 @@ encoder ``params`` and ``opt_state``) plus ``meta`` (JSON: step, wall time, metr
 time, whatever else the trainer records). Items restore onto the shapes, dtypes and shardings of
 a template (exact resume); inference restores only ``params`` and ``frozen``.
 
+The directory may be remote (``gs://...``): it stays a URI (:mod:`cart_jax.core.paths`), orbax
+writes there itself and the manifests are written and checked through ``etils.epath``. With
+several processes (``jax.distributed``) every process saves and restores (orbax's collective
+writes); process 0 writes the manifests.
+
 Writes are atomic (orbax finalises a step directory only when complete); ``keep`` bounds how
 many are kept. Data-iterator position needs no separate entry: the input pipeline is a pure
 function of the step (see ``input_pipeline.py``).
