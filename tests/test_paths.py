@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
-import fsspec
+import fsspec  # noqa: F401  (loads fsspec.registry, whose table the fixture patches)
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
@@ -44,10 +45,12 @@ class FakeGCS(MemoryFileSystem):
 @pytest.fixture
 def gcs(monkeypatch):
   """A fresh fake bucket ``gs://bucket``; yields the store (key -> file)."""
-  from etils.epath import backend
+  from etils.epath import backend, gpath
   monkeypatch.setenv("EPATH_USE_TF", "false")
-  fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-  fsspec.register_implementation("gs", FakeGCS, clobber=True)
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access  (cached per process)
+  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
+  for name in ("gcs", "gs"):  # put back whatever was registered when the test ends
+    monkeypatch.setitem(registry, name, FakeGCS)
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   FakeGCS.store.clear()
   FakeGCS.pseudo_dirs[:] = [""]
@@ -55,6 +58,8 @@ def gcs(monkeypatch):
   yield FakeGCS.store
   FakeGCS.store.clear()
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.delenv("EPATH_USE_TF")
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
 
 
 def test_remote_paths_are_not_made_local():
