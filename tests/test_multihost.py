@@ -99,6 +99,20 @@ def _free_port() -> int:
 XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
+_LAUNCHED: list = []  # every Launch of the running test (killed at its end if still running)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+  yield
+  while _LAUNCHED:
+    for p, err in _LAUNCHED.pop().procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+      err.close()
+
+
 class Launch:
   """``launch/multi_gpu.sh ARGS`` as ``processes`` processes of ``devices`` CPU devices each.
 
@@ -121,6 +135,7 @@ class Launch:
       argv = args(i) if callable(args) else args
       self.procs.append((subprocess.Popen(["bash", str(LAUNCH), *argv], cwd=REPO, env=env,
                                           stdout=subprocess.DEVNULL, stderr=err), err))
+    _LAUNCHED.append(self)
 
   def wait(self, timeout: float = 300, expect: int = 0) -> list[str]:
     try:
