@@ -60,9 +60,10 @@ EXTRAS = {
 EXTRAS["test"] = EXTRAS["test"] + ["setuptools>=61", "wheel>=0.40"]
 EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
 # Accelerators (launch/): JAX's own wheels for the hardware; not in `all` (the CPU install).
-# gcsfs: gs:// MODEL_DIR / corpora through etils.epath on hosts without TensorFlow.
-EXTRAS["tpu"] = ["jax[tpu]>=0.7", "gcsfs>=2024.2"]
-EXTRAS["gpu"] = ["jax[cuda12]>=0.7", "gcsfs>=2024.2"]
+# gcsfs: gs:// MODEL_DIR / corpora through etils.epath on hosts without TensorFlow;
+# google-cloud-storage: TensorBoard events (tensorboardX) in a gs:// MODEL_DIR.
+EXTRAS["tpu"] = ["jax[tpu]>=0.7", "gcsfs>=2024.2", "google-cloud-storage>=2.14"]
+EXTRAS["gpu"] = ["jax[cuda12]>=0.7", "gcsfs>=2024.2", "google-cloud-storage>=2.14"]
 
 setup(
     name="cart-jax",
