@@ -227,7 +227,7 @@ def index_add(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
   """Adds a corpus's items to a trained run without retraining it (``cart index add``).
 
   Options: :func:`cart_jax.train.incremental.add_items` (``item_ids``, ``steps`` (None: auto, 0:
-  identifiers only), ``replay_ratio``, ``learning_rate``, ``batch_size``, ``seed``,
+  identifiers only), ``replay_ratio``, ``balance_tail``, ``learning_rate``, ``batch_size``, ``seed``,
   ``keep_versions``, ``verify``, ``progress``, ``log``). Returns its summary: the run's new
   ``version``, ``added``, ``num_items``, ``fine_tune`` (steps, seconds, last metrics), ``seconds``.
   """

@@ -112,9 +112,10 @@ def _train_texts(corpus_dir: Path, items) -> dict:
 
 @pytest.fixture(scope="module")
 def added(world):
-  """A copy of the run with the 4 new emoji added and 30 fine-tuning steps."""
+  """A copy of the run with the 4 new emoji added and 30 fine-tuning steps, the last 6 balanced."""
   run = _copy(world, "added")
-  summary = api.index_add(run, world.new, world.new_emb, steps=30, progress=False, log=lambda m: None)
+  summary = api.index_add(run, world.new, world.new_emb, steps=30, balance_tail=0.2, progress=False,
+                          log=lambda m: None)
   return run, summary
 
 
@@ -129,6 +130,10 @@ def test_add_keeps_every_identifier_and_makes_the_new_items_searchable(world, ad
   assert s["num_items"] == 20 + N_NEW and s["step"] == 4 + 30 and s["base_step"] == 4
   assert s["fine_tune"]["steps"] == 30 and s["fine_tune"]["new_per_batch"] == 4
   assert s["fine_tune"]["replay_per_batch"] == 4  # --replay-ratio 0.5 of a batch of 8
+  ft = s["fine_tune"]  # the balanced tail: the corpus's own old share of the batch, at least 4
+  share = ft["old_texts"] / (ft["old_texts"] + ft["new_texts"])
+  assert ft["balance_tail"] == {"steps": 6, "replay_per_batch": min(7, max(4, round(share * 8)))}
+  assert ft["balance_tail"]["replay_per_batch"] > 4
   before, after = load_index(world.run / "index"), load_index(run / "versions/2/index")
   old, new = _codes_by_id(before), _codes_by_id(after)
   assert {i: new[i] for i in old} == old  # existing identifiers unchanged
@@ -232,6 +237,8 @@ def test_bad_adds_and_removes_exit_2_and_change_nothing(world, capsys):
        ["extra.npy", "'stranger'", "not corpus items"]),
       (add + ["--corpus", str(world.new), "--embeddings", str(world.new_emb), "--replay-ratio", "1"],
        ["--replay-ratio"]),
+      (add + ["--corpus", str(world.new), "--embeddings", str(world.new_emb), "--balance-tail", "1.5"],
+       ["--balance-tail"]),
       (["index", "remove", "--model-dir", str(run), "--ids", str(gone)],
        ["unknown.txt:2", "'no-such-item' is not an item"]),
       (["index", "remove", "--model-dir", str(run), "--ids", str(everything)],
@@ -379,6 +386,25 @@ def test_replay_batches_mix_by_ratio_and_are_deterministic_by_step():
   only_new = incremental.ReplayBatches(new, None, batch_size=8, replay_ratio=0.5, seed=0)
   assert (only_new.num_new, only_new.num_old) == (8, 0)
   assert b.token_rows().shape == (56, 3)
+
+
+def test_balanced_tail_switches_the_mix_and_shows_each_old_text_once():
+  new = (np.arange(6)[:, None].repeat(3, 1) + 100, np.full((6, 2), 5))
+  old = (np.arange(40)[:, None].repeat(3, 1) + 200, np.full((40, 2), 7))
+  b = incremental.ReplayBatches(new, old, batch_size=8, replay_ratio=0.5, seed=0, tail_from=3,
+                                tail_num_old=6)
+  olds, news = [], []
+  for step in range(5):  # 3 head steps of 4 old + 4 new, then 2 tail steps of 6 old + 2 new
+    x = b.batch_at(step)
+    n_old = int((x["decoder_target_tokens"][:, 0] == 7).sum())
+    assert n_old == (4 if step < 3 else 6)
+    olds += x["encoder_input_tokens"][x["decoder_target_tokens"][:, 0] == 7, 0].tolist()
+    news += x["encoder_input_tokens"][x["decoder_target_tokens"][:, 0] == 5, 0].tolist()
+  assert len(olds) == 3 * 4 + 2 * 6 == len(set(olds))  # 24 of 40 old texts, none twice
+  assert len(news) == 3 * 4 + 2 * 2 and sorted(news[:6]) == list(range(100, 106))  # epochs continue
+  with pytest.raises(ValueError, match="tail_num_old"):
+    incremental.ReplayBatches(new, old, batch_size=8, replay_ratio=0.5, seed=0, tail_from=1,
+                              tail_num_old=8)
 
 
 def test_auto_steps():

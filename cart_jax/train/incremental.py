@@ -90,6 +90,7 @@ UPDATE_FILE = "update.json"
 ADDED_MEDIA = "added-v{version}"  # under the corpus's media/ directory
 DEFAULT_REPLAY_RATIO = 0.5
 DEFAULT_KEEP_VERSIONS = 2
+DEFAULT_BALANCE_TAIL = 0.0
 MAX_STEPS_FRACTION = 0.18  # auto steps: at most this share of the run's own training steps
 MIN_AUTO_STEPS = 20
 EMBED_KEY = ("decoder_embedder", "embedding")  # [vocab, d_model]
@@ -178,23 +179,40 @@ class _Stream:
 class ReplayBatches:
   """Fine-tuning batches: ``num_new`` new texts + ``batch - num_new`` replayed old texts per step.
 
-  Deterministic by step (``batch_at(step)`` depends only on the seed and the step), like the
-  training pipelines.
+  From step ``tail_from`` on (the balanced tail), ``tail_num_old`` of each batch are old texts
+  instead: the old/new proportion of the corpus's own texts, so that the fine-tune ends without
+  the head's over-representation of the new items. Deterministic by step (``batch_at(step)``
+  depends only on the seed and the step), like the training pipelines.
   """
 
   def __init__(self, new: tuple[np.ndarray, np.ndarray], old: tuple[np.ndarray, np.ndarray] | None,
-               batch_size: int, replay_ratio: float, seed: int):
+               batch_size: int, replay_ratio: float, seed: int, *, tail_from: int | None = None,
+               tail_num_old: int | None = None):
     self.new = _Stream(*new, seed, 0)
     self.old = _Stream(*old, seed, 1) if old is not None and len(old[0]) else None
     self.num_old = int(round(replay_ratio * batch_size)) if self.old is not None else 0
     self.num_new = batch_size - self.num_old
+    self.tail_from = tail_from
+    self.tail_num_old = self.num_old if tail_num_old is None or self.old is None else tail_num_old
+    if not 0 <= self.tail_num_old < batch_size:
+      raise ValueError(f"tail_num_old {tail_num_old}: must be in [0, {batch_size})")
+
+  def counts_at(self, step: int) -> tuple[int, int, int, int]:
+    """(new rows, old rows, first new position, first old position) of step ``step``."""
+    if self.tail_from is None or step < self.tail_from:
+      return self.num_new, self.num_old, step * self.num_new, step * self.num_old
+    head, t = self.tail_from, step - self.tail_from
+    n_old = self.tail_num_old
+    n_new = self.num_new + self.num_old - n_old
+    return n_new, n_old, head * self.num_new + t * n_new, head * self.num_old + t * n_old
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     from cart_jax.train.input_pipeline import model_features  # pylint: disable=g-import-not-at-top
-    r = self.new.rows(step * self.num_new, self.num_new)
+    n_new, n_old, at_new, at_old = self.counts_at(step)
+    r = self.new.rows(at_new, n_new)
     inputs, targets = [self.new.inputs[r]], [self.new.targets[r]]
-    if self.num_old:
-      r = self.old.rows(step * self.num_old, self.num_old)
+    if n_old:
+      r = self.old.rows(at_old, n_old)
       inputs.append(self.old.inputs[r])
       targets.append(self.old.targets[r])
     return model_features(np.concatenate(inputs), np.concatenate(targets))
@@ -474,6 +492,7 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
               embeddings: str | os.PathLike, *, item_ids: str | os.PathLike | None = None,
               steps: int | None = None, replay_ratio: float = DEFAULT_REPLAY_RATIO,
               learning_rate: float | None = None, batch_size: int | None = None, seed: int = 0,
+              balance_tail: float = DEFAULT_BALANCE_TAIL,
               keep_versions: int = DEFAULT_KEEP_VERSIONS, verify: bool = True,
               progress: bool = True, log: Callable[[str], None] = print,
               _before_switch: Callable[[Path], None] | None = None) -> dict:
@@ -521,6 +540,8 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
   if not (isinstance(replay_ratio, (int, float)) and 0.0 <= replay_ratio < 1.0):
     raise IndexUpdateError(f"--replay-ratio {replay_ratio}: must be in [0, 1) (some of every batch "
                            "must be new texts)")
+  if not (isinstance(balance_tail, (int, float)) and 0.0 <= balance_tail <= 1.0):
+    raise IndexUpdateError(f"--balance-tail {balance_tail}: must be in [0, 1] (a share of the steps)")
   if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
     raise IndexUpdateError(f"--lr {learning_rate}: must be a finite number > 0")
   if batch_size is not None and batch_size < 1:
@@ -599,19 +620,25 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
             return (encode_texts([t.text for t in texts], input_length),
                     tokens[np.asarray([row_of[t.item_id] for t in texts], np.int64)])
 
+          tail_steps = int(round(balance_tail * steps)) if num_old else 0
+          share_old = len(old_texts) / (len(old_texts) + len(new_texts))
+          tail_num_old = min(b - 1, max(num_old, int(round(share_old * b))))
+          need = (steps - tail_steps) * num_old + tail_steps * tail_num_old
           sample = old_texts
-          need = steps * num_old
           if num_old and len(old_texts) > need:
             pick = np.random.default_rng([seed, 7]).choice(len(old_texts), need, replace=False)
             sample = [old_texts[i] for i in np.sort(pick)]
           batches = ReplayBatches(encoded(new_texts), encoded(sample) if num_old else None, b,
-                                  replay_ratio, seed)
+                                  replay_ratio, seed,
+                                  tail_from=(steps - tail_steps) if tail_steps else None,
+                                  tail_num_old=tail_num_old)
           tuned = fine_tune(model_config=new_config, run=run, params=params, frozen=frozen,
                             batches=batches, steps=steps, learning_rate=lr, seed=seed,
                             progress=progress, log=log)
           params, frozen = tuned.params, tuned.frozen
           ft_info = {**tuned.info, "new_texts": len(new_texts), "replay_texts": len(sample) if num_old else 0,
-                     "replay_ratio": replay_ratio, "old_texts": len(old_texts)}
+                     "replay_ratio": replay_ratio, "old_texts": len(old_texts),
+                     "balance_tail": {"steps": tail_steps, "replay_per_batch": tail_num_old}}
         stages["fine_tune"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         step = loaded.step + steps

@@ -33,6 +33,16 @@ from cart_jax.cli import output
 from cart_jax.cli.commands import int_at_least, positive_float
 
 
+def _share(value: str) -> float:
+  try:
+    x = float(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
+  if not 0.0 <= x <= 1.0:
+    raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
+  return x
+
+
 def _ratio(value: str) -> float:
   try:
     x = float(value)
@@ -64,6 +74,11 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   add.add_argument("--replay-ratio", type=_ratio, default=incremental.DEFAULT_REPLAY_RATIO,
                    help="share of each batch from the old items' training texts (default "
                         f"{incremental.DEFAULT_REPLAY_RATIO})")
+  add.add_argument("--balance-tail", type=_share, default=incremental.DEFAULT_BALANCE_TAIL,
+                   help="share of the fine-tune's last steps whose batches hold old and new texts "
+                        "in the corpus's own proportion: keeps more of the old items' recall, "
+                        "finds fewer new ones (default "
+                        f"{incremental.DEFAULT_BALANCE_TAIL}; README: Adding and removing items)")
   add.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default: the run's)")
   add.add_argument("--batch-size", type=int_at_least(1), default=None,
@@ -95,6 +110,7 @@ def run(args) -> int:
     if args.index_command == "add":
       summary = api.index_add(args.model_dir, args.corpus, args.embeddings, item_ids=args.item_ids,
                               steps=args.steps, replay_ratio=args.replay_ratio,
+                              balance_tail=args.balance_tail,
                               learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
                               keep_versions=args.keep_versions, verify=args.verify,
                               progress=not args.quiet)
