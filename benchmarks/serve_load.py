@@ -20,7 +20,8 @@ What it does:
      requests, until ``--seconds`` have passed or ``--max-requests`` were sent. Per row: requests,
      errors (non-200 or transport), q/s (answered requests / wall time), client-side latency
      p50/p90/p99, and from the server's ``/metrics`` (difference before/after) the number of
-     batches, mean queries per batch and the batch size histogram.
+     batches, mean queries per batch and the batch size histogram; and the CPU seconds per second
+     the server process and the clients used meanwhile (``/proc/<pid>/stat``, ``os.times``).
   5. SIGTERM to the server; its exit code is recorded (0: drained).
 The clients run in this process on the same machine as the server: on a 2-core CPU they take
 some of the CPU the server would otherwise use, so the server's q/s is a lower bound. The 1-minute
@@ -115,8 +116,17 @@ def offline_qps(run: Path, batch_sizes: list[int]) -> dict:
   return out
 
 
+def _cpu_seconds(pid: int | None = None) -> float:
+  """CPU seconds (user + system, all threads) of this process, or of process ``pid``."""
+  if pid is None:
+    t = os.times()
+    return t.user + t.system
+  fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 async def _load_round(base: str, texts: list[str], concurrency: int, seconds: float,
-                      max_requests: int, k: int) -> dict:
+                      max_requests: int, k: int, server_pid: int) -> dict:
   import httpx  # pylint: disable=g-import-not-at-top
   limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
   async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
@@ -126,6 +136,7 @@ async def _load_round(base: str, texts: list[str], concurrency: int, seconds: fl
     before = (await client.get("/metrics")).json()
     latencies, errors, statuses = [], 0, {}
     sent = 0
+    cpu_client, cpu_server = _cpu_seconds(), _cpu_seconds(server_pid)
     t0 = time.perf_counter()
     deadline = t0 + seconds
 
@@ -148,6 +159,7 @@ async def _load_round(base: str, texts: list[str], concurrency: int, seconds: fl
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     wall = time.perf_counter() - t0
+    cpu_client, cpu_server = _cpu_seconds() - cpu_client, _cpu_seconds(server_pid) - cpu_server
     after = (await client.get("/metrics")).json()
   hist = {b: n - before["batch_size_histogram"].get(b, 0)
           for b, n in after["batch_size_histogram"].items()}
@@ -158,7 +170,11 @@ async def _load_round(base: str, texts: list[str], concurrency: int, seconds: fl
           "errors": errors, "statuses": statuses, "seconds": round(wall, 3),
           "qps": round(len(latencies) / wall, 2), "latency_ms": _percentiles(latencies),
           "server_batches": batches, "mean_batch": round(queries / batches, 2) if batches else None,
-          "batch_size_histogram": hist}
+          "batch_size_histogram": hist,
+          "batch_search_ms_p50": after["batch_search_ms"]["p50"],
+          # CPU seconds per wall second while the clients ran: the server process (search,
+          # HTTP, JSON) and the clients (this process); 2.0 is all of a 2-core machine.
+          "server_cpu_per_s": round(cpu_server / wall, 2), "client_cpu_per_s": round(cpu_client / wall, 2)}
 
 
 def start_server(run: Path, port: int, args, log_path: Path) -> tuple[subprocess.Popen, float]:
@@ -254,10 +270,12 @@ def plot(report: dict, path: str) -> None:
 
 
 def table(report: dict) -> str:
-  lines = [f"{'clients':>7} {'q/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6}"]
+  lines = [f"{'clients':>7} {'q/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'batch':>6} "
+           f"{'cpu srv':>7} {'cpu cli':>7}"]
   for r in report["rows"]:
     lines.append(f"{r['concurrency']:>7} {r['qps']:>8.1f} {r['latency_ms']['p50']:>8.1f} "
-                 f"{r['latency_ms']['p99']:>8.1f} {r['errors']:>6} {r['mean_batch'] or 0:>6.2f}")
+                 f"{r['latency_ms']['p99']:>8.1f} {r['errors']:>6} {r['mean_batch'] or 0:>6.2f} "
+                 f"{r['server_cpu_per_s']:>7.2f} {r['client_cpu_per_s']:>7.2f}")
   for b, e in report["offline"].items():
     lines.append(f"cart eval (offline, batch {b}): {e['qps']:.1f} q/s")
   return "\n".join(lines)
@@ -307,11 +325,13 @@ def main(argv=None) -> int:
   rows = []
   try:
     for c in concurrency:
-      row = asyncio.run(_load_round(base, texts, c, args.seconds, args.max_requests, args.k))
+      row = asyncio.run(_load_round(base, texts, c, args.seconds, args.max_requests, args.k,
+                                    proc.pid))
       row["load_avg_1m"] = _load()
       rows.append(row)
       _log(f"{c:>3} clients: {row['qps']:.1f} q/s, p50 {row['latency_ms']['p50']} ms, "
-           f"p99 {row['latency_ms']['p99']} ms, {row['errors']} errors, mean batch {row['mean_batch']}")
+           f"p99 {row['latency_ms']['p99']} ms, {row['errors']} errors, mean batch {row['mean_batch']}, "
+           f"CPU s/s server {row['server_cpu_per_s']} clients {row['client_cpu_per_s']}")
     if args.screenshot:
       screenshot(base, args.screenshot_query, args.screenshot)
   finally:
