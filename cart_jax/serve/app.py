@@ -10,7 +10,8 @@ Routes:
   GET  /healthz  ``{"status": "ok", ...the run's info}`` (503 ``"draining"`` while shutting down).
   GET  /metrics  requests and responses by status, queries, batches, the batch size histogram
                  (queries per executed batch, and the compiled size each ran at), latency
-                 percentiles (end to end per /search request, and per batch search call), queue depth.
+                 percentiles (end to end per /search request, and per batch search call), queue
+                 depth, and the /search requests in flight.
   GET  /         the search page (``static/index.html``: self-contained, nothing loaded from elsewhere).
   GET  /media/<item id>  the item's media file; ids are looked up, never used as paths
                  (:meth:`SearchEngine.media_file`): an unknown id is 404, a file whose real path
@@ -142,6 +143,13 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
     return b"".join(chunks)
 
   async def search(request: Request):
+    metrics.in_flight += 1
+    try:
+      return await _search(request)
+    finally:
+      metrics.in_flight -= 1
+
+  async def _search(request: Request):
     t0 = time.perf_counter()
     try:
       body = await read_body(request)
@@ -171,9 +179,10 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
     return reply("/healthz", 200, dict(status="ok", **info))
 
   async def metrics_route(request: Request):
+    doc = metrics.snapshot(batcher.depth)  # counts this request from the next snapshot on
     metrics.requests["/metrics"] += 1
     metrics.responses[200] += 1
-    return JSONResponse(metrics.snapshot(batcher.depth))
+    return JSONResponse(doc)
 
   async def index_page(request: Request):
     metrics.requests["/"] += 1

@@ -41,6 +41,7 @@ class Metrics:
     self.requests = collections.Counter()  # endpoint -> count
     self.responses = collections.Counter()  # status code -> count
     self.rejected = 0  # 503: queue full or shutting down
+    self.in_flight = 0  # /search requests being handled
     self.queries = 0  # queries searched
     self.batches = 0
     self.batch_sizes = collections.Counter()  # queries per executed batch -> count
@@ -68,7 +69,7 @@ class Metrics:
           "padded_batch_size_histogram": {str(k): v for k, v in sorted(self.padded_sizes.items())},
           "latency_ms": percentiles(self.latencies_ms),
           "batch_search_ms": percentiles(self.batch_ms),
-          "queue_depth": queue_depth,
+          "queue_depth": queue_depth, "in_flight": self.in_flight,
       }
 
 
