@@ -376,20 +376,25 @@ class _Workspace:
                        "the held-back items)"}
 
   def index(self, name: str, emb: Path) -> tuple[Path, dict, float]:
-    """The identifiers of ``emb`` (built once): (dir, stats, seconds it took, 0.0 when reused)."""
+    """The identifiers of ``emb`` (built once): (dir, stats, the seconds the build took, also when
+    reused: they are kept beside the index, since its directory lists exactly its own files)."""
     from cart_jax import api  # pylint: disable=g-import-not-at-top
     from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
     from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
     path = self.work / "index" / f"{name}-{_short_hash(self.ids_config.to_dict())}"
+    timing = path.with_name(path.name + ".seconds.json")
     if (path / "meta.json").exists():
-      return path, dict(load_index(path).stats), 0.0
+      took = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+      return path, dict(load_index(path).stats), took
     cfg = self.ids_config
     _log(f"building identifiers on the {name} items (K={cfg.n_clusters}, M={cfg.num_levels} x "
          f"C={cfg.codebook_size})")
     t0 = time.perf_counter()
     with self._quiet():
       built = api.build_index(emb, path, cfg, item_ids=embedding_files(emb).ids)
-    return path, dict(built.stats), time.perf_counter() - t0
+    took = time.perf_counter() - t0
+    atomic_write_json(timing, {"seconds": took})
+    return path, dict(built.stats), took
 
   def train(self, model_dir: Path, corpus_dir: Path, index_dir: Path) -> tuple[dict, float, bool]:
     """CART on ``corpus_dir`` (resumes; reused when finished): (summary, seconds, was done)."""
