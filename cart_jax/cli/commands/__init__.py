@@ -36,3 +36,25 @@ def positive_float(value: str) -> float:
   if not (math.isfinite(x) and x > 0):
     raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
   return x
+
+
+def float_in(low: float, high: float = math.inf, *, high_open: bool = False,
+             what: str = "a number") -> Callable[[str], float]:
+  """argparse ``type=``: a number in ``[low, high]`` (``[low, high)`` with ``high_open``); NaN is
+  never in range, and an infinite ``high`` means "at least ``low``", finite."""
+  if math.isinf(high):
+    wanted = f"{what} >= {low:g}"
+  else:
+    wanted = f"{what} in [{low:g}, {high:g}{')' if high_open else ']'}"
+
+  def parse(value: str) -> float:
+    try:
+      x = float(value)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {wanted}, got {value!r}") from None
+    inside = low <= x and (x < high if high_open or math.isinf(high) else x <= high)
+    if not inside:
+      raise argparse.ArgumentTypeError(f"expected {wanted}, got {value!r}")
+    return x
+  parse.__name__ = wanted
+  return parse

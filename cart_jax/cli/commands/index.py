@@ -30,27 +30,7 @@ from __future__ import annotations
 import argparse
 
 from cart_jax.cli import output
-from cart_jax.cli.commands import int_at_least, positive_float
-
-
-def _share(value: str) -> float:
-  try:
-    x = float(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
-  if not 0.0 <= x <= 1.0:
-    raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
-  return x
-
-
-def _ratio(value: str) -> float:
-  try:
-    x = float(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
-  if not 0.0 <= x < 1.0:
-    raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
-  return x
+from cart_jax.cli.commands import float_in, int_at_least, positive_float
 
 
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -71,10 +51,10 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                       help="ids of the embedding rows, one per line (default: NEW_E.ids.txt)")
   add.add_argument("--steps", type=int_at_least(0), default=None,
                    help="fine-tuning steps (default: auto, at most 18%% of the run's; 0: none)")
-  add.add_argument("--replay-ratio", type=_ratio, default=incremental.DEFAULT_REPLAY_RATIO,
+  add.add_argument("--replay-ratio", type=float_in(0.0, 1.0, high_open=True), default=incremental.DEFAULT_REPLAY_RATIO,
                    help="share of each batch from the old items' training texts (default "
                         f"{incremental.DEFAULT_REPLAY_RATIO})")
-  add.add_argument("--balance-tail", type=_share, default=incremental.DEFAULT_BALANCE_TAIL,
+  add.add_argument("--balance-tail", type=float_in(0.0, 1.0), default=incremental.DEFAULT_BALANCE_TAIL,
                    help="share of the fine-tune's last steps whose batches hold old and new texts "
                         "in the corpus's own proportion: keeps more of the old items' recall, "
                         "finds fewer new ones (default "

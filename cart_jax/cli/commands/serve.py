@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 
 from cart_jax.cli import output
-from cart_jax.cli.commands import int_at_least
+from cart_jax.cli.commands import float_in, int_at_least
 
 
 def _sizes(value: str) -> tuple[int, ...]:
@@ -43,16 +43,6 @@ def _sizes(value: str) -> tuple[int, ...]:
   if not sizes or min(sizes) < 1:
     raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {value!r}")
   return sizes
-
-
-def _wait_ms(value: str) -> float:
-  try:
-    x = float(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {value!r}") from None
-  if not 0 <= x < float("inf"):
-    raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {value!r}")
-  return x
 
 
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -67,7 +57,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                  help="beam size, and the most results (k) a request may ask for (default 10)")
   p.add_argument("--max-batch", type=int_at_least(1), default=16,
                  help="most queries per search call (default 16)")
-  p.add_argument("--max-wait-ms", type=_wait_ms, default=5.0,
+  p.add_argument("--max-wait-ms", type=float_in(0.0, what="a number of milliseconds"), default=5.0,
                  help="how long a request waits for others to join its batch (default 5)")
   p.add_argument("--queue-size", type=int_at_least(1), default=256,
                  help="most requests waiting; more get 503 (default 256)")
