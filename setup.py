@@ -44,6 +44,9 @@ EXTRAS = {
     # Audio (wav/flac/ogg) and video (mp4/webm/avi) readers for `cart embed` on audio/video corpora.
     "media": ["soundfile>=0.12", "av>=12"],
     "bench": ["faiss-cpu>=1.8"],
+    # The Rust WordPiece for non-ASCII query texts (cart_jax/models/text/tokenizer.py); without it
+    # those go through the pure-Python rules (same ids, slower). Not core: it pulls huggingface-hub.
+    "tokenizers": ["tokenizers>=0.19"],
     # `tensorboard --logdir MODEL_DIR/tensorboard` (training writes the logs with tensorboardX).
     # In `all` at no extra cost: tensorflow-cpu (the `data` extra) depends on it already.
     "tensorboard": ["tensorboard>=2.16"],

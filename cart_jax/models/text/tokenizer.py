@@ -7,11 +7,31 @@ greedy longest-match-first WordPiece with the ``##`` continuation prefix (words
 over 100 characters, or with no matching pieces, become ``[UNK]``).
 :meth:`WordPieceTokenizer.encode` adds ``[CLS]`` / ``[SEP]``, truncates and pads.
 
-No TensorFlow, no tokenizers library: the model side must stay importable without them.
+No TensorFlow, and no other tokenizer library needed: the model side must stay importable
+without them.
+
+:meth:`WordPieceTokenizer.encode_batch` (the batch path of training, serving and search) gives the
+pure-Python rules' ids and mask, text for text, faster:
+
+* ASCII texts (most queries): :meth:`~WordPieceTokenizer.encode_batch_ascii`: the basic tokens
+  from three C-level string operations, each word's WordPiece ids computed once and remembered.
+* Other texts: :class:`FastWordPiece`, the same rules as a Hugging Face ``tokenizers`` (Rust)
+  tokenizer built from the same ``vocab.txt``, when that package imports; else the Python rules.
+  Rust and Python disagree on a few characters: those whose Unicode tables differ between Python's
+  ``unicodedata`` and the Rust crates (newer marks and punctuation, unassigned and private-use code
+  points, a CJK extension range), lone surrogates (no Rust string holds one) and a final capital
+  sigma (Python lowercases it to "ς" word by word, the Rust normaliser to "σ" character by
+  character). :class:`FastWordPiece` probes every character it has not seen through both once and
+  sends a text holding one that differs to the Python rules.
+
+``CART_TOKENIZER=python`` in the environment (or ``encode_batch(..., fast=False)``) runs the
+pure-Python rules for every text (:meth:`~WordPieceTokenizer.encode_batch_python`).
 """
 from __future__ import annotations
 
 import os
+import re
+import threading
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -83,6 +103,16 @@ def basic_tokenize(text: str, lowercase: bool = True) -> list[str]:
   return tokens
 
 
+# The basic tokenisation of an ASCII text, in three C-speed steps: drop the control characters
+# (ASCII Cc except tab, newline, carriage return; NUL is one), lowercase, then take the runs of
+# letters/digits and each punctuation character (every printable non-alphanumeric ASCII character
+# is punctuation, see _is_punctuation); whitespace separates. Same tokens as basic_tokenize.
+_ASCII_DROP = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])
+_ASCII_WORDS = re.compile(r"[a-z0-9]+|[!-/:-@\[-`{-~]")
+_ASCII_WORDS_CASED = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")
+_WORD_CACHE_MAX = 1 << 18  # words remembered by the ASCII path (then it starts afresh)
+
+
 class WordPieceTokenizer:
   """BERT uncased WordPiece over a ``vocab.txt`` (one token per line, id = line number)."""
 
@@ -100,7 +130,12 @@ class WordPieceTokenizer:
     self.sep_id = self.vocab[sep_token]
     self.pad_id = self.vocab[pad_token]
     self.unk_token = unk_token
+    self.cls_token, self.sep_token, self.pad_token = cls_token, sep_token, pad_token
     self.max_chars_per_word = max_chars_per_word
+    self._fast: FastWordPiece | None | bool = False  # False: not built yet; None: unavailable
+    self._fast_lock = threading.Lock()
+    self._word_ids: dict[str, tuple[int, ...]] = {}  # basic token -> its WordPiece ids (ASCII path)
+    self._ascii_words = _ASCII_WORDS if lowercase else _ASCII_WORDS_CASED
 
   @classmethod
   def from_file(cls, path: str | os.PathLike | None = None, **kwargs) -> "WordPieceTokenizer":
@@ -154,8 +189,83 @@ class WordPieceTokenizer:
       ids = ids[:max_length - 2]
     return [self.cls_id] + ids + [self.sep_id]
 
-  def encode_batch(self, texts: Iterable[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (``ids int32 [n, max_length]`` right-padded, ``mask bool [n, max_length]``)."""
+  def fast(self) -> "FastWordPiece | None":
+    """The ``tokenizers`` twin of this tokenizer (built once), or None when it does not import."""
+    if self._fast is False:
+      with self._fast_lock:
+        if self._fast is False:
+          self._fast = FastWordPiece(self) if fast_available() else None
+    return self._fast
+
+  def encode_batch(self, texts: Iterable[str], max_length: int, *,
+                   fast: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (``ids int32 [n, max_length]`` right-padded, ``mask bool [n, max_length]``).
+
+    The fast path (``fast`` True, or None and ``CART_TOKENIZER`` is not ``python``): ASCII texts
+    through :meth:`encode_batch_ascii` (pure Python, word ids remembered), the others through
+    :class:`FastWordPiece` when ``tokenizers`` imports, else the Python rules. ``fast=False``: the
+    pure-Python path (:meth:`encode_batch_python`) for every text. Both give the same arrays.
+    """
+    if fast is None:
+      fast = os.environ.get(TOKENIZER_ENV, "").strip().lower() != "python"
+    if not fast:
+      return self.encode_batch_python(texts, max_length)
+    texts = texts if isinstance(texts, list) else list(texts)
+    _check_texts(texts, max_length)
+    other = [i for i, t in enumerate(texts) if not t.isascii()]
+    if not other:
+      return self.encode_batch_ascii(texts, max_length)
+    fast_tok = self.fast()
+    rest = fast_tok.encode_batch if fast_tok is not None else self.encode_batch_python
+    if len(other) == len(texts):
+      return rest(texts, max_length)
+    ids = np.full((len(texts), max_length), self.pad_id, np.int32)
+    mask = np.zeros((len(texts), max_length), bool)
+    is_other = np.zeros(len(texts), bool)
+    is_other[other] = True
+    ascii_rows = np.flatnonzero(~is_other)
+    ids[ascii_rows], mask[ascii_rows] = self.encode_batch_ascii(
+        [texts[i] for i in ascii_rows], max_length)
+    ids[other], mask[other] = rest([texts[i] for i in other], max_length)
+    return ids, mask
+
+  def encode_batch_ascii(self, texts: Sequence[str],
+                         max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`encode_batch` of ASCII-only texts: the basic tokens from three C-level string
+    operations (see ``_ASCII_WORDS``), each word's WordPiece ids computed once and remembered."""
+    _check_texts(texts, max_length)
+    ids = np.full((len(texts), max_length), self.pad_id, np.int32)  # [n, max_length]
+    lens = np.empty(len(texts), np.int64)  # [n]
+    memo, find_words, lower = self._word_ids, self._ascii_words.findall, self.lowercase
+    head, sep, keep = [self.cls_id], self.sep_id, max_length - 1
+    for i, text in enumerate(texts):
+      if not text.isascii():
+        raise CartError(f"encode_batch_ascii: text {i} is not ASCII: {text!r:.80}")
+      text = text.translate(_ASCII_DROP)
+      row = list(head)
+      for word in find_words(text.lower() if lower else text):
+        w_ids = memo.get(word)
+        if w_ids is None:
+          w_ids = self._remember(word)
+        row += w_ids
+      if len(row) > keep:
+        del row[keep:]
+      row.append(sep)
+      ids[i, :len(row)] = row
+      lens[i] = len(row)
+    mask = np.arange(max_length) < lens[:, None]  # [n, max_length]
+    return ids, mask
+
+  def _remember(self, word: str) -> tuple[int, ...]:
+    if len(self._word_ids) >= _WORD_CACHE_MAX:
+      self._word_ids = {}
+    w_ids = tuple(self.vocab[p] for p in self.wordpiece(word))
+    self._word_ids[word] = w_ids
+    return w_ids
+
+  def encode_batch_python(self, texts: Iterable[str],
+                          max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`encode_batch` through the pure-Python rules, text by text (the reference)."""
     rows = [self.encode(t, max_length) for t in texts]
     ids = np.full((len(rows), max_length), self.pad_id, np.int32)
     mask = np.zeros((len(rows), max_length), bool)
@@ -167,3 +277,145 @@ class WordPieceTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     toks = [self.inv_vocab[i] for i in ids if i not in (self.pad_id, self.cls_id, self.sep_id)]
     return " ".join(toks).replace(" ##", "")
+
+
+def _check_texts(texts: Sequence[str], max_length: int) -> None:
+  if max_length < 2:
+    raise CartError(f"max_length must be >= 2 for [CLS]/[SEP], got {max_length}")
+  for t in texts:
+    if not isinstance(t, str):
+      raise CartError(f"texts to tokenise must be str, found {type(t).__name__}: {t!r:.80}")
+
+
+# ---- the same rules through the Hugging Face `tokenizers` package (Rust)
+
+TOKENIZER_ENV = "CART_TOKENIZER"  # "python": WordPieceTokenizer.encode_batch skips the fast path
+
+
+def fast_available() -> bool:
+  """Whether the ``tokenizers`` package imports (then :class:`FastWordPiece` can be built)."""
+  try:
+    import tokenizers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+# Probes of one character ``c`` (see FastWordPiece.char_ok): alone, inside a word (joins, splits,
+# drops), after a cased letter (Python's final-sigma rule), at the end of a word before a space.
+_PROBES = ("{}", "a{}b", "A{}", "a{} b")
+
+
+class FastWordPiece:
+  """:class:`WordPieceTokenizer`'s rules as a ``tokenizers.Tokenizer`` (same vocabulary).
+
+  BertNormalizer (clean text, space CJK ideographs, strip accents and lowercase as the Python
+  tokenizer's ``lowercase``), BertPreTokenizer (whitespace, then each punctuation character alone),
+  WordPiece (``##`` continuations, ``[UNK]`` for a word over ``max_chars_per_word`` characters or
+  with no split), ``[CLS] .. [SEP]`` with truncation to ``max_length`` (``[SEP]`` stays last) and
+  right padding. The special tokens are not registered as added tokens, so a text holding
+  "[CLS]" is split on its brackets as the Python tokenizer does.
+
+  :meth:`encode_batch` gives exactly :meth:`WordPieceTokenizer.encode_batch_python`'s arrays: a
+  text goes to the Rust tokenizer only when every character in it tokenises the same way there
+  (:meth:`char_ok`: probed through both once, then remembered; every ASCII character is probed
+  when the tokenizer is built), else to the Python rules. ``tokenizers`` batches run on its own
+  thread pool: ``TOKENIZERS_PARALLELISM=false`` (or ``RAYON_NUM_THREADS=1``) keeps it to the
+  calling thread.
+  """
+
+  def __init__(self, ref: WordPieceTokenizer):
+    from tokenizers import normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+    self.ref = ref
+    self._normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=ref.lowercase,
+        lowercase=ref.lowercase)
+    self._pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    self._by_length: dict[int, object] = {}
+    self._lock = threading.Lock()
+    self._ok: set[str] = set()  # characters that tokenise the same way through both paths
+    self._bad: set[str] = set()
+    for cp in range(128):
+      self.char_ok(chr(cp))
+    # Every ASCII character agrees (tests/test_tokenizer_fast.py holds it): an ASCII text needs
+    # no per-character look-up.
+    self._ascii_ok = not any(chr(cp) in self._bad for cp in range(128))
+
+  def _tokenizer(self, max_length: int | None):
+    """A ``tokenizers.Tokenizer`` truncating and padding to ``max_length`` (one per length,
+    never changed once built, so threads can share it)."""
+    tok = self._by_length.get(max_length)
+    if tok is not None:
+      return tok
+    from tokenizers import Tokenizer, models, processors  # pylint: disable=g-import-not-at-top
+    ref = self.ref
+    with self._lock:
+      tok = self._by_length.get(max_length)
+      if tok is None:
+        tok = Tokenizer(models.WordPiece(ref.vocab, unk_token=ref.unk_token,
+                                         max_input_chars_per_word=ref.max_chars_per_word))
+        tok.normalizer = self._normalizer
+        tok.pre_tokenizer = self._pre_tokenizer
+        tok.post_processor = processors.BertProcessing((ref.sep_token, ref.sep_id),
+                                                       (ref.cls_token, ref.cls_id))
+        if max_length is not None:
+          tok.enable_truncation(max_length)
+          tok.enable_padding(length=max_length, pad_id=ref.pad_id, pad_token=ref.pad_token)
+        self._by_length[max_length] = tok
+    return tok
+
+  def _rust_words(self, text: str) -> list[str]:
+    return [w for w, _ in self._pre_tokenizer.pre_tokenize_str(
+        self._normalizer.normalize_str(text))]
+
+  def char_ok(self, ch: str) -> bool:
+    """Whether ``ch`` tokenises the same way through the Rust normaliser and pre-tokenizer as
+    through :func:`basic_tokenize`, in each of the probe contexts (probed once, remembered)."""
+    if ch in self._ok:
+      return True
+    if ch in self._bad:
+      return False
+    try:
+      ok = all(self._rust_words(p.format(ch)) == basic_tokenize(p.format(ch), self.ref.lowercase)
+               for p in _PROBES)
+    except Exception:  # pylint: disable=broad-except
+      ok = False  # e.g. a lone surrogate, which no Rust string holds
+    (self._ok if ok else self._bad).add(ch)
+    return ok
+
+  def text_ok(self, text: str) -> bool:
+    """Whether the Rust tokenizer gives ``text`` the Python tokenizer's ids."""
+    if (self._ascii_ok and text.isascii()) or self._ok.issuperset(text):
+      return True
+    return all([self.char_ok(ch) for ch in set(text)])
+
+  def encode_batch(self, texts: Iterable[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`WordPieceTokenizer.encode_batch`, the same arrays."""
+    texts = texts if isinstance(texts, list) else list(texts)
+    _check_texts(texts, max_length)
+    slow = [i for i, t in enumerate(texts) if not self.text_ok(t)]
+    tok = self._tokenizer(max_length)
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nothing here reads.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    if not slow:
+      return self._arrays(encode(texts), len(texts), max_length)
+    is_slow = np.zeros(len(texts), bool)
+    is_slow[slow] = True
+    fast_rows = np.flatnonzero(~is_slow)
+    ids = np.full((len(texts), max_length), self.ref.pad_id, np.int32)
+    mask = np.zeros((len(texts), max_length), bool)
+    if fast_rows.size:
+      f_ids, f_mask = self._arrays(encode([texts[i] for i in fast_rows]),
+                                   fast_rows.size, max_length)
+      ids[fast_rows], mask[fast_rows] = f_ids, f_mask
+    s_ids, s_mask = self.ref.encode_batch_python([texts[i] for i in slow], max_length)
+    ids[slow], mask[slow] = s_ids, s_mask
+    return ids, mask
+
+  @staticmethod
+  def _arrays(encodings, n: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    if not n:
+      return np.zeros((0, max_length), np.int32), np.zeros((0, max_length), bool)
+    ids = np.array([e.ids for e in encodings], np.int32)  # [n, max_length]
+    mask = np.array([e.attention_mask for e in encodings], bool)  # [n, max_length]
+    return ids, mask
