@@ -1,4 +1,4 @@
-"""The fast batch tokenisation (ASCII path, Rust ``tokenizers`` path) gives the Python rules' ids.
+"""The fast batch tokenisation (cached path, Rust ``tokenizers`` path) gives the Python rules' ids.
 
 ``WordPieceTokenizer.encode_batch_python`` (text by text through ``basic_tokenize`` and
 ``wordpiece``, held to transformers' ids by tests/test_minilm.py) is the reference here.
@@ -77,7 +77,10 @@ def random_texts(n: int, seed: int = 0) -> list[str]:
            "".join(map(chr, range(0xA0, 0x250))), "".join(map(chr, range(0x370, 0x400))),
            "".join(map(chr, range(0x300, 0x370))), "".join(map(chr, range(0x2000, 0x2070))),
            "".join(map(chr, range(0x4E00, 0x4E40))), "".join(map(chr, range(0x1F600, 0x1F640))),
-           " \t\n\u3000\xa0"]
+           " \t\n\u3000\xa0", "".join(map(chr, range(0x900, 0x980))),  # Devanagari: Mc, Mn
+           "".join(map(chr, range(0x600, 0x700))), "".join(map(chr, range(0xE00, 0xE80))),
+           "".join(map(chr, range(0x1100, 0x1200))) + "".join(map(chr, range(0xAC00, 0xAC40))),
+           "".join(map(chr, range(0x1B00, 0x1B80))) + "\u03a3\u03c3\u03c2\u0130\u2028"]
   out = []
   for _ in range(n):
     ascii_only = rng.random() < 0.4
@@ -98,8 +101,17 @@ def tok():
   return WordPieceTokenizer.from_file()
 
 
+def _cached_only(tok, texts, max_length):
+  ids, mask, left = tok.encode_batch_cached(texts, max_length)
+  assert (ids[left] == tok.pad_id).all() and not mask[left].any()
+  keep = np.setdiff1d(np.arange(len(texts)), left)
+  return ids[keep], mask[keep], keep
+
+
 def _assert_same(tok, texts, max_length):
   want_ids, want_mask = tok.encode_batch_python(texts, max_length)
+  ids, mask, keep = _cached_only(tok, texts, max_length)
+  assert (ids == want_ids[keep]).all() and (mask == want_mask[keep]).all()
   paths = {"encode_batch": lambda: tok.encode_batch(texts, max_length, fast=True)}
   if tok.fast() is not None:
     paths["rust"] = lambda: tok.fast().encode_batch(texts, max_length)
@@ -145,10 +157,23 @@ def test_random_texts_across_unicode(tok):
   texts = random_texts(1500)
   for max_length in (4, 32):
     _assert_same(tok, texts, max_length)
+  _, _, left = tok.encode_batch_cached(texts, 32)
+  assert 0 < len(left) < len(texts) // 10  # some texts did go on to the next path, few
   fast = tok.fast()
   if fast is not None:  # the Python fallback did take some texts (a lone surrogate: no Rust str)
     assert not fast.text_ok("lone \ud800 surrogate")
     assert sum(not fast.text_ok(t) for t in texts) > 0
+
+
+def test_char_text_rules(tok):
+  assert [tok.char_text(c) for c in "aÉ,中\x00\u3000\u200bｆ"] == [
+      "a", "e", " , ", " 中 ", "", " ", "", "ｆ"]
+  assert tok.char_text("\u0301") == ""  # a nonspacing mark: stripped
+  # Depends on its neighbours: a final capital sigma, a line separator, a lone surrogate.
+  assert tok.char_text("\u03a3") is None and tok.char_text("\u2028") is None
+  assert tok.char_text("\ud800") is None
+  _, _, left = tok.encode_batch_cached(["ΟΔΥΣΣΕΥΣ", "οδυσσευς", "a\u2028b", "ok"], 8)
+  assert left == [0, 2]
 
 
 @needs_tokenizers
@@ -182,8 +207,8 @@ def test_env_forces_the_python_path(tok, monkeypatch):
   calls = []
   real = tok.encode_batch_python
   monkeypatch.setattr(tok, "encode_batch_python", lambda t, n: calls.append(len(t)) or real(t, n))
-  tok.encode_batch(["hello world"], 8)
-  assert calls == []  # ASCII text: the fast path by default
+  tok.encode_batch(["hello world", "café"], 8)
+  assert calls == []  # the cached path by default
   monkeypatch.setenv("CART_TOKENIZER", "python")
   ids, _ = tok.encode_batch(["hello world", "bye"], 8)
   assert calls == [2] and ids[0, :4].tolist() == [101, 7592, 2088, 102]
@@ -204,8 +229,8 @@ def test_bad_input_is_a_clear_error(tok):
     tok.encode_batch(["a"], 1)
   with pytest.raises(CartError, match="must be str, found int"):
     tok.encode_batch(["a", 3], 8)
-  with pytest.raises(CartError, match="not ASCII"):
-    tok.encode_batch_ascii(["é"], 8)
+  with pytest.raises(CartError, match="must be str, found bytes"):
+    tok.encode_batch_cached([b"a"], 8)
 
 
 def test_input_pipeline_encode_texts_uses_the_same_ids(tok):

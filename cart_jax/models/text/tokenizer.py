@@ -11,18 +11,24 @@ No TensorFlow, and no other tokenizer library needed: the model side must stay i
 without them.
 
 :meth:`WordPieceTokenizer.encode_batch` (the batch path of training, serving and search) gives the
-pure-Python rules' ids and mask, text for text, faster:
+pure-Python rules' ids and mask, text for text, several times faster
+(benchmarks/tokenizer_bench.py):
 
-* ASCII texts (most queries): :meth:`~WordPieceTokenizer.encode_batch_ascii`: the basic tokens
-  from three C-level string operations, each word's WordPiece ids computed once and remembered.
-* Other texts: :class:`FastWordPiece`, the same rules as a Hugging Face ``tokenizers`` (Rust)
-  tokenizer built from the same ``vocab.txt``, when that package imports; else the Python rules.
+* :meth:`~WordPieceTokenizer.encode_batch_cached` takes almost every text: the basic tokens of an
+  ASCII text from three C-level string operations, of another text from ``str.translate`` with
+  each character's basic-tokenisation text (worked out once per character, then remembered) and
+  ``str.split``; each basic token's WordPiece ids are worked out once and remembered.
+* It leaves the texts holding a character whose tokenisation depends on its neighbours (a
+  capital sigma, lowercased by word; a few spacing marks NFD may reorder; U+2028/2029; lone
+  surrogates) to :class:`FastWordPiece`: the same rules as a Hugging Face ``tokenizers`` (Rust)
+  tokenizer built from the same ``vocab.txt``, when that package imports, else to the Python rules.
   Rust and Python disagree on a few characters: those whose Unicode tables differ between Python's
   ``unicodedata`` and the Rust crates (newer marks and punctuation, unassigned and private-use code
   points, a CJK extension range), lone surrogates (no Rust string holds one) and a final capital
-  sigma (Python lowercases it to "ς" word by word, the Rust normaliser to "σ" character by
-  character). :class:`FastWordPiece` probes every character it has not seen through both once and
-  sends a text holding one that differs to the Python rules.
+  sigma ("ς" by word in Python, "σ" by character in Rust). :class:`FastWordPiece` probes every
+  character it has not seen through both once and sends a text holding one that differs to the
+  Python rules. On its own (every text through Rust) it is about 2x faster than the Python rules
+  per core here, the cached path 3-12x.
 
 ``CART_TOKENIZER=python`` in the environment (or ``encode_batch(..., fast=False)``) runs the
 pure-Python rules for every text (:meth:`~WordPieceTokenizer.encode_batch_python`).
@@ -110,7 +116,11 @@ def basic_tokenize(text: str, lowercase: bool = True) -> list[str]:
 _ASCII_DROP = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])
 _ASCII_WORDS = re.compile(r"[a-z0-9]+|[!-/:-@\[-`{-~]")
 _ASCII_WORDS_CASED = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")
-_WORD_CACHE_MAX = 1 << 18  # words remembered by the ASCII path (then it starts afresh)
+_WORD_CACHE_MAX = 1 << 18  # words remembered by the cached path (then it starts afresh)
+# Probes of one character ``c`` (WordPieceTokenizer.char_text, FastWordPiece.char_ok): alone,
+# inside a word (joins, splits, drops), after a cased letter (Python's final-sigma rule), at the
+# end of a word before a space, twice (NFD's reordering of combining marks).
+_PROBES = ("{}", "a{}b", "A{}", "a{} b", "{}{}")
 
 
 class WordPieceTokenizer:
@@ -134,7 +144,10 @@ class WordPieceTokenizer:
     self.max_chars_per_word = max_chars_per_word
     self._fast: FastWordPiece | None | bool = False  # False: not built yet; None: unavailable
     self._fast_lock = threading.Lock()
-    self._word_ids: dict[str, tuple[int, ...]] = {}  # basic token -> its WordPiece ids (ASCII path)
+    self._word_ids: dict[str, tuple[int, ...]] = {}  # basic token -> its WordPiece ids
+    self._char_table: dict[int, str] = {}  # code point -> its basic-tokenisation text (char_text)
+    self._char_known: set[str] = set()  # the characters in _char_table
+    self._char_context: set[str] = set()  # characters whose tokenisation depends on neighbours
     self._ascii_words = _ASCII_WORDS if lowercase else _ASCII_WORDS_CASED
 
   @classmethod
@@ -201,49 +214,52 @@ class WordPieceTokenizer:
                    fast: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (``ids int32 [n, max_length]`` right-padded, ``mask bool [n, max_length]``).
 
-    The fast path (``fast`` True, or None and ``CART_TOKENIZER`` is not ``python``): ASCII texts
-    through :meth:`encode_batch_ascii` (pure Python, word ids remembered), the others through
-    :class:`FastWordPiece` when ``tokenizers`` imports, else the Python rules. ``fast=False``: the
-    pure-Python path (:meth:`encode_batch_python`) for every text. Both give the same arrays.
+    The fast path (``fast`` True, or None and ``CART_TOKENIZER`` is not ``python``):
+    :meth:`encode_batch_cached` for the texts it takes, :class:`FastWordPiece` (when
+    ``tokenizers`` imports, else the Python rules) for the few it leaves. ``fast=False``: the
+    pure-Python rules for every text (:meth:`encode_batch_python`). Both give the same arrays.
     """
     if fast is None:
       fast = os.environ.get(TOKENIZER_ENV, "").strip().lower() != "python"
     if not fast:
       return self.encode_batch_python(texts, max_length)
     texts = texts if isinstance(texts, list) else list(texts)
-    _check_texts(texts, max_length)
-    other = [i for i, t in enumerate(texts) if not t.isascii()]
-    if not other:
-      return self.encode_batch_ascii(texts, max_length)
-    fast_tok = self.fast()
-    rest = fast_tok.encode_batch if fast_tok is not None else self.encode_batch_python
-    if len(other) == len(texts):
-      return rest(texts, max_length)
-    ids = np.full((len(texts), max_length), self.pad_id, np.int32)
-    mask = np.zeros((len(texts), max_length), bool)
-    is_other = np.zeros(len(texts), bool)
-    is_other[other] = True
-    ascii_rows = np.flatnonzero(~is_other)
-    ids[ascii_rows], mask[ascii_rows] = self.encode_batch_ascii(
-        [texts[i] for i in ascii_rows], max_length)
-    ids[other], mask[other] = rest([texts[i] for i in other], max_length)
+    ids, mask, left = self.encode_batch_cached(texts, max_length)
+    if left:
+      fast_tok = self.fast()
+      rest = fast_tok.encode_batch if fast_tok is not None else self.encode_batch_python
+      ids[left], mask[left] = rest([texts[i] for i in left], max_length)
     return ids, mask
 
-  def encode_batch_ascii(self, texts: Sequence[str],
-                         max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`encode_batch` of ASCII-only texts: the basic tokens from three C-level string
-    operations (see ``_ASCII_WORDS``), each word's WordPiece ids computed once and remembered."""
+  def encode_batch_cached(self, texts: Sequence[str],
+                          max_length: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """:meth:`encode_batch` from cached per-character and per-word results.
+
+    An ASCII text's basic tokens come from three C-level string operations (``_ASCII_WORDS``);
+    another text's from ``str.translate`` with each character's basic-tokenisation text
+    (:meth:`char_text`, computed once per character) and ``str.split``. Each basic token's
+    WordPiece ids are computed once and remembered. Returns (ids, mask, ``left``): the rows of
+    the texts holding a character whose tokenisation depends on its neighbours (``left`` rows
+    are padding; :meth:`encode_batch` fills them).
+    """
     _check_texts(texts, max_length)
     ids = np.full((len(texts), max_length), self.pad_id, np.int32)  # [n, max_length]
-    lens = np.empty(len(texts), np.int64)  # [n]
+    lens = np.zeros(len(texts), np.int64)  # [n]
+    left = []
     memo, find_words, lower = self._word_ids, self._ascii_words.findall, self.lowercase
+    known, table = self._char_known, self._char_table
     head, sep, keep = [self.cls_id], self.sep_id, max_length - 1
     for i, text in enumerate(texts):
-      if not text.isascii():
-        raise CartError(f"encode_batch_ascii: text {i} is not ASCII: {text!r:.80}")
-      text = text.translate(_ASCII_DROP)
+      if text.isascii():
+        text = text.translate(_ASCII_DROP)
+        words = find_words(text.lower() if lower else text)
+      elif known.issuperset(text) or all([self.char_text(ch) is not None for ch in set(text)]):
+        words = text.translate(table).split()
+      else:
+        left.append(i)
+        continue
       row = list(head)
-      for word in find_words(text.lower() if lower else text):
+      for word in words:
         w_ids = memo.get(word)
         if w_ids is None:
           w_ids = self._remember(word)
@@ -254,7 +270,59 @@ class WordPieceTokenizer:
       ids[i, :len(row)] = row
       lens[i] = len(row)
     mask = np.arange(max_length) < lens[:, None]  # [n, max_length]
-    return ids, mask
+    return ids, mask, left
+
+  def char_text(self, ch: str) -> str | None:
+    """What basic tokenisation makes of ``ch`` wherever it stands (spaces split tokens), or None
+    when that depends on its neighbours. Computed once per character, then remembered.
+
+    "" for a dropped character, " " for whitespace, " c " for a CJK ideograph or a punctuation
+    character, else its lowercased, NFD-decomposed form without nonspacing marks. None for a
+    capital sigma (lowercased by word: "ς" at a word's end), a character whose decomposition
+    keeps a reordering combining mark, or one that tokenises otherwise in a probe
+    (:data:`_PROBES`) than :func:`basic_tokenize` does.
+    """
+    got = self._char_table.get(ord(ch), False)
+    if got is not False:
+      return got
+    if ch in self._char_context:
+      return None
+    text = self._char_rule(ch)
+    if text is not None:
+      table = dict(self._char_table)
+      table[ord(ch)] = text
+      for c in "aAb ":
+        table.setdefault(ord(c), self._char_rule(c))
+      probes = [p.replace("{}", ch) for p in _PROBES]
+      if not all(t.translate(table).split() == basic_tokenize(t, self.lowercase) for t in probes):
+        text = None
+    if text is None:
+      self._char_context.add(ch)
+    else:
+      self._char_table[ord(ch)] = text
+      self._char_known.add(ch)
+    return text
+
+  def _char_rule(self, ch: str) -> str | None:
+    cp = ord(ch)
+    if cp == 0 or cp == 0xFFFD or _is_control(ch):
+      return ""
+    if _is_whitespace(ch):
+      return " "
+    if 0xD800 <= cp <= 0xDFFF:
+      return None
+    text = ch
+    if self.lowercase:
+      if ch == "\u03a3":
+        return None
+      text = unicodedata.normalize("NFD", ch.lower())
+      if any(unicodedata.combining(c) and unicodedata.category(c) != "Mn" for c in text):
+        return None  # NFD of a word may move this mark past a neighbour's
+      text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+    if any(c.isspace() for c in text):
+      return None  # str.split would cut here; the word-level rules do not
+    text = "".join(f" {c} " if _is_punctuation(c) else c for c in text)
+    return f" {text} " if _is_cjk(cp) else text
 
   def _remember(self, word: str) -> tuple[int, ...]:
     if len(self._word_ids) >= _WORD_CACHE_MAX:
@@ -301,9 +369,6 @@ def fast_available() -> bool:
   return True
 
 
-# Probes of one character ``c`` (see FastWordPiece.char_ok): alone, inside a word (joins, splits,
-# drops), after a cased letter (Python's final-sigma rule), at the end of a word before a space.
-_PROBES = ("{}", "a{}b", "A{}", "a{} b")
 
 
 class FastWordPiece:
@@ -376,8 +441,8 @@ class FastWordPiece:
     if ch in self._bad:
       return False
     try:
-      ok = all(self._rust_words(p.format(ch)) == basic_tokenize(p.format(ch), self.ref.lowercase)
-               for p in _PROBES)
+      probes = [p.replace("{}", ch) for p in _PROBES]
+      ok = all(self._rust_words(t) == basic_tokenize(t, self.ref.lowercase) for t in probes)
     except Exception:  # pylint: disable=broad-except
       ok = False  # e.g. a lone surrogate, which no Rust string holds
     (self._ok if ok else self._bad).add(ch)
