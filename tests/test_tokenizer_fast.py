@@ -224,6 +224,15 @@ def test_word_cache_is_bounded(tok, monkeypatch):
   assert len(small._word_ids) <= 5  # pylint: disable=protected-access
 
 
+def test_pickles_without_its_rust_twin(tok):
+  import pickle  # pylint: disable=g-import-not-at-top
+  texts = CORNER_CASES[:30]
+  tok.fast()
+  copy = pickle.loads(pickle.dumps(tok))
+  got, want = copy.encode_batch(texts, 16), tok.encode_batch_python(texts, 16)
+  assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+
+
 def test_bad_input_is_a_clear_error(tok):
   with pytest.raises(CartError, match="max_length must be >= 2"):
     tok.encode_batch(["a"], 1)

