@@ -298,10 +298,8 @@ class WordPieceTokenizer:
       return None
     text = self._char_rule(ch)
     if text is not None:
-      table = dict(self._char_table)
+      table = {ord(c): self._char_rule(c) for c in "aAb "}  # what the probes hold
       table[ord(ch)] = text
-      for c in "aAb ":
-        table.setdefault(ord(c), self._char_rule(c))
       probes = [p.replace("{}", ch) for p in _PROBES]
       if not all(t.translate(table).split() == basic_tokenize(t, self.lowercase) for t in probes):
         text = None
