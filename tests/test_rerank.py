@@ -138,6 +138,12 @@ def test_build_reorders_to_the_index_and_round_trips_through_the_run(tmp_path):
   assert meta["embeddings"] == str(emb.absolute()) and meta["tuning"]["split"] == "val"
   back = rerank.load(run, index_ids)
   np.testing.assert_array_equal(back.items, r.items)
+  # The rows stay in their file (memory-mapped, read-only): only re-ranked rows are read.
+  assert isinstance(back.items, np.memmap) and not back.items.flags.writeable
+  assert str(back.items.filename) == str((path / "items.npy").resolve())
+  beam = np.asarray([[4, 0, -1], [2, 2, 1]])
+  feats = np.random.RandomState(2).randn(2, 384).astype(np.float32)
+  np.testing.assert_allclose(back.cosines(beam, feats), r.cosines(beam, feats), rtol=1e-6, equal_nan=True)
   np.testing.assert_array_equal(back.kernel, r.kernel)
   assert back.weight == 2.0 and back.meta["tuning"]["grid"] == [0.0, 2.0, "cosine"]
   # Saving again replaces it (cosine-only weight is stored as "cosine").

@@ -199,7 +199,8 @@ class Reranker:
   """Dual-tower item rows + text projection + the combination weight.
 
   Attributes:
-    items: float32 [N, d] unit item vectors, row i = ``index.item_ids[i]``.
+    items: float32 [N, d] unit item vectors, row i = ``index.item_ids[i]`` (from :func:`load`: a
+      read-only memory map of ``items.npy``; only the rows a search re-ranks are read).
     kernel, bias: float32 [384, d], [d]: ``text_proj`` of the dual tower (``E.model.npz``).
     weight: ``score = logp + weight * cos`` (``inf``: cosine only).
     item_ids_sha256: fingerprint of the index's item ids the rows follow (None: unchecked).
@@ -213,7 +214,8 @@ class Reranker:
   meta: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    self.items = np.asarray(self.items, np.float32)
+    if not (isinstance(self.items, np.memmap) and self.items.dtype == np.float32):  # keep a file-backed map
+      self.items = np.asarray(self.items, np.float32)
     self.kernel = np.asarray(self.kernel, np.float32)
     self.bias = np.asarray(self.bias, np.float32)
     if self.items.ndim != 2:
@@ -377,7 +379,9 @@ def load(model_dir: str | os.PathLike, item_ids: Sequence[str] | None = None) ->
     raise RerankError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')}, expected "
                       f"{FORMAT!r} v{VERSION}")
   try:
-    items = np.load(d / ITEMS_FILE, allow_pickle=False)
+    # Memory-mapped: a search reads only its beams' rows, so a large index's rows (10M x 256
+    # float32 is 10 GB) stay on disk instead of in the process's memory.
+    items = np.load(d / ITEMS_FILE, mmap_mode="r", allow_pickle=False)
     with np.load(d / PROJ_FILE, allow_pickle=False) as z:
       kernel, bias = z["kernel"], z["bias"]
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
