@@ -1,25 +1,34 @@
-"""End-to-end retrieval throughput: CART (generative, beam 10) vs the dual tower, 1K to 1M items.
+"""End-to-end retrieval throughput and memory: CART's accurate recipe (with and without re-ranking)
+vs every dual-tower search, 1K to 10M items, with recall on a real corpus next to speed.
 
 Run:
   python benchmarks/throughput.py --quick --json /tmp/tp_quick.json --plot /tmp/tp_quick.png   # < 3 min
-  python benchmarks/throughput.py --json benchmarks/results/throughput_cpu.json \
-      --plot benchmarks/results/throughput_cpu.png                                            # 2-core CPU
+  cart demo --workdir /tmp/demo-emoji     # a real corpus + trained run for the recall side (optional)
+  python benchmarks/throughput.py --quality_workdir /tmp/demo-emoji \
+      --json benchmarks/results/throughput_cpu.json --plot benchmarks/results/throughput_cpu.png  # 2-core CPU
   python benchmarks/throughput.py --device gpu --json benchmarks/results/throughput_gpu.json \
       --plot benchmarks/results/throughput_gpu.png                                            # 1 GPU, < 5 min
   python benchmarks/throughput.py --compare_src /tmp/before --json benchmarks/results/throughput_cart_before_after_cpu.json
       # CART only, the cart_jax tree in /tmp/before vs this checkout, interleaved rounds
 
 What one "query" is, on both sides (query text in, top-10 item rows out on the host):
-  text --WordPiece (host, pure Python)--> int32 [B, 32] --> device program --> top-10 rows on host.
+  text --WordPiece (host)--> int32 [B, 32] --> device program(s) --> top-10 rows on host.
   The tokenizer is the same for both sides and is timed apart (``tokenize_ms_p50`` per batch,
   ``qps_incl_tokenize``); ``qps`` / ``p50_ms`` / ``p95_ms`` are ids-in -> rows-out-on-host.
 
-Methods (each in its own subprocess, the same thread settings for all); the searchers are the
-library's, built as ``cart eval`` and ``cart baseline`` build them:
-  cart        CART ``minilm_small`` (MiniLM-L6 encoder, all 6 layers fused, 6-layer decoder d=384),
-              random weights, searched by ``cart_jax.inference.searcher.CartSearcher`` (encoder once
-              + constrained beam search, beam 10, 10 results) over the trie of the N identifiers; one
-              searcher (trie and compiled program) per (N, batch), compile time reported per cell.
+Methods (each in its own subprocess, the same thread settings for all; CART one process per N so
+each N's resident memory is its own); the searchers are the library's, built as ``cart eval`` and
+``cart baseline`` build them:
+  cart        the accurate recipe's network, ``--cart_model minilm_frozen`` (frozen MiniLM-L6
+              encoder, all layers fused into a 2-layer decoder d=256; ``minilm_small``: the earlier
+              6-layer d=384 decoder), random weights, searched by
+              ``cart_jax.inference.searcher.CartSearcher`` (encoder once + constrained beam search,
+              beam 10, 10 results) over the trie of the N identifiers; one searcher (trie and
+              compiled program) per (N, batch), compile time reported per cell.
+  cart_rerank the same search returning all 10 beams and the query's MiniLM sentence embedding from
+              the same call, then ``Reranker.rerank`` (``cart eval --rerank``): the text projection
+              384 -> 1024 and the cosine with the beams' item rows, read from an N x 1024 float32
+              ``.npy`` memory map as ``rerank.load`` opens ``MODEL_DIR/rerank/items.npy``.
   dual_jax    the same MiniLM text tower (mean pool, L2) -> random projection 384 -> 1024, L2 ->
               ``cart_jax.inference.dual_tower.ExactSearcher`` (``cart baseline --method jax``): exact
               inner-product top-10 over N x 1024 item embeddings, chunks of 65536 rows (GPU 131072),
@@ -27,8 +36,21 @@ library's, built as ``cart eval`` and ``cart baseline`` build them:
   faiss_flat  the same query tower, then ``FaissSearcher`` flat (``cart baseline --method faiss-flat``,
               ``faiss.IndexFlatIP``, exact; CPU only).
   faiss_ivf   the same query tower, then ``FaissSearcher`` IVF (``cart baseline --method faiss-ivf``):
-              ``IndexIVFFlat`` (inner product) with the library's nlist = min(4 sqrt(N), N / 39) and
-              nprobe = 8, k-means on all N items (CPU only).
+              ``IndexIVFFlat`` (inner product) with the library's nlist = min(4 sqrt(N), N / 39),
+              k-means on all N items (trained once per N and kept in ``--scratch``); timed at the
+              library's nprobe = 8 at every batch and over an nprobe sweep at ``--sweep_batch``.
+
+Recall next to speed (``--quality_workdir W``, a ``cart demo --workdir W`` directory): R@1/5/10 of
+CART and CART + rerank (``cart eval --rerank``), the exact dual tower and FAISS IVF at every nprobe
+(``cart baseline``) on W's test queries, with W's own item vectors. The nprobe at which IVF's R@10
+first reaches CART + rerank's is carried to every N as the same fraction of nlist (an assumption:
+IVF's recall at a given share of cells probed; stated with the results), and the IVF sweep at each
+N runs at the real corpus's fractions, so every timed IVF point has a measured recall.
+
+Memory: every row has the process's resident set after its timed calls (``rss_mb``, anonymous and
+file-backed parts, peak) and the search structure's bytes (``memory``: CART's trie tables, codes
+and network; the dual tower's device matrix or IVF index and the host copy). An N whose item
+matrix would not fit twice in the memory available is skipped with that reason.
 
 Identifiers (L = 5, the paper's shape with M = 3): (k, v1, v2, v3, u); k in K = 256 clusters with
 skewed sizes (p ~ 1/(i + 8), like K-Means on real embeddings), v1..v3 uniform in C = 256 codes, u a
@@ -84,10 +106,12 @@ ID_LEN = len(LEVEL_SIZES)
 SRC_LEN = 32
 ITEM_DIM = 1024
 TOP_K = 10
-METHODS = ("cart", "dual_jax", "faiss_flat", "faiss_ivf")
+METHODS = ("cart", "cart_rerank", "dual_jax", "faiss_flat", "faiss_ivf")
+CART_METHODS = ("cart", "cart_rerank")
 SEARCH_METHOD = {"dual_jax": "jax", "faiss_flat": "faiss-flat", "faiss_ivf": "faiss-ivf"}  # cart baseline --method
 CPU_ONLY = ("faiss_flat", "faiss_ivf")
-N_ALL = (1_000, 10_000, 100_000, 1_000_000)
+N_ALL = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)  # IVF's recall/speed curve (at the sweep batch)
 B_ALL = (1, 100, 1000)
 ROW_TAG = "@@ROW "
 # Nominal dense peaks (TFLOP/s) by device kind substring: (bf16, tf32).
@@ -121,8 +145,58 @@ def make_items(n: int, seed: int = 0, block: int = 65536) -> np.ndarray:
   return np.concatenate(parts)
 
 
+def rows_file(n: int, seed: int, scratch: str) -> str:
+  """``make_items(n, seed)`` as an ``.npy`` file in ``scratch`` (written once, block by block, then
+  reused): the re-ranking rows as ``cart eval --rerank`` keeps them, ``MODEL_DIR/rerank/items.npy``."""
+  path = os.path.join(scratch, f"rows-n{n}-d{ITEM_DIM}-seed{seed}.npy")
+  if os.path.exists(path):
+    return path
+  os.makedirs(scratch, exist_ok=True)
+  tmp = path + ".part"
+  out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, ITEM_DIM))
+  block = 65536
+  for i, s in enumerate(range(0, n, block)):
+    x = np.random.default_rng([seed, i]).standard_normal((min(block, n - s), ITEM_DIM), np.float32)
+    out[s:s + x.shape[0]] = x / np.linalg.norm(x, axis=1, keepdims=True)
+  out.flush()
+  del out
+  os.replace(tmp, path)
+  return path
+
+
+def rss_mb() -> dict:
+  """This process's resident memory (MB) from /proc/self/status: total, anonymous, file-backed."""
+  out = {}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+          out[{"VmRSS": "rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb",
+               "VmHWM": "rss_peak_mb"}[key]] = int(rest.split()[0]) / 1024
+  except OSError:
+    pass
+  return out
+
+
+def mem_available_bytes() -> int | None:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    return None
+  return None
+
+
+def tree_bytes(tree) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(tree)))
+
+
 def dual_searcher(method: str, items: np.ndarray, batch: int, *, dtype: str = "float32",
-                  chunk_size: int = 65536):
+                  chunk_size: int = 65536, ivf_cache: str | None = None):
   """The library searcher ``cart baseline --method`` builds for a dual-tower ``method``.
 
   FAISS keeps the library's defaults (IVF nlist ~ 4 sqrt N, nprobe 8, as ``cart baseline``); the
@@ -132,6 +206,26 @@ def dual_searcher(method: str, items: np.ndarray, batch: int, *, dtype: str = "f
   from cart_jax.inference.dual_tower import make_searcher  # pylint: disable=g-import-not-at-top
   if method == "dual_jax":
     return make_searcher("jax", items, TOP_K, chunk_size=chunk_size, query_batch=batch, dtype=dtype)
+  if method == "faiss_ivf" and ivf_cache:  # k-means over 1M x 1024 takes minutes: train once per (N, seed)
+    import faiss  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference.dual_tower import FaissConfig, FaissSearcher  # pylint: disable=g-import-not-at-top
+    if os.path.exists(ivf_cache):
+      searcher = FaissSearcher.__new__(FaissSearcher)
+      searcher.config, searcher.d = FaissConfig(k=TOP_K, index="ivf"), items.shape[1]
+      searcher.index = faiss.read_index(ivf_cache)
+      searcher.nlist = int(searcher.index.nlist)
+      with open(ivf_cache + ".json") as f:
+        searcher.build_s = json.load(f)["build_s"]  # k-means + add, when it was trained
+      return searcher
+    t0 = time.perf_counter()
+    searcher = make_searcher("faiss-ivf", items, TOP_K)
+    searcher.build_s = time.perf_counter() - t0
+    faiss.write_index(searcher.index, ivf_cache + ".part")
+    with open(ivf_cache + ".json.part", "w") as f:
+      json.dump({"build_s": searcher.build_s, "load1": os.getloadavg()[0]}, f)
+    os.replace(ivf_cache + ".json.part", ivf_cache + ".json")
+    os.replace(ivf_cache + ".part", ivf_cache)
+    return searcher
   return make_searcher(SEARCH_METHOD[method], items, TOP_K)
 
 
@@ -308,7 +402,63 @@ def _query_tower(seed: int):
   return state, proj, jax.jit(encode)
 
 
+def ivf_nlist(n: int) -> int:
+  """The library's IVF cell count for ``n`` items (``FaissConfig.nlist = None``)."""
+  return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def quality_paths(workdir: str) -> dict:
+  """The parts of a ``cart demo --workdir W`` directory the quality pass reads."""
+  emb = sorted(f for f in os.listdir(os.path.join(workdir, "emb")) if f.endswith(".npy"))
+  if not emb or not os.path.isfile(os.path.join(workdir, "cart", "run.json")):
+    raise SystemExit(f"--quality_workdir {workdir}: expected a `cart demo --workdir` directory "
+                     f"(emb/*.npy, corpus/, cart/run.json)")
+  return {"model_dir": os.path.join(workdir, "cart"), "corpus": os.path.join(workdir, "corpus"),
+          "embeddings": os.path.join(workdir, "emb", emb[0])}
+
+
+def quality(spec: dict) -> dict:
+  """Recall on a real corpus, as ``cart eval --rerank`` and ``cart baseline`` measure it.
+
+  CART and CART + rerank from the run's test split; the dual tower's exact search (FAISS flat)
+  and FAISS IVF at every ``nprobe`` of the sweep (the library's nlist for that N) on the same
+  queries with the same item vectors (the run's ``cart embed`` output, whose text tower is what
+  the re-ranker uses).
+  """
+  from cart_jax import api  # pylint: disable=g-import-not-at-top
+  paths = quality_paths(spec["quality_workdir"])
+  pick = lambda m: {k: m[k] for k in ("r@1", "r@5", "r@10", "mrr@10")}
+  ev = api.evaluate(paths["model_dir"], split="test", rerank=True, log=_log)
+  out = {**paths, "split": "test", "num_items": ev["num_items"], "num_queries": ev["num_queries"],
+         "cart": pick(ev), "cart_rerank": pick(ev["rerank"]), "rerank_weight": ev["rerank"].get("weight")}
+  _log(f"quality: CART R@10 {ev['r@10']:.4f}, + rerank R@10 {ev['rerank']['r@10']:.4f}")
+  base = lambda **o: api.baseline(paths["embeddings"], paths["corpus"], split="test", **o)
+  out["dual_exact"] = pick(base(method="faiss-flat"))
+  nlist = ivf_nlist(out["num_items"])
+  sweep = []
+  for p in sorted({p for p in spec["nprobes"] if p < nlist} | {nlist}):
+    m = base(method="faiss-ivf", nprobe=p)
+    sweep.append({"nprobe": p, "nlist": m.get("faiss_ivf", {}).get("nlist", nlist), **pick(m)})
+    _log(f"quality: IVF nprobe {p}/{nlist}: R@10 {m['r@10']:.4f}")
+  out["ivf"] = sweep
+  out["nlist"] = nlist
+  return out
+
+
+def matched_fraction(q: dict) -> dict:
+  """The smallest ``nprobe / nlist`` at which IVF's R@10 reaches CART + rerank's on the real corpus."""
+  target = q["cart_rerank"]["r@10"]
+  for row in q["ivf"]:
+    if row["r@10"] >= target:
+      return {"target_r@10": target, "nprobe": row["nprobe"], "nlist": row["nlist"],
+              "fraction": row["nprobe"] / row["nlist"], "ivf_r@10": row["r@10"], "reached": True}
+  last = q["ivf"][-1]
+  return {"target_r@10": target, "nprobe": last["nprobe"], "nlist": last["nlist"], "fraction": 1.0,
+          "ivf_r@10": last["r@10"], "reached": False}
+
+
 def worker(spec: dict) -> None:
+  import gc  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -320,12 +470,15 @@ def worker(spec: dict) -> None:
   if method == "probe":
     _emit({"kind": "machine", **_machine_facts()})
     return
+  if method == "quality":
+    _emit({"kind": "quality", **quality(spec)})
+    return
   bf16 = spec["precision"] == "bf16"
   ns, batches = spec["n_items"], spec["batches"]
   tokenizer = WordPieceTokenizer.from_file()
   token_cache = {b: _tokenize_timing(tokenizer, b) for b in batches}  # b -> (ids, seconds)
-  cart_cfg = mcfg.minilm_small(output_vocab_size=2 + sum(LEVEL_SIZES), dropout_rate=0.0,
-                               dtype="bfloat16" if bf16 else "float32")
+  cart_cfg = mcfg.get_config(spec["cart_model"], output_vocab_size=2 + sum(LEVEL_SIZES),
+                             dropout_rate=0.0, dtype="bfloat16" if bf16 else "float32")
   cart_flops = flops_per_query(cart_cfg, src_len=SRC_LEN, beam=spec["beam"], id_length=ID_LEN)
   from cart_jax.inference.decoding import DecodeConfig  # pylint: disable=g-import-not-at-top
   if getattr(DecodeConfig(), "single_beam_first_step", False):  # step 0 runs one beam, not `beam`
@@ -336,14 +489,18 @@ def worker(spec: dict) -> None:
   skipped: set[tuple[int, int]] = set()
   tower_s: dict[int, float] = {}  # dual tower: query-tower seconds per batch (do not grow with N)
 
-  def skip(n, b) -> bool:
-    pred = predict_call_s(done, n, b, flat_in_n=method == "cart", skipped=skipped, fixed_s=tower_s)
+  def skip_reason(n, b) -> str | None:
+    pred = predict_call_s(done, n, b, flat_in_n=method in CART_METHODS, skipped=skipped, fixed_s=tower_s)
     if pred is not None and pred > spec["max_call_s"]:
+      return ("a smaller batch or N was already skipped" if math.isinf(pred) else
+              f"predicted {pred:.1f} s per call") + f" > max_call_s {spec['max_call_s']} s"
+    return None
+
+  def skip(n, b, reason=None) -> bool:
+    reason = reason or skip_reason(n, b)
+    if reason:
       skipped.add((n, b))
-      why = ("a smaller batch or N was already skipped" if math.isinf(pred) else
-             f"predicted {pred:.1f} s per call")
-      _emit({"kind": "skipped", "method": method, "n_items": n, "batch": b,
-             "reason": f"{why} > max_call_s {spec['max_call_s']} s"})
+      _emit({"kind": "skipped", "method": method, "n_items": n, "batch": b, "reason": reason})
       return True
     return False
 
@@ -353,47 +510,79 @@ def worker(spec: dict) -> None:
     done[(n, b)] = t["p50_s"]
     tok_s = token_cache[b][1]
     qps = b / t["p50_s"]
+    gc.collect()
     row = {"kind": "row", "method": method, "variant": spec.get("variant", "current"),
            "n_items": n, "batch": b, "qps": qps, "p50_ms": 1e3 * t["p50_s"], "p95_ms": 1e3 * t["p95_s"],
            "min_ms": 1e3 * t["min_s"], "max_ms": 1e3 * t["max_s"], "n_warmup": t["n_warmup"],
-           "n_timed": t["n_timed"], "cpu_ms_p50": 1e3 * t["cpu_s"], "qps_cpu": b / t["cpu_s"], "compile_s": compile_s, "flops_per_query": int(flops),
+           "n_timed": t["n_timed"], "cpu_ms_p50": 1e3 * t["cpu_s"], "qps_cpu": b / t["cpu_s"],
+           "compile_s": compile_s, "flops_per_query": int(flops),
            "achieved_tflops": flops * qps / 1e12, "tokenize_ms_p50": 1e3 * tok_s,
            "qps_incl_tokenize": b / (t["p50_s"] + tok_s), "precision": spec["precision"],
-           "load1_before": load_before, "load1_after": os.getloadavg()[0], **extra}
-    _log(f"{method} N={n} B={b}: {qps:.1f} q/s (p50 {row['p50_ms']:.1f} ms, {t['n_timed']} calls)")
+           "load1_before": load_before, "load1_after": os.getloadavg()[0], **rss_mb(), **extra}
+    _log(f"{method} N={n} B={b}{' nprobe=' + str(extra['nprobe']) if 'nprobe' in extra else ''}: "
+         f"{qps:.1f} q/s (p50 {row['p50_ms']:.1f} ms, {t['n_timed']} calls, RSS {row.get('rss_mb', 0):.0f} MB)")
     _emit(row)
 
-  if method == "cart":
+  if method in CART_METHODS:
     from cart_jax.index.vocab import IdentifierVocab  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
     from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
     from cart_jax.models.cart.network import create_model  # pylint: disable=g-import-not-at-top
 
     vocab = IdentifierVocab(LEVEL_SIZES)
     model = create_model(cart_cfg, seed=spec["seed"], host_init=True)
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    del model
     if bf16:  # decoder-side weight matrices stored in bf16 (the MiniLM encoder stays float32)
       params = jax.tree_util.tree_map_with_path(
           lambda p, x: x.astype(jnp.bfloat16) if x.ndim >= 2 and str(p[0]).find("encoder") < 0 else x,
           params)
+    model_bytes = tree_bytes(params) + tree_bytes(frozen)
+    rng = np.random.default_rng(spec["seed"])
+    kernel = (rng.standard_normal((rerank_lib.TEXT_DIM, ITEM_DIM)) / np.sqrt(rerank_lib.TEXT_DIM)).astype(np.float32)
+    rerank = method == "cart_rerank"
     for n in ns:
+      if all(skip_reason(n, b) for b in batches):
+        for b in batches:
+          skip(n, b)
+        continue
+      gc.collect()
+      rss0 = rss_mb()
       index = types.SimpleNamespace(codes=make_codes(n, spec["seed"]), vocab=vocab, n_items=n)
+      reranker, rows_s = None, 0.0
+      if rerank:  # the rows stay in their file: only the beams' rows are read (rerank.load does the same)
+        t0 = time.perf_counter()
+        path = rows_file(n, spec["seed"], spec["scratch"])
+        rows_s = time.perf_counter() - t0
+        reranker = rerank_lib.Reranker(items=np.load(path, mmap_mode="r"), kernel=kernel,
+                                       bias=np.zeros(ITEM_DIM, np.float32), weight=1.0)
+      searcher = None
       for b in batches:
         if skip(n, b):
           continue
         searcher = None  # the previous cell's trie and program go first
+        gc.collect()
         t0 = time.perf_counter()
         searcher = CartSearcher(graphdef, index, beam_size=spec["beam"], n_results=TOP_K,
                                 input_length=SRC_LEN, batch_size=b)
         build_s = time.perf_counter() - t0
-        compile_s = searcher.warm_up(params, frozen)
-        _log(f"cart N={n} B={b}: compiled in {compile_s:.1f} s")
+        compile_s = searcher.warm_up(params, frozen, beams=rerank)
+        _log(f"{method} N={n} B={b}: compiled in {compile_s:.1f} s")
 
         def call(searcher=searcher, ids_np=token_cache[b][0]):
-          return searcher.search_ids(params, frozen, ids_np)[0]
+          return searcher.search_ids(params, frozen, ids_np, rerank=reranker)[0]
 
-        run_cell(n, b, call, compile_s, cart_flops["total"],
+        trie_bytes = tree_bytes(searcher.trie)
+        run_cell(n, b, call, compile_s, cart_flops["total"] + (2 * 384 * ITEM_DIM + 2 * spec["beam"] * ITEM_DIM
+                                                               if rerank else 0),
                  {"max_fanout": [int(f) for f in searcher.trie.max_fanout],
-                  "trie_build_s": round(build_s, 3), "compile_shared_across_n": False})
+                  "trie_build_s": round(build_s, 3), "compile_shared_across_n": False,
+                  "memory": {"trie_mb": trie_bytes / 2**20, "codes_mb": index.codes.nbytes / 2**20,
+                             "model_mb": model_bytes / 2**20,
+                             "rerank_rows_file_mb": (n * ITEM_DIM * 4 / 2**20) if rerank else 0.0,
+                             "rss_before_index_mb": rss0.get("rss_mb")},
+                  **({"rows_file_s": round(rows_s, 1)} if rerank else {})})
+      del index, reranker, searcher
     return
 
   # dual tower
@@ -410,6 +599,21 @@ def worker(spec: dict) -> None:
     jax.block_until_ready(enc_compiled[b](tower_state, proj, ids_dev))
     tower_s[b] = time.perf_counter() - t0
   for n in ns:
+    # The item matrix: once on the host (make_items), once more in the searcher (JAX's device copy,
+    # FAISS's own storage). Skip an N whose two copies would not fit in the memory available now.
+    need = 2 * n * ITEM_DIM * 4
+    avail = mem_available_bytes()
+    if avail is not None and need > 0.9 * avail:
+      for b in batches:
+        skip(n, b, f"the {n:,} x {ITEM_DIM} float32 matrix twice (host + index, {need / 2**30:.1f} GiB) "
+                   f"does not fit in the {avail / 2**30:.1f} GiB available")
+      continue
+    if all(skip_reason(n, b) for b in batches):
+      for b in batches:
+        skip(n, b)
+      continue
+    gc.collect()
+    rss0 = rss_mb()
     items = make_items(n, spec["seed"])
     searcher = None
     for b in batches:
@@ -417,24 +621,48 @@ def worker(spec: dict) -> None:
         continue
       if searcher is None or method == "dual_jax":  # the JAX searcher's query batch is b
         searcher = None  # the previous batch's device copy goes first
+        gc.collect()
         t0 = time.perf_counter()
+        cache = (os.path.join(spec["scratch"], f"ivf-n{n}-d{ITEM_DIM}-seed{spec['seed']}.faiss")
+                 if method == "faiss_ivf" else None)
+        if cache:
+          os.makedirs(spec["scratch"], exist_ok=True)
         searcher = dual_searcher(method, items, b, dtype="bfloat16" if bf16 else "float32",
-                                 chunk_size=spec["max_chunk"])
-        build_s = time.perf_counter() - t0
+                                 chunk_size=spec["max_chunk"], ivf_cache=cache)
+        build_s = getattr(searcher, "build_s", time.perf_counter() - t0)
         search_compile_s = searcher.warm_up()
-      extra = {"build_s": round(build_s, 2)}
       nlist = getattr(searcher, "nlist", None)
-      if nlist:
-        extra.update(nlist=nlist, nprobe=int(searcher.index.nprobe))
       if method == "dual_jax":
-        extra["chunk"] = searcher.chunk
+        index_bytes = tree_bytes(searcher.items)
+      elif nlist:  # IVF-flat: every vector + its id, and the centroids
+        index_bytes = n * (ITEM_DIM * 4 + 8) + nlist * ITEM_DIM * 4
+      else:
+        index_bytes = n * ITEM_DIM * 4
       enc_fn = enc_compiled[b]
 
       def call(enc_fn=enc_fn, ids_np=token_cache[b][0], searcher=searcher):
         return searcher.search(np.asarray(enc_fn(tower_state, proj, jnp.asarray(ids_np))))[1]
 
-      run_cell(n, b, call, enc_compile_s[b] + search_compile_s,
-               dual_flops(n, enc_flops, nlist, extra.get("nprobe", 0)), extra)
+      probes = [None]
+      if nlist:
+        default = int(searcher.index.nprobe)
+        # With a real corpus: its sweep's nprobe / nlist fractions carried to this N.
+        sweep = {min(int(p), nlist) for p in spec.get("nprobe_by_n", {}).get(str(n), spec["nprobes"])
+                 if p <= nlist or "nprobe_by_n" in spec}
+        probes = sorted({default} | (sweep if b == spec["sweep_batch"] else set()))
+      for p in probes:
+        extra = {"build_s": round(build_s, 2),
+                 "memory": {"index_mb": index_bytes / 2**20, "host_matrix_mb": items.nbytes / 2**20,
+                            "rss_before_index_mb": rss0.get("rss_mb")}}
+        if nlist:
+          searcher.index.nprobe = p
+          extra.update(nlist=nlist, nprobe=p, nprobe_default=p == default)
+        if method == "dual_jax":
+          extra["chunk"] = searcher.chunk
+        run_cell(n, b, call, enc_compile_s[b] + search_compile_s,
+                 dual_flops(n, enc_flops, nlist, p or 0), extra)
+        if nlist:
+          searcher.index.nprobe = default
     del items, searcher
 
 
@@ -456,61 +684,191 @@ def run_worker(spec: dict, env: dict, timeout_s: float) -> list[dict]:
   return recs
 
 
-def summarise(rows: list[dict], peak: dict | None) -> dict:
-  """Crossover N per dual method and batch; CART's flatness and achieved fraction of the peak.
-
-  Everything is computed twice: from wall time (``qps``) and from process CPU time
-  (``qps_cpu = B / cpu time per call``; the work done, steadier than wall time when other jobs
-  share the machine).
-  """
-  cart = [r for r in rows if r["method"] == "cart"]
-  out = {"crossover": {}, "crossover_cpu_time": {}, "cart_peak_fraction": {}}
-  for method in sorted({r["method"] for r in rows} - {"cart"}):
-    for b in sorted({r["batch"] for r in rows}):
-      for key, field in (("crossover", "qps"), ("crossover_cpu_time", "qps_cpu")):
-        c = {r["n_items"]: r[field] for r in cart if r["batch"] == b and field in r}
-        d = {r["n_items"]: r[field] for r in rows if r["method"] == method and r["batch"] == b and field in r}
-        if c and d:
-          out[key][f"{method}@B{b}"] = crossover(c, d)
-  if peak:
-    for r in cart:
-      out["cart_peak_fraction"][f"N{r['n_items']}@B{r['batch']}"] = round(r["achieved_tflops"] / peak["tflops"], 4)
-    out["peak_used"] = peak
-  for key, field in (("cart_flatness", "qps"), ("cart_flatness_cpu_time", "qps_cpu")):
-    flat = {}
-    for b in sorted({r["batch"] for r in cart}):
-      q = {r["n_items"]: r[field] for r in cart if r["batch"] == b and field in r}
-      if len(q) >= 2:
-        flat[f"B{b}"] = {"min_over_max": round(min(q.values()) / max(q.values()), 3),
-                         "within_10pct": min(q.values()) >= 0.9 * max(q.values())}
-    out[key] = flat
+def median_rounds(rows: list[dict]) -> list[dict]:
+  """One row per (method, N, batch, nprobe): the round with the median q/s (the lower middle of an
+  even count), with every round's q/s and CPU ms in ``qps_rounds`` / ``cpu_ms_rounds``."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["method"], r["n_items"], r["batch"], r.get("nprobe")), []).append(r)
+  out = []
+  for g in groups.values():
+    g = sorted(g, key=lambda r: r["qps"])
+    pick = dict(g[(len(g) - 1) // 2])
+    pick["qps_rounds"] = [round(r["qps"], 2) for r in g]
+    pick["cpu_ms_rounds"] = [round(r["cpu_ms_p50"], 1) for r in g]
+    out.append(pick)
   return out
 
 
+def default_rows(rows: list[dict]) -> list[dict]:
+  """One row per (method, N, batch): IVF at the library's default nprobe (the sweep's other points
+  are in ``ivf_curve``)."""
+  return [r for r in rows if r.get("nprobe_default", True)]
+
+
+def goals(rows: list[dict], matched: dict | None, n_goal: int = 1_000_000, b_goal: int = 100) -> dict:
+  """Issue 20's CPU goals from the measured rows (wall-clock q/s; CPU-time flatness)."""
+  def qps(method, n, b, nprobe=None, field="qps"):
+    for r in rows:
+      if (r["method"] == method and r["n_items"] == n and r["batch"] == b
+          and (nprobe is None and r.get("nprobe_default", True) or r.get("nprobe") == nprobe)):
+        return r[field]
+    return None
+  out = {}
+  cr, ex = qps("cart_rerank", n_goal, b_goal), qps("dual_jax", n_goal, b_goal)
+  if cr and ex:
+    out["rerank_vs_exact_jax"] = {"cart_rerank_qps": round(cr, 1), "dual_jax_qps": round(ex, 1),
+                                  "ratio": round(cr / ex, 3), "goal": ">= 3", "met": cr / ex >= 3}
+  if matched:
+    p = int(matched["nprobe_at_n"].get(str(n_goal), 0))
+    iv = qps("faiss_ivf", n_goal, b_goal, nprobe=p)
+    if cr and iv:
+      out["rerank_vs_ivf_matched"] = {"nprobe": p, "cart_rerank_qps": round(cr, 1), "ivf_qps": round(iv, 1),
+                                      "ratio": round(cr / iv, 3), "goal": ">= 0.667", "met": cr / iv >= 1 / 1.5}
+  for method in CART_METHODS:
+    cpu = {r["n_items"]: r["cpu_ms_p50"] / r["batch"] for r in rows
+           if r["method"] == method and r["batch"] == b_goal and r["n_items"] <= n_goal}
+    if len(cpu) >= 2:
+      out[f"{method}_flat_cpu_ms_per_query"] = {
+          "by_n": {str(n): round(v, 3) for n, v in sorted(cpu.items())},
+          "max_over_min": round(max(cpu.values()) / min(cpu.values()), 3),
+          "goal": "<= 1.10", "met": max(cpu.values()) <= 1.10 * min(cpu.values())}
+    big = [r for r in rows if r["method"] == method and r["n_items"] >= 10_000_000 and "rss_mb" in r]
+    if big:
+      r = max(big, key=lambda r: r["rss_mb"])
+      out[f"{method}_rss_at_10m_mb"] = {"rss_mb": round(r["rss_mb"], 1), "peak_rss_mb": round(r.get("rss_peak_mb", 0), 1),
+                                        "goal": "< 2048", "met": r["rss_mb"] < 2048}
+  return out
+
+
+def summarise(rows: list[dict], peak: dict | None, matched: dict | None = None) -> dict:
+  """Crossover N per CART variant, dual method and batch; CART's flatness, peak fraction, goals.
+
+  Everything is computed twice: from wall time (``qps``) and from process CPU time
+  (``qps_cpu = B / cpu time per call``; the work done, steadier than wall time when other jobs
+  share the machine). IVF enters the crossovers at the library's default nprobe.
+  """
+  all_rows, rows = rows, default_rows(rows)
+  out = {"crossover": {}, "crossover_cpu_time": {}, "cart_peak_fraction": {}}
+  for cart_method in CART_METHODS:
+    cart = [r for r in rows if r["method"] == cart_method]
+    for method in sorted({r["method"] for r in rows} - set(CART_METHODS)):
+      for b in sorted({r["batch"] for r in rows}):
+        for key, field in (("crossover", "qps"), ("crossover_cpu_time", "qps_cpu")):
+          c = {r["n_items"]: r[field] for r in cart if r["batch"] == b and field in r}
+          d = {r["n_items"]: r[field] for r in rows if r["method"] == method and r["batch"] == b and field in r}
+          if c and d:
+            out[key][f"{cart_method}_vs_{method}@B{b}"] = crossover(c, d)
+    if peak:
+      for r in cart:
+        out["cart_peak_fraction"][f"{cart_method}:N{r['n_items']}@B{r['batch']}"] = round(
+            r["achieved_tflops"] / peak["tflops"], 4)
+    for key, field in (("flatness", "qps"), ("flatness_cpu_time", "qps_cpu")):
+      flat = {}
+      for b in sorted({r["batch"] for r in cart}):
+        q = {r["n_items"]: r[field] for r in cart if r["batch"] == b and field in r and r["n_items"] <= 1_000_000}
+        if len(q) >= 2:
+          flat[f"B{b}"] = {"min_over_max": round(min(q.values()) / max(q.values()), 3),
+                           "within_10pct": min(q.values()) >= 0.9 * max(q.values())}
+      out.setdefault(key, {})[cart_method] = flat
+  if peak:
+    out["peak_used"] = peak
+  curve = {}
+  for r in all_rows:
+    if r["method"] == "faiss_ivf" and "nprobe" in r:
+      curve.setdefault(f"N{r['n_items']}@B{r['batch']}", []).append(
+          {"nprobe": r["nprobe"], "nlist": r["nlist"], "qps": round(r["qps"], 1), "qps_cpu": round(r["qps_cpu"], 1)})
+  out["ivf_curve"] = {k: sorted(v, key=lambda x: x["nprobe"]) for k, v in curve.items()}
+  out["goals"] = goals(all_rows, matched)
+  return out
+
+
+COLORS = {"cart": "tab:blue", "cart_rerank": "tab:purple", "dual_jax": "tab:red", "faiss_flat": "tab:orange",
+          "faiss_ivf": "tab:green"}
+LABELS = {"cart": "CART", "cart_rerank": "CART + rerank", "dual_jax": "exact (JAX)",
+          "faiss_flat": "FAISS flat", "faiss_ivf": "FAISS IVF (nprobe 8)"}
+
+
 def plot(report: dict, path: str) -> None:
+  """Three panels: q/s vs N; resident memory vs N; (with a real corpus) R@10 vs q/s at the largest N."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  colors = {"cart": "tab:blue", "dual_jax": "tab:red", "faiss_flat": "tab:orange", "faiss_ivf": "tab:green"}
-  styles = {1: "o:", 100: "s-", 1000: "^--"}
-  fig, ax = plt.subplots(figsize=(7.5, 5.0))
-  rows = report["results"]
+  rows_all = report["results"]
+  rows = default_rows(rows_all)
+  quality, matched = report.get("quality"), report.get("ivf_matched")
+  sb = report["settings"].get("sweep_batch", 100)
+  fig, axes = plt.subplots(1, 3 if quality else 2, figsize=(16 if quality else 11, 5.0))
+  ax = axes[0]
   for method in METHODS:
-    for b in sorted({r["batch"] for r in rows}):
+    for b, style in ((sb, "s-"), (1, "o:")):
       pts = sorted((r["n_items"], r["qps"]) for r in rows if r["method"] == method and r["batch"] == b)
       if pts:
-        ax.plot(*zip(*pts), styles.get(b, "x-"), color=colors[method], label=f"{method}, batch {b}")
+        ax.plot(*zip(*pts), style, color=COLORS[method], label=f"{LABELS[method]}, batch {b}")
+  if matched:
+    pts = sorted((r["n_items"], r["qps"]) for r in rows_all if r["method"] == "faiss_ivf" and r["batch"] == sb
+                 and r.get("nprobe") == int(matched["nprobe_at_n"].get(str(r["n_items"]), -1)))
+    if pts:
+      ax.plot(*zip(*pts), "D--", color="tab:olive",
+              label=f"FAISS IVF at R@10 of CART + rerank (nprobe/nlist {matched['fraction']:.2f}), batch {sb}")
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("candidates N")
-  ax.set_ylabel("queries / s (ids in -> top-10 rows out)")
+  ax.set_ylabel("queries / s (token ids in -> top-10 rows out)")
+  ax.set_title("throughput", fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
+  ax.legend(fontsize=6.5)
+  ax = axes[1]
+  for method in METHODS:
+    pts = sorted((r["n_items"], r["rss_mb"]) for r in rows if r["method"] == method and r["batch"] == sb and "rss_mb" in r)
+    if pts:
+      ax.plot(*zip(*pts), "s-", color=COLORS[method], label=LABELS[method])
+  for r in report.get("skipped", []):
+    if r["method"] in ("dual_jax", "faiss_flat", "faiss_ivf") and "does not fit" in r["reason"] and r["batch"] == sb:
+      ax.annotate(f"{LABELS[r['method']]}: does not fit", (r["n_items"], 2048), fontsize=6,
+                  color=COLORS[r["method"]], rotation=90, va="bottom")
+  ax.axhline(2048, color="k", lw=0.8, ls="--")
+  ax.text(1_000, 2100, "2 GB", fontsize=7)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("candidates N")
+  ax.set_ylabel("process resident memory, MB (after the timed calls)")
+  ax.set_title("memory", fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  if quality:
+    ax = axes[2]
+    n_big = max(r["n_items"] for r in rows_all if r["method"] == "faiss_ivf") if any(
+        r["method"] == "faiss_ivf" for r in rows_all) else max(r["n_items"] for r in rows_all)
+    q_at = lambda m: next((r["qps"] for r in rows if r["method"] == m and r["n_items"] == n_big and r["batch"] == sb), None)
+    for m, key in (("cart", "cart"), ("cart_rerank", "cart_rerank"), ("dual_jax", "dual_exact"), ("faiss_flat", "dual_exact")):
+      if q_at(m):
+        ax.plot(q_at(m), quality[key]["r@10"], "*" if m.startswith("cart") else "o", ms=11, color=COLORS[m], label=LABELS[m])
+    frac_r10 = {round(q["nprobe"] / q["nlist"], 6): q["r@10"] for q in quality["ivf"]}
+    nl = ivf_nlist(n_big)
+    pts = []
+    for r in rows_all:
+      if r["method"] == "faiss_ivf" and r["n_items"] == n_big and r["batch"] == sb and "nprobe" in r:
+        f = next((f for f in frac_r10 if max(1, math.ceil(f * nl)) == r["nprobe"]), None)
+        if f is not None:
+          pts.append((r["qps"], frac_r10[f], r["nprobe"]))
+    if pts:
+      pts.sort(key=lambda t: t[2])
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], "^-", color=COLORS["faiss_ivf"], label="FAISS IVF, nprobe sweep")
+      for x, y, p in pts:
+        ax.annotate(str(p), (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"queries / s at N = {n_big:,}, batch {sb}")
+    ax.set_ylabel(f"R@10 on {os.path.basename(os.path.dirname(quality['model_dir']))}'s test queries "
+                  f"(N = {quality['num_items']:,})")
+    ax.set_title("recall next to speed (IVF: recall at the same nprobe/nlist on the real corpus)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
   m = report["machine"]
-  loads = [r["load1_before"] for r in rows if "load1_before" in r]
+  loads = [r["load1_before"] for r in rows_all if "load1_before" in r]
   load = f", 1-min load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
-  ax.set_title(f"CART minilm_small (beam 10) vs dual tower (MiniLM + d=1024 top-10)\n"
-               f"{m['device']} ({m['backend']}, {m['cpu_count']} CPUs{load}), "
+  fig.suptitle(f"CART {report['settings'].get('cart_model', 'minilm_small')} (beam 10) vs the dual tower "
+               f"(MiniLM + d={ITEM_DIM}); {m['device']} ({m['backend']}, {m['cpu_count']} CPUs{load}), "
                f"{report['settings']['precision']}", fontsize=9)
   fig.tight_layout()
   from cart_jax.core.artefacts import atomic_write_via  # here: workers may import another cart_jax
@@ -518,11 +876,12 @@ def plot(report: dict, path: str) -> None:
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| method | N | B | q/s | p50 ms | p95 ms | CPU ms/call | compile s | GFLOP/q | TFLOP/s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["batch"], r["n_items"])):
-    lines.append(f"| {r['method']} | {r['n_items']:,} | {r['batch']} | {r['qps']:,.1f} | {r['p50_ms']:.1f} | "
-                 f"{r['p95_ms']:.1f} | {r.get('cpu_ms_p50', float('nan')):.0f} | {r['compile_s']:.1f} | "
+  lines = ["| method | N | B | q/s | p50 ms | p95 ms | CPU ms/call | RSS MB | compile s | GFLOP/q | TFLOP/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["batch"], r["n_items"], r.get("nprobe", 0))):
+    name = r["method"] + (f" (nprobe {r['nprobe']})" if "nprobe" in r else "")
+    lines.append(f"| {name} | {r['n_items']:,} | {r['batch']} | {r['qps']:,.1f} | {r['p50_ms']:.1f} | "
+                 f"{r['p95_ms']:.1f} | {r.get('cpu_ms_p50', float('nan')):.0f} | {r.get('rss_mb', float('nan')):,.0f} | {r['compile_s']:.1f} | "
                  f"{r['flops_per_query'] / 1e9:.2f} | {r['achieved_tflops']:.4f} |")
   return "\n".join(lines)
 
@@ -531,6 +890,8 @@ def _print_crossovers(report: dict) -> None:
   for key in ("crossover", "crossover_cpu_time"):
     for k, v in report["summary"].get(key, {}).items():
       print(f"{key} {k}: {v['status']}" + (f", N* = {v['n']:,.0f}" if v["n"] else ""))
+  for k, v in report["summary"].get("goals", {}).items():
+    print(f"goal {k}: {json.dumps(v)}")
 
 
 def main(argv=None) -> int:
@@ -551,9 +912,29 @@ def main(argv=None) -> int:
   ap.add_argument("--compare_src", default=None,
                   help="CART before/after: a directory holding an older cart_jax package; runs CART "
                        "from it and from this checkout in alternating rounds")
-  ap.add_argument("--rounds", type=int, default=2, help="rounds of the --compare_src comparison")
+  ap.add_argument("--rounds", type=int, default=None,
+                  help="rounds: of the --compare_src comparison (default 2); otherwise every method's "
+                       "workers run this many times (default 1), in alternating order (forward, "
+                       "backward, ...), and each cell reports the median round (its q/s of every round "
+                       "in qps_rounds): methods compared in one interleaved run")
   ap.add_argument("--from_json", default=None,
                   help="re-summarise (crossovers, flatness) and re-plot an existing report; measures nothing")
+  ap.add_argument("--cart_model", default="minilm_frozen",
+                  help="CART preset (cart_jax.models.cart.config): minilm_frozen is the accurate "
+                       "recipe's network (frozen MiniLM-L6 + a 2-layer fused decoder); minilm_small "
+                       "the earlier 6-layer one")
+  ap.add_argument("--nprobes", default=",".join(map(str, NPROBES)),
+                  help="IVF nprobe sweep, run at --sweep_batch (the library's default nprobe runs at "
+                       "every batch)")
+  ap.add_argument("--sweep_batch", type=int, default=100)
+  ap.add_argument("--quality_workdir", default=None,
+                  help="a `cart demo --workdir W` directory (emoji: the image demo): recall of CART, "
+                       "CART + rerank, exact and IVF (nprobe sweep) on its test queries; IVF's matched "
+                       "nprobe (where its R@10 reaches CART + rerank's) is carried to every N as the same "
+                       "fraction of nlist and timed there")
+  ap.add_argument("--scratch", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "cart-throughput"),
+                  help="where the re-ranking rows files (N x 1024 float32) and trained IVF indexes are "
+                       "kept between runs (the 10M rows file is 38 GiB)")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
@@ -565,7 +946,8 @@ def main(argv=None) -> int:
     for r in report["results"]:
       if "cpu_ms_p50" in r:
         r["qps_cpu"] = r["batch"] / (r["cpu_ms_p50"] / 1e3)
-    report["summary"] = summarise(report["results"], report.get("summary", {}).get("peak_used"))
+    report["summary"] = summarise(report["results"], report.get("summary", {}).get("peak_used"),
+                                  report.get("ivf_matched"))
     text = json.dumps(report, indent=1, default=float)
     from cart_jax.core.artefacts import atomic_write_text
     atomic_write_text(args.json or args.from_json, text + "\n")
@@ -580,13 +962,13 @@ def main(argv=None) -> int:
   if args.quick:
     ns, batches = (1_000, 100_000), (1, 100)
   else:
-    ns, batches = N_ALL, B_ALL
+    ns, batches = N_ALL, (B_ALL if gpu else (1, 100))  # batch 1000 on a 2-core CPU: minutes per cell
   if args.n_items:
     ns = tuple(int(float(x)) for x in args.n_items.split(","))
   if args.batches:
     batches = tuple(int(x) for x in args.batches.split(","))
   methods = tuple(args.methods.split(",")) if args.methods else (
-      ("cart", "dual_jax") if gpu else METHODS)
+      ("cart", "cart_rerank", "dual_jax") if gpu else METHODS)
   if args.compare_src:
     methods = ("cart",)
   bad = [m for m in methods if m not in METHODS]
@@ -624,8 +1006,29 @@ def main(argv=None) -> int:
   machine["load_avg_at_start"] = list(os.getloadavg())
   spec_common = {"n_items": list(ns), "batches": list(batches), "beam": args.beam, "precision": precision,
                  "budget_s": budget_s, "max_call_s": max_call_s, "min_timed": 3 if (gpu or not args.quick) else 2,
-                 "seed": 0, "max_chunk": 131072 if gpu else 65536}
-  worker_timeout = 290.0 if gpu else (600.0 if args.quick else 1500.0)
+                 "seed": 0, "max_chunk": 131072 if gpu else 65536, "cart_model": args.cart_model,
+                 "nprobes": [int(x) for x in args.nprobes.split(",")], "sweep_batch": args.sweep_batch,
+                 "scratch": os.path.abspath(args.scratch)}
+  quality_rec, matched = None, None
+  if args.quality_workdir:
+    quality_paths(args.quality_workdir)  # fails early on a wrong directory
+    print(f"== quality on {args.quality_workdir}, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+    recs = run_worker({**spec_common, "method": "quality", "quality_workdir": os.path.abspath(args.quality_workdir)},
+                      env, 1800)
+    quality_rec = next((r for r in recs if r.get("kind") == "quality"), None)
+    if quality_rec is None:
+      print("error: the quality pass failed (see its stderr above)", file=sys.stderr)
+      return 2
+    quality_rec.pop("kind")
+    matched = matched_fraction(quality_rec)
+    at_n = lambda f, n: max(1, min(ivf_nlist(n), math.ceil(f * ivf_nlist(n))))
+    matched["nprobe_at_n"] = {str(n): at_n(matched["fraction"], n) for n in ns}
+    spec_common["nprobe_by_n"] = {str(n): sorted({at_n(q["nprobe"] / q["nlist"], n) for q in quality_rec["ivf"]})
+                                  for n in ns}
+    print(f"quality: IVF reaches CART + rerank's R@10 {matched['target_r@10']:.4f} at nprobe "
+          f"{matched['nprobe']}/{matched['nlist']} (fraction {matched['fraction']:.3f})"
+          + ("" if matched["reached"] else " -- it never does; compared at nprobe = nlist"), file=sys.stderr)
+  worker_timeout = 290.0 if gpu else (600.0 if args.quick else 3600.0)
 
   runs = []  # (method, variant, env)
   if args.compare_src:
@@ -633,22 +1036,31 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(src, "cart_jax", "inference", "searcher.py")):
       ap.error(f"--compare_src {src}: expected a directory with cart_jax/inference/searcher.py inside")
     env_before = dict(env, PYTHONPATH=src + os.pathsep + env["PYTHONPATH"])
-    for r in range(args.rounds):  # ABBA order: a drifting background load favours neither side
-      pair = [("cart", "before", env_before), ("cart", "after", env)]
+    for r in range(args.rounds or 2):  # ABBA order: a drifting background load favours neither side
+      pair = [("cart", "before", env_before, None), ("cart", "after", env, None)]
       runs += pair if r % 2 == 0 else pair[::-1]
   else:
-    runs = [(m, "current", env) for m in methods]
+    # CART: one process per N, so each N's resident memory is its own (a process that searched
+    # smaller N first keeps their compiled programs and allocator pools).
+    once = [(m, "current", env, [n]) for m in methods for n in (ns if m in CART_METHODS else [None])]
+    for r in range(args.rounds or 1):
+      runs += once if r % 2 == 0 else once[::-1]
 
   rows, skipped, errors, loads = [], [], [], []
-  for i, (method, variant, wenv) in enumerate(runs):
+  for i, (method, variant, wenv, only_n) in enumerate(runs):
     before = list(os.getloadavg())
     print(f"== {method} ({variant}), load {before[0]:.2f}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    recs = run_worker({**spec_common, "method": method, "variant": variant}, wenv, worker_timeout)
+    spec = {**spec_common, "method": method, "variant": variant}
+    if only_n and only_n[0] is not None:
+      spec["n_items"] = only_n
+    recs = run_worker(spec, wenv, worker_timeout)
     for r in recs:
       kind = r.pop("kind")
       if args.compare_src:
         r["round"] = i // 2
+      elif args.rounds:
+        r["round"] = i // len(once)
       (rows if kind == "row" else skipped if kind == "skipped" else errors).append(r)
     loads.append({"method": method, "variant": variant, "load_before": before,
                   "load_after": list(os.getloadavg()), "wall_s": round(time.perf_counter() - t0, 1)})
@@ -670,12 +1082,14 @@ def main(argv=None) -> int:
               "float32 matmuls run as TF32 on NVIDIA GPUs" if precision == "float32" else
               "bf16: CART decoder weights/activations, item embeddings, queries; MiniLM towers float32"),
           "beam": args.beam, "top_k": TOP_K, "id_length": ID_LEN, "level_sizes": list(LEVEL_SIZES),
-          "src_len": SRC_LEN, "item_dim": ITEM_DIM, "cart_model": "minilm_small (random weights)",
+          "src_len": SRC_LEN, "item_dim": ITEM_DIM, "cart_model": args.cart_model, "cart_weights": "random (speed does not depend on them)",
+          "sweep_batch": args.sweep_batch, "rerank_rows": f"N x {ITEM_DIM} float32 .npy, memory-mapped (only the beams' rows are read)",
           "codes": "random unique (k skewed over 256, v1..v3 uniform over 256, u counter < 16)",
           "ivf": "cart baseline --method faiss-ivf: nlist = min(4 sqrt N, N/39), nprobe 8, k-means on all N items",
           "timing": "ids in -> top-10 rows on host; tokenisation timed apart (tokenize_ms_p50)",
           "budget_s": budget_s, "max_call_s": max_call_s, "n_items": list(ns), "batches": list(batches),
           "threads_env": {k: env.get(k) for k in ("OMP_NUM_THREADS", "XLA_FLAGS", "JAX_PLATFORMS")}},
+      "quality": quality_rec, "ivf_matched": matched,
       "results": rows, "skipped": skipped, "errors": errors, "load_per_method": loads,
       "wall_s": round(time.perf_counter() - t_start, 1)}
   if args.compare_src:
@@ -696,7 +1110,10 @@ def main(argv=None) -> int:
     report["before_after"] = cmp
     report["compare_src"] = os.path.abspath(args.compare_src)
   else:
-    report["summary"] = summarise(rows, peak)
+    if args.rounds and args.rounds > 1:
+      report["results_rounds"] = rows
+      report["results"] = rows = median_rounds(rows)
+    report["summary"] = summarise(rows, peak, matched)
   text = json.dumps(report, indent=1, default=float)
   if args.json:
     from cart_jax.core.artefacts import atomic_write_text
