@@ -46,14 +46,7 @@ BATCHES = (1, 100, 1000)
 MAX_LENGTH = 32
 
 
-def make_texts(b: int, seed: int = 0) -> list[str]:
-  """benchmarks/throughput.py's synthetic queries (same words, same generator)."""
-  words = ("a photo of the small red dog cat running jumping on grass beach near water at night "
-           "sunset city street with two people man woman child playing ball guitar piano bird "
-           "flying over mountain snow tree forest car bus train station smiling face holding cup "
-           "coffee blue green yellow old new big happy sad sound music video clip of loud quiet").split()
-  rng = np.random.default_rng(seed)
-  return [" ".join(rng.choice(words, size=int(rng.integers(8, 21)))) for _ in range(b)]
+from throughput import make_texts  # noqa: E402  the throughput benchmark's synthetic queries
 
 
 def corpus_texts() -> list[str]:

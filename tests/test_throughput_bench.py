@@ -107,3 +107,67 @@ def test_gpu_mode_fails_clearly_without_a_gpu(tmp_path):
   bad = subprocess.run([sys.executable, SCRIPT, "--device", "gpu", "--methods", "cart,faiss_flat"],
                        env=env, capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "run on the CPU only" in bad.stderr
+
+
+def test_ivf_cache_round_trips_the_trained_index(tmp_path):
+  """A 1M-item IVF takes minutes of k-means: the benchmark trains it once per N and reloads it."""
+  rng = np.random.default_rng(1)
+  items = rng.standard_normal((2_000, 32)).astype(np.float32)
+  queries = rng.standard_normal((9, 32)).astype(np.float32)
+  cache = str(tmp_path / "ivf.faiss")
+  first = tp.dual_searcher("faiss_ivf", items, 9, ivf_cache=cache)
+  assert os.path.exists(cache) and os.path.exists(cache + ".json") and first.build_s > 0
+  again = tp.dual_searcher("faiss_ivf", items, 9, ivf_cache=cache)
+  assert (again.nlist, again.index.nprobe) == (first.nlist, first.index.nprobe) == (tp.ivf_nlist(2_000), 8)
+  assert again.build_s == pytest.approx(first.build_s)  # the training time, not the load time
+  np.testing.assert_array_equal(again.search(queries)[1], first.search(queries)[1])
+
+
+def test_rows_file_is_make_items_on_disk(tmp_path, monkeypatch):
+  monkeypatch.setattr(tp, "ITEM_DIM", 16)
+  path = tp.rows_file(1_500, 3, str(tmp_path))
+  rows = np.load(path, mmap_mode="r")
+  np.testing.assert_array_equal(rows, tp.make_items(1_500, 3))
+  assert tp.rows_file(1_500, 3, str(tmp_path)) == path  # reused, not rewritten
+  assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+
+
+def test_matched_fraction_is_the_first_nprobe_reaching_cart_rerank():
+  q = {"cart_rerank": {"r@10": 0.90},
+       "ivf": [{"nprobe": p, "nlist": 100, "r@10": r} for p, r in ((1, 0.5), (8, 0.85), (32, 0.899), (64, 0.91), (100, 0.92))]}
+  m = tp.matched_fraction(q)
+  assert (m["nprobe"], m["fraction"], m["reached"]) == (64, 0.64, True)
+  q["cart_rerank"]["r@10"] = 0.95  # above exact search: compared at every cell probed
+  m = tp.matched_fraction(q)
+  assert (m["nprobe"], m["fraction"], m["reached"]) == (100, 1.0, False)
+  assert tp.ivf_nlist(1_000_000) == 4_000 and tp.ivf_nlist(3_944) == 101 and tp.ivf_nlist(50) == 1
+
+
+def _row(method, n, qps, cpu_ms, batch=100, **kw):
+  return {"method": method, "n_items": n, "batch": batch, "qps": qps, "qps_cpu": batch / (cpu_ms / 1e3),
+          "cpu_ms_p50": cpu_ms, **kw}
+
+
+def test_median_rounds_keeps_the_median_round_of_every_cell():
+  rows = [_row("cart", 1000, q, 300.0) for q in (250.0, 270.0, 260.0)] + [_row("dual_jax", 1000, 400.0, 250.0)]
+  out = {r["method"]: r for r in tp.median_rounds(rows)}
+  assert out["cart"]["qps"] == 260.0 and out["cart"]["qps_rounds"] == [250.0, 260.0, 270.0]
+  assert out["dual_jax"]["qps_rounds"] == [400.0]
+
+
+def test_goals_from_rows():
+  matched = {"nprobe_at_n": {"1000000": 2535}}
+  rows = [_row("cart_rerank", n, 240.0, 730.0) for n in (1_000, 100_000)] + [
+      _row("cart_rerank", 1_000_000, 240.0, 790.0),
+      _row("dual_jax", 1_000_000, 60.0, 900.0),
+      _row("faiss_ivf", 1_000_000, 380.0, 500.0, nprobe=8, nprobe_default=True),
+      _row("faiss_ivf", 1_000_000, 20.0, 5000.0, nprobe=2535, nprobe_default=False),
+      _row("cart", 10_000_000, 260.0, 700.0, rss_mb=1500.0, rss_peak_mb=1900.0)]
+  g = tp.goals(rows, matched)
+  assert g["rerank_vs_exact_jax"]["ratio"] == 4.0 and g["rerank_vs_exact_jax"]["met"]
+  assert g["rerank_vs_ivf_matched"]["nprobe"] == 2535 and g["rerank_vs_ivf_matched"]["ratio"] == 12.0
+  flat = g["cart_rerank_flat_cpu_ms_per_query"]
+  assert flat["max_over_min"] == pytest.approx(790 / 730, abs=1e-3) and flat["met"]  # 8.2% apart
+  assert g["cart_rss_at_10m_mb"]["met"]
+  rows[2] = _row("cart_rerank", 1_000_000, 240.0, 900.0)
+  assert not tp.goals(rows, matched)["cart_rerank_flat_cpu_ms_per_query"]["met"]
