@@ -14,8 +14,10 @@ then backward, ...) so a drift in the machine's load touches every size alike. E
 process CPU seconds per query, and the load average.
 
 ``knee``: the smallest batch whose median q/s is within ``--within`` (default 5%) of the best:
-more queries per call than that buy latency, not throughput. It is what
-``cart_jax.inference.searcher.DEFAULT_BATCH_SIZE`` should hold for this device.
+more queries per call than that buy latency, not throughput. A candidate for
+``cart_jax.inference.searcher.DEFAULT_BATCH_SIZE`` on this device; check it against ``cart eval
+--batch-size`` on a real run before changing the default (on the 2-core CPU the knee here is 16, but
+the emoji demo run's ``cart eval`` is faster at 64, so the default stayed 64).
 """
 from __future__ import annotations
 

@@ -507,6 +507,14 @@ def worker(spec: dict) -> None:
       return True
     return False
 
+  def skip_every_batch(n) -> bool:
+    """True (each batch listed as skipped) when no batch of this N would run: skip its set-up."""
+    if all(skip_reason(n, b) for b in batches):
+      for b in batches:
+        skip(n, b)
+      return True
+    return False
+
   def run_cell(n, b, call, compile_s, flops, extra):
     load_before = os.getloadavg()[0]
     t = _time_calls(call, spec["budget_s"], spec["min_timed"])
@@ -545,9 +553,7 @@ def worker(spec: dict) -> None:
     kernel = (rng.standard_normal((rerank_lib.TEXT_DIM, ITEM_DIM)) / np.sqrt(rerank_lib.TEXT_DIM)).astype(np.float32)
     rerank = method == "cart_rerank"
     for n in ns:
-      if all(skip_reason(n, b) for b in batches):
-        for b in batches:
-          skip(n, b)
+      if skip_every_batch(n):
         continue
       gc.collect()
       rss0 = rss_mb()
@@ -611,9 +617,7 @@ def worker(spec: dict) -> None:
         skip(n, b, f"the {n:,} x {ITEM_DIM} float32 matrix twice (host + index, {need / 2**30:.1f} GiB) "
                    f"does not fit in the {avail / 2**30:.1f} GiB available")
       continue
-    if all(skip_reason(n, b) for b in batches):
-      for b in batches:
-        skip(n, b)
+    if skip_every_batch(n):
       continue
     gc.collect()
     rss0 = rss_mb()

@@ -148,7 +148,7 @@ def train(gin_files: Sequence[str], bindings: Sequence[str] = (), *, progress: b
 
 
 def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: int = 10,
-             batch_size: int = 64, limit: int | None = None, step: int | None = None,
+             batch_size: int | None = None, limit: int | None = None, step: int | None = None,
              modality: str | None = None, items: str | os.PathLike | set[str] | None = None,
              rerank: bool = False, rerank_weight: float | str | None = None,
              embeddings: str | os.PathLike | None = None, progress: bool = False,
@@ -156,7 +156,8 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
   """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries (``cart eval``).
 
   Args:
-    batch_size: queries per compiled call (>= 1).
+    batch_size: queries per compiled call (>= 1); None: the device's default
+      (:func:`cart_jax.inference.searcher.default_batch_size`, per device).
     limit: only the first ``limit`` (>= 1) queries.
     items: a file of item ids (or a set of them): only the queries of these items.
     rerank: also CART + dual-tower re-ranking of the same beams (``summary["rerank"]``).
@@ -171,7 +172,7 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
   from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
   if beam_size < 10:
     raise CartError(f"--beam {beam_size}: R@10 and MRR@10 need a beam of at least 10")
-  if batch_size < 1:
+  if batch_size is not None and batch_size < 1:
     raise CartError(f"--batch-size {batch_size}: must be >= 1")
   if limit is not None and limit < 1:
     raise CartError(f"--limit {limit}: must be >= 1 (leave it out for every query)")

@@ -34,7 +34,7 @@ _SEARCH_PATHS: set[str] = set()
 class EvalConfig:
   split: str = "test"
   beam_size: int = 10
-  batch_size: int = 64
+  batch_size: int | None = None  # None: the device's default (searcher.default_batch_size)
   limit: int | None = None
 
 

@@ -128,7 +128,7 @@ def evaluate(searcher, params, frozen, texts, targets, *, warm_up: bool = True,
   return out, rows, scores
 
 
-def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_size: int = 64,
+def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_size: int | None = None,
              limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None,
              modality: str | None = None, rerank: bool = False, rerank_weight: float | None = None,
              embeddings: str | None = None, log: Callable[[str], None] = print,

@@ -453,7 +453,7 @@ def tune_on_split(reranker: Reranker, searcher, params, frozen, texts, targets,
 
 
 def fit(loaded, embeddings: str | os.PathLike, *, split: str = TUNE_SPLIT, limit: int | None = None,
-        grid: Sequence[float] = DEFAULT_GRID, beam_size: int = 10, batch_size: int = 64,
+        grid: Sequence[float] = DEFAULT_GRID, beam_size: int = 10, batch_size: int | None = None,
         save_to_run: bool = True, log: Callable[[str], None] = print) -> Reranker:
   """Builds the re-ranker of a loaded run (``runs.LoadedRun``) from ``cart embed`` outputs, tunes
   its weight on ``split`` (all its queries unless ``limit``) and saves it in ``MODEL_DIR/rerank/``."""

@@ -151,7 +151,7 @@ def run_subdir(model_dir, run: dict, key: str, default: str) -> Path:
   return model_dir / rel
 
 
-def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size: int,
+def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size: int | None,
                      modality: str | None = None):
   """A CartSearcher over the run's index; item modalities from the run's corpus (when loaded).
 
