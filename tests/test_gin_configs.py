@@ -61,7 +61,8 @@ def test_runs_and_models_parse():
     made = _build([m, ROOT / "runs" / "train.gin"])
     assert made["ModelConfig"].d_model >= 32
   cli_gin.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split='val'"])
-  assert cli_gin.eval_config() == cli_gin.EvalConfig(split="val", beam_size=10, batch_size=64)
+  # batch_size None: the searcher picks the device's default (64 per CPU device, 1024 per GPU/TPU).
+  assert cli_gin.eval_config() == cli_gin.EvalConfig(split="val", beam_size=10, batch_size=None)
 
 
 def test_ablations_change_one_thing_each():
