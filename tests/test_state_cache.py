@@ -178,3 +178,55 @@ def test_resume_with_cached_states_matches_uninterrupted(tmp_path):
       lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
       part.state.params, full.state.params)))
   assert diff < 1e-5 < 1e-3 < moved  # steps 5-6 changed the parameters; the resumed run did the same
+
+
+def _fake_encode(ids, mask):  # [b, L] -> [b, S=2, L, width=8]: the token ids, so caches differ
+  x = np.asarray(ids, np.float32)[:, None, :, None]
+  return np.broadcast_to(x, (ids.shape[0], 2, ids.shape[1], 8)).copy()
+
+
+def test_size_cap_deletes_the_least_recently_used_caches(tmp_path, monkeypatch):
+  import os
+  import time
+  root = tmp_path / "states"
+  rows = [np.asarray([[101, 7 + i, 8 + i, 102, 0, 0]] * 2 + [[101, 30 + i, 102, 0, 0, 0]], np.int32)
+          for i in range(4)]
+  build = lambda r, logs: state_cache.load_or_build(r, fingerprint="f", layers=(0, 1), encode=_fake_encode,
+                                                    root=root, progress=False, log=logs.append)
+  monkeypatch.setenv(state_cache.ENV_MAX_GB, "0")  # no cap while the first two are built
+  a = build(rows[0], [])
+  time.sleep(0.05)
+  b = build(rows[1], [])
+  one = state_cache._cache_bytes(a.directory)
+  assert one == state_cache._cache_bytes(b.directory) > 0
+  time.sleep(0.05)
+  logs = []
+  assert build(rows[0], logs).directory == a.directory  # reused: now the most recently used
+  assert any("reusing" in line for line in logs)
+  monkeypatch.setenv(state_cache.ENV_MAX_GB, repr(2.5 * one / 2**30))  # room for two caches
+  time.sleep(0.05)
+  logs = []
+  c = build(rows[2], logs)
+  kept = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+  assert kept == sorted([a.directory.name, c.directory.name])  # b, the least recently used, went
+  assert not b.directory.exists() and not (root / f".{b.directory.name}.lock").exists()
+  assert any("deleted the least recently used cache" in line and b.directory.name in line for line in logs)
+  np.testing.assert_array_equal(c.lookup(rows[2])[:, 0, :, 0], rows[2].astype(np.float16))
+  # A directory that is not a cache (another meta.json format) is never touched.
+  other = root / "not-a-cache"
+  other.mkdir()
+  (other / "meta.json").write_text('{"format": "cart-index"}')
+  (other / "big.bin").write_bytes(b"x" * (4 * one))
+  # A cap smaller than one cache keeps the one just built.
+  monkeypatch.setenv(state_cache.ENV_MAX_GB, repr(0.5 * one / 2**30))
+  d = build(rows[3], [])
+  assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted([d.directory.name, "not-a-cache"])
+  assert os.path.isfile(d.directory / "states.f16")
+
+
+def test_bad_size_cap_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
+  monkeypatch.setenv(state_cache.ENV_MAX_GB, "lots")
+  with pytest.raises(state_cache.StateCacheError, match=r"CART_CACHE_MAX_GB='lots': expected a number of GB"):
+    state_cache.load_or_build(np.asarray([[101, 5, 102]], np.int32), fingerprint="f", layers=(0,),
+                              encode=_fake_encode, root=tmp_path, progress=False, log=lambda s: None)
+  assert not any(tmp_path.iterdir())

@@ -19,6 +19,12 @@ everywhere downstream, and a masked encoder's states at real positions do not de
 padding), the layers the fusion mode reads, in half precision. The emoji corpus's 7.6K training
 queries take ~0.25 GB; with its 50K captions ~2 GB.
 
+**Size cap.** The caches under one root are kept to ``$CART_CACHE_MAX_GB`` (default 8 GB; 0 or
+less: no cap). After a new cache is written, the least recently used others (by when a run last
+reused or built them) are deleted until the total fits; the one just built is never deleted, and
+one another process holds the lock of is skipped. Without the cap every new set of training texts
+or encoder weights added a cache for good (a machine that trained many runs held 17 of them, 5 GB).
+
 The key is a SHA-256 of the token rows (so of the texts and the tokenizer), the encoder weights
 (every array of the frozen encoder, bytes and paths), the layers kept and the dtype: ablations and
 reruns on the same texts reuse one cache; any change builds a new one. A cache whose files do not
@@ -30,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +50,8 @@ FORMAT = "cart-encoder-states"
 VERSION = 1
 STATE_DTYPE = np.float16
 ENV_DIR = "CART_CACHE_DIR"
+ENV_MAX_GB = "CART_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 8.0
 
 
 class StateCacheError(CartError):
@@ -54,6 +63,67 @@ def default_root() -> Path:
   base = os.environ.get(ENV_DIR) or os.path.join(
       os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cart-jax")
   return Path(base) / "encoder_states"
+
+
+def max_bytes() -> int | None:
+  """The cap on all caches under one root, from ``$CART_CACHE_MAX_GB`` (None: no cap)."""
+  raw = os.environ.get(ENV_MAX_GB, "").strip()
+  if not raw:
+    return int(DEFAULT_MAX_GB * 2**30)
+  try:
+    gb = float(raw)
+  except ValueError:
+    raise StateCacheError(f"${ENV_MAX_GB}={raw!r}: expected a number of GB (0 or less: no cap)") from None
+  return None if gb <= 0 else int(gb * 2**30)
+
+
+def _cache_bytes(directory: Path) -> int:
+  return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
+
+def prune(root: Path, keep: Path, limit: int | None, log: Callable[[str], None] = print) -> list[Path]:
+  """Deletes the least recently used caches under ``root`` until all of them total at most
+  ``limit`` bytes; ``keep`` is never deleted, nor a cache whose lock another process holds.
+
+  "Used" is the modification time of a cache's ``meta.json``: set when it is built, touched when a
+  run reuses it. Returns the deleted directories.
+  """
+  from cart_jax.core.artefacts import OutputLockedError, output_lock  # pylint: disable=g-import-not-at-top
+  if limit is None or not root.is_dir():
+    return []
+  entries = []
+  for d in root.iterdir():
+    if d.name.startswith(".") or not d.is_dir() or not (d / "meta.json").is_file():
+      continue  # lock files, temporary directories being written
+    try:  # only this module's caches: a root shared with other files loses nothing else
+      if json.loads((d / "meta.json").read_text(encoding="utf-8")).get("format") != FORMAT:
+        continue
+      entries.append(((d / "meta.json").stat().st_mtime, _cache_bytes(d), d))
+    except (OSError, ValueError, AttributeError):
+      continue
+  total = sum(size for _, size, _ in entries)
+  removed = []
+  for _, size, d in sorted(entries, key=lambda e: e[0]):
+    if total <= limit:
+      break
+    if d.resolve() == keep.resolve():
+      continue
+    try:
+      with output_lock(d, wait=False):
+        trash = d.with_name(f".{d.name}.evicted-{os.getpid()}")
+        os.rename(d, trash)  # gone for readers at once; the files go next
+        shutil.rmtree(trash, ignore_errors=True)
+    except (OutputLockedError, OSError):
+      continue
+    try:
+      (d.parent / f".{d.name}.lock").unlink()
+    except OSError:
+      pass
+    total -= size
+    removed.append(d)
+    log(f"encoder states: deleted the least recently used cache {d} ({size / 2**20:.0f} MiB) to keep "
+        f"{root} under {limit / 2**30:g} GB (${ENV_MAX_GB})")
+  return removed
 
 
 def fused_layers(model_config) -> tuple[int, ...]:
@@ -241,8 +311,9 @@ def load_or_build(token_rows: np.ndarray, *, fingerprint: str, layers: Sequence[
   key and file hashes match, else (re)built."""
   rows = unique_rows(token_rows)
   key = cache_key(rows, fingerprint, layers)
-  directory = Path(root) if root is not None else default_root()
-  directory = directory / key[:24]
+  limit = max_bytes()  # a bad $CART_CACHE_MAX_GB fails before any work
+  base = Path(root) if root is not None else default_root()
+  directory = base / key[:24]
   from cart_jax.core.artefacts import output_lock  # pylint: disable=g-import-not-at-top
 
   def reuse():
@@ -250,6 +321,10 @@ def load_or_build(token_rows: np.ndarray, *, fingerprint: str, layers: Sequence[
       try:
         cache = _open(directory, key)
         log(f"encoder states: reusing {directory} ({cache.num_texts} texts)")
+        try:
+          os.utime(directory / "meta.json")  # recently used: the last to be deleted by the size cap
+        except OSError:
+          pass
         return cache
       except (StateCacheError, OSError, ValueError, KeyError) as e:
         log(f"encoder states: {e}; rebuilding the cache")
@@ -265,5 +340,7 @@ def load_or_build(token_rows: np.ndarray, *, fingerprint: str, layers: Sequence[
     cache = reuse()
     if cache is not None:
       return cache
-    return build(directory, rows, key, layers, encode, batch_size=batch_size, progress=progress,
-                 log=log)
+    cache = build(directory, rows, key, layers, encode, batch_size=batch_size, progress=progress,
+                  log=log)
+  prune(base, directory, limit, log)
+  return cache
