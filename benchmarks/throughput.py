@@ -404,7 +404,8 @@ def _query_tower(seed: int):
 
 def ivf_nlist(n: int) -> int:
   """The library's IVF cell count for ``n`` items (``FaissConfig.nlist = None``)."""
-  return max(1, min(int(4 * math.sqrt(n)), n // 39))
+  from cart_jax.inference.dual_tower import default_nlist  # pylint: disable=g-import-not-at-top
+  return default_nlist(n)
 
 
 def quality_paths(workdir: str) -> dict:

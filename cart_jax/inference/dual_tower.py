@@ -150,6 +150,11 @@ class FaissConfig:
   seed: int = 0
 
 
+def default_nlist(n: int) -> int:
+  """IVF cells for ``n`` items when none are given: about ``4 sqrt(n)``, at most ``n / 39``."""
+  return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
 class FaissSearcher:
   """FAISS inner-product search (``faiss-cpu``)."""
 
@@ -167,7 +172,7 @@ class FaissSearcher:
       self.index = faiss.IndexFlatIP(d)
       self.nlist = None
     elif config.index == "ivf":
-      nlist = config.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+      nlist = config.nlist or default_nlist(n)
       if not 1 <= nlist <= n:
         raise CartError(f"nlist must be in [1, N={n}], got {nlist}")
       quantizer = faiss.IndexFlatIP(d)
