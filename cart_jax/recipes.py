@@ -125,7 +125,9 @@ class _Stages:
 def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
              limit: int | None = None, embed_steps: int | None = None,
              train_steps: int | None = None, no_templates: bool = False,
-             unseen_items: float = 0.0, log: Callable[[str], None] | None = None) -> DemoResult:
+             unseen_items: float = 0.0, captions_only_items: float = 0.0,
+             textless_items: float = 0.0, no_val: bool = False,
+             log: Callable[[str], None] | None = None) -> DemoResult:
   """Runs the recipe's five steps in ``workdir`` (default: a new temporary directory).
 
   Args:
@@ -134,6 +136,11 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     no_templates, unseen_items: emoji splits (see ``cart data prepare emoji``); with
       ``unseen_items`` both methods also train on captions, and recall is also reported on the
       unseen items' test queries (``summary["unseen"]``).
+    captions_only_items, textless_items, no_val: protocols of :mod:`cart_jax.data.protocols`
+      applied to the prepared corpus (any data set): a share of the items known only through
+      keyword captions, a share with no text at all, no ``val`` split. With the first two, recall
+      is also reported on the affected items' test queries (``summary["affected"]``); with
+      captions-only items both methods train on the captions.
     log: where the stage lines go (default: print to stdout, flushed).
   """
   from cart_jax import api  # pylint: disable=g-import-not-at-top
@@ -145,6 +152,9 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
   if (no_templates or unseen_items) and recipe.modality != "image":
     raise CartError("--no-templates and --unseen-items are emoji (--modality image) splits")
   embed = recipe.embed
+  protocol = _protocol(recipe, captions_only_items, textless_items, no_val, unseen_items)
+  if captions_only_items:
+    embed = dataclasses.replace(embed, captions=True)  # the dual tower sees the keyword captions too
   if unseen_items:
     from cart_jax.data.datasets.emoji import check_unseen_fraction  # pylint: disable=g-import-not-at-top
     try:
@@ -173,6 +183,10 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
       prepared = api.prepare(dataset, corpus_dir, limit=limit, templates=not no_templates,
                              unseen_items=unseen_items)
       print(json.dumps(prepared.summary, indent=2, ensure_ascii=False, default=str))
+      for name, share in protocol:
+        from cart_jax.data import protocols  # pylint: disable=g-import-not-at-top
+        keywords = getattr(importlib.import_module(_DATASET_MODULES[dataset]), "keyword_captions", None)
+        print(json.dumps(protocols.apply_protocol(corpus_dir, name, share, keywords), indent=2))
 
   with stage("embed", f"training the item encoder, {embed.steps} steps (cart embed)"):
     if not emb.embeddings.exists():
@@ -209,8 +223,9 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     base = api.baseline(emb.embeddings, corpus_dir, split="test")
     print(json.dumps(base, indent=2))
     unseen = None
-    ids_file = corpus_dir / "unseen_items.txt"
-    if unseen_items and ids_file.exists() and ids_file.read_text(encoding="utf-8").strip():
+    ids_file = corpus_dir / ("unseen_items.txt" if unseen_items else "affected_items.txt")
+    if (unseen_items or captions_only_items or textless_items) and ids_file.exists() \
+        and ids_file.read_text(encoding="utf-8").strip():
       # the same three methods on the unseen items' test queries only
       cart_u = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank,
                         items=read_item_ids(ids_file, loaded.corpus))
@@ -236,10 +251,43 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
       "cpu_seconds": _cpu_seconds(), "machine": {"cpus": os.cpu_count(), "load_avg_1m": _load()},
       "no_templates": bool(no_templates), "unseen_items": unseen_items,
   }
-  if unseen is not None:
+  if protocol:
+    summary["protocol"] = {name: share for name, share in protocol}
+  summary["rerank_tuning"] = (train_summary.get("rerank") or {}).get("chosen_by")
+  summary["train_input"] = train_summary.get("input")
+  if unseen is not None and unseen_items:
     summary["unseen"] = {**unseen, "n_test_queries": cart_u["num_queries"],
                          "caption_rate": UNSEEN_CAPTION_RATE}
+  elif unseen is not None:
+    summary["affected"] = {**unseen, "n_test_queries": cart_u["num_queries"],
+                           "what": "captions-only" if captions_only_items else "textless"}
   return DemoResult(summary)
+
+
+_DATASET_MODULES = {"emoji": "cart_jax.data.datasets.emoji",
+                    "instruments": "cart_jax.data.datasets.instruments",
+                    "emoji-motion": "cart_jax.data.datasets.emoji_motion"}
+
+
+def _protocol(recipe: DemoRecipe, captions_only: float, textless: float, no_val: bool,
+              unseen: float) -> list[tuple[str, float]]:
+  """The (protocol, share) pairs a demo applies after preparing its corpus."""
+  from cart_jax.data import protocols  # pylint: disable=g-import-not-at-top
+  out = []
+  if captions_only:
+    protocols.check_share(captions_only, "--captions-only-items")
+    if recipe.dataset == "emoji":
+      raise CartError("--captions-only-items: the emoji corpus has its own captions-only split, "
+                      "--unseen-items F (English captions built from each item's metadata)")
+    out.append(("captions-only", float(captions_only)))
+  if textless:
+    out.append(("textless", protocols.check_share(textless, "--textless-items")))
+  if sum(bool(x) for x in (captions_only, textless, unseen)) > 1:
+    raise CartError("--unseen-items, --captions-only-items and --textless-items are separate "
+                    "protocols: pick one")
+  if no_val:
+    out.append(("no-val", 0.0))
+  return out
 
 
 def _three_rows(cart: dict, base: dict) -> dict:
@@ -295,12 +343,22 @@ def table(summary: dict, header: bool = True) -> str:
     return "\n".join(lines)
   if summary.get("cart_rerank"):
     w = summary["cart_rerank"]["weight"]
+    how = _tuning_note(summary.get("rerank_tuning"))
     lines.append(f"(CART + rerank: CART's beam re-sorted by log p + {w:g} x dual-tower cosine; weight "
-                 f"tuned on val)" if w != "cosine" else
-                 "(CART + rerank: CART's beam re-sorted by the dual-tower cosine; chosen on val)")
+                 f"{how})" if w != "cosine" else
+                 f"(CART + rerank: CART's beam re-sorted by the dual-tower cosine; {how})")
   elif summary.get("rerank_note"):
     lines.append(f"(CART + rerank: {summary['rerank_note']})")
   return "\n".join(lines)
+
+
+def _tuning_note(chosen_by: str | None) -> str:
+  """How the re-rank weight was chosen, for the table's note ("tuned on val" when on val)."""
+  if not chosen_by or "held out" not in chosen_by and "default" not in chosen_by:
+    return "tuned on val"
+  if chosen_by.startswith("default"):
+    return "the default: no val split and no training query to hold out"
+  return "tuned on held-out training queries (no val split)"
 
 
 def example_text(ex: dict) -> str:
@@ -321,6 +379,12 @@ def report(summary: dict) -> str:
     parts.append(f"\nthe {summary['unseen']['n_test_queries']} test queries of the unseen items "
                  f"(known to both methods only through captions):")
     parts.append(table({**summary, **summary["unseen"]}, header=False))
+  if "affected" in summary:
+    what = ("known to both methods only through keyword captions"
+            if summary["affected"]["what"] == "captions-only" else "with no training text at all")
+    parts.append(f"\nthe {summary['affected']['n_test_queries']} test queries of the held-out items "
+                 f"({what}):")
+    parts.append(table({**summary, **summary["affected"]}, header=False))
   parts += ["", example_text(summary["example"])]
   times = summary["stage_seconds"]
   parts.append(f"\ntotal {summary['seconds']:.0f} s (stages: " +

@@ -53,6 +53,14 @@ TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding
 COSINE_ONLY = math.inf
 DEFAULT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, COSINE_ONLY)
 TUNE_SPLIT = "val"
+# Without a `val` split: the weight is tuned on a held-out share of the training queries
+# (:func:`holdout_queries`, taken out of training by ``train_job``), or, where none can be held out,
+# set to DEFAULT_WEIGHT: the grid weight with the best mean val R@1 over the built-in demo runs
+# (README, "Data it was never tuned for").
+HOLDOUT_SPLIT = "train-holdout"
+HOLDOUT_SHARE = 0.1  # of the items with >= 2 training queries: one query each held out
+HOLDOUT_MAX = 2000
+DEFAULT_WEIGHT = 32.0
 
 
 class RerankError(CartError):
@@ -180,6 +188,53 @@ def tune_weight(rows: np.ndarray, logp: np.ndarray, cos: np.ndarray, targets: np
     if best is None or hits > best[1] or (hits == best[1] and rr > best[2] + 1e-9):
       best = (w, hits, rr)
   return best[0], table
+
+
+# ----------------------------------------------------------------------------- no val split
+
+
+def _holdout_rank(item_id: str, text: str) -> bytes:
+  return hashlib.sha256(f"rerank-holdout\x00{item_id}\x00{text}".encode()).digest()
+
+
+def has_val(corpus) -> bool:
+  return bool(corpus.texts(split=TUNE_SPLIT, kind="query"))
+
+
+def holdout_queries(corpus) -> list:
+  """Training queries to tune the re-rank weight on when the corpus has no ``val`` queries.
+
+  Of the items with at least two training queries, a hash-chosen :data:`HOLDOUT_SHARE` (at most
+  :data:`HOLDOUT_MAX`, at least one) give up one query each (hash-chosen too), so no item loses
+  all its training queries. Deterministic in the corpus alone: ``train_job`` trains without these
+  texts and the tuning after training (or a later ``cart eval --rerank --embeddings``) finds the
+  same ones. ``[]`` when the corpus has ``val`` queries or no item has two training queries.
+  """
+  if has_val(corpus):
+    return []
+  by_item: dict[str, list] = {}
+  for t in corpus.texts(split="train", kind="query"):
+    by_item.setdefault(t.item_id, []).append(t)
+  cands = [min(ts, key=lambda t: _holdout_rank(t.item_id, t.text))
+           for ts in by_item.values() if len({t.text for t in ts}) >= 2]
+  if not cands:
+    return []
+  n = min(HOLDOUT_MAX, max(1, math.ceil(HOLDOUT_SHARE * len(cands))))
+  cands.sort(key=lambda t: _holdout_rank(t.item_id, ""))
+  return cands[:n]
+
+
+def without_holdout(corpus):
+  """``corpus`` without its :func:`holdout_queries` (the corpus itself when there are none)."""
+  held = holdout_queries(corpus)
+  if not held:
+    return corpus, []
+  from cart_jax.data.corpus import Corpus  # pylint: disable=g-import-not-at-top
+  drop = {(t.item_id, t.text) for t in held}
+  kept = [t for t in corpus.all_texts
+          if not (t.split == "train" and t.kind == "query" and (t.item_id, t.text) in drop)]
+  return Corpus(corpus.name, corpus.modality, corpus.items, kept, root=corpus.root,
+                meta=corpus.meta, media_roots=corpus.media_roots), held
 
 
 # ----------------------------------------------------------------------------- the re-ranker
@@ -463,10 +518,28 @@ def fit(loaded, embeddings: str | os.PathLike, *, split: str = TUNE_SPLIT, limit
   if loaded.corpus is None:
     raise RerankError("tuning the re-rank weight needs the run's corpus")
   reranker = build(embeddings, loaded.index.item_ids)
-  try:
-    texts, targets = evaluation.split_queries(loaded.corpus, loaded.index, split, limit)
-  except CartError as e:
-    raise RerankError(str(e)) from None
+  if split == TUNE_SPLIT and not has_val(loaded.corpus):
+    held = holdout_queries(loaded.corpus) if loaded.run.get("rerank_holdout") else []
+    if not held:  # nothing to tune on: the default weight, said so in the tuning record
+      reranker = dataclasses.replace(reranker, weight=DEFAULT_WEIGHT, meta={**reranker.meta, "tuning": {
+          "split": None, "num_queries": 0, "chosen_by": (
+              f"default weight {DEFAULT_WEIGHT:g} (no '{TUNE_SPLIT}' queries and no training queries "
+              f"held out for tuning; measured across the built-in sets)"), "results": [],
+          "val_r@1": None, "seconds": 0.0}})
+      log(f"re-rank weight {weight_label(DEFAULT_WEIGHT)}: the default (no '{TUNE_SPLIT}' queries, none "
+          f"held out)")
+      if save_to_run:
+        log(f"saved the re-ranker in {save(reranker, loaded.model_dir)}")
+      return reranker
+    split = HOLDOUT_SPLIT
+    row_of = loaded.index.row_of()
+    held = held[:limit] if limit is not None else held
+    texts, targets = [t.text for t in held], np.asarray([row_of[t.item_id] for t in held], np.int32)
+  else:
+    try:
+      texts, targets = evaluation.split_queries(loaded.corpus, loaded.index, split, limit)
+    except CartError as e:
+      raise RerankError(str(e)) from None
   searcher = CartSearcher(loaded.graphdef, loaded.index, beam_size=beam_size,
                           n_results=min(10, beam_size), input_length=loaded.input_length,
                           batch_size=batch_size)
@@ -474,6 +547,10 @@ def fit(loaded, embeddings: str | os.PathLike, *, split: str = TUNE_SPLIT, limit
   reranker = tune_on_split(reranker, searcher, loaded.params, loaded.frozen, texts, targets, grid, split)
   tuning = reranker.meta["tuning"]
   tuning["seconds"] = round(time.perf_counter() - t0, 2)
+  if split == HOLDOUT_SPLIT:
+    tuning["chosen_by"] += (f"; on {len(texts)} training queries held out of training (no "
+                            f"'{TUNE_SPLIT}' split: one query of {HOLDOUT_SHARE:.0%} of the items "
+                            f"with two or more)")
   log(f"re-rank weight {weight_label(reranker.weight)} (on {tuning['num_queries']} {split} queries: "
       + ", ".join(f"{weight_label(parse_weight(t['weight']))}: R@1 {t['r@1']:.3f}"
                   for t in tuning["results"]) + ")")
@@ -529,7 +606,7 @@ def after_training(model_dir: str | os.PathLike, embeddings: str | os.PathLike |
     return {"skipped": str(e)}
   tuning = r.meta["tuning"]
   out = {"weight": weight_to_json(r.weight), "split": tuning["split"],
-         "num_queries": tuning["num_queries"],
+         "num_queries": tuning["num_queries"], "chosen_by": tuning.get("chosen_by"),
          "val_r@1": {weight_label(parse_weight(t["weight"])): t["r@1"] for t in tuning["results"]},
          "seconds": tuning["seconds"], "directory": str(directory(model_dir))}
   if caveat:

@@ -60,6 +60,16 @@ class InputConfig:
     use_cached: ``seqio`` pipeline: read the tasks' preprocessed cache that
       ``seqio.scripts.cache_tasks_main`` wrote (``--module_import=cart_seqio.registered``).
     seqio_cache_dir: where that cache is (added to SeqIO's global cache directories).
+    queryless_rate: share of each batch drawn from the *queryless pool*: the training texts of
+      items that have no training query (their captions, and pseudo-queries for items with no
+      text at all). None: those items' share of the corpus's items, so an item known only
+      through captions (or only through its media) is seen about as often as an item with
+      queries, whatever ``caption_rate`` is; 0: no such pool (the recipe before it existed).
+      The numpy pipeline only (the SeqIO pipeline trains on the tasks' texts as they are).
+    pseudo_queries: items with no training text at all get this many pseudo-queries when the
+      run has the dual tower's embeddings (``EMBEDDINGS``): the training texts nearest to the
+      item's embedding in the dual tower's text-item space (:mod:`cart_jax.train.pseudo_queries`);
+      0: none.
   """
   batch_size: int = 64
   input_length: int = 32
@@ -71,6 +81,8 @@ class InputConfig:
   seqio_source_dir: str | None = None
   use_cached: bool = False
   seqio_cache_dir: str | None = None
+  queryless_rate: float | None = None
+  pseudo_queries: int = 8
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
@@ -80,6 +92,10 @@ class InputConfig:
                        f"{self.batch_size}, {self.input_length}")
     if self.caption_rate is not None and not 0.0 <= self.caption_rate <= 1.0:
       raise ValueError(f"InputConfig.caption_rate must be in [0, 1], got {self.caption_rate}")
+    if self.queryless_rate is not None and not 0.0 <= self.queryless_rate < 1.0:
+      raise ValueError(f"InputConfig.queryless_rate must be in [0, 1), got {self.queryless_rate}")
+    if self.pseudo_queries < 0:
+      raise ValueError(f"InputConfig.pseudo_queries must be >= 0, got {self.pseudo_queries}")
 
 
 def resolve_pipeline(name: str) -> str:
@@ -185,7 +201,8 @@ class _Pool:
 class NumpyPipeline:
   """Deterministic-by-step training batches over a corpus and its index (no TensorFlow)."""
 
-  def __init__(self, corpus, index, config: InputConfig, captions_file: str | None = None):
+  def __init__(self, corpus, index, config: InputConfig, captions_file: str | None = None,
+               pseudo: Sequence = ()):
     from cart_jax.data.captions import caption_texts  # pylint: disable=g-import-not-at-top
     self.config = config
     row_of = index.row_of()
@@ -211,24 +228,45 @@ class NumpyPipeline:
       raise ValueError(f"caption_rate={rate} but corpus {corpus.name!r} has no caption texts")
     self.caption_rate = float(rate)
     self.num_captions_per_batch = int(round(rate * config.batch_size)) if self.captions else 0
+    # The queryless pool: every training text of the items without a training query, and the
+    # pseudo-queries of the items without any training text.
+    queried = {t.item_id for t in corpus.texts(split="train", kind="query")}
+    sole = [t for t in captions if t.item_id not in queried] + list(pseudo)
+    self.queryless_items = len({t.item_id for t in sole})
+    qrate = config.queryless_rate
+    if qrate is None:
+      qrate = self.queryless_items / max(len(corpus.item_ids), 1)
+    self.num_queryless_per_batch = int(round(qrate * config.batch_size)) if sole else 0
+    if self.num_queryless_per_batch and sole:
+      self.num_queryless_per_batch = max(1, self.num_queryless_per_batch)
+    if self.num_queryless_per_batch + self.num_captions_per_batch >= config.batch_size:
+      raise ValueError(f"caption_rate {rate} + queryless_rate {qrate:.3f} leave no query rows in a "
+                       f"batch of {config.batch_size}")
+    self.queryless = pool(sole, 2) if self.num_queryless_per_batch else None
+    self.queryless_rate = self.num_queryless_per_batch / config.batch_size
+    self.num_pseudo = len(pseudo)
 
   def batch_at(self, step: int, rows: slice | None = None) -> dict[str, np.ndarray]:
     """The global batch of training step ``step`` (a pure function of seed and step), or only
     its rows ``rows`` (``[start, stop)`` of the global batch: a process's slice). Only the texts
     of those rows are tokenised."""
     b = self.config.batch_size
-    nc = self.num_captions_per_batch
-    nq = b - nc
+    nc, nz = self.num_captions_per_batch, self.num_queryless_per_batch
+    nq = b - nc - nz
     lo, hi = (0, b) if rows is None else (rows.start or 0, b if rows.stop is None else rows.stop)
     if not 0 <= lo <= hi <= b:
       raise ValueError(f"rows {lo}:{hi} are not rows of a global batch of {b}")
     q_rows = self.queries.rows(step * nq, nq)[min(lo, nq):min(hi, nq)]  # this slice's queries
     inputs = [self.queries.tokens(q_rows)]
     targets = [self.queries.targets[q_rows]]
-    if nc:
-      c_rows = self.captions.rows(step * nc, nc)[max(lo - nq, 0):max(hi - nq, 0)]  # ... captions
+    if nc:  # rows nq .. nq + nc: captions
+      c_rows = self.captions.rows(step * nc, nc)[max(lo - nq, 0):max(min(hi, nq + nc) - nq, 0)]
       inputs.append(self.captions.tokens(c_rows))
       targets.append(self.captions.targets[c_rows])
+    if nz:  # the last nz rows: the queryless pool
+      z_rows = self.queryless.rows(step * nz, nz)[max(lo - nq - nc, 0):max(hi - nq - nc, 0)]
+      inputs.append(self.queryless.tokens(z_rows))
+      targets.append(self.queryless.targets[z_rows])
     return model_features(np.concatenate(inputs), np.concatenate(targets))
 
   def iterate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
@@ -247,12 +285,17 @@ class NumpyPipeline:
   def token_rows(self) -> np.ndarray:
     """Every training text's token row ``[n, src]`` (queries, then captions if mixed in)."""
     parts = [self.queries.inputs] + ([self.captions.inputs] if self.captions is not None else [])
+    if getattr(self, "queryless", None) is not None:
+      parts.append(self.queryless.inputs)
     return np.concatenate(parts)
 
   def summary(self) -> dict:
     return {"pipeline": "numpy", "train_queries": len(self.queries),
             "train_captions": len(self.captions) if self.captions else 0,
-            "caption_rate": self.caption_rate}
+            "caption_rate": self.caption_rate,
+            "queryless_items": self.queryless_items,
+            "queryless_texts": len(self.queryless) if self.queryless is not None else 0,
+            "queryless_rate": self.queryless_rate, "pseudo_queries": self.num_pseudo}
 
 
 class _TokenPool(_Pool):
@@ -363,9 +406,10 @@ class SeqioPipeline:
 
 
 def make_pipeline(corpus_dir: str, corpus, index, config: InputConfig,
-                  captions_file: str | None = None):
-  """The pipeline ``config.pipeline`` names (``auto`` resolved)."""
+                  captions_file: str | None = None, pseudo: Sequence = ()):
+  """The pipeline ``config.pipeline`` names (``auto`` resolved); ``pseudo``: pseudo-query texts
+  (:mod:`cart_jax.train.pseudo_queries`), for the numpy pipeline's queryless pool."""
   name = resolve_pipeline(config.pipeline)
   if name == "seqio":
     return SeqioPipeline(str(corpus_dir), index, config, captions_file, corpus=corpus)
-  return NumpyPipeline(corpus, index, config, captions_file)
+  return NumpyPipeline(corpus, index, config, captions_file, pseudo=pseudo)

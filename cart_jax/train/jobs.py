@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 from cart_jax.core import paths
@@ -140,6 +141,10 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
       # A remote corpus: its JSON files are read from a local copy (media are not read here).
       local_corpus = paths.stage(corpus_dir, CORPUS_FILES) if paths.is_remote(corpus_dir) else corpus_dir
       corpus = load_corpus(local_corpus, check_media=False)
+      held_out = []
+      if embeddings is not None:  # the re-ranker will be tuned after training
+        from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+        corpus, held_out = rerank.without_holdout(corpus)  # no val split: tune on these instead
       if primary:
         model_dir.mkdir(parents=True, exist_ok=True)
         index_path = _ensure_index(index_dir, model_dir, embeddings, identifier_config, log)
@@ -158,6 +163,10 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
              "train_config": dataclasses.asdict(train_config),
              "input_config": dataclasses.asdict(input_config),
              "captions_file": paths.to_str(captions_file and paths.absolute(captions_file))}
+      if held_out:
+        from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+        run["rerank_holdout"] = {"split": rerank.HOLDOUT_SPLIT, "share": rerank.HOLDOUT_SHARE,
+                                 "num_texts": len(held_out)}
       run_path = model_dir / RUN_FILE
       if run_path.exists():
         old = json.loads(run_path.read_text(encoding="utf-8"))
@@ -178,8 +187,17 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
       paths.write_json(run_path, run)
       if operative_config is not None:
         paths.write_text(model_dir / CONFIG_FILE, resolve_config(operative_config, resolved))
+    pseudo, pseudo_summary = [], None
+    if (embeddings is not None and input_config.pseudo_queries > 0 and not paths.is_remote(embeddings)
+        and input_pipeline.resolve_pipeline(input_config.pipeline) == "numpy"):
+      from cart_jax.train import pseudo_queries, state_cache  # pylint: disable=g-import-not-at-top
+      root = Path(input_config.state_cache_dir) if input_config.state_cache_dir else state_cache.default_root()
+      pseudo, pseudo_summary = pseudo_queries.pseudo_queries(
+          corpus, index, embeddings, input_config.pseudo_queries,
+          cache_dir=root.parent / "pseudo_text_features", log=log)
     pipeline = input_pipeline.make_pipeline(local_corpus, corpus, index, input_config,
-                                            paths.to_str(captions_file and paths.stage_file(captions_file)))
+                                            paths.to_str(captions_file and paths.stage_file(captions_file)),
+                                            pseudo=pseudo)
     validation = None
     if train_config.eval_every > 0:
       validation = evaluation.split_queries(corpus, index, train_config.eval_split,
@@ -195,6 +213,7 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
                "step": int(jax.device_get(result.state.step)),
                "last_metrics": result.history[-1] if result.history else None,
                "validation": result.validation, "input": pipeline.summary(),
+               "pseudo_queries": pseudo_summary,
                "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
                "compile_seconds": result.compile_seconds, "state_cache": result.state_cache}
     if primary and summary["step"] >= train_config.num_steps:

@@ -61,6 +61,18 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
                  help="image: a share F of the items has no training query, only captions (the "
                       "paper's protocol); CART and the dual tower both train on the captions, and "
                       "recall is also reported on those items' test queries")
+  p.add_argument("--captions-only-items", type=_share("--captions-only-items"), default=0.0,
+                 metavar="F",
+                 help="audio (data sets with keyword captions): a share F of the items with a test query is known only through "
+                      "keyword captions (tags, file name); both methods train on them, and recall is "
+                      "also reported on those items' test queries")
+  p.add_argument("--textless-items", type=_share("--textless-items"), default=0.0, metavar="F",
+                 help="any modality: a share F of the items with a test query has no training text "
+                      "at all (their only link is their media); recall is also reported on those "
+                      "items' test queries")
+  p.add_argument("--no-val", action="store_true",
+                 help="any modality: drop the val split (the re-rank weight is then tuned on "
+                      "held-out training queries)")
   p.add_argument("--limit", type=int_at_least(1), default=None,
                  help="smoke runs: only the first N items (video: N emoji, 11 clips each)")
   p.add_argument("--embed-steps", type=int_at_least(1), default=None,
@@ -81,12 +93,26 @@ def _unseen_fraction(value: str) -> float:
     raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
 
 
+def _share(flag: str):
+  """argparse type of a protocol share in (0, 1)."""
+  def parse(value: str) -> float:
+    from cart_jax.core.errors import CartError
+    from cart_jax.data.protocols import check_share
+    try:
+      return check_share(value, flag)
+    except CartError as e:
+      raise argparse.ArgumentTypeError(str(e).replace(f"{flag}: ", "", 1)) from None
+  return parse
+
+
 def run(args) -> int:
   from cart_jax import api, recipes
   stream = output.text_stream(args)
   log = (lambda m: None) if args.quiet else (lambda m: print(m, file=stream, flush=True))
   result = api.demo(args.modality, args.workdir, full=args.full, limit=args.limit,
                     embed_steps=args.embed_steps, train_steps=args.train_steps,
-                    no_templates=args.no_templates, unseen_items=args.unseen_items, log=log)
+                    no_templates=args.no_templates, unseen_items=args.unseen_items,
+                    captions_only_items=args.captions_only_items,
+                    textless_items=args.textless_items, no_val=args.no_val, log=log)
   output.emit(args, result.summary, recipes.report(result.summary))
   return 0

@@ -478,3 +478,25 @@ DEMO_RECIPE = {
     "ids": {"n_clusters": 32, "num_levels": 2, "codebook_size": 32, "rq_steps": 300},  # IdentifierConfig
     "smoke_ids": {"n_clusters": 4, "num_levels": 1, "codebook_size": 8, "rq_steps": 50},
 }
+
+
+def keyword_captions(item_id: str) -> list[str]:
+  """Tags and the file name of an item, as a corpus known only by keywords would have them
+  (``cart demo --captions-only-items``, :mod:`cart_jax.data.protocols`).
+
+  ``gm000-low-soft-short`` -> ``["acoustic grand piano, piano, low, soft, short",
+  "gm000-low-soft-short.wav"]``; ``event-dialog-warning`` -> ``["dialog warning",
+  "dialog-warning.oga"]``. Only the first (training) word of each attribute is used.
+  """
+  if item_id.startswith("event-"):
+    name = item_id[len("event-"):]
+    return [name.replace("-", " "), f"{name}.oga"]
+  try:
+    program_s, register, loudness, articulation = item_id.split("-")
+    program = int(program_s[2:])
+    name = GM_PROGRAMS[program]
+  except (ValueError, IndexError):
+    raise CartError(f"{item_id!r} is not an instruments item id (gmNNN-register-loudness-"
+                    f"articulation or event-NAME)") from None
+  tags = [name, GM_FAMILIES[program // 8], register, loudness, articulation]
+  return [", ".join(tags), f"{item_id}.wav"]
