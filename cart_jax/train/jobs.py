@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from cart_jax.core import paths
 from cart_jax.core.artefacts import output_lock
 from cart_jax.inference.runs import (CHECKPOINT_SUBDIR, INDEX_SUBDIR, RUN_FILE, RUN_FORMAT, RUN_VERSION,
@@ -202,6 +204,15 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
     if train_config.eval_every > 0:
       validation = evaluation.split_queries(corpus, index, train_config.eval_split,
                                             train_config.eval_queries)
+      if not validation[0] and held_out:  # no val split: the queries held out for the re-ranker
+        row_of = index.row_of()
+        sel = held_out[:train_config.eval_queries]
+        validation = ([t.text for t in sel], np.asarray([row_of[t.item_id] for t in sel], np.int32))
+        log(f"no '{train_config.eval_split}' queries: validating on {len(sel)} training queries held "
+            f"out of training")
+      elif not validation[0]:
+        log(f"no '{train_config.eval_split}' queries: no validation during training")
+        validation = None
     result = trainer.train(model_config=model_config, train_config=train_config, pipeline=pipeline,
                            index=index, checkpoint_dir=model_dir / CHECKPOINT_SUBDIR,
                            metrics_dir=model_dir, validation=validation,
