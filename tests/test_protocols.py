@@ -147,6 +147,20 @@ def test_queryless_pool_draws_those_items_at_their_share_of_the_corpus():
   assert not any(x in ql_targets for s in range(6) for x in _targets_of(off, off.batch_at(s)))
 
 
+def test_queryless_rows_come_out_of_the_caption_rows_first():
+  queryless = {f"it{i}" for i in range(4)}  # 4 of 16 items: 4 rows of 16
+  corpus = _corpus(16, queryless=queryless)
+  corpus = Corpus(corpus.name, corpus.modality, corpus.items, list(corpus.all_texts) + [
+      Text(f"it{i}", f"other caption {i}", "train", "caption") for i in range(4, 16)])
+  index = _index(corpus.item_ids)
+  pipe = NumpyPipeline(corpus, index, InputConfig(batch_size=16, input_length=8, caption_rate=0.5))
+  assert pipe.summary()["rows_per_batch"] == {"query": 8, "caption": 4, "queryless": 4}
+  few = NumpyPipeline(corpus, index, InputConfig(batch_size=16, input_length=8, caption_rate=0.125))
+  assert few.summary()["rows_per_batch"] == {"query": 12, "caption": 0, "queryless": 4}
+  b = pipe.batch_at(3)
+  assert b["encoder_input_tokens"].shape[0] == 16
+
+
 def test_without_queryless_items_the_batches_are_those_of_before():
   corpus = _corpus(20)
   index = _index(corpus.item_ids)

@@ -64,7 +64,8 @@ class InputConfig:
       items that have no training query (their captions, and pseudo-queries for items with no
       text at all). None: those items' share of the corpus's items, so an item known only
       through captions (or only through its media) is seen about as often as an item with
-      queries, whatever ``caption_rate`` is; 0: no such pool (the recipe before it existed).
+      queries, whatever ``caption_rate`` is; 0: no such pool (the recipe before it existed). Its
+      rows come out of the ``caption_rate`` rows first, then out of the query rows.
       The numpy pipeline only (the SeqIO pipeline trains on the tasks' texts as they are).
     pseudo_queries: items with no training text at all get this many pseudo-queries when the
       run has the dual tower's embeddings (``EMBEDDINGS``): the training texts nearest to the
@@ -239,6 +240,9 @@ class NumpyPipeline:
     self.num_queryless_per_batch = int(round(qrate * config.batch_size)) if sole else 0
     if self.num_queryless_per_batch and sole:
       self.num_queryless_per_batch = max(1, self.num_queryless_per_batch)
+    # The pool's rows come out of the caption rows first (its texts are captions too), then out of
+    # the query rows: the items with queries keep their share of each batch where captions are mixed in.
+    self.num_captions_per_batch -= min(self.num_queryless_per_batch, self.num_captions_per_batch)
     if self.num_queryless_per_batch + self.num_captions_per_batch >= config.batch_size:
       raise ValueError(f"caption_rate {rate} + queryless_rate {qrate:.3f} leave no query rows in a "
                        f"batch of {config.batch_size}")
@@ -295,7 +299,11 @@ class NumpyPipeline:
             "caption_rate": self.caption_rate,
             "queryless_items": self.queryless_items,
             "queryless_texts": len(self.queryless) if self.queryless is not None else 0,
-            "queryless_rate": self.queryless_rate, "pseudo_queries": self.num_pseudo}
+            "queryless_rate": self.queryless_rate, "pseudo_queries": self.num_pseudo,
+            "rows_per_batch": {"query": self.config.batch_size - self.num_captions_per_batch
+                                        - self.num_queryless_per_batch,
+                               "caption": self.num_captions_per_batch,
+                               "queryless": self.num_queryless_per_batch}}
 
 
 class _TokenPool(_Pool):
