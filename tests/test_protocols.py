@@ -304,3 +304,22 @@ def test_demo_protocol_flags_are_checked(capsys):
   with pytest.raises(CartError, match="pick one"):
     recipes.run_demo(recipes.recipe_for("audio"), captions_only_items=0.2, textless_items=0.2,
                      log=lambda m: None)
+
+
+def test_demo_report_says_how_the_weight_was_chosen_and_shows_the_affected_items():
+  from cart_jax.recipes import report, table
+  m = {"r@1": 0.5, "r@5": 0.75, "r@10": 0.875, "mrr@10": 0.6, "qps": 10.0}
+  s = {"n_items": 8, "n_test_queries": 4, "cart": m, "dual_tower": m,
+       "cart_rerank": dict(m, weight=64.0)}
+  assert table(s).endswith("weight tuned on val)")  # the default demo's line, unchanged
+  held = {**s, "rerank_tuning": "max R@1, ...; on 27 training queries held out of training (no 'val' split)"}
+  assert table(held).endswith("weight tuned on held-out training queries (no val split))")
+  dflt = {**s, "rerank_tuning": "default weight 64 (no 'val' queries and no training queries held out)"}
+  assert "the default: no val split" in table(dflt)
+  aff = {**s, "affected": {"cart": dict(m, **{"r@1": 0.25}), "cart_rerank": dict(m, weight=64.0),
+                           "dual_tower": m, "n_test_queries": 2, "what": "textless"},
+         "example": {"query": "q", "target_item": "a", "target_train_texts": [], "results": []},
+         "stage_seconds": {"train": 1.0}, "seconds": 1.0, "model_dir": "/tmp/m"}
+  out = report(aff)
+  assert "the 2 test queries of the held-out items (with no training text at all):" in out
+  assert "0.250" in out.split("held-out items")[1]
