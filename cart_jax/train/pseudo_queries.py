@@ -78,7 +78,8 @@ def pseudo_queries(corpus, index, embeddings: str | os.PathLike, k: int, *,
       f"{len(candidates)} candidate texts")
   feats = text_features(candidates, MiniLMTextEncoder(), _feature_cache(cache_dir, candidates))
   t = reranker.embed_queries(feats)  # [T, d] unit
-  rows = np.asarray([index.row_of()[i] for i in items], np.int64)
+  row_of = index.row_of()  # a dict built per call: once, not once per item
+  rows = np.asarray([row_of[i] for i in items], np.int64)
   e = np.asarray(reranker.items[rows], np.float32)  # [I, d] unit
   kk = min(int(k), len(candidates))
   out: list[Text] = []
