@@ -89,22 +89,20 @@ def apply_protocol(corpus_dir: str | os.PathLike, protocol: str, share: float = 
   else:
     flag = "--captions-only-items" if protocol == "captions-only" else "--textless-items"
     share = check_share(share, flag)
+    if protocol == "captions-only" and keyword_captions is None:
+      raise CartError(f"{flag}: corpus {corpus.name!r} has no keyword captions to fall back on "
+                      f"(its data set module defines no keyword_captions)")
     affected = held_out_items(corpus, share, protocol)
     held = set(affected)
-    if protocol == "captions-only":
-      if keyword_captions is None:
-        raise CartError(f"{flag}: corpus {corpus.name!r} has no keyword captions to fall back on "
-                        f"(its data set module defines no keyword_captions)")
-      # Only test texts stay for held-out items (queries and captions alike are replaced).
-      texts = [t for t in corpus.all_texts if t.item_id not in held or t.split == "test"]
+    # Only test texts stay for held-out items (queries and captions alike).
+    texts = [t for t in corpus.all_texts if t.item_id not in held or t.split == "test"]
+    if protocol == "captions-only":  # keyword captions stand in for what was removed
       for item in affected:
         words = [w for w in keyword_captions(item) if w and w.strip()]
         if not words:
           raise CartError(f"{flag}: no keyword caption for item {item!r}")
         texts += [Text(item, w, "train", "caption", KEYWORD_SOURCE) for w in words]
         added += len(words)
-    else:  # textless
-      texts = [t for t in corpus.all_texts if t.item_id not in held or t.split == "test"]
   rewrite_texts(root, texts)
   out = {"protocol": protocol, "share": share, "affected_items": len(affected),
          "texts_before": before, "texts_after": len(texts), "keyword_captions": added}

@@ -108,13 +108,17 @@ class CartRanker:
 
 def split_queries(corpus, index, split: str, limit: int | None = None) -> tuple[list[str], np.ndarray]:
   """``(texts, target index rows int32 [Q])`` of the split's ``kind=query`` texts (corpus order)."""
-  row_of = index.row_of()
   sel = corpus.texts(split=split, kind="query")
-  if limit is not None:
-    sel = sel[:limit]
+  return text_targets(sel if limit is None else sel[:limit], index, split)
+
+
+def text_targets(sel, index, what: str = "the") -> tuple[list[str], np.ndarray]:
+  """``(texts, target index rows int32 [Q])`` of corpus texts ``sel``; CartError naming ``what``
+  (a split) when one targets an item the index lacks."""
+  row_of = index.row_of()
   missing = [t.item_id for t in sel if t.item_id not in row_of]
   if missing:
-    raise CartError(f"{len(missing)} {split} queries target items missing from the index "
+    raise CartError(f"{len(missing)} {what} queries target items missing from the index "
                      f"(first: {missing[:3]})")
   return [t.text for t in sel], np.asarray([row_of[t.item_id] for t in sel], np.int32)
 

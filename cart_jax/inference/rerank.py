@@ -533,14 +533,14 @@ def fit(loaded, embeddings: str | os.PathLike, *, split: str = TUNE_SPLIT, limit
         log(f"saved the re-ranker in {save(reranker, loaded.model_dir)}")
       return reranker
     split = HOLDOUT_SPLIT
-    row_of = loaded.index.row_of()
-    held = held[:limit] if limit is not None else held
-    texts, targets = [t.text for t in held], np.asarray([row_of[t.item_id] for t in held], np.int32)
-  else:
-    try:
+  try:
+    if split == HOLDOUT_SPLIT:
+      texts, targets = evaluation.text_targets(held[:limit] if limit is not None else held,
+                                               loaded.index, split)
+    else:
       texts, targets = evaluation.split_queries(loaded.corpus, loaded.index, split, limit)
-    except CartError as e:
-      raise RerankError(str(e)) from None
+  except CartError as e:
+    raise RerankError(str(e)) from None
   searcher = CartSearcher(loaded.graphdef, loaded.index, beam_size=beam_size,
                           n_results=min(10, beam_size), input_length=loaded.input_length,
                           batch_size=batch_size)

@@ -238,8 +238,6 @@ class NumpyPipeline:
     if qrate is None:
       qrate = self.queryless_items / max(len(corpus.item_ids), 1)
     self.num_queryless_per_batch = int(round(qrate * config.batch_size)) if sole else 0
-    if self.num_queryless_per_batch and sole:
-      self.num_queryless_per_batch = max(1, self.num_queryless_per_batch)
     # The pool's rows come out of the caption rows first (its texts are captions too), then out of
     # the query rows: the items with queries keep their share of each batch where captions are mixed in.
     self.num_captions_per_batch -= min(self.num_queryless_per_batch, self.num_captions_per_batch)

@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from cart_jax.core import paths
 from cart_jax.core.artefacts import output_lock
 from cart_jax.inference.runs import (CHECKPOINT_SUBDIR, INDEX_SUBDIR, RUN_FILE, RUN_FORMAT, RUN_VERSION,
@@ -124,7 +122,7 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
   from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
   from cart_jax.models.cart.config import with_vocab  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference import evaluation, rerank  # pylint: disable=g-import-not-at-top
   from cart_jax.train import input_pipeline, trainer
 
   trainer.maybe_initialize_distributed()
@@ -145,7 +143,6 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
       corpus = load_corpus(local_corpus, check_media=False)
       held_out = []
       if embeddings is not None:  # the re-ranker will be tuned after training
-        from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
         corpus, held_out = rerank.without_holdout(corpus)  # no val split: tune on these instead
       if primary:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +163,6 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
              "input_config": dataclasses.asdict(input_config),
              "captions_file": paths.to_str(captions_file and paths.absolute(captions_file))}
       if held_out:
-        from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
         run["rerank_holdout"] = {"split": rerank.HOLDOUT_SPLIT, "share": rerank.HOLDOUT_SHARE,
                                  "num_texts": len(held_out)}
       run_path = model_dir / RUN_FILE
@@ -205,11 +201,10 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
       validation = evaluation.split_queries(corpus, index, train_config.eval_split,
                                             train_config.eval_queries)
       if not validation[0] and held_out:  # no val split: the queries held out for the re-ranker
-        row_of = index.row_of()
-        sel = held_out[:train_config.eval_queries]
-        validation = ([t.text for t in sel], np.asarray([row_of[t.item_id] for t in sel], np.int32))
-        log(f"no '{train_config.eval_split}' queries: validating on {len(sel)} training queries held "
-            f"out of training")
+        validation = evaluation.text_targets(held_out[:train_config.eval_queries], index,
+                                             rerank.HOLDOUT_SPLIT)
+        log(f"no '{train_config.eval_split}' queries: validating on {len(validation[0])} training "
+            f"queries held out of training")
       elif not validation[0]:
         log(f"no '{train_config.eval_split}' queries: no validation during training")
         validation = None
@@ -228,7 +223,6 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
                "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
                "compile_seconds": result.compile_seconds, "state_cache": result.state_cache}
     if primary and summary["step"] >= train_config.num_steps:
-      from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
       if paths.is_remote(model_dir):
         summary["rerank"] = None if embeddings is None else {
             "skipped": "remote MODEL_DIR: build it afterwards with `cart eval --rerank --embeddings` "
