@@ -253,12 +253,9 @@ def test_a_run_without_val_tunes_on_held_out_queries_and_eval_rerank_works(emoji
   protocols.apply_protocol(corpus, "no-val")
   protocols.apply_protocol(corpus, "textless", 0.2)
   affected = (corpus / protocols.AFFECTED_FILE).read_text().split()
+  from test_rerank import embed_and_index
   emb, index, run = tmp_path / "emb" / "e.npy", tmp_path / "index", tmp_path / "run"
-  assert cart("embed", "--corpus", str(corpus), "--out", str(emb), "--steps", "3", "--batch-size", "16",
-              "--checkpoint-every", "0", "--no-progress") == 0
-  assert cart("build-ids", "--embeddings", str(emb), "--item-ids", str(emb.with_suffix(".ids.txt")),
-              "--out", str(index), "--clusters", "3", "--levels", "1", "--codebook-size", "4",
-              "--rq-steps", "10", "--rq-latent-dim", "8", "--quiet") == 0
+  embed_and_index(corpus, emb, index)
   gin = ["--gin_file=gin_configs/experiments/emoji_demo.gin", f"--gin.CORPUS_DIR={corpus}",
          f"--gin.INDEX_DIR={index}", "--gin.ModelConfig.d_model=16",
          "--gin.ModelConfig.d_ff=16", "--gin.ModelConfig.num_heads=2", "--gin.ModelConfig.head_dim=8",

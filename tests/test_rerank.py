@@ -333,15 +333,21 @@ def test_query_embedding_needs_a_minilm_encoder():
 
 
 @needs_minilm
-def test_tiny_run_trains_tunes_and_evaluates_with_rerank(tmp_path, capsys):
+def embed_and_index(corpus, emb, index):
+  """A 3-step `cart embed` of ``corpus`` into ``emb`` and a tiny `cart build-ids` into ``index``."""
   from test_e2e_cli import cart
-  corpus, emb, index, run = tmp_path / "corpus", tmp_path / "emb" / "e.npy", tmp_path / "index", tmp_path / "run"
-  assert cart("data", "prepare", "emoji", "--out", str(corpus), "--limit", "24") == 0
   assert cart("embed", "--corpus", str(corpus), "--out", str(emb), "--steps", "3", "--batch-size", "16",
               "--checkpoint-every", "0", "--no-progress") == 0
   assert cart("build-ids", "--embeddings", str(emb), "--item-ids", str(emb.with_suffix(".ids.txt")),
               "--out", str(index), "--clusters", "3", "--levels", "1", "--codebook-size", "4",
               "--rq-steps", "10", "--rq-latent-dim", "8", "--quiet") == 0
+
+
+def test_tiny_run_trains_tunes_and_evaluates_with_rerank(tmp_path, capsys):
+  from test_e2e_cli import cart
+  corpus, emb, index, run = tmp_path / "corpus", tmp_path / "emb" / "e.npy", tmp_path / "index", tmp_path / "run"
+  assert cart("data", "prepare", "emoji", "--out", str(corpus), "--limit", "24") == 0
+  embed_and_index(corpus, emb, index)
   gin = ["--gin_file=gin_configs/experiments/emoji_demo.gin", f"--gin.MODEL_DIR={run}",
          f"--gin.CORPUS_DIR={corpus}", f"--gin.INDEX_DIR={index}", "--gin.ModelConfig.encoder='minilm'",
          "--gin.ModelConfig.freeze_encoder=True", "--gin.ModelConfig.d_model=16",
