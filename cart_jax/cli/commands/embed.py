@@ -2,6 +2,9 @@
 
   # built-in dual encoder: frozen MiniLM text tower + an image tower trained on the train texts
   cart embed --corpus corpora/emoji --out emb/emoji.npy
+  # the same on a pretrained network's frozen features (EfficientNet-Lite0 for images and video
+  # frames, aiSFX for audio; weights installed with the package) + a trained head
+  cart embed --corpus corpora/emoji --out emb/emoji.npy --encoder pretrained
   # embeddings computed elsewhere (ImageBind, CLIP...), aligned to the corpus's items
   cart embed --corpus corpora/f30k --out emb/f30k.npy --encoder precomputed \\
       --precomputed clip_images.npy --item-ids clip_image_ids.txt
@@ -28,6 +31,7 @@ from cart_jax.core.errors import CartError
 from cart_jax.data.embeddings import BuiltinEmbedOptions
 
 BUILTIN_DEFAULTS = BuiltinEmbedOptions()  # the flags' defaults are the library's
+ENCODER_CHOICES = ("builtin", "pretrained", "efficientnet-lite0", "aisfx", "precomputed")
 
 
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -35,8 +39,11 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                             formatter_class=output.HelpFormatter)
   p.add_argument("--corpus", required=True, help="corpus directory")
   p.add_argument("--out", required=True, help="item embeddings to write (.npy)")
-  p.add_argument("--encoder", choices=("builtin", "precomputed"), default="builtin",
-                 help="train the built-in dual encoder, or align embeddings computed elsewhere")
+  p.add_argument("--encoder", choices=ENCODER_CHOICES, default="builtin",
+                 help="builtin: train the dual encoder's item tower from the media; pretrained "
+                      "(the modality's default), efficientnet-lite0 (image, video) or aisfx "
+                      "(audio): train a head on that network's frozen features (computed once "
+                      "per item, cached); precomputed: align embeddings computed elsewhere")
   p.add_argument("--model", default=None, metavar="E.model.npz",
                  help="encode only: embed the items with this trained built-in item tower (the "
                       "E.model.npz of an earlier cart embed) instead of training one; the rows "
@@ -81,9 +88,9 @@ def run(args) -> int:
   from cart_jax import api
   from cart_jax.data import embeddings as emb
   if args.model is not None:
-    if args.encoder == "precomputed":
-      raise CartError("--model encodes with a trained built-in tower; it does not go with "
-                              "--encoder precomputed")
+    if args.encoder != "builtin":
+      raise CartError(f"--model encodes with that model's own item tower (scratch or pretrained, "
+                      f"as it was trained); it does not go with --encoder {args.encoder}")
     options = emb.ModelEmbedOptions(model=args.model, batch_size=args.batch_size,
                                     expect_dim=args.expect_dim)
   elif args.encoder == "precomputed":
@@ -95,7 +102,7 @@ def run(args) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, dim=args.dim,
         captions=args.captions, max_shift=args.max_shift, text_batch=args.text_batch,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        resume=args.resume)
+        resume=args.resume, item_encoder="scratch" if args.encoder == "builtin" else args.encoder)
   with output.logs_to_stderr(args):
     result = api.embed(args.corpus, args.out, options, overwrite=args.overwrite,
                        progress=not args.quiet)

@@ -3,7 +3,9 @@
 ``cart embed`` and the dual encoder go through these functions and never look at the modality.
 Images are registered up front; audio and video (``towers/audio.py`` + ``media/audio.py``,
 ``towers/video.py`` + ``media/video.py``) are imported on first use and plug into the same
-``TOWERS`` table.
+``TOWERS`` table. A :class:`~cart_jax.models.towers.features.FeatureTowerConfig` (a head on a
+pretrained network's frozen features, ``cart embed --encoder efficientnet-lite0``) is told apart
+by its ``encoder`` field, whatever its modality: its "media" are the cached features.
 """
 from __future__ import annotations
 
@@ -17,16 +19,27 @@ from flax import nnx
 
 from cart_jax.core.errors import CartError
 from cart_jax.media.image import load_images
+from cart_jax.models.towers.features import FeatureTower, FeatureTowerConfig
 from cart_jax.models.towers.image import ImageTower, ImageTowerConfig
 
 
-def default_config(modality: str, **overrides):
+def default_config(modality: str, encoder: str = "scratch", **overrides):
   """The tower config ``cart embed`` uses for a corpus of ``modality``; ``overrides`` set fields.
 
-  Overrides that the modality's config does not have (e.g. ``max_shift`` for audio) are
-  ignored when their value is ``None``; otherwise they are an error.
+  ``encoder``: ``scratch`` (the modality's own tower, trained from the pixels / samples) or a
+  pretrained encoder (``pretrained``, ``efficientnet-lite0``, ``aisfx``): a
+  :class:`FeatureTowerConfig` on its frozen features. Overrides that the config does not have
+  (e.g. ``max_shift`` for audio) are ignored when their value is ``None``; otherwise they are an
+  error.
   """
-  cls = _entry(modality)[0]
+  from cart_jax.models.pretrained import encoders  # pylint: disable=g-import-not-at-top
+  name = encoders.resolve(encoder, modality)
+  if name != encoders.SCRATCH:
+    overrides = dict(overrides, modality=modality, encoder=name,
+                     feature_shape=encoders.feature_shape(name, modality))
+    cls = FeatureTowerConfig
+  else:
+    cls = _entry(modality)[0]
   fields = {f.name for f in dataclasses.fields(cls)}
   bad = sorted(k for k, v in overrides.items() if k not in fields and v is not None)
   if bad:
@@ -35,18 +48,24 @@ def default_config(modality: str, **overrides):
 
 
 def make_tower(config, *, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the tower module for ``config.modality``."""
+  """Builds the tower module for ``config.modality`` (or the head on pretrained features)."""
+  if isinstance(config, FeatureTowerConfig):
+    return FeatureTower(config, rngs=rngs)
   return _entry(config.modality)[1](config, rngs=rngs)
 
 
 def load_media(paths: Sequence[str | os.PathLike], config, progress=None) -> np.ndarray:
-  """Reads media files into the fixed-shape array the tower of ``config.modality`` takes."""
+  """Reads media files into the fixed-shape array the tower of ``config.modality`` takes
+  (a feature tower: the pretrained network's features of the files, computed or cached)."""
+  if isinstance(config, FeatureTowerConfig):
+    from cart_jax.models.pretrained import encoders  # pylint: disable=g-import-not-at-top
+    return encoders.features_of_files(config.encoder, config.modality, paths, progress)
   return _entry(config.modality)[2](paths, config, progress)
 
 
 def config_from_dict(d: dict):
   """Inverse of ``dataclasses.asdict`` for a tower config (checkpoints store it as JSON)."""
-  cls = _entry(d.get("modality"))[0]
+  cls = FeatureTowerConfig if "encoder" in d else _entry(d.get("modality"))[0]
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - fields)
   if unknown:
