@@ -98,6 +98,45 @@ class EfficientNetLiteConfig:
     return out
 
 
+def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+  """TF "SAME" pads ``(before, after)`` of one axis: output ``ceil(size / stride)``."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel_size - size, 0)
+  return total // 2, total - total // 2
+
+
+class DepthwiseConv(nnx.Module):
+  """Depthwise ``k x k`` convolution (one filter per channel), TF "SAME" padding, with bias.
+
+  Computed as ``k * k`` strided slices times a per-channel weight, summed: XLA fuses them into one
+  loop, which on CPU is 3-10x faster than its grouped convolution (``feature_group_count = C``),
+  where the depthwise convolutions took ~all of the network's time. Same parameters as
+  ``nnx.Conv(C, C, (k, k), feature_group_count=C)``: ``kernel [k, k, 1, C]``, ``bias [C]``.
+  """
+
+  def __init__(self, features: int, kernel_size: int, stride: int, *, rngs: nnx.Rngs):
+    shape = (kernel_size, kernel_size, 1, features)
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
+    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+    self.kernel_size = kernel_size
+    self.stride = stride
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[B, H, W, C] -> [B, ceil(H / stride), ceil(W / stride), C]``."""
+    k, s = self.kernel_size, self.stride
+    _, height, width, _ = x.shape
+    pad_h, pad_w = same_padding(height, k, s), same_padding(width, k, s)
+    out_h, out_w = -(-height // s), -(-width // s)
+    xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))  # [B, H + pads, W + pads, C]
+    kernel = self.kernel.get_value()  # [k, k, 1, C]
+    out = None
+    for i in range(k):
+      for j in range(k):
+        tap = xp[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]  # [B, H', W', C]
+        out = tap * kernel[i, j, 0] if out is None else out + tap * kernel[i, j, 0]
+    return out + self.bias.get_value()  # [B, H', W', C]
+
+
 class MBConv(nnx.Module):
   """Inverted bottleneck: 1x1 expand (if ratio > 1), depthwise kxk, 1x1 project (BN folded)."""
 
@@ -106,8 +145,7 @@ class MBConv(nnx.Module):
     hidden = in_features * expand_ratio
     self.expand = (nnx.Conv(in_features, hidden, (1, 1), rngs=rngs) if expand_ratio != 1
                    else None)
-    self.depthwise = nnx.Conv(hidden, hidden, (kernel_size, kernel_size), strides=stride,
-                              padding="SAME", feature_group_count=hidden, rngs=rngs)
+    self.depthwise = DepthwiseConv(hidden, kernel_size, stride, rngs=rngs)
     self.project = nnx.Conv(hidden, out_features, (1, 1), rngs=rngs)
     self.residual = stride == 1 and in_features == out_features
 
