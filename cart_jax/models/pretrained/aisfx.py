@@ -313,6 +313,7 @@ class ConvBlock(nnx.Module):
   """Two 3x3 convolutions (batch norm folded, ReLU after each), then a 2x2 max pool if ``pool``."""
 
   def __init__(self, in_features: int, out_features: int, *, pool: bool, rngs: nnx.Rngs):
+    # HIGHEST: full float32 on GPUs too (no TF32), as the reference computes; same speed on CPU.
     conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
                              precision=jax.lax.Precision.HIGHEST, rngs=rngs)
     self.conv1 = conv(in_features, out_features)
