@@ -577,7 +577,8 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
   """Writes a corpus directory atomically and returns it (loaded back and validated).
 
   Args:
-    out_dir: target directory; must not exist unless ``overwrite``.
+    out_dir: target directory; must not exist unless ``overwrite``. A symbolic link is written
+      through (its target is replaced; the link stays).
     name, modality: corpus name and modality (one of ``MODALITIES``, or ``mixed`` for items of
       several modalities; each item keeps its own).
     items, texts: the records; ``item.media`` is the path inside the corpus.
@@ -593,9 +594,10 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
   if modality not in CORPUS_MODALITIES:
     raise CorpusFormatError(f"corpus {name!r}: bad modality {modality!r}; expected one of "
                             f"{list(CORPUS_MODALITIES)}")
-  out = Path(out_dir)
-  if out.exists() and not overwrite:
-    raise OutputExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+  if Path(out_dir).exists() and not overwrite:
+    raise OutputExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace "
+                            "it)")
+  out = Path(os.path.realpath(out_dir))  # a symbolic link is written through: the link stays
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   umask = os.umask(0)
@@ -641,7 +643,7 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return load_corpus(out, check_media=False)
+  return load_corpus(out_dir, check_media=False)
 
 
 def _declared_roots(given: Sequence[str | os.PathLike], sources: Sequence[str | os.PathLike]
