@@ -144,6 +144,45 @@ def test_bad_requests_get_a_4xx_with_a_message(client, body, ctype, status, word
   assert words in resp.json()["error"]
 
 
+HOSTILE = [  # (raw body, status, words of the message): issue 28, case 2. Before: 500, traceback.
+    (b'{"query": "\\ud800"}', 400, "'query' is not valid text: it holds the lone surrogate '\\ud800'"),
+    (b'{"queries": ["cat", "a \\udfff b"]}', 400, "'queries'[1] is not valid text"),
+    (b"[" * 100_000, 400, "nested deeper than 16 levels"),
+    (b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested deeper than 16 levels"),
+    (b'{"query": "cat", "k": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),
+]
+
+
+@pytest.fixture(scope="module")
+def lenient_client(world):
+  """A client that shows a server error as the 500 it is (the default client re-raises it)."""
+  with TestClient(create_app(world.engine, max_batch=4, max_wait_ms=0, queue_size=8),
+                  raise_server_exceptions=False) as c:
+    yield c
+
+
+@pytest.mark.parametrize("body,status,words", HOSTILE, ids=[f"{i}" for i in range(len(HOSTILE))])
+def test_hostile_bodies_get_a_4xx_with_a_message(lenient_client, body, status, words):
+  resp = lenient_client.post("/search", content=body, headers={"content-type": "application/json"})
+  assert resp.status_code == status, resp.text
+  assert words in resp.json()["error"], resp.json()
+
+
+def test_a_server_error_is_json_and_counted(world):
+  """A failure of the search itself (a bug, not the request) is a 500 with a JSON error and is
+  counted in /metrics. Before: Starlette's plain-text 500, missing from /metrics."""
+  def broken(queries):
+    raise RuntimeError("boom")
+
+  app = create_app(world.engine, max_batch=1, max_wait_ms=0, queue_size=4, run_batch=broken)
+  with TestClient(app, raise_server_exceptions=False) as c:
+    resp = c.post("/search", json={"query": "cat"})
+    m = c.get("/metrics").json()
+  assert resp.status_code == 500
+  assert resp.json() == {"error": "internal error (RuntimeError); see the server's log"}
+  assert m["responses"] == {"500": 1} and m["errors"] == 1 and m["requests"] == {"/search": 1}
+
+
 def test_wrong_method_and_unknown_route(client):
   assert client.get("/search").status_code == 405
   assert client.get("/nowhere").status_code == 404

@@ -17,9 +17,13 @@ Routes:
                  (:meth:`SearchEngine.media_file`): an unknown id is 404, a file whose real path
                  leaves the corpus directory (and the media roots the corpus declares) is 403.
 
-Errors are JSON ``{"error": message}``: 400 for a malformed request (bad JSON, missing or empty
-query, a bad ``k`` or ``modality``, an unknown field), 413 for an oversized body or query, 415 for
-a content type other than JSON, 503 when the request queue is full or the server is draining.
+Errors are JSON ``{"error": message}``: 400 for a malformed request (bad JSON, JSON nested deeper
+than ``MAX_JSON_DEPTH``, missing or empty query, a query that is not valid text (a lone surrogate
+such as ``"\\ud800"``, which no UTF-8 text holds), a bad ``k`` or ``modality``, an unknown field),
+413 for an oversized body or query, 415 for a content type other than JSON, 503 when the request
+queue is full or the server is draining. Anything else that fails while answering is a bug, not
+the request's fault: 500 with a JSON error naming the exception's type (its traceback goes to the
+log), counted in ``/metrics`` like every other response.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from cart_jax.serve.engine import Query
 log = logging.getLogger("cart.serve")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_JSON_DEPTH = 16  # arrays/objects inside each other; a request needs 2 ({"queries": [...]})
 DEFAULT_MAX_QUERY_CHARS = 1000
 DEFAULT_MAX_QUERIES = 256  # per batch-form request
 _FIELDS = {"query", "queries", "k", "modality"}
@@ -65,8 +70,14 @@ def parse_search(body: bytes, content_type: str, *, max_k: int, modalities: dict
     raise RequestError(413, f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES}")
   try:
     doc = json.loads(body)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except RecursionError:  # the C decoder stops at the interpreter's recursion limit
+    raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels of arrays and "
+                       "objects") from None
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError; an integer over 4300 digits
     raise RequestError(400, f"body is not valid JSON: {e}") from None
+  if json_depth(doc) > MAX_JSON_DEPTH:
+    raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels of arrays and "
+                       "objects")
   if not isinstance(doc, dict):
     raise RequestError(400, f"body must be a JSON object, found {type(doc).__name__}")
   unknown = sorted(set(doc) - _FIELDS)
@@ -94,11 +105,31 @@ def parse_search(body: bytes, content_type: str, *, max_k: int, modalities: dict
     where = f"'queries'[{i}]" if batch else "'query'"
     if not isinstance(text, str):
       raise RequestError(400, f"{where} must be a string, found {type(text).__name__}")
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\\ud800" escapes decode to a lone surrogate
+      raise RequestError(400, f"{where} is not valid text: it holds the lone surrogate "
+                         f"{text[e.start]!r} at position {e.start} (half of a UTF-16 pair; no "
+                         "character)") from None
     if not has_visible_text(text):
       raise RequestError(400, f"{where} is empty ({text!r:.40}): give some words to search for")
     if len(text) > max_query_chars:
       raise RequestError(413, f"{where} is {len(text)} characters; at most {max_query_chars}")
   return [Query(t, k, modality) for t in texts], batch
+
+
+def json_depth(doc) -> int:
+  """How deeply arrays and objects nest in a decoded JSON value (a scalar: 0). Iterative; stops
+  counting once past ``MAX_JSON_DEPTH``."""
+  deepest, stack = 0, [(doc, 1)]
+  while stack:
+    node, depth = stack.pop()
+    if isinstance(node, (dict, list)):
+      deepest = max(deepest, depth)
+      if depth > MAX_JSON_DEPTH:
+        break
+      stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+  return deepest
 
 
 def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_size: int = 256,
@@ -126,9 +157,21 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
   html = page_html()
 
   def reply(endpoint: str, status: int, doc: dict) -> JSONResponse:
+    response = JSONResponse(doc, status_code=status)  # renders now: a failure is not counted twice
     metrics.requests[endpoint] += 1
     metrics.responses[status] += 1
-    return JSONResponse(doc, status_code=status)
+    return response
+
+  def guarded(endpoint: str, handler):
+    """``handler`` with whatever it raises answered as a counted 500 (traceback to the log)."""
+    async def route(request: Request):
+      try:
+        return await handler(request)
+      except Exception as e:  # pylint: disable=broad-except  (a bug, not the request's fault)
+        log.exception("%s %s failed", request.method, endpoint)
+        return reply(endpoint, 500, {"error": f"internal error ({type(e).__name__}); see the "
+                                              "server's log"})
+    return route
 
   async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
@@ -180,14 +223,16 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
 
   async def metrics_route(request: Request):
     doc = metrics.snapshot(batcher.depth)  # counts this request from the next snapshot on
+    response = JSONResponse(doc)
     metrics.requests["/metrics"] += 1
     metrics.responses[200] += 1
-    return JSONResponse(doc)
+    return response
 
   async def index_page(request: Request):
+    response = HTMLResponse(html, headers={"Content-Security-Policy": _CSP})
     metrics.requests["/"] += 1
     metrics.responses[200] += 1
-    return HTMLResponse(html, headers={"Content-Security-Policy": _CSP})
+    return response
 
   async def media(request: Request):
     item_id = request.path_params["item_id"]
@@ -216,11 +261,11 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
       await batcher.stop()  # every queued request is answered first
 
   app = Starlette(routes=[
-      Route("/search", search, methods=["POST"]),
-      Route("/healthz", healthz, methods=["GET"]),
-      Route("/metrics", metrics_route, methods=["GET"]),
-      Route("/", index_page, methods=["GET"]),
-      Route("/media/{item_id:path}", media, methods=["GET"]),
+      Route("/search", guarded("/search", search), methods=["POST"]),
+      Route("/healthz", guarded("/healthz", healthz), methods=["GET"]),
+      Route("/metrics", guarded("/metrics", metrics_route), methods=["GET"]),
+      Route("/", guarded("/", index_page), methods=["GET"]),
+      Route("/media/{item_id:path}", guarded("/media", media), methods=["GET"]),
   ], lifespan=lifespan)
   app.state.batcher = batcher
   app.state.metrics = metrics
