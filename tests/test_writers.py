@@ -470,3 +470,23 @@ def test_write_corpus_through_a_link(tmp_path):
   assert link.is_symlink() and json.loads((real / "corpus.json").read_text())["name"] == "c2"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data"]
   assert sorted(p.name for p in real.parent.iterdir()) == ["corpus"]
+
+
+def test_file_writers_write_into_a_fifo_or_device(tmp_path):
+  """An output that is a FIFO (or a device: ``--json /dev/null``) is written into, never renamed
+  over. Before: the rename made it a regular file (as root, ``/dev/null`` for the whole machine)."""
+  import stat
+  fifo = tmp_path / "out.json"
+  os.mkfifo(fifo)
+  reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it to write never blocks
+  try:
+    artefacts.atomic_write_json(fifo, {"a": 1})
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert json.loads(os.read(reader, 1000)) == {"a": 1}
+    artefacts.atomic_write_via(fifo, lambda name: Path(name).write_text("2"))
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.read(reader, 1000) == b"2"
+  finally:
+    os.close(reader)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary left
+  artefacts.atomic_write_json(os.devnull, {"a": 1})
+  assert stat.S_ISCHR(os.stat(os.devnull).st_mode)

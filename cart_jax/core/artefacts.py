@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -353,11 +354,27 @@ def atomic_directory(target: str | os.PathLike, *, wait: bool = False) -> Iterat
       raise
 
 
+def _special_file(path: str | os.PathLike) -> bool:
+  """Whether ``path`` (links followed) is there and neither a regular file nor a directory: a
+  device (``/dev/null``), a FIFO, ``/dev/stdout``'s pipe. Such an output is written into, never
+  replaced (a rename onto ``/dev/null`` would make it a regular file for the whole machine)."""
+  try:
+    mode = os.stat(path).st_mode
+  except (OSError, ValueError):
+    return False
+  return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   """Write ``text`` to ``path`` via a temporary file in the same directory + rename.
 
-  A ``path`` that is a symbolic link is written through (its real path is replaced).
+  A ``path`` that is a symbolic link is written through (its real path is replaced); one that is
+  a device, FIFO or pipe (``--json /dev/null``, ``/dev/stdout``) is written into directly.
   """
+  if _special_file(path):
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+    return
   path = real_output(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   clean_stale(path.parent, path.name, path.stem)  # atomic_write_via's temporaries too
@@ -378,8 +395,12 @@ def atomic_write_via(path: str | os.PathLike, write: Callable[[str], None]) -> N
 
   ``write(tmp)`` writes a temporary file in the same directory (its suffix is ``path``'s, so
   format sniffing works); it is renamed onto ``path`` only if ``write`` returns. A ``path``
-  that is a symbolic link is written through (its real path is replaced).
+  that is a symbolic link is written through (its real path is replaced); one that is a device,
+  FIFO or pipe is given to ``write`` itself.
   """
+  if _special_file(path):
+    write(os.fspath(path))
+    return
   path = real_output(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   clean_stale(path.parent, path.name, path.stem)  # atomic_write_text's temporaries too
