@@ -326,3 +326,62 @@ def test_bad_numbers_and_empty_queries_are_one_line_errors(tiny, capsys):
     assert main(argv) == 2, argv
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and want in err, (argv, err)
+
+
+# ---------------------------------------------------------------------------------------
+# The run's corpus (issue 28, case 3): hashed into run.json at training, checked by every load.
+
+
+def _copy_with_corpus(tiny, name: str) -> tuple[Path, Path]:
+  """A copy of the run and of its corpus, run.json pointing at the copied corpus."""
+  root, corpus, _, _ = tiny
+  run = _copy(tiny, name)
+  dest = root / f"{name}-corpus"
+  shutil.rmtree(dest, ignore_errors=True)
+  shutil.copytree(corpus, dest, symlinks=True)
+  r = json.loads((run / "run.json").read_text())
+  r["corpus_dir"] = str(dest)
+  (run / "run.json").write_text(json.dumps(r))
+  return run, dest
+
+
+def test_the_run_records_its_corpus_hashes(tiny):
+  _, corpus, _, run = tiny
+  r = json.loads((run / "run.json").read_text())
+  assert r["corpus_sha256"] == {name: sha256_file(corpus / name)
+                                for name in ("corpus.json", "items.jsonl", "texts.jsonl")}
+
+
+def test_an_edited_corpus_is_refused_by_eval_search_and_serve(tiny, capsys):
+  """corpus.json declaring "media_roots": ["/etc"] after training. Before: eval and search ran,
+  and cart serve loaded it and served /etc/passwd from /media/<id>."""
+  from cart_jax.inference.runs import CorpusIntegrityError
+  from cart_jax.serve.engine import SearchEngine
+  run, corpus = _copy_with_corpus(tiny, "corpus-edited")
+  header = json.loads((corpus / "corpus.json").read_text())
+  header["media_roots"] = ["/etc"]
+  (corpus / "corpus.json").write_text(json.dumps(header))
+  want = (str(corpus / "corpus.json"), "does not match", "corpus_sha256",
+          "modified after training")
+  _eval_and_search_refuse(run, capsys, *want)
+  with pytest.raises(CorpusIntegrityError, match="corpus.json: content does not match"):
+    SearchEngine.from_run(run, log=lambda s: None)
+  texts = corpus / "texts.jsonl"  # a text added to the training split: refused as well
+  shutil.copy(tiny[1] / "corpus.json", corpus / "corpus.json")
+  texts.write_text(texts.read_text() + texts.read_text().splitlines()[0] + "\n")
+  _eval_and_search_refuse(run, capsys, str(texts), "does not match")
+
+
+def test_a_run_from_before_corpus_hashes_loads_with_a_warning(tiny, capsys):
+  run, _ = _copy_with_corpus(tiny, "corpus-old")
+  r = json.loads((run / "run.json").read_text())
+  del r["corpus_sha256"]
+  (run / "run.json").write_text(json.dumps(r))
+  assert main(["search", "--model-dir", str(run), "grinning face", "-k", "2"]) == 0
+  out, err = capsys.readouterr()
+  assert "grinning face" in out
+  assert (f"warning: {run / 'run.json'}: no corpus_sha256 (a run trained before cart-jax hashed "
+          "its corpus)") in err
+  r["corpus_sha256"] = {"corpus.json": "x"}
+  (run / "run.json").write_text(json.dumps(r))
+  _eval_and_search_refuse(run, capsys, "field 'corpus_sha256' must map")

@@ -15,7 +15,9 @@ Routes:
   GET  /         the search page (``static/index.html``: self-contained, nothing loaded from elsewhere).
   GET  /media/<item id>  the item's media file; ids are looked up, never used as paths
                  (:meth:`SearchEngine.media_file`): an unknown id is 404, a file whose real path
-                 leaves the corpus directory (and the media roots the corpus declares) is 403.
+                 leaves the corpus directory and the served media roots (the engine's module
+                 docstring) is 403, and so is one whose name is no image, audio or video type.
+                 Served with ``nosniff`` and a Content-Security-Policy with ``sandbox``.
 
 Errors are JSON ``{"error": message}``: 400 for a malformed request (bad JSON, JSON nested deeper
 than ``MAX_JSON_DEPTH``, missing or empty query, a query that is not valid text (a lone surrogate
@@ -35,7 +37,7 @@ from importlib import resources
 
 from cart_jax.data.corpus import has_visible_text
 from cart_jax.serve.batcher import Metrics, MicroBatcher, QueueFull
-from cart_jax.serve.engine import Query
+from cart_jax.serve.engine import MEDIA_TYPES, Query
 
 log = logging.getLogger("cart.serve")
 
@@ -241,15 +243,21 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
     except CartError as e:  # the real path leaves the corpus: refused, and said so in the log only
       log.warning("refused media of item %r: %s", item_id, e)
       return reply("/media", 403, {"error": f"the media of item {item_id!r} lie outside the corpus "
-                                            "directory; not served"})
+                                            "directory and the served media roots; not served"})
     if path is None:
       return reply("/media", 404, {"error": f"no media for item id {item_id!r} (not an item of "
                                             "the served index)"})
+    media_type = engine.media_type(item_id)
+    if media_type.split("/")[0] not in MEDIA_TYPES:  # .html, .svgz, .js...: never on this origin
+      log.warning("refused media of item %r: not an image, audio or video file", item_id)
+      return reply("/media", 403, {"error": f"the media of item {item_id!r} are not an image, audio "
+                                            "or video file; not served"})
+    response = FileResponse(path, media_type=media_type, headers={
+        "X-Content-Type-Options": "nosniff", "Content-Security-Policy": _MEDIA_CSP,
+        "Cache-Control": "max-age=3600"})
     metrics.requests["/media"] += 1
     metrics.responses[200] += 1
-    import mimetypes  # pylint: disable=g-import-not-at-top
-    return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0],
-                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
+    return response
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -276,3 +284,5 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
 # The page loads nothing from elsewhere: its own script and style, media from /media.
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
         "img-src 'self'; media-src 'self'; connect-src 'self'")
+# A media file opened on its own (an SVG can hold script): no script, no requests, a sandbox.
+_MEDIA_CSP = "default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; sandbox"
