@@ -165,6 +165,22 @@ def test_bad_inputs_are_named_errors(world, tmp_path, capsys):
     load_exported(bad)
 
 
+def test_overflowing_weights_of_an_export_are_a_named_error(world, tmp_path):
+  """Weights that overflow (loaded unverified): every query keeps no identifier. Before: empty
+  results, no error (issue 28, case 4)."""
+  _, _, out, _ = world
+  bad = tmp_path / "bad"
+  shutil.copytree(out, bad)
+  with np.load(out / fmt.ARGUMENTS) as z:
+    arrays = {name: (np.full_like(z[name], 3e38) if z[name].dtype.kind == "f" else z[name])
+              for name in z.files}
+  np.savez(bad / fmt.ARGUMENTS, **arrays)
+  s = load_exported(bad, verify=False)
+  with pytest.raises(ExportError, match=r"arguments.npz: the search gave non-finite scores .* for "
+                                        r"2 of 2 queries"):
+    s.search(["smiling cat", "a red heart"], k=3)
+
+
 def test_exported_for_several_platforms_runs_here_and_others_are_refused(world, tmp_path):
   """Lowered for cpu, cuda and tpu on this CPU-only machine: the same results here; a program
   exported for TPU alone is refused by name, not run."""

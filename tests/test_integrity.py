@@ -385,3 +385,68 @@ def test_a_run_from_before_corpus_hashes_loads_with_a_warning(tiny, capsys):
   r["corpus_sha256"] = {"corpus.json": "x"}
   (run / "run.json").write_text(json.dumps(r))
   _eval_and_search_refuse(run, capsys, "field 'corpus_sha256' must map")
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite parameters and scores (issue 28, case 4): a named error, never empty results.
+
+
+def _rewrite_params(run: Path, edit) -> None:
+  """Replaces the newest checkpoint of ``run`` by one whose params ``edit`` changed (a fresh,
+  manifest-verified save: what a diverged training, or a corrupt file saved as is, looks like)."""
+  from cart_jax.inference.runs import load_run
+  from cart_jax.train import incremental
+  r = load_run(run, need_corpus=False)
+  params = jax.tree.map(np.array, r.params)  # writable host copies
+  edit(params)
+  shutil.rmtree(run / "checkpoints")
+  incremental._save_checkpoint(run / "checkpoints", r.step, params, r.frozen, {})
+
+
+def test_non_finite_parameters_are_named_at_load(tiny, capsys):
+  """One NaN in the output projection. Before: eval exit 0 with R@1 0.0, search exit 0 with no
+  results (every beam's score NaN, so none kept)."""
+  run = _copy(tiny, "nan-param")
+
+  def one_nan(params):
+    params["logits_dense"]["kernel"][0, 3] = np.nan
+  _rewrite_params(run, one_nan)
+  want = (f"{run / 'checkpoints' / '2'}: checkpoint step 2 of {run}: parameter "
+          "params/logits_dense/kernel holds 1 non-finite value (NaN or inf)", "nothing is searched")
+  _eval_and_search_refuse(run, capsys, *want)
+  # From before manifests (no manifest, its meta edited not to promise one): loads with the
+  # manifest warning, then the same error.
+  step = run / "checkpoints" / "2"
+  (step / MANIFEST).unlink()
+  meta = json.loads((step / "meta" / "metadata").read_text())
+  del meta["manifest"]
+  (step / "meta" / "metadata").write_text(json.dumps(meta))
+  assert main(["search", "--model-dir", str(run), "grinning face"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and "loaded without verification" in err and want[0] in err
+
+
+def test_overflowing_parameters_are_named_at_the_first_search(tiny, capsys):
+  """Finite parameters whose logits overflow: every beam's score ends -inf. Before: exit 0, R@1
+  0.0 and no results."""
+  run = _copy(tiny, "huge-param")
+
+  def huge(params):
+    params["logits_dense"]["kernel"][...] = 3e38
+  _rewrite_params(run, huge)
+  _eval_and_search_refuse(run, capsys, "the search gave non-finite scores", "1 of the",
+                          "no results are given")
+
+
+def test_unreadable_array_files_with_no_verify_are_a_named_error(tiny, capsys):
+  """Truncated array files loaded with --no-verify. Before: tensorstore's ValueError traceback."""
+  run = _copy(tiny, "truncated-arrays")
+  for p in (run / "checkpoints" / "2" / "params").rglob("*"):
+    if p.is_file() and p.parent.name == "d":
+      p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+  for argv in (["eval", "--model-dir", str(run)], ["search", "--model-dir", str(run), "a cat"]):
+    assert main([*argv, "--no-verify", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{run / 'checkpoints' / '2'}: checkpoint step 2 of " in err
+    assert "an array file of the step cannot be read" in err and "tensorstore_spec" not in err

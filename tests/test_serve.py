@@ -182,6 +182,16 @@ def test_a_server_error_is_json_and_counted(world):
   assert resp.status_code == 500
   assert resp.json() == {"error": "internal error (RuntimeError); see the server's log"}
   assert m["responses"] == {"500": 1} and m["errors"] == 1 and m["requests"] == {"/search": 1}
+  # Non-finite scores (corrupt parameters, issue 28 case 4) are the server's fault: 500, named.
+  from cart_jax.inference.searcher import NonFiniteError
+
+  def non_finite(queries):
+    raise NonFiniteError("the search gave non-finite scores")
+
+  app = create_app(world.engine, max_batch=1, max_wait_ms=0, queue_size=4, run_batch=non_finite)
+  with TestClient(app, raise_server_exceptions=False) as c:
+    resp = c.post("/search", json={"query": "cat"})
+  assert resp.status_code == 500 and resp.json() == {"error": "the search gave non-finite scores"}
 
 
 def test_wrong_method_and_unknown_route(client):

@@ -230,6 +230,13 @@ class ExportedSearch:
       r, s = self._call(*self._arguments, chunk)
       rows[start:start + m] = np.asarray(r)[:m]
       scores[start:start + m] = np.asarray(s)[:m]
+    # A query left without any identifier, or a NaN / +inf score: the weights are corrupt or
+    # overflow (over a non-empty index, finite scores always keep one identifier).
+    bad = (rows < 0).all(axis=1) | (np.isnan(scores) | np.isposinf(scores)).any(axis=1)  # [n]
+    if bad.any():
+      raise ExportError(f"{self.path / ARGUMENTS}: the search gave non-finite scores (NaN or inf) for "
+                        f"{int(bad.sum())} of {n} queries: the exported weights are corrupt or "
+                        "overflow; no results are given")
     return rows, scores
 
   def search(self, queries: Sequence[str], k: int = 10) -> list[dict]:

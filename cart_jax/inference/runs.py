@@ -26,7 +26,10 @@ hashed, :func:`cart_jax.index.identifiers.load_index`), the corpus's files again
 ``corpus_sha256`` (:func:`check_corpus`: an edited ``corpus.json``, say one that declares
 ``"media_roots": ["/etc"]``, is refused) and the checkpoint step against its
 ``manifest.sha256.json`` (:mod:`cart_jax.train.checkpointing`); a mismatch is a ``CartError``
-naming the file (exit 2 in ``cart``), never results.
+naming the file (exit 2 in ``cart``), never results. The restored parameters must be finite
+(:func:`check_finite`), and a loaded run's searches check their scores (NaN or +inf is a
+``NonFiniteError``, not a query with no results): what a corrupt checkpoint loaded with
+``--no-verify``, or one from before manifests, would otherwise give silently.
 ``verify=False`` (``--no-verify``) skips the checkpoint's hashing (the index and the corpus's JSON
 files are small and always checked). A run trained before ``corpus_sha256`` existed loads with a
 warning line on stderr (its corpus unverified), as old indexes and checkpoints do.
@@ -177,9 +180,30 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
     mesh = partitioning.make_mesh(-1, inference_model_axis(run))
   graphdef, params, frozen, got_step = trainer.restore_for_inference(model_config, ckpt_dir, step,
                                                                      mesh, verify=verify)
+  check_finite({"params": params, "frozen": frozen},
+               f"{ckpt_dir / str(got_step)}: checkpoint step {got_step} of {d}")
   return LoadedRun(model_dir=d, run=run, model_config=model_config, index=index, corpus=corpus,
                    graphdef=graphdef, params=params, frozen=frozen, step=got_step,
                    input_length=int(run["input_config"]["input_length"]), mesh=mesh)
+
+
+def check_finite(tree, where: str) -> None:
+  """Raises ``NonFiniteError`` naming the first floating-point array of ``tree`` (a pytree of
+  arrays) that holds a NaN or an infinity, with how many; ``where`` names the checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.inference.searcher import NonFiniteError  # pylint: disable=g-import-not-at-top
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      continue
+    bad = int(jax.device_get(jnp.sum(~jnp.isfinite(leaf))))
+    if bad:
+      name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+      raise NonFiniteError(
+          f"{where}: parameter {name} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or "
+          f"inf) of {leaf.size}: the checkpoint is corrupt (loaded with --no-verify, or written "
+          "before manifests) or the training diverged; nothing is searched")
 
 
 def inference_model_axis(run: dict) -> int:
@@ -220,7 +244,8 @@ def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size
         raise RunError(f"{r.model_dir}: cannot restrict by modality: {e}") from None
   searcher = CartSearcher(r.graphdef, r.index, beam_size=beam_size, n_results=n_results,
                           input_length=r.input_length, batch_size=batch_size,
-                          item_modalities=modalities, mesh=getattr(r, "mesh", None))
+                          item_modalities=modalities, mesh=getattr(r, "mesh", None),
+                          check_finite=True)
   return searcher.restrict(modality) if modality is not None else searcher
 
 

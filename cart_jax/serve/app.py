@@ -149,6 +149,7 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
   from starlette.routing import Route  # pylint: disable=g-import-not-at-top
 
   from cart_jax.core.errors import CartError  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.searcher import NonFiniteError  # pylint: disable=g-import-not-at-top
 
   metrics = Metrics()
   batcher = MicroBatcher(run_batch or engine.search, max_batch=max_batch,
@@ -207,6 +208,9 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
     except QueueFull as e:
       metrics.rejected += 1
       return reply("/search", 503, {"error": str(e)})
+    except NonFiniteError as e:  # the run's parameters, not the request: a server error
+      log.error("%s", e)
+      return reply("/search", 500, {"error": str(e)})
     except CartError as e:  # e.g. a modality without items: named, not a 500
       return reply("/search", 400, {"error": str(e)})
     metrics.latencies_ms.append((time.perf_counter() - t0) * 1e3)
