@@ -450,3 +450,14 @@ def test_unreadable_array_files_with_no_verify_are_a_named_error(tiny, capsys):
     assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{run / 'checkpoints' / '2'}: checkpoint step 2 of " in err
     assert "an array file of the step cannot be read" in err and "tensorstore_spec" not in err
+
+
+def test_search_escapes_the_querys_control_characters(tiny, capsys):
+  """Issue 28, minor. Before: the query's ESC sequence went to the terminal as is."""
+  run = tiny[3]
+  assert main(["search", "--model-dir", str(run), "cat\x1b[2J\rdog", "-k", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "\x1b" not in out and "\r" not in out
+  assert "query: cat\\x1b[2J\\rdog" in out
+  assert main(["search", "--model-dir", str(run), "cat\x1b[2J", "-k", "1", "--json", "-"]) == 0
+  assert json.loads(capsys.readouterr().out)["queries"][0]["query"] == "cat\x1b[2J"  # JSON: as given
