@@ -10,8 +10,9 @@ Writers that are safe together:
 * **One writer per output.** :func:`output_lock` holds an advisory ``fcntl.flock`` on
   ``.NAME.lock`` beside the output ``NAME`` (the file records the holder's pid, host and start
   time), ``NAME`` being the output's real path (:func:`real_output`): a writer of a symbolic link
-  and one of its target take the same lock. :func:`atomic_directory` holds it while its block builds the new directory and while
-  it swaps it in, so the swap cannot race another writer's; a second writer gets
+  and one of its target take the same lock. :func:`atomic_directory` holds it while its block
+  builds the new directory and while it swaps it in, so the swap cannot race another writer's; a
+  second writer gets
   :class:`OutputLockedError` naming the holder (or, with ``wait=True``, waits for it). The
   kernel releases the lock when its holder dies, so a killed writer's lock is taken over by the
   next run; the lock file is removed on release. Locks are re-entrant within a thread

@@ -142,7 +142,8 @@ class SearchEngine:
             "rerank_weight": (rerank_lib.weight_to_json(self.reranker.weight)
                               if self.reranker is not None else None)}
 
-  def _served_roots(self, named: Sequence[str | os.PathLike]) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+  def _served_roots(self, named: Sequence[str | os.PathLike]
+                    ) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
     """(media roots served from, declared roots that are not) as real paths (module docstring)."""
     from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
     from cart_jax.data.corpus import is_within  # pylint: disable=g-import-not-at-top

@@ -45,12 +45,13 @@ the corpus it was trained on). Each add or remove writes version ``n + 1`` as on
 ``versions/<n>/`` is built in a temporary sibling and renamed into place complete
 (:func:`cart_jax.core.artefacts.atomic_directory`), and only then does ``run.json`` switch to it
 (one atomic file replace: ``index_version``, ``index_dir``, ``checkpoint_dir``, ``rerank_dir``,
-``corpus_dir`` with its ``corpus_sha256``, ``corpus_sources`` (the corpora its media link to:
-the run's own and each add's), ``model_config``). A kill at any moment before that replace leaves ``run.json``
-naming the previous version, whose files nothing touched: the run stays usable as it was, and the
-next ``add``/``remove`` removes the dead writer's temporary directory and writes the version again.
-The whole operation holds MODEL_DIR's output lock (the one ``cart train`` holds). Version 1 is
-never deleted; of ``versions/<n>/``, the newest ``keep_versions`` (current included) are kept.
+``corpus_dir`` with its ``corpus_sha256``, ``corpus_sources`` (the corpora its media link to: the
+run's own and each add's), ``model_config``). A kill at any moment before that replace leaves
+``run.json`` naming the previous version, whose files nothing touched: the run stays usable as it
+was, and the next ``add``/``remove`` removes the dead writer's temporary directory and writes the
+version again. The whole operation holds MODEL_DIR's output lock (the one ``cart train`` holds).
+Version 1 is never deleted; of ``versions/<n>/``, the newest ``keep_versions`` (current included)
+are kept.
 A changed run cannot be trained further with ``cart train`` (it refuses; train a new MODEL_DIR on
 ``corpus_dir``).
 
