@@ -123,14 +123,12 @@ def parse_search(body: bytes, content_type: str, *, max_k: int, modalities: dict
 def json_depth(doc) -> int:
   """How deeply arrays and objects nest in a decoded JSON value (a scalar: 0). Iterative; stops
   counting once past ``MAX_JSON_DEPTH``."""
-  deepest, stack = 0, [(doc, 1)]
-  while stack:
-    node, depth = stack.pop()
-    if isinstance(node, (dict, list)):
-      deepest = max(deepest, depth)
-      if depth > MAX_JSON_DEPTH:
-        break
-      stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+  deepest, stack = 0, [(doc, 1)] if isinstance(doc, (dict, list)) else []
+  while stack and deepest <= MAX_JSON_DEPTH:
+    node, depth = stack.pop()  # a dict or a list
+    deepest = max(deepest, depth)
+    values = node.values() if isinstance(node, dict) else node
+    stack.extend((v, depth + 1) for v in values if isinstance(v, (dict, list)))
   return deepest
 
 
