@@ -165,8 +165,10 @@ def _cli(argv):
 
 
 def test_cli_info_and_add_captions(tmp_path, capsys):
+  from PIL import Image
   from cart_jax.core.errors import CartError
-  _small(tmp_path)
+  for it in _small(tmp_path).items:  # info decodes every image: real ones
+    Image.new("RGB", (4, 4)).save(tmp_path / "c" / it.media)
   assert _cli(["info", str(tmp_path / "c"), "--json", str(tmp_path / "s.json")]) == 0
   summary = json.loads((tmp_path / "s.json").read_text())
   assert summary["num_items"] == 3 and summary["leaks"] == 0
@@ -197,3 +199,24 @@ def test_data_package_imports_without_tensorflow():
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                      cwd=Path(__file__).resolve().parents[1])
   assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_info_decodes_every_image(tmp_path, capsys):
+  """Issue 28, minor. Before: `data info` only checked that media files exist, so an image over
+  the pixel limit (or not an image at all) passed it and failed later, in `cart embed`."""
+  from PIL import Image
+  from cart_jax.media import MediaError
+  from cart_jax.media.image import MAX_IMAGE_PIXELS
+  c = _small(tmp_path)
+  for it in c.items:
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(c.media_path(it))
+  assert _cli(["info", str(c.root), "--json", str(tmp_path / "s.json")]) == 0
+  assert json.loads((tmp_path / "s.json").read_text())["images_decoded"] == 3
+  big = c.media_path("i1")
+  Image.new("1", (12000, 12000), 0).save(big)
+  with pytest.raises(MediaError, match=f"{big}: image too large: 12000 x 12000 "
+                                       rf"\(limit {MAX_IMAGE_PIXELS} pixels\)"):
+    _cli(["info", str(c.root)])
+  big.write_bytes(b"\x89PNG not an image")
+  with pytest.raises(MediaError, match=f"{big}: cannot read image"):
+    _cli(["info", str(c.root)])

@@ -61,7 +61,7 @@ def test_export_writes_a_verified_directory(world):
   assert manifest["format"] == fmt.FORMAT and manifest["version"] == fmt.VERSION
   assert (manifest["batch_size"], manifest["n_results"], manifest["input_length"]) == (3, 8, 16)
   assert manifest["beam_size"] == 10 and manifest["n_items"] == 24 and manifest["platforms"] == ["cpu"]
-  assert sorted(os.listdir(out)) == sorted([*fmt.FILES, fmt.MANIFEST])  # nothing else, no temporaries
+  assert sorted(os.listdir(out)) == sorted([*fmt.FILES, fmt.MANIFEST, fmt.MANIFEST_HASH])  # no temporaries
   assert not [p for p in os.listdir(root) if p.startswith(".search.cart-export")]
   assert summary["program_bytes"] == (out / fmt.PROGRAM).stat().st_size > 1000
   codes = np.load(out / fmt.INDEX)["codes"]
@@ -158,11 +158,85 @@ def test_bad_inputs_are_named_errors(world, tmp_path, capsys):
   shutil.copy(out / fmt.ARGUMENTS, bad / fmt.ARGUMENTS)
   manifest = json.loads((out / fmt.MANIFEST).read_text())
   (bad / fmt.MANIFEST).write_text(json.dumps(dict(manifest, batch_size=4)))
-  with pytest.raises(ExportError, match="batch_size"):
+  with pytest.raises(ExportError, match="manifest.json: content does not match manifest.sha256"):
     load_exported(bad)
+  with pytest.raises(ExportError, match="batch_size"):  # unverified: the value is checked too
+    load_exported(bad, verify=False)
   (bad / fmt.MANIFEST).write_text(json.dumps(dict(manifest, version=99)))
   with pytest.raises(ExportError, match="version 99"):
+    load_exported(bad, verify=False)
+
+
+def test_the_manifest_is_hashed_and_its_values_checked(world, tmp_path, capsys):
+  """Issue 28, case 5. Before: an edited tokenizer id changed the results silently, and an edited
+  n_results gave a raw ValueError traceback (a broadcast in search_ids)."""
+  _, _, out, _ = world
+  assert (out / fmt.MANIFEST_HASH).read_text() == (
+      f"{fmt._sha256(out / fmt.MANIFEST)}  {fmt.MANIFEST}\n")
+  assert json.loads((out / fmt.MANIFEST).read_text())["integrity"] == fmt.MANIFEST_HASH
+  manifest = json.loads((out / fmt.MANIFEST).read_text())
+  bad = tmp_path / "bad"
+  shutil.copytree(out, bad)
+  edits = {"cls_id": dict(manifest, tokenizer=dict(manifest["tokenizer"], cls_id=1000)),
+           "n_results": dict(manifest, n_results=5)}
+  for name, edited in edits.items():
+    (bad / fmt.MANIFEST).write_text(json.dumps(edited, indent=2) + "\n")
+    with pytest.raises(ExportError, match=r"manifest.json: content does not match manifest.sha256"):
+      load_exported(bad)
+    rc, line = main_exported([str(bad), "smiling cat"], capsys)  # python exported.py: exit 2
+    assert rc == 2 and line.startswith(f"error: {bad / fmt.MANIFEST}: content does not match "
+                                       "manifest.sha256 (sha256 "), line
+  # unverified (verify=False): the values themselves are checked against the program and vocab
+  with pytest.raises(ExportError, match=r"manifest.json: n_results 5 does not match the program's "
+                                        r"outputs \[3, 8\]"):
+    load_exported(bad, verify=False)
+  (bad / fmt.MANIFEST).write_text(json.dumps(dict(manifest, tokenizer=dict(manifest["tokenizer"],
+                                                                          cls_id=99999))))
+  with pytest.raises(ExportError, match=r"manifest.json: tokenizer cls_id 99999 is not an id of "
+                                        r"vocab.txt \(0..30521\)"):
+    load_exported(bad, verify=False)
+  for field, value in (("n_results", "8"), ("batch_size", 0), ("beam_size", -1),
+                       ("input_length", True)):
+    (bad / fmt.MANIFEST).write_text(json.dumps(dict(manifest, **{field: value})))
+    with pytest.raises(ExportError, match=rf"manifest.json: field '{field}' must be an integer "
+                                          rf">= 1, found {value!r}"):
+      load_exported(bad, verify=False)
+  # an export from before manifest.sha256 (its manifest names no integrity file): a warning
+  old = tmp_path / "old"
+  shutil.copytree(out, old)
+  (old / fmt.MANIFEST_HASH).unlink()
+  (old / fmt.MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "integrity"}))
+  capsys.readouterr()
+  assert load_exported(old).search(["smiling cat"], k=2) == load_exported(out).search(["smiling cat"], k=2)
+  assert (f"warning: {old}: no {fmt.MANIFEST_HASH} (an export written before cart-jax hashed its "
+          "manifest)") in capsys.readouterr().err
+  (bad / fmt.MANIFEST).write_text(json.dumps(manifest))  # says it has one: the file is missing
+  (bad / fmt.MANIFEST_HASH).unlink()
+  with pytest.raises(ExportError, match=r"manifest.sha256: missing \(manifest.json says"):
     load_exported(bad)
+
+
+def main_exported(argv, capsys) -> tuple[int, str]:
+  """``python exported.py ARGV``: (exit status, the first line on stderr)."""
+  capsys.readouterr()
+  rc = fmt.main(argv)
+  return rc, capsys.readouterr().err.splitlines()[0]
+
+
+def test_overflowing_weights_of_an_export_are_a_named_error(world, tmp_path):
+  """Weights that overflow (loaded unverified): every query keeps no identifier. Before: empty
+  results, no error (issue 28, case 4)."""
+  _, _, out, _ = world
+  bad = tmp_path / "bad"
+  shutil.copytree(out, bad)
+  with np.load(out / fmt.ARGUMENTS) as z:
+    arrays = {name: (np.full_like(z[name], 3e38) if z[name].dtype.kind == "f" else z[name])
+              for name in z.files}
+  np.savez(bad / fmt.ARGUMENTS, **arrays)
+  s = load_exported(bad, verify=False)
+  with pytest.raises(ExportError, match=r"arguments.npz: the search gave non-finite scores .* for "
+                                        r"2 of 2 queries"):
+    s.search(["smiling cat", "a red heart"], k=3)
 
 
 def test_exported_for_several_platforms_runs_here_and_others_are_refused(world, tmp_path):

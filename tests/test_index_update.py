@@ -204,6 +204,15 @@ def test_remove_then_add_never_returns_removed_items_nor_reuses_their_identifier
   assert api.index_remove(run, [world.new_ids[0]], log=lambda m: None)["pruned_versions"] == [2]
   assert sorted(int(p.name) for p in (run / "versions").iterdir()) == [3, 4]
   assert (run / "index").is_dir() and (run / "checkpoints").is_dir()  # version 1 always stays
+  # The current corpus declares only the directories its media lie in (issue 28, minor): not a
+  # version's corpus (links only; pruned). Before: versions/2/corpus and versions/3/corpus too.
+  r = json.loads((run / "run.json").read_text())
+  header = json.loads((Path(r["corpus_dir"]) / "corpus.json").read_text())
+  assert header["media_roots"] == [str((world.root / "full" / "media").resolve())]
+  # run.json hashes the version's corpus and names the corpora it was built from
+  assert r["corpus_sha256"] == {n: hashlib.sha256((Path(r["corpus_dir"]) / n).read_bytes()).hexdigest()
+                                for n in ("corpus.json", "items.jsonl", "texts.jsonl")}
+  assert r["corpus_sources"] == [str(world.root / "base"), str(world.new.absolute())]
   capsys.readouterr()
 
 

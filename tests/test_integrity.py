@@ -326,3 +326,138 @@ def test_bad_numbers_and_empty_queries_are_one_line_errors(tiny, capsys):
     assert main(argv) == 2, argv
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and want in err, (argv, err)
+
+
+# ---------------------------------------------------------------------------------------
+# The run's corpus (issue 28, case 3): hashed into run.json at training, checked by every load.
+
+
+def _copy_with_corpus(tiny, name: str) -> tuple[Path, Path]:
+  """A copy of the run and of its corpus, run.json pointing at the copied corpus."""
+  root, corpus, _, _ = tiny
+  run = _copy(tiny, name)
+  dest = root / f"{name}-corpus"
+  shutil.rmtree(dest, ignore_errors=True)
+  shutil.copytree(corpus, dest, symlinks=True)
+  r = json.loads((run / "run.json").read_text())
+  r["corpus_dir"] = str(dest)
+  (run / "run.json").write_text(json.dumps(r))
+  return run, dest
+
+
+def test_the_run_records_its_corpus_hashes(tiny):
+  _, corpus, _, run = tiny
+  r = json.loads((run / "run.json").read_text())
+  assert r["corpus_sha256"] == {name: sha256_file(corpus / name)
+                                for name in ("corpus.json", "items.jsonl", "texts.jsonl")}
+
+
+def test_an_edited_corpus_is_refused_by_eval_search_and_serve(tiny, capsys):
+  """corpus.json declaring "media_roots": ["/etc"] after training. Before: eval and search ran,
+  and cart serve loaded it and served /etc/passwd from /media/<id>."""
+  from cart_jax.inference.runs import CorpusIntegrityError
+  from cart_jax.serve.engine import SearchEngine
+  run, corpus = _copy_with_corpus(tiny, "corpus-edited")
+  header = json.loads((corpus / "corpus.json").read_text())
+  header["media_roots"] = ["/etc"]
+  (corpus / "corpus.json").write_text(json.dumps(header))
+  want = (str(corpus / "corpus.json"), "does not match", "corpus_sha256",
+          "modified after training")
+  _eval_and_search_refuse(run, capsys, *want)
+  with pytest.raises(CorpusIntegrityError, match="corpus.json: content does not match"):
+    SearchEngine.from_run(run, log=lambda s: None)
+  texts = corpus / "texts.jsonl"  # a text added to the training split: refused as well
+  shutil.copy(tiny[1] / "corpus.json", corpus / "corpus.json")
+  texts.write_text(texts.read_text() + texts.read_text().splitlines()[0] + "\n")
+  _eval_and_search_refuse(run, capsys, str(texts), "does not match")
+
+
+def test_a_run_from_before_corpus_hashes_loads_with_a_warning(tiny, capsys):
+  run, _ = _copy_with_corpus(tiny, "corpus-old")
+  r = json.loads((run / "run.json").read_text())
+  del r["corpus_sha256"]
+  (run / "run.json").write_text(json.dumps(r))
+  assert main(["search", "--model-dir", str(run), "grinning face", "-k", "2"]) == 0
+  out, err = capsys.readouterr()
+  assert "grinning face" in out
+  assert (f"warning: {run / 'run.json'}: no corpus_sha256 (a run trained before cart-jax hashed "
+          "its corpus)") in err
+  r["corpus_sha256"] = {"corpus.json": "x"}
+  (run / "run.json").write_text(json.dumps(r))
+  _eval_and_search_refuse(run, capsys, "field 'corpus_sha256' must map")
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite parameters and scores (issue 28, case 4): a named error, never empty results.
+
+
+def _rewrite_params(run: Path, edit) -> None:
+  """Replaces the newest checkpoint of ``run`` by one whose params ``edit`` changed (a fresh,
+  manifest-verified save: what a diverged training, or a corrupt file saved as is, looks like)."""
+  from cart_jax.inference.runs import load_run
+  from cart_jax.train import incremental
+  r = load_run(run, need_corpus=False)
+  params = jax.tree.map(np.array, r.params)  # writable host copies
+  edit(params)
+  shutil.rmtree(run / "checkpoints")
+  incremental._save_checkpoint(run / "checkpoints", r.step, params, r.frozen, {})
+
+
+def test_non_finite_parameters_are_named_at_load(tiny, capsys):
+  """One NaN in the output projection. Before: eval exit 0 with R@1 0.0, search exit 0 with no
+  results (every beam's score NaN, so none kept)."""
+  run = _copy(tiny, "nan-param")
+
+  def one_nan(params):
+    params["logits_dense"]["kernel"][0, 3] = np.nan
+  _rewrite_params(run, one_nan)
+  want = (f"{run / 'checkpoints' / '2'}: checkpoint step 2 of {run}: parameter "
+          "params/logits_dense/kernel holds 1 non-finite value (NaN or inf)", "nothing is searched")
+  _eval_and_search_refuse(run, capsys, *want)
+  # From before manifests (no manifest, its meta edited not to promise one): loads with the
+  # manifest warning, then the same error.
+  step = run / "checkpoints" / "2"
+  (step / MANIFEST).unlink()
+  meta = json.loads((step / "meta" / "metadata").read_text())
+  del meta["manifest"]
+  (step / "meta" / "metadata").write_text(json.dumps(meta))
+  assert main(["search", "--model-dir", str(run), "grinning face"]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and "loaded without verification" in err and want[0] in err
+
+
+def test_overflowing_parameters_are_named_at_the_first_search(tiny, capsys):
+  """Finite parameters whose logits overflow: every beam's score ends -inf. Before: exit 0, R@1
+  0.0 and no results."""
+  run = _copy(tiny, "huge-param")
+
+  def huge(params):
+    params["logits_dense"]["kernel"][...] = 3e38
+  _rewrite_params(run, huge)
+  _eval_and_search_refuse(run, capsys, "the search gave non-finite scores", "1 of the",
+                          "no results are given")
+
+
+def test_unreadable_array_files_with_no_verify_are_a_named_error(tiny, capsys):
+  """Truncated array files loaded with --no-verify. Before: tensorstore's ValueError traceback."""
+  run = _copy(tiny, "truncated-arrays")
+  for p in (run / "checkpoints" / "2" / "params").rglob("*"):
+    if p.is_file() and p.parent.name == "d":
+      p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+  for argv in (["eval", "--model-dir", str(run)], ["search", "--model-dir", str(run), "a cat"]):
+    assert main([*argv, "--no-verify", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{run / 'checkpoints' / '2'}: checkpoint step 2 of " in err
+    assert "an array file of the step cannot be read" in err and "tensorstore_spec" not in err
+
+
+def test_search_escapes_the_querys_control_characters(tiny, capsys):
+  """Issue 28, minor. Before: the query's ESC sequence went to the terminal as is."""
+  run = tiny[3]
+  assert main(["search", "--model-dir", str(run), "cat\x1b[2J\rdog", "-k", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "\x1b" not in out and "\r" not in out
+  assert "query: cat\\x1b[2J\\rdog" in out
+  assert main(["search", "--model-dir", str(run), "cat\x1b[2J", "-k", "1", "--json", "-"]) == 0
+  assert json.loads(capsys.readouterr().out)["queries"][0]["query"] == "cat\x1b[2J"  # JSON: as given

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
@@ -144,6 +145,55 @@ def test_bad_requests_get_a_4xx_with_a_message(client, body, ctype, status, word
   assert words in resp.json()["error"]
 
 
+HOSTILE = [  # (raw body, status, words of the message): issue 28, case 2. Before: 500, traceback.
+    (b'{"query": "\\ud800"}', 400, "'query' is not valid text: it holds the lone surrogate '\\ud800'"),
+    (b'{"queries": ["cat", "a \\udfff b"]}', 400, "'queries'[1] is not valid text"),
+    (b"[" * 100_000, 400, "nested deeper than 16 levels"),
+    (b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested deeper than 16 levels"),
+    (b'{"query": "cat", "k": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),
+]
+
+
+@pytest.fixture(scope="module")
+def lenient_client(world):
+  """A client that shows a server error as the 500 it is (the default client re-raises it)."""
+  with TestClient(create_app(world.engine, max_batch=4, max_wait_ms=0, queue_size=8),
+                  raise_server_exceptions=False) as c:
+    yield c
+
+
+@pytest.mark.parametrize("body,status,words", HOSTILE, ids=[f"{i}" for i in range(len(HOSTILE))])
+def test_hostile_bodies_get_a_4xx_with_a_message(lenient_client, body, status, words):
+  resp = lenient_client.post("/search", content=body, headers={"content-type": "application/json"})
+  assert resp.status_code == status, resp.text
+  assert words in resp.json()["error"], resp.json()
+
+
+def test_a_server_error_is_json_and_counted(world):
+  """A failure of the search itself (a bug, not the request) is a 500 with a JSON error and is
+  counted in /metrics. Before: Starlette's plain-text 500, missing from /metrics."""
+  def broken(queries):
+    raise RuntimeError("boom")
+
+  app = create_app(world.engine, max_batch=1, max_wait_ms=0, queue_size=4, run_batch=broken)
+  with TestClient(app, raise_server_exceptions=False) as c:
+    resp = c.post("/search", json={"query": "cat"})
+    m = c.get("/metrics").json()
+  assert resp.status_code == 500
+  assert resp.json() == {"error": "internal error (RuntimeError); see the server's log"}
+  assert m["responses"] == {"500": 1} and m["errors"] == 1 and m["requests"] == {"/search": 1}
+  # Non-finite scores (corrupt parameters, issue 28 case 4) are the server's fault: 500, named.
+  from cart_jax.inference.searcher import NonFiniteError
+
+  def non_finite(queries):
+    raise NonFiniteError("the search gave non-finite scores")
+
+  app = create_app(world.engine, max_batch=1, max_wait_ms=0, queue_size=4, run_batch=non_finite)
+  with TestClient(app, raise_server_exceptions=False) as c:
+    resp = c.post("/search", json={"query": "cat"})
+  assert resp.status_code == 500 and resp.json() == {"error": "the search gave non-finite scores"}
+
+
 def test_wrong_method_and_unknown_route(client):
   assert client.get("/search").status_code == 405
   assert client.get("/nowhere").status_code == 404
@@ -249,6 +299,77 @@ def test_media_only_the_index_items_inside_the_corpus(world, client, tmp_path):
       assert b"secret" not in resp.content and b"root:" not in resp.content
     assert c.get("/media/" + quote(corpus.items[3].id, safe="")).status_code == 404
     assert c.get("/media/" + quote(corpus.items[4].id, safe="")).status_code == 200
+
+
+def _hostile_corpus(corpus, out):
+  """A copy of ``corpus`` whose corpus.json declares ``/etc`` a media root, item 0's media link to
+  /etc/passwd, item 1's are an HTML page, item 2's an SVG with a script, item 3's a PNG in a data
+  folder outside the corpus (declared too)."""
+  import shutil
+  shutil.copytree(corpus.root, out, symlinks=True)
+  header = json.loads((out / "corpus.json").read_text())
+  data = out.parent / "datafolder"
+  data.mkdir()
+  (data / "d.png").write_bytes((corpus.root / corpus.items[3].media).read_bytes())
+  header["media_roots"] = ["/etc", str(data)]
+  (out / "corpus.json").write_text(json.dumps(header))
+  items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+  (out / "media" / "passwd.png").symlink_to("/etc/passwd")
+  (out / "media" / "page.html").write_text("<script>alert(document.cookie)</script>")
+  (out / "media" / "pic.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>'
+                                         'alert(1)</script></svg>')
+  (out / "media" / "d.png").symlink_to(data / "d.png")
+  for i, name in enumerate(("passwd.png", "page.html", "pic.svg", "d.png")):
+    items[i]["media"] = f"media/{name}"
+  (out / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+  return data
+
+
+def test_media_roots_and_types_a_corpus_declares_are_not_trusted(world, tmp_path):
+  """Issue 28, case 3. Before: /media served /etc/passwd (the corpus declared /etc a media root),
+  the HTML page as text/html and the SVG as image/svg+xml, both without a Content-Security-Policy
+  (stored script on the server's origin)."""
+  import dataclasses
+  from cart_jax.data.corpus import load_corpus
+  corpus = world.corpus
+  data = _hostile_corpus(corpus, tmp_path / "corpus")
+  loaded = dataclasses.replace(world.engine.loaded, corpus=load_corpus(tmp_path / "corpus",
+                                                                       check_media=False))
+  url = ["/media/" + quote(it.id, safe="") for it in corpus.items[:5]]
+  engine = SearchEngine(loaded, batch_sizes=(1,))
+  assert engine.unserved_media_roots == (Path("/etc"), data)
+  with TestClient(create_app(engine)) as c:
+    resp = c.get(url[0])
+    assert resp.status_code == 403 and b"root:" not in resp.content
+    assert "outside the corpus directory and the served media roots" in resp.json()["error"]
+    resp = c.get(url[1])
+    assert resp.status_code == 403 and b"<script>" not in resp.content
+    assert "not an image, audio or video file" in resp.json()["error"]
+    resp = c.get(url[2])  # an image type, but opened alone it would run its script: sandboxed
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/svg+xml"
+    assert "sandbox" in resp.headers["content-security-policy"]
+    assert "default-src 'none'" in resp.headers["content-security-policy"]
+    assert resp.headers["x-content-type-options"] == "nosniff"
+    assert c.get(url[3]).status_code == 403  # the data folder: not named at serve time
+    resp = c.get(url[4])
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    assert "sandbox" in resp.headers["content-security-policy"]
+    found = {r["id"]: r["media_type"] for r in engine.describe(np.arange(5), np.zeros(5))}
+    assert found[corpus.items[1].id] == "application/octet-stream"
+    m = c.get("/metrics").json()
+  assert m["responses"] == {"200": 2, "403": 3}
+  # Named at serve time (cart serve --media-root DIR): served from.
+  engine = SearchEngine(loaded, batch_sizes=(1,), media_roots=[str(data)])
+  assert engine.unserved_media_roots == (Path("/etc"),)
+  with TestClient(create_app(engine)) as c:
+    resp = c.get(url[3])
+    assert resp.status_code == 200 and resp.content == (data / "d.png").read_bytes()
+    assert c.get(url[0]).status_code == 403
+  # A corpus the run was built from (run.json's corpus_sources, written by `cart index add`): too.
+  built_from = dataclasses.replace(loaded, run=dict(loaded.run, corpus_sources=[str(data)]))
+  assert SearchEngine(built_from, batch_sizes=(1,)).unserved_media_roots == (Path("/etc"),)
+  with pytest.raises(ServeError, match="--media-root /nonexistent: not a directory"):
+    SearchEngine(loaded, batch_sizes=(1,), media_roots=["/nonexistent"])
 
 
 def test_page_is_self_contained(client):

@@ -347,3 +347,146 @@ def test_train_on_a_model_dir_being_written(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "being written" not in err and str(corpus) in err, err
   assert not (tmp_path / ".run.lock").exists()  # released on the way out
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs named through a symbolic link (issue 28, case 1): one lock per real path, and the
+# writers write through the link (the link stays; its target gets the new content).
+
+
+def test_lock_is_keyed_on_the_real_path(tmp_path):
+  """A writer of ``link`` and one of its target take the same lock. Before: two locks
+  (``.link.lock`` and ``.ix.lock``), both writers went ahead."""
+  target, link = tmp_path / "ix", tmp_path / "link"
+  target.mkdir()
+  link.symlink_to(target)
+  holder = _hold("lock", target)
+  try:
+    with pytest.raises(OutputLockedError, match=rf"link is being written by pid {holder.pid} "
+                                                rf"\(since .*\(real path {re.escape(str(target))}\)"):
+      with output_lock(link):
+        pass
+  finally:
+    _kill(holder)
+  assert artefacts.lock_path(link) == artefacts.lock_path(target) == tmp_path / ".ix.lock"
+  # a link to the parent directory leads to the same lock too
+  (tmp_path / "up").symlink_to(tmp_path)
+  assert artefacts.lock_path(tmp_path / "up" / "link") == tmp_path / ".ix.lock"
+
+
+def test_atomic_writers_write_through_a_link(tmp_path):
+  """A directory or file output that is a symbolic link keeps being the link: the new content
+  goes to its target. Before: the link was replaced by a directory (or a file)."""
+  real = tmp_path / "data" / "ix"
+  real.parent.mkdir()
+  _commit(real, "old", wait=False)
+  link = tmp_path / "ix"
+  link.symlink_to(real)
+  _commit(link, "new", wait=False)
+  assert link.is_symlink() and os.readlink(link) == str(real)
+  assert _consistent_tag(real) == "new" and _siblings(real) == [] and _siblings(link) == []
+  real_file = tmp_path / "data" / "summary.json"
+  file_link = tmp_path / "summary.json"
+  file_link.symlink_to(real_file)  # dangling until written: written through too
+  artefacts.atomic_write_json(file_link, {"a": 1})
+  assert file_link.is_symlink() and json.loads(real_file.read_text()) == {"a": 1}
+  artefacts.atomic_write_via(file_link, lambda tmp: Path(tmp).write_text("{\"a\": 2}"))
+  assert file_link.is_symlink() and json.loads(real_file.read_text()) == {"a": 2}
+
+
+def test_build_ids_into_a_link_beside_a_build_into_its_target(tmp_path):
+  """`cart build-ids --out LINK` while another build writes LINK's target: exit 2 naming that
+  pid, and the link is still the link. Before: both exited 0 and LINK became a directory."""
+  from cart_jax.data.datasets.synthetic import structured_embeddings
+  emb, out, link = tmp_path / "emb.npy", tmp_path / "ix", tmp_path / "link"
+  np.save(emb, structured_embeddings(60, 8, n_topics=4, n_subtopics=2))
+  common = ["--embeddings", str(emb), "--clusters", "3", "--levels", "1", "--codebook-size", "4",
+            "--no-rqvae", "--quiet"]
+  out.mkdir()
+  link.symlink_to(out)
+  ready, go = tmp_path / "ready", tmp_path / "go"
+  first = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(ready), str(go), "build-ids",
+                            "--out", str(out), *common], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for _ in range(1200):
+      if ready.exists() or first.poll() is not None:
+        break
+      time.sleep(0.05)
+    assert ready.exists(), first.communicate()
+    second = subprocess.run([sys.executable, "-m", "cart_jax.cli.main", "build-ids", "--out",
+                             str(link), *common], env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.startswith(f"cart build-ids: error: {link} is being written by pid "
+                                     f"{first.pid} (since "), second.stderr
+    assert second.stderr.count("\n") == 1, second.stderr
+  finally:
+    go.write_text("")
+    _, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err
+  assert link.is_symlink() and (link / "meta.json").is_file()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "go", "ix", "link", "ready"]
+
+
+def test_train_through_a_link_to_a_model_dir_being_written(tmp_path, capsys):
+  """`cart train` with MODEL_DIR a link to a directory another process holds: exit 2 naming
+  that pid. Before: the lock was ``.link.lock`` and two trainings wrote one MODEL_DIR (checkpoint
+  60 twice, step 60 twice in metrics.jsonl)."""
+  from cart_jax.cli.main import main
+  model_dir, link, corpus = tmp_path / "run", tmp_path / "link", tmp_path / "no_corpus"
+  model_dir.mkdir()
+  link.symlink_to(model_dir)
+  argv = ["train", "--gin-file", str(REPO / "gin_configs/experiments/emoji_demo.gin"),
+          f"--gin.MODEL_DIR={link}", f"--gin.CORPUS_DIR={corpus}",
+          f"--gin.INDEX_DIR={tmp_path / 'index'}", "--no-progress"]
+  holder = _hold("lock", model_dir)
+  try:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"cart train: error: {re.escape(str(link))} is being written by pid "
+                        rf"{holder.pid} \(since [-0-9: ]+\) \(real path {re.escape(str(model_dir))}\); "
+                        rf"wait for it or remove {re.escape(str(tmp_path / '.run.lock'))} if that "
+                        rf"process is gone\n", err), err
+  finally:
+    _kill(holder)
+
+
+def test_write_corpus_through_a_link(tmp_path):
+  """`write_corpus(overwrite=True)` into a link replaces the link's target. Before: the link was
+  moved aside (and left there: rmtree cannot remove a link) and a directory took its place."""
+  from cart_jax.data.corpus import Item, Text, write_corpus
+
+  def media(tmp):
+    (tmp / "media").mkdir()
+    (tmp / "media" / "a.png").write_bytes(b"png")
+
+  items, texts = [Item("a", "image", "media/a.png")], [Text("a", "an apple")]
+  real, link = tmp_path / "data" / "corpus", tmp_path / "corpus"
+  write_corpus(real, "c", "image", items, texts, media_writer=media)
+  link.symlink_to(real)
+  corpus = write_corpus(link, "c2", "image", items, texts, media_writer=media, overwrite=True)
+  assert corpus.root == link and corpus.name == "c2"
+  assert link.is_symlink() and json.loads((real / "corpus.json").read_text())["name"] == "c2"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "data"]
+  assert sorted(p.name for p in real.parent.iterdir()) == ["corpus"]
+
+
+def test_file_writers_write_into_a_fifo_or_device(tmp_path):
+  """An output that is a FIFO (or a device: ``--json /dev/null``) is written into, never renamed
+  over. Before: the rename made it a regular file (as root, ``/dev/null`` for the whole machine)."""
+  import stat
+  fifo = tmp_path / "out.json"
+  os.mkfifo(fifo)
+  reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it to write never blocks
+  try:
+    artefacts.atomic_write_json(fifo, {"a": 1})
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert json.loads(os.read(reader, 1000)) == {"a": 1}
+    artefacts.atomic_write_via(fifo, lambda name: Path(name).write_text("2"))
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.read(reader, 1000) == b"2"
+  finally:
+    os.close(reader)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary left
+  artefacts.atomic_write_json(os.devnull, {"a": 1})
+  assert stat.S_ISCHR(os.stat(os.devnull).st_mode)

@@ -9,8 +9,10 @@ Writers that are safe together:
 
 * **One writer per output.** :func:`output_lock` holds an advisory ``fcntl.flock`` on
   ``.NAME.lock`` beside the output ``NAME`` (the file records the holder's pid, host and start
-  time). :func:`atomic_directory` holds it while its block builds the new directory and while
-  it swaps it in, so the swap cannot race another writer's; a second writer gets
+  time), ``NAME`` being the output's real path (:func:`real_output`): a writer of a symbolic link
+  and one of its target take the same lock. :func:`atomic_directory` holds it while its block
+  builds the new directory and while it swaps it in, so the swap cannot race another writer's; a
+  second writer gets
   :class:`OutputLockedError` naming the holder (or, with ``wait=True``, waits for it). The
   kernel releases the lock when its holder dies, so a killed writer's lock is taken over by the
   next run; the lock file is removed on release. Locks are re-entrant within a thread
@@ -18,6 +20,9 @@ Writers that are safe together:
 * **The swap.** The new directory and the old one are exchanged in one ``renameat2(...,
   RENAME_EXCHANGE)`` where the kernel and filesystem have it (Linux), so the target never goes
   missing; elsewhere the old one is moved aside first (``.NAME.old-*``) and back on failure.
+* **Outputs named through a symbolic link are written through it.** Every writer here works on
+  the real path of its output (links resolved, the output's own included): the link stays a
+  link and its target gets the new content; it is never replaced by a directory or a file.
 * **Litter from killed writers.** Temporary names carry their creator's pid and host
   (``.NAME.tmp-PID.HOST-XXXXXXXX``, ``.NAME.old-PID.HOST-XXXXXXXX``); every atomic write first
   removes such siblings of its target whose creator (on this host) is dead, never a live
@@ -34,6 +39,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -132,9 +138,15 @@ _umask_guard = threading.Lock()
 
 
 # ---- the output lock
+def real_output(target: str | os.PathLike) -> Path:
+  """The real path of an output: every symbolic link on the way resolved, the output's own
+  included (what exists of it; the rest as given). Locks and swaps work on it."""
+  return Path(os.path.realpath(target))
+
+
 def lock_path(target: str | os.PathLike) -> Path:
-  """The lock file of an output: ``.NAME.lock`` beside ``NAME``."""
-  parent, name = _split(target)
+  """The lock file of an output: ``.NAME.lock`` beside ``NAME``, its real path."""
+  parent, name = _split(real_output(target))
   return parent / f".{name}.lock"
 
 
@@ -188,7 +200,9 @@ def _locked_error(target, path: Path) -> OutputLockedError:
   else:
     who = f"pid {pid}" + ("" if host == _HOST else " on another host")
   when = "" if since is None else time.strftime(" (since %Y-%m-%d %H:%M:%S)", time.localtime(since))
-  return OutputLockedError(f"{target} is being written by {who}{when}; wait for it or remove "
+  real = real_output(target)
+  via = "" if real == Path(os.path.abspath(target)) else f" (real path {real})"
+  return OutputLockedError(f"{target} is being written by {who}{when}{via}; wait for it or remove "
                            f"{path} if that process is gone")
 
 
@@ -237,7 +251,8 @@ def output_lock(target: str | os.PathLike, *, wait: bool = False) -> Iterator[Pa
 
   Raises :class:`OutputLockedError` ("TARGET is being written by pid N (since TIME); ...")
   if another process, or another thread of this one, holds it; ``wait=True`` waits instead.
-  Re-entrant within a thread. Yields the lock file's path.
+  Re-entrant within a thread. The lock is the one of ``target``'s real path (:func:`lock_path`).
+  Yields the lock file's path.
   """
   path = lock_path(target)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,8 +337,10 @@ def atomic_directory(target: str | os.PathLike, *, wait: bool = False) -> Iterat
   The block runs under :func:`output_lock` of ``target``: a concurrent writer of the same
   target raises :class:`OutputLockedError` (``wait=True``: waits for it, e.g. for caches that
   any process may fill). Dead writers' temporaries beside ``target`` are removed first.
+  A ``target`` that is a symbolic link is written through: its real path is replaced, the link
+  stays (:func:`real_output`).
   """
-  parent, name = _split(target)
+  parent, name = _split(real_output(target))
   target = parent / name
   parent.mkdir(parents=True, exist_ok=True)
   with output_lock(target, wait=wait):
@@ -338,9 +355,28 @@ def atomic_directory(target: str | os.PathLike, *, wait: bool = False) -> Iterat
       raise
 
 
+def _special_file(path: str | os.PathLike) -> bool:
+  """Whether ``path`` (links followed) is there and neither a regular file nor a directory: a
+  device (``/dev/null``), a FIFO, ``/dev/stdout``'s pipe. Such an output is written into, never
+  replaced (a rename onto ``/dev/null`` would make it a regular file for the whole machine)."""
+  try:
+    mode = os.stat(path).st_mode
+  except (OSError, ValueError):
+    return False
+  return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Write ``text`` to ``path`` via a temporary file in the same directory + rename."""
-  path = Path(path)
+  """Write ``text`` to ``path`` via a temporary file in the same directory + rename.
+
+  A ``path`` that is a symbolic link is written through (its real path is replaced); one that is
+  a device, FIFO or pipe (``--json /dev/null``, ``/dev/stdout``) is written into directly.
+  """
+  if _special_file(path):
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+    return
+  path = real_output(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   clean_stale(path.parent, path.name, path.stem)  # atomic_write_via's temporaries too
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_owner_tag()}-", dir=path.parent)
@@ -359,9 +395,14 @@ def atomic_write_via(path: str | os.PathLike, write: Callable[[str], None]) -> N
   """Atomic write for writers that want a file name (``fig.savefig``, ``np.save``...).
 
   ``write(tmp)`` writes a temporary file in the same directory (its suffix is ``path``'s, so
-  format sniffing works); it is renamed onto ``path`` only if ``write`` returns.
+  format sniffing works); it is renamed onto ``path`` only if ``write`` returns. A ``path``
+  that is a symbolic link is written through (its real path is replaced); one that is a device,
+  FIFO or pipe is given to ``write`` itself.
   """
-  path = Path(path)
+  if _special_file(path):
+    write(os.fspath(path))
+    return
+  path = real_output(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   clean_stale(path.parent, path.name, path.stem)  # atomic_write_text's temporaries too
   fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{_owner_tag()}-", suffix=path.suffix,

@@ -277,18 +277,22 @@ class Corpus:
     rows = np.asarray([self._index[t.item_id] for t in sel], np.int32)  # [n]
     return [t.text for t in sel], rows
 
-  def media_path(self, item: Item | str) -> Path:
+  def media_path(self, item: Item | str, media_roots: Sequence[Path] | None = None) -> Path:
     """Path of an item's media file (under ``root``), checked to resolve inside the corpus.
+
+    ``media_roots``: the real paths of the directories outside the corpus directory the file
+    may resolve into (default: the declared ``media_roots``; ``cart serve`` passes fewer).
 
     Raises:
       CorpusFormatError: its real path (links resolved) leaves the corpus directory and the
-        declared ``media_roots`` (module docstring: containment).
+        media roots (module docstring: containment).
     """
     if isinstance(item, str):
       item = self.items[self._index[item]]
     if self.root is None:
       raise ValueError("corpus has no root directory; media paths are relative to it")
-    problem = _containment_problem(self.root, item.media, self.media_roots)
+    roots = self.media_roots if media_roots is None else tuple(media_roots)
+    problem = _containment_problem(self.root, item.media, roots)
     if problem:
       raise CorpusFormatError(f"{self.root / ITEMS_FILE}: item {item.id!r}: {problem}")
     return self.root / item.media
@@ -380,7 +384,9 @@ def check_text(text: Text, where: str, known_ids: Mapping[str, int] | set | None
     raise CorpusFormatError(f"{where}: bad kind {text.kind!r}; expected one of {list(KINDS)}")
 
 
-def _within(real: str, directory: str) -> bool:
+def is_within(real: str | os.PathLike, directory: str | os.PathLike) -> bool:
+  """Whether the real path ``real`` is ``directory`` or lies under it (both real paths)."""
+  real, directory = os.fspath(real), os.fspath(directory)
   return real == directory or real.startswith(directory.rstrip(os.sep) + os.sep)
 
 
@@ -388,7 +394,7 @@ def _containment_problem(root: Path, media: str, media_roots: Sequence[Path]) ->
   """Why ``root / media`` (links resolved) is outside ``root`` and ``media_roots``, else None."""
   real = os.path.realpath(root / media)
   allowed = [os.path.realpath(root)] + [str(r) for r in media_roots]
-  if any(_within(real, d) for d in allowed):
+  if any(is_within(real, d) for d in allowed):
     return None
   return (f"media path {media!r} resolves to {real!r}, outside the corpus directory "
           f"{allowed[0]!r} and its declared media roots {allowed[1:]}; if the media really live "
@@ -577,7 +583,8 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
   """Writes a corpus directory atomically and returns it (loaded back and validated).
 
   Args:
-    out_dir: target directory; must not exist unless ``overwrite``.
+    out_dir: target directory; must not exist unless ``overwrite``. A symbolic link is written
+      through (its target is replaced; the link stays).
     name, modality: corpus name and modality (one of ``MODALITIES``, or ``mixed`` for items of
       several modalities; each item keeps its own).
     items, texts: the records; ``item.media`` is the path inside the corpus.
@@ -593,9 +600,10 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
   if modality not in CORPUS_MODALITIES:
     raise CorpusFormatError(f"corpus {name!r}: bad modality {modality!r}; expected one of "
                             f"{list(CORPUS_MODALITIES)}")
-  out = Path(out_dir)
-  if out.exists() and not overwrite:
-    raise OutputExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+  if Path(out_dir).exists() and not overwrite:
+    raise OutputExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace "
+                            "it)")
+  out = Path(os.path.realpath(out_dir))  # a symbolic link is written through: the link stays
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   umask = os.umask(0)
@@ -641,7 +649,7 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return load_corpus(out, check_media=False)
+  return load_corpus(out_dir, check_media=False)
 
 
 def _declared_roots(given: Sequence[str | os.PathLike], sources: Sequence[str | os.PathLike]
@@ -651,13 +659,13 @@ def _declared_roots(given: Sequence[str | os.PathLike], sources: Sequence[str | 
   extra: set[str] = set()
   for src in sources:
     real = os.path.realpath(src)
-    if not any(_within(real, r) for r in roots):
+    if not any(is_within(real, r) for r in roots):
       extra.add(os.path.dirname(real))
   # Drop a directory that lies under another one.
   extra_sorted = sorted(extra, key=len)
   cover: list[str] = []
   for d in extra_sorted:
-    if not any(_within(d, c) for c in cover):
+    if not any(is_within(d, c) for c in cover):
       cover.append(d)
   return list(dict.fromkeys(roots)) + sorted(cover)
 

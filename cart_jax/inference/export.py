@@ -160,9 +160,13 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
                      "model_config": r.run.get("model_config"), **_provenance(r)},
           "created_with": {"jax": jax.__version__, "cart_jax": _version()},
           "files": {name: sha256_file(tmp / name) for name in fmt.FILES},
+          "integrity": fmt.MANIFEST_HASH,  # a loader then refuses the export without it
       }
       (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-      sizes = {name: (tmp / name).stat().st_size for name in (*fmt.FILES, fmt.MANIFEST)}
+      (tmp / fmt.MANIFEST_HASH).write_text(f"{sha256_file(tmp / fmt.MANIFEST)}  {fmt.MANIFEST}\n",
+                                           encoding="utf-8")
+      sizes = {name: (tmp / name).stat().st_size
+               for name in (*fmt.FILES, fmt.MANIFEST, fmt.MANIFEST_HASH)}
   return {"out": str(out), "model_dir": str(r.model_dir), "step": r.step, "batch_size": batch_size,
           "input_length": r.input_length, "n_results": k, "beam_size": beam, "n_items": n_items,
           "platforms": list(exp.platforms), "program_bytes": sizes[fmt.PROGRAM],

@@ -14,6 +14,7 @@ or from a shell: ``python exported.py emoji.cart-export "smiling cat" -k 5`` (JS
 An export is one directory (written atomically by ``cart export``)::
 
   manifest.json      format, version, shapes, the tokenizer's special ids, sha256 of every file
+  manifest.sha256    sha256 of manifest.json ("<hex>  manifest.json", as sha256sum writes it)
   search.stablehlo   the search program, serialised by ``jax.export``: token ids int32
                      [batch_size, input_length] -> (rows int32 [batch_size, n_results], scores
                      float32 [batch_size, n_results]); the query encoder, CART's encoder/decoder and
@@ -30,12 +31,21 @@ batch size and run through the program; any number of queries and any ``k`` up t
 ``platforms``; ``cart export --platforms cpu,cuda,tpu`` exports for several), by a JAX at most
 6 months newer or 3 weeks older than the one that exported it (``jax.export``'s guarantees; the
 manifest's ``created_with``).
+
+Integrity: :func:`load_exported` checks ``manifest.json`` against ``manifest.sha256`` and every
+other file against the manifest's sha256 (``verify=False`` skips both), then the manifest's values
+against the program (batch size, input length, ``n_results``) and the vocabulary (the tokenizer's
+ids): anything edited or damaged is an :class:`ExportError` naming the file and field, never
+different results or a traceback. An export written before ``manifest.sha256`` existed (its
+manifest names no ``integrity`` file) loads with a warning line on stderr.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -46,6 +56,7 @@ import numpy as np
 FORMAT = "cart-export"
 VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest.sha256"  # "<sha256 of manifest.json>  manifest.json"
 PROGRAM = "search.stablehlo"
 ARGUMENTS = "arguments.npz"
 INDEX = "index.npz"
@@ -230,6 +241,13 @@ class ExportedSearch:
       r, s = self._call(*self._arguments, chunk)
       rows[start:start + m] = np.asarray(r)[:m]
       scores[start:start + m] = np.asarray(s)[:m]
+    # A query left without any identifier, or a NaN / +inf score: the weights are corrupt or
+    # overflow (over a non-empty index, finite scores always keep one identifier).
+    bad = (rows < 0).all(axis=1) | (np.isnan(scores) | np.isposinf(scores)).any(axis=1)  # [n]
+    if bad.any():
+      raise ExportError(f"{self.path / ARGUMENTS}: the search gave non-finite scores (NaN or inf) for "
+                        f"{int(bad.sum())} of {n} queries: the exported weights are corrupt or "
+                        "overflow; no results are given")
     return rows, scores
 
   def search(self, queries: Sequence[str], k: int = 10) -> list[dict]:
@@ -261,14 +279,44 @@ class ExportedSearch:
     return out
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-  """``manifest.json`` of an export directory, checked for format and version."""
+def _check_manifest_hash(d: Path, mpath: Path) -> bool:
+  """``manifest.json`` against ``manifest.sha256``; False when there is no ``manifest.sha256``."""
+  hpath = d / MANIFEST_HASH
+  if not hpath.exists():
+    return False
+  try:
+    line = hpath.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    raise ExportError(f"{hpath}: unreadable ({e})") from None
+  m = re.fullmatch(r"([0-9a-f]{64}) [ *]" + re.escape(MANIFEST) + r"\n?", line)
+  if m is None:
+    raise ExportError(f"{hpath}: expected one line '<sha256 hex>  {MANIFEST}', found {line[:80]!r}")
+  got = _sha256(mpath)
+  if got != m.group(1):
+    raise ExportError(f"{mpath}: content does not match {MANIFEST_HASH} (sha256 {got[:16]}..., "
+                      f"expected {m.group(1)[:16]}...): the manifest was edited or is corrupt")
+  return True
+
+
+def _positive_int(manifest: dict, key: str, where: Path) -> int:
+  value = manifest.get(key)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ExportError(f"{where}: field {key!r} must be an integer >= 1, found {value!r}")
+  return value
+
+
+def read_manifest(path: str | os.PathLike, *, verify: bool = True) -> dict:
+  """``manifest.json`` of an export directory, checked for format, version and value types.
+
+  ``verify``: check it against ``manifest.sha256`` first (module docstring: integrity).
+  """
   d = Path(path)
   if not d.is_dir():
     raise ExportError(f"{d}: no such export directory (write one with `cart export`)")
   mpath = d / MANIFEST
   if not mpath.is_file():
     raise ExportError(f"{d}: not a cart export (no {MANIFEST})")
+  hashed = _check_manifest_hash(d, mpath) if verify else True
   try:
     manifest = json.loads(mpath.read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -279,10 +327,31 @@ def read_manifest(path: str | os.PathLike) -> dict:
   if manifest.get("version") != VERSION:
     raise ExportError(f"{mpath}: version {manifest.get('version')!r}, this loader reads version "
                       f"{VERSION}")
+  if not hashed:
+    if manifest.get("integrity") == MANIFEST_HASH:
+      raise ExportError(f"{d / MANIFEST_HASH}: missing ({MANIFEST} says the export was written "
+                        "with it); the export cannot be verified: export the run again")
+    print(f"warning: {d}: no {MANIFEST_HASH} (an export written before cart-jax hashed its "
+          f"manifest): {MANIFEST} itself is not verified", file=sys.stderr)
   for key in ("batch_size", "input_length", "n_results", "beam_size", "files", "arguments",
               "tokenizer"):
     if key not in manifest:
       raise ExportError(f"{mpath}: field {key!r} missing")
+  for key in ("batch_size", "input_length", "n_results", "beam_size"):
+    _positive_int(manifest, key, mpath)
+  if not isinstance(manifest["files"], dict):
+    raise ExportError(f"{mpath}: field 'files' must map file names to sha256 hex digests")
+  tok = manifest["tokenizer"]
+  if not isinstance(tok, dict) or not all(
+      isinstance(tok.get(k), int) and not isinstance(tok.get(k), bool)
+      for k in ("cls_id", "sep_id", "pad_id", "unk_id")):
+    raise ExportError(f"{mpath}: field 'tokenizer' must hold integer cls_id, sep_id, pad_id and "
+                      f"unk_id, found {tok!r:.200}")
+  specs = manifest["arguments"]
+  if not isinstance(specs, list) or not all(
+      isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("dtype"), str)
+      and isinstance(a.get("shape"), list) for a in specs):
+    raise ExportError(f"{mpath}: field 'arguments' must be a list of {{name, shape, dtype}}")
   return manifest
 
 
@@ -293,7 +362,7 @@ def load_exported(path: str | os.PathLike, *, verify: bool = True) -> ExportedSe
   is an :class:`ExportError` naming it, never results).
   """
   d = Path(path)
-  manifest = read_manifest(d)
+  manifest = read_manifest(d, verify=verify)
   files = manifest["files"]
   for name in FILES:
     if name not in files:
@@ -332,6 +401,10 @@ def load_exported(path: str | os.PathLike, *, verify: bool = True) -> ExportedSe
   if expected != found:
     raise ExportError(f"{d}: the program's inputs {expected[-1:]} (+{len(expected) - 1} arrays) do "
                       f"not match {ARGUMENTS} and the manifest's batch_size/input_length")
+  outputs = [list(av.shape) for av in exported.out_avals]  # rows, scores: [batch, n_results]
+  if outputs != [[int(manifest["batch_size"]), int(manifest["n_results"])]] * 2:
+    raise ExportError(f"{d / MANIFEST}: n_results {manifest['n_results']} does not match the "
+                      f"program's outputs {outputs[0]} ([batch_size, n_results])")
   with np.load(d / INDEX, allow_pickle=False) as z:
     codes = np.asarray(z["codes"], np.int32)
   items = json.loads((d / ITEMS).read_text(encoding="utf-8"))
@@ -343,6 +416,10 @@ def load_exported(path: str | os.PathLike, *, verify: bool = True) -> ExportedSe
   if vocab and vocab[-1] == "":
     vocab = vocab[:-1]
   tok = manifest["tokenizer"]
+  for key in ("cls_id", "sep_id", "pad_id", "unk_id"):
+    if not 0 <= tok[key] < len(vocab):
+      raise ExportError(f"{d / MANIFEST}: tokenizer {key.replace('_id', '')}_id {tok[key]} is not an "
+                        f"id of {VOCAB} (0..{len(vocab) - 1})")
   tokenizer = WordPiece(vocab, cls_id=tok["cls_id"], sep_id=tok["sep_id"], pad_id=tok["pad_id"],
                         unk_id=tok["unk_id"], lowercase=tok.get("lowercase", True))
   return ExportedSearch(d, manifest, exported, arguments, codes, items, tokenizer)

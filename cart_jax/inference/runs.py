@@ -14,17 +14,26 @@
     train_summary.json  last metrics, validation recall, timings
 
 The corpus itself is not copied (media can be large): ``run.json`` points at it by absolute
-path. After ``cart index add`` / ``cart index remove`` (:mod:`cart_jax.train.incremental`),
-``run.json`` also names ``checkpoint_dir`` and ``rerank_dir``, and ``index_dir``,
+path and records the SHA-256 of the files a run reads of it (``corpus_sha256``: ``corpus.json``,
+``items.jsonl``, ``texts.jsonl``), as ``meta.json`` records the index's. After ``cart index add``
+/ ``cart index remove`` (:mod:`cart_jax.train.incremental`), ``run.json`` also names
+``checkpoint_dir``, ``rerank_dir`` and ``corpus_sources``, and ``index_dir``,
 ``checkpoint_dir``, ``rerank_dir`` and ``corpus_dir`` point into ``versions/<n>/``; every path
 relative to MODEL_DIR must stay inside it. A second ``cart train`` on the same MODEL_DIR
 resumes; it refuses a different model config or index (or a run changed by ``cart index``).
 
 Loading verifies: the index copy against ``meta.sha256``/``meta.json`` (every file listed and
-hashed, :func:`cart_jax.index.identifiers.load_index`) and the checkpoint step against its
+hashed, :func:`cart_jax.index.identifiers.load_index`), the corpus's files against
+``corpus_sha256`` (:func:`check_corpus`: an edited ``corpus.json``, say one that declares
+``"media_roots": ["/etc"]``, is refused) and the checkpoint step against its
 ``manifest.sha256.json`` (:mod:`cart_jax.train.checkpointing`); a mismatch is a ``CartError``
-naming the file (exit 2 in ``cart``), never results. ``verify=False`` (``--no-verify``) skips the
-checkpoint's hashing (the index is small and always checked).
+naming the file (exit 2 in ``cart``), never results. The restored parameters must be finite
+(:func:`check_finite`), and a loaded run's searches check their scores (NaN or +inf is a
+``NonFiniteError``, not a query with no results): what a corrupt checkpoint loaded with
+``--no-verify``, or one from before manifests, would otherwise give silently.
+``verify=False`` (``--no-verify``) skips the checkpoint's hashing (the index and the corpus's JSON
+files are small and always checked). A run trained before ``corpus_sha256`` existed loads with a
+warning line on stderr (its corpus unverified), as old indexes and checkpoints do.
 
 MODEL_DIR may be remote (``gs://...``, :mod:`cart_jax.core.paths`): orbax reads the checkpoints
 there, the index copy and the corpus's JSON files are read through a local copy. ``load_run``
@@ -36,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -46,10 +56,56 @@ RUN_VERSION = 1
 RUN_FILE = "run.json"
 INDEX_SUBDIR = "index"
 CHECKPOINT_SUBDIR = "checkpoints"
+CORPUS_FILES = ("corpus.json", "items.jsonl", "texts.jsonl")  # what a run reads of its corpus
+CORPUS_HASHES = "corpus_sha256"  # run.json: {file of CORPUS_FILES: sha256 hex}
 
 
 class RunError(CartError):
   """A MODEL_DIR that is missing, malformed or incompatible with the requested job."""
+
+
+class CorpusIntegrityError(RunError):
+  """The run's corpus files differ from the hashes ``run.json`` recorded when it was trained."""
+
+
+def corpus_hashes(corpus_dir) -> dict[str, str]:
+  """``{name: sha256}`` of the corpus files a run reads (``CORPUS_FILES``; may be remote)."""
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+  root = paths.as_path(corpus_dir)
+  return {name: paths.sha256(root / name) for name in CORPUS_FILES}
+
+
+def check_corpus(run_path, run: dict, corpus_dir) -> bool:
+  """The corpus files against ``run.json``'s ``corpus_sha256``; False when the run recorded none.
+
+  A run trained before the hashes existed is accepted with a warning line on stderr.
+
+  Raises:
+    CorpusIntegrityError: naming the file that differs (or the malformed field).
+  """
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+  recorded = run.get(CORPUS_HASHES)
+  if recorded is None:
+    print(f"warning: {run_path}: no {CORPUS_HASHES} (a run trained before cart-jax hashed its "
+          f"corpus): the corpus {corpus_dir} is not verified", file=sys.stderr)
+    return False
+  if (not isinstance(recorded, dict) or sorted(recorded) != sorted(CORPUS_FILES)
+      or not all(isinstance(v, str) for v in recorded.values())):
+    raise CorpusIntegrityError(f"{run_path}: field {CORPUS_HASHES!r} must map {list(CORPUS_FILES)} "
+                               f"to sha256 hex digests, found {recorded!r:.200}")
+  root = paths.as_path(corpus_dir)
+  for name in CORPUS_FILES:
+    p = root / name
+    if not p.is_file():
+      raise CorpusIntegrityError(f"{p}: missing (a file of the run's corpus; {run_path} records "
+                                 "its hash)")
+    got = paths.sha256(p)
+    if got != recorded[name]:
+      raise CorpusIntegrityError(
+          f"{p}: content does not match {run_path}'s {CORPUS_HASHES} (sha256 {got[:16]}..., "
+          f"recorded {recorded[name][:16]}...): the run's corpus was modified after training; "
+          "restore it, or train a new MODEL_DIR on it")
+  return True
 
 
 @dataclasses.dataclass
@@ -112,8 +168,8 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
     if not paths.as_path(corpus_dir).exists():
       raise RunError(f"{run_path}: corpus_dir {corpus_dir} does not exist")
     if paths.is_remote(corpus_dir):
-      from cart_jax.train.jobs import CORPUS_FILES  # pylint: disable=g-import-not-at-top
       corpus_dir = paths.stage(corpus_dir, CORPUS_FILES)
+    check_corpus(run_path, run, corpus_dir)
     corpus = load_corpus(corpus_dir, check_media=False)
   ckpt_dir = run_subdir(d, run, "checkpoint_dir", CHECKPOINT_SUBDIR)
   if not ckpt_dir.exists() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
@@ -125,9 +181,30 @@ def load_run(model_dir: str | os.PathLike, step: int | None = None, *, need_corp
     mesh = partitioning.make_mesh(-1, inference_model_axis(run))
   graphdef, params, frozen, got_step = trainer.restore_for_inference(model_config, ckpt_dir, step,
                                                                      mesh, verify=verify)
+  check_finite({"params": params, "frozen": frozen},
+               f"{ckpt_dir / str(got_step)}: checkpoint step {got_step} of {d}")
   return LoadedRun(model_dir=d, run=run, model_config=model_config, index=index, corpus=corpus,
                    graphdef=graphdef, params=params, frozen=frozen, step=got_step,
                    input_length=int(run["input_config"]["input_length"]), mesh=mesh)
+
+
+def check_finite(tree, where: str) -> None:
+  """Raises ``NonFiniteError`` naming the first floating-point array of ``tree`` (a pytree of
+  arrays) that holds a NaN or an infinity, with how many; ``where`` names the checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.inference.searcher import NonFiniteError  # pylint: disable=g-import-not-at-top
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      continue
+    bad = int(jax.device_get(jnp.sum(~jnp.isfinite(leaf))))
+    if bad:
+      name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+      raise NonFiniteError(
+          f"{where}: parameter {name} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or "
+          f"inf) of {leaf.size}: the checkpoint is corrupt (loaded with --no-verify, or written "
+          "before manifests) or the training diverged; nothing is searched")
 
 
 def inference_model_axis(run: dict) -> int:
@@ -168,7 +245,8 @@ def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size
         raise RunError(f"{r.model_dir}: cannot restrict by modality: {e}") from None
   searcher = CartSearcher(r.graphdef, r.index, beam_size=beam_size, n_results=n_results,
                           input_length=r.input_length, batch_size=batch_size,
-                          item_modalities=modalities, mesh=getattr(r, "mesh", None))
+                          item_modalities=modalities, mesh=getattr(r, "mesh", None),
+                          check_finite=True)
   return searcher.restrict(modality) if modality is not None else searcher
 
 

@@ -127,12 +127,17 @@ class CartSearcher:
       run the same searches). The parameters must live on this mesh. None: one device.
     item_modalities: optional modality (str) per index row (:func:`index_modalities`); needed by
       :meth:`restrict`.
+    check_finite: raise :class:`NonFiniteError` when a search gives a NaN or +inf score
+      (such a beam is dropped as invalid: the query would silently get fewer or no results).
+      On for a loaded run (:func:`cart_jax.inference.runs.searcher_for_run`); off for the
+      validation inside training, where a diverging run is logged, not stopped.
   """
 
   def __init__(self, graphdef, index, *, beam_size: int = 10, n_results: int = 10,
                input_length: int = 32, batch_size: int | None = None, mesh=None,
-               item_modalities: Sequence[str] | None = None):
+               item_modalities: Sequence[str] | None = None, check_finite: bool = False):
     self.graphdef = graphdef
+    self.check_finite = bool(check_finite)
     self.index = index
     self.input_length = int(input_length)
     if batch_size is None:
@@ -240,8 +245,11 @@ class CartSearcher:
       else:
         res, emb = self._search(params, frozen, jnp.asarray(chunk), self.trie, n_results, with_embedding)
       valid = np.asarray(res.valid)[:n]
+      raw = np.asarray(res.scores)[:n]  # [n, k]; NaN / +inf: not valid, so never shown
+      if self.check_finite:
+        _check_scores(raw, valid)
       rows.append(np.where(valid, np.asarray(res.rows)[:n], -1))
-      scores.append(np.where(valid, np.asarray(res.scores)[:n], -np.inf))
+      scores.append(np.where(valid, raw, -np.inf))
       codes.append(np.asarray(res.codes)[:n])
       if with_embedding:
         embs.append(np.asarray(emb, np.float32)[:n])
@@ -299,6 +307,24 @@ class CartSearcher:
     else:
       self.search_ids(params, frozen, dummy)
     return time.perf_counter() - t0
+
+
+class NonFiniteError(CartError):
+  """A run whose parameters, or a search's scores, are not finite (NaN or inf): corrupt
+  parameters (a checkpoint loaded unverified) or a diverged training. Never silently empty results."""
+
+
+def _check_scores(raw: np.ndarray, valid: np.ndarray) -> None:
+  """Raises :class:`NonFiniteError` for a query whose scores (float [n, k]) hold a NaN or a +inf,
+  or that kept no identifier at all (``valid`` bool [n, k]): over a non-empty trie, finite
+  log-probabilities always leave one; NaN logits end as -inf, every beam dead."""
+  bad = (np.isnan(raw) | np.isposinf(raw)).any(axis=1) | ~valid.any(axis=1)  # [n]
+  if bad.any():
+    raise NonFiniteError(
+        f"the search gave non-finite scores (NaN or inf; no identifier with a finite score) for "
+        f"{int(bad.sum())} of the {raw.shape[0]} queries of a batch: the run's parameters are "
+        "corrupt or overflow (a checkpoint loaded with --no-verify or written before manifests, or "
+        "a diverged training); no results are given")
 
 
 def describe(index, rows: np.ndarray, scores: np.ndarray, corpus=None) -> list[dict[str, Any]]:

@@ -76,6 +76,26 @@ def open_image(path: str | os.PathLike) -> Iterator:
     yield im
 
 
+def check_images(paths: Sequence[str | os.PathLike]) -> int:
+  """Decodes every image once (the size limit checked first); returns how many.
+
+  For validating a corpus (``cart data info``) before a long job meets a bad file.
+
+  Raises:
+    MediaError naming the first file that is too large or cannot be read as an image.
+  """
+  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  for path in paths:
+    try:
+      with open_image(path) as im:
+        im.load()
+    except MediaError:
+      raise
+    except (OSError, UnidentifiedImageError, EOFError, ValueError, SyntaxError) as e:
+      raise MediaError(f"{path}: cannot read image ({e})") from e
+  return len(paths)
+
+
 def load_images(paths: Sequence[str | os.PathLike], config: ImageMediaConfig,
                 progress: Callable[[int], None] | None = None) -> np.ndarray:
   """Reads images as ``uint8 [N, size, size, 3]``: alpha composited onto white, then resized.

@@ -44,6 +44,8 @@ class ServeConfig:
     max_query_chars: longest query accepted (413 beyond).
     graceful_timeout_s: on SIGTERM, how long in-flight requests may take to finish.
     access_log: uvicorn's one line per request.
+    media_roots: directories outside the corpus whose media ``/media`` may serve (roots the
+      corpus declares there are not served from unless named here).
   """
   host: str = "127.0.0.1"
   port: int = 8080
@@ -56,6 +58,7 @@ class ServeConfig:
   max_query_chars: int = 1000
   graceful_timeout_s: float = 30.0
   access_log: bool = False
+  media_roots: Sequence[str] = ()
 
   def check(self) -> None:
     """Raises ServeError naming the flag of a setting that cannot work."""
@@ -134,7 +137,8 @@ def make_server(model_dir: str | os.PathLike, config: ServeConfig = ServeConfig(
   sizes = compiled_batch_sizes(config.max_batch, config.batch_sizes)
   engine = SearchEngine.from_run(model_dir, step=step, beam=config.beam, batch_sizes=sizes,
                                  rerank=rerank, rerank_weight=rerank_weight,
-                                 embeddings=embeddings, verify=verify, log=log)
+                                 embeddings=embeddings, verify=verify,
+                                 media_roots=config.media_roots, log=log)
   log(f"loaded {model_dir} (step {engine.loaded.step}, {engine.index.n_items} items"
       f"{', re-ranked' if engine.reranker is not None else ''}) in {time.perf_counter() - t0:.2f} s")
   modalities = [None] + (sorted(engine.modalities) if config.warm_modalities and

@@ -15,11 +15,17 @@ Routes:
   GET  /         the search page (``static/index.html``: self-contained, nothing loaded from elsewhere).
   GET  /media/<item id>  the item's media file; ids are looked up, never used as paths
                  (:meth:`SearchEngine.media_file`): an unknown id is 404, a file whose real path
-                 leaves the corpus directory (and the media roots the corpus declares) is 403.
+                 leaves the corpus directory and the served media roots (the engine's module
+                 docstring) is 403, and so is one whose name is no image, audio or video type.
+                 Served with ``nosniff`` and a Content-Security-Policy with ``sandbox``.
 
-Errors are JSON ``{"error": message}``: 400 for a malformed request (bad JSON, missing or empty
-query, a bad ``k`` or ``modality``, an unknown field), 413 for an oversized body or query, 415 for
-a content type other than JSON, 503 when the request queue is full or the server is draining.
+Errors are JSON ``{"error": message}``: 400 for a malformed request (bad JSON, JSON nested deeper
+than ``MAX_JSON_DEPTH``, missing or empty query, a query that is not valid text (a lone surrogate
+such as ``"\\ud800"``, which no UTF-8 text holds), a bad ``k`` or ``modality``, an unknown field),
+413 for an oversized body or query, 415 for a content type other than JSON, 503 when the request
+queue is full or the server is draining. Anything else that fails while answering is a bug, not
+the request's fault: 500 with a JSON error naming the exception's type (its traceback goes to the
+log), counted in ``/metrics`` like every other response.
 """
 from __future__ import annotations
 
@@ -31,11 +37,12 @@ from importlib import resources
 
 from cart_jax.data.corpus import has_visible_text
 from cart_jax.serve.batcher import Metrics, MicroBatcher, QueueFull
-from cart_jax.serve.engine import Query
+from cart_jax.serve.engine import MEDIA_TYPES, Query
 
 log = logging.getLogger("cart.serve")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_JSON_DEPTH = 16  # arrays/objects inside each other; a request needs 2 ({"queries": [...]})
 DEFAULT_MAX_QUERY_CHARS = 1000
 DEFAULT_MAX_QUERIES = 256  # per batch-form request
 _FIELDS = {"query", "queries", "k", "modality"}
@@ -65,8 +72,14 @@ def parse_search(body: bytes, content_type: str, *, max_k: int, modalities: dict
     raise RequestError(413, f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES}")
   try:
     doc = json.loads(body)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except RecursionError:  # the C decoder stops at the interpreter's recursion limit
+    raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels of arrays and "
+                       "objects") from None
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError; an integer over 4300 digits
     raise RequestError(400, f"body is not valid JSON: {e}") from None
+  if json_depth(doc) > MAX_JSON_DEPTH:
+    raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels of arrays and "
+                       "objects")
   if not isinstance(doc, dict):
     raise RequestError(400, f"body must be a JSON object, found {type(doc).__name__}")
   unknown = sorted(set(doc) - _FIELDS)
@@ -94,11 +107,29 @@ def parse_search(body: bytes, content_type: str, *, max_k: int, modalities: dict
     where = f"'queries'[{i}]" if batch else "'query'"
     if not isinstance(text, str):
       raise RequestError(400, f"{where} must be a string, found {type(text).__name__}")
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\\ud800" escapes decode to a lone surrogate
+      raise RequestError(400, f"{where} is not valid text: it holds the lone surrogate "
+                         f"{text[e.start]!r} at position {e.start} (half of a UTF-16 pair; no "
+                         "character)") from None
     if not has_visible_text(text):
       raise RequestError(400, f"{where} is empty ({text!r:.40}): give some words to search for")
     if len(text) > max_query_chars:
       raise RequestError(413, f"{where} is {len(text)} characters; at most {max_query_chars}")
   return [Query(t, k, modality) for t in texts], batch
+
+
+def json_depth(doc) -> int:
+  """How deeply arrays and objects nest in a decoded JSON value (a scalar: 0). Iterative; stops
+  counting once past ``MAX_JSON_DEPTH``."""
+  deepest, stack = 0, [(doc, 1)] if isinstance(doc, (dict, list)) else []
+  while stack and deepest <= MAX_JSON_DEPTH:
+    node, depth = stack.pop()  # a dict or a list
+    deepest = max(deepest, depth)
+    values = node.values() if isinstance(node, dict) else node
+    stack.extend((v, depth + 1) for v in values if isinstance(v, (dict, list)))
+  return deepest
 
 
 def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_size: int = 256,
@@ -116,6 +147,7 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
   from starlette.routing import Route  # pylint: disable=g-import-not-at-top
 
   from cart_jax.core.errors import CartError  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.searcher import NonFiniteError  # pylint: disable=g-import-not-at-top
 
   metrics = Metrics()
   batcher = MicroBatcher(run_batch or engine.search, max_batch=max_batch,
@@ -126,9 +158,21 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
   html = page_html()
 
   def reply(endpoint: str, status: int, doc: dict) -> JSONResponse:
+    response = JSONResponse(doc, status_code=status)  # renders now: a failure is not counted twice
     metrics.requests[endpoint] += 1
     metrics.responses[status] += 1
-    return JSONResponse(doc, status_code=status)
+    return response
+
+  def guarded(endpoint: str, handler):
+    """``handler`` with whatever it raises answered as a counted 500 (traceback to the log)."""
+    async def route(request: Request):
+      try:
+        return await handler(request)
+      except Exception as e:  # pylint: disable=broad-except  (a bug, not the request's fault)
+        log.exception("%s %s failed", request.method, endpoint)
+        return reply(endpoint, 500, {"error": f"internal error ({type(e).__name__}); see the "
+                                              "server's log"})
+    return route
 
   async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
@@ -162,6 +206,9 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
     except QueueFull as e:
       metrics.rejected += 1
       return reply("/search", 503, {"error": str(e)})
+    except NonFiniteError as e:  # the run's parameters, not the request: a server error
+      log.error("%s", e)
+      return reply("/search", 500, {"error": str(e)})
     except CartError as e:  # e.g. a modality without items: named, not a 500
       return reply("/search", 400, {"error": str(e)})
     metrics.latencies_ms.append((time.perf_counter() - t0) * 1e3)
@@ -180,14 +227,16 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
 
   async def metrics_route(request: Request):
     doc = metrics.snapshot(batcher.depth)  # counts this request from the next snapshot on
+    response = JSONResponse(doc)
     metrics.requests["/metrics"] += 1
     metrics.responses[200] += 1
-    return JSONResponse(doc)
+    return response
 
   async def index_page(request: Request):
+    response = HTMLResponse(html, headers={"Content-Security-Policy": _CSP})
     metrics.requests["/"] += 1
     metrics.responses[200] += 1
-    return HTMLResponse(html, headers={"Content-Security-Policy": _CSP})
+    return response
 
   async def media(request: Request):
     item_id = request.path_params["item_id"]
@@ -196,15 +245,21 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
     except CartError as e:  # the real path leaves the corpus: refused, and said so in the log only
       log.warning("refused media of item %r: %s", item_id, e)
       return reply("/media", 403, {"error": f"the media of item {item_id!r} lie outside the corpus "
-                                            "directory; not served"})
+                                            "directory and the served media roots; not served"})
     if path is None:
       return reply("/media", 404, {"error": f"no media for item id {item_id!r} (not an item of "
                                             "the served index)"})
+    media_type = engine.media_type(item_id)
+    if media_type.split("/")[0] not in MEDIA_TYPES:  # .html, .svgz, .js...: never on this origin
+      log.warning("refused media of item %r: not an image, audio or video file", item_id)
+      return reply("/media", 403, {"error": f"the media of item {item_id!r} are not an image, audio "
+                                            "or video file; not served"})
+    response = FileResponse(path, media_type=media_type, headers={
+        "X-Content-Type-Options": "nosniff", "Content-Security-Policy": _MEDIA_CSP,
+        "Cache-Control": "max-age=3600"})
     metrics.requests["/media"] += 1
     metrics.responses[200] += 1
-    import mimetypes  # pylint: disable=g-import-not-at-top
-    return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0],
-                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
+    return response
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -216,11 +271,11 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
       await batcher.stop()  # every queued request is answered first
 
   app = Starlette(routes=[
-      Route("/search", search, methods=["POST"]),
-      Route("/healthz", healthz, methods=["GET"]),
-      Route("/metrics", metrics_route, methods=["GET"]),
-      Route("/", index_page, methods=["GET"]),
-      Route("/media/{item_id:path}", media, methods=["GET"]),
+      Route("/search", guarded("/search", search), methods=["POST"]),
+      Route("/healthz", guarded("/healthz", healthz), methods=["GET"]),
+      Route("/metrics", guarded("/metrics", metrics_route), methods=["GET"]),
+      Route("/", guarded("/", index_page), methods=["GET"]),
+      Route("/media/{item_id:path}", guarded("/media", media), methods=["GET"]),
   ], lifespan=lifespan)
   app.state.batcher = batcher
   app.state.metrics = metrics
@@ -231,3 +286,5 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
 # The page loads nothing from elsewhere: its own script and style, media from /media.
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
         "img-src 'self'; media-src 'self'; connect-src 'self'")
+# A media file opened on its own (an SVG can hold script): no script, no requests, a sandbox.
+_MEDIA_CSP = "default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; sandbox"

@@ -11,6 +11,14 @@ no request ever waits for a compilation of the whole index's search. A ``modalit
 search to that modality's trie (:meth:`CartSearcher.restrict`): another trie shape, compiled on the
 first request of that modality (or at start-up with ``warm_modalities``).
 
+Media: ``GET /media/<id>`` serves an item's file only when its real path lies in the corpus
+directory, in a media root ``corpus.json`` declares inside it, in a corpus the run was built from
+(``run.json``'s ``corpus_sources``, written by ``cart index add``) or in a directory named at serve
+time (``media_roots``, ``cart serve --media-root``); roots the corpus declares elsewhere are not
+served from (:attr:`SearchEngine.unserved_media_roots`: a corpus is data, and a ``"media_roots":
+["/etc"]`` in it must not open ``/etc``). Only image, audio and video types are served
+(:meth:`SearchEngine.media_type`).
+
 Every query of a batch is decoded with the same beam (``beam``, the most results a request may
 ask for) and its first ``k`` results are kept: a result list equals
 ``api.search(model_dir, [text], k=k, beam=beam)`` (``beam`` 10 is ``cart search``'s default for
@@ -32,6 +40,7 @@ import numpy as np
 from cart_jax.core.errors import CartError
 
 DEFAULT_BATCH_SIZES = (1, 4, 16)
+MEDIA_TYPES = ("image", "audio", "video")  # the content types /media serves
 
 
 class ServeError(CartError):
@@ -73,10 +82,11 @@ class SearchEngine:
     batch_sizes: the compiled batch sizes (ascending; a batch is padded to the smallest that
       holds it).
     reranker: a :class:`cart_jax.inference.rerank.Reranker`, or None.
+    media_roots: directories outside the corpus whose media may be served (``--media-root``).
   """
 
   def __init__(self, loaded, *, beam: int = 10, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-               reranker=None):
+               reranker=None, media_roots: Sequence[str | os.PathLike] = ()):
     from cart_jax.inference.runs import searcher_for_run  # pylint: disable=g-import-not-at-top
     if beam < 1:
       raise ServeError(f"--beam {beam}: must be >= 1")
@@ -85,6 +95,7 @@ class SearchEngine:
     self.loaded = loaded
     self.index = loaded.index
     self.corpus = loaded.corpus
+    self.media_roots, self.unserved_media_roots = self._served_roots(media_roots)
     self.beam = min(int(beam), self.index.n_items)
     self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
     self.reranker = reranker
@@ -98,8 +109,13 @@ class SearchEngine:
   def from_run(cls, model_dir: str | os.PathLike, *, step: int | None = None, beam: int = 10,
                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, rerank: bool = False,
                rerank_weight: float | None = None, embeddings: str | os.PathLike | None = None,
-               verify: bool = True, log: Callable[[str], None] = print) -> "SearchEngine":
-    """Loads MODEL_DIR (and its re-ranker with ``rerank``) as ``cart search`` does."""
+               verify: bool = True, media_roots: Sequence[str | os.PathLike] = (),
+               log: Callable[[str], None] = print) -> "SearchEngine":
+    """Loads MODEL_DIR (and its re-ranker with ``rerank``) as ``cart search`` does.
+
+    Media roots the corpus declares outside it and that are not served from are named through
+    ``log`` (``--media-root`` serves them).
+    """
     from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
     from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
     loaded = load_run(model_dir, step, verify=verify)
@@ -107,7 +123,13 @@ class SearchEngine:
     if rerank or embeddings or rerank_weight is not None:
       reranker = rerank_lib.reranker_for_run(loaded, embeddings=embeddings, weight=rerank_weight,
                                              log=log)
-    return cls(loaded, beam=beam, batch_sizes=batch_sizes, reranker=reranker)
+    engine = cls(loaded, beam=beam, batch_sizes=batch_sizes, reranker=reranker,
+                 media_roots=media_roots)
+    if engine.unserved_media_roots:
+      log(f"{loaded.corpus.root}: corpus.json declares media roots outside the corpus directory: "
+          f"{', '.join(map(str, engine.unserved_media_roots))}; media there are not served (403) "
+          "unless named with --media-root")
+    return engine
 
   # ------------------------------------------------------------------ describing the run
 
@@ -120,18 +142,43 @@ class SearchEngine:
             "rerank_weight": (rerank_lib.weight_to_json(self.reranker.weight)
                               if self.reranker is not None else None)}
 
+  def _served_roots(self, named: Sequence[str | os.PathLike]
+                    ) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """(media roots served from, declared roots that are not) as real paths (module docstring)."""
+    from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+    from cart_jax.data.corpus import is_within  # pylint: disable=g-import-not-at-top
+    root = os.path.realpath(self.corpus.root)
+    sources = self.loaded.run.get("corpus_sources") or []
+    built_from = {os.path.realpath(d) for d in sources if isinstance(d, str) and d
+                  and not paths.is_remote(d)}
+    served, unserved = [], []
+    for r in self.corpus.media_roots:
+      (served if is_within(r, root) or str(r) in built_from else unserved).append(r)
+    for d in named:
+      if not os.path.isdir(d):
+        raise ServeError(f"--media-root {d}: not a directory")
+      served.append(Path(os.path.realpath(d)))
+    return tuple(dict.fromkeys(served)), tuple(r for r in unserved if r not in served)
+
   def media_file(self, item_id: str) -> Path | None:
     """The real path of a live item's media file, or None (unknown id, or not a file).
 
     Only ids of the index are looked up (the id is never used as a path), and the file's real
-    path (symbolic links resolved) must lie inside the corpus directory or a media root the
-    corpus declares (:meth:`Corpus.media_path`; a link leading elsewhere raises
+    path (symbolic links resolved) must lie inside the corpus directory or a served media root
+    (module docstring; :meth:`Corpus.media_path`: a link leading elsewhere raises
     ``CorpusFormatError``).
     """
     if item_id not in self.item_ids or item_id not in self.corpus:
       return None
-    path = Path(os.path.realpath(self.corpus.media_path(item_id)))
+    path = Path(os.path.realpath(self.corpus.media_path(item_id, self.media_roots)))
     return path if path.is_file() else None
+
+  def media_type(self, item_id: str) -> str:
+    """The content type of an item's media, from its name in ``items.jsonl``: an ``image/``,
+    ``audio/`` or ``video/`` type, else ``application/octet-stream`` (never served)."""
+    media = self.corpus.items[self.corpus.item_index(item_id)].media if item_id in self.corpus else ""
+    guessed = mimetypes.guess_type(media)[0] or ""
+    return guessed if guessed.split("/")[0] in MEDIA_TYPES else "application/octet-stream"
 
   # ------------------------------------------------------------------ searching
 
@@ -212,11 +259,9 @@ class SearchEngine:
         continue
       item = self.index.item_ids[int(r)]
       modality = self.corpus.item_modality(item) if item in self.corpus else None
-      media = self.corpus.items[self.corpus.item_index(item)].media if item in self.corpus else ""
       d = {"rank": len(results) + 1, "id": item,
            "identifier": [int(c) for c in self.index.codes[int(r)]], "score": float(s),
-           "modality": modality, "media_url": media_url(item),
-           "media_type": mimetypes.guess_type(media)[0] or "application/octet-stream"}
+           "modality": modality, "media_url": media_url(item), "media_type": self.media_type(item)}
       if logps is not None:
         d["logp"], d["cos"] = float(logps[rank]), float(coss[rank])
       results.append(d)

@@ -165,6 +165,11 @@ def verify_step(step_dir: str | os.PathLike, step: int, items: Sequence[str] | N
   return True
 
 
+def _first_line(e: Exception) -> str:
+  """An error's first line without tensorstore's spec dump (kilobytes of JSON), at most 300 chars."""
+  return (str(e).splitlines() or [""])[0].split(" [tensorstore_spec")[0][:300]
+
+
 class Checkpointer:
   """Periodic saves, keep-N and restore of the newest (or a given) step, with verified manifests."""
 
@@ -287,8 +292,7 @@ class Checkpointer:
       raise FileNotFoundError(f"{self.directory}: no checkpoint")
     args = {k: ocp.args.StandardRestore(jax.tree.map(_abstract, v))
             for k, v in templates.items() if jax.tree.leaves(v)}
-    if verify:
-      self.verify(step, sorted(args))
+    verified = self.verify(step, sorted(args)) if verify else False
     args[META] = ocp.args.JsonRestore()
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -296,6 +300,15 @@ class Checkpointer:
       raise CheckpointIntegrityError(
           f"{self.step_dir(step)}: checkpoint step {step} of {self.directory}: a JSON file of the step "
           f"is truncated or corrupt ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+      if verified:  # the files are as saved: not corruption, a bug or a mismatched template
+        raise
+      # tensorstore's DATA_LOSS and the like: an unverified step (--no-verify, or from before
+      # manifests) whose array files do not decode
+      raise CheckpointIntegrityError(
+          f"{self.step_dir(step)}: checkpoint step {step} of {self.directory}: an array file of the "
+          f"step cannot be read ({_first_line(e)}); the step is corrupt (it was not "
+          "verified: --no-verify, or written before manifests)") from None
     meta = dict(out[META] or {})
     meta.pop("manifest", None)
     return {k: out[k] if k in args else v for k, v in templates.items()}, meta

@@ -45,11 +45,13 @@ the corpus it was trained on). Each add or remove writes version ``n + 1`` as on
 ``versions/<n>/`` is built in a temporary sibling and renamed into place complete
 (:func:`cart_jax.core.artefacts.atomic_directory`), and only then does ``run.json`` switch to it
 (one atomic file replace: ``index_version``, ``index_dir``, ``checkpoint_dir``, ``rerank_dir``,
-``corpus_dir``, ``model_config``). A kill at any moment before that replace leaves ``run.json``
-naming the previous version, whose files nothing touched: the run stays usable as it was, and the
-next ``add``/``remove`` removes the dead writer's temporary directory and writes the version again.
-The whole operation holds MODEL_DIR's output lock (the one ``cart train`` holds). Version 1 is
-never deleted; of ``versions/<n>/``, the newest ``keep_versions`` (current included) are kept.
+``corpus_dir`` with its ``corpus_sha256``, ``corpus_sources`` (the corpora its media link to: the
+run's own and each add's), ``model_config``). A kill at any moment before that replace leaves
+``run.json`` naming the previous version, whose files nothing touched: the run stays usable as it
+was, and the next ``add``/``remove`` removes the dead writer's temporary directory and writes the
+version again. The whole operation holds MODEL_DIR's output lock (the one ``cart train`` holds).
+Version 1 is never deleted; of ``versions/<n>/``, the newest ``keep_versions`` (current included)
+are kept.
 A changed run cannot be trained further with ``cart train`` (it refuses; train a new MODEL_DIR on
 ``corpus_dir``).
 
@@ -361,7 +363,7 @@ def _version_rel(version: int, part: str) -> str:
 
 def _write_corpus(out: Path, old, new, version: int, drop: set[str], action: str, source: str | None):
   """The run's corpus at a new version: ``old`` minus ``drop``, plus ``new``'s items and texts."""
-  from cart_jax.data.corpus import MEDIA_DIR, MIXED, Item, write_corpus  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.corpus import MEDIA_DIR, MIXED, Item, is_within, write_corpus  # pylint: disable=g-import-not-at-top
   items, media, roots = [], {}, []
   for corpus in (old, new):
     if corpus is not None:
@@ -384,6 +386,10 @@ def _write_corpus(out: Path, old, new, version: int, drop: set[str], action: str
       items.append(Item(it.id, it.modality, path))
       media[it.id] = Path(new.media_path(it)).resolve()
     texts += list(new.all_texts)
+  # Only the roots some media file lies in: a version's corpus (versions/<n>/corpus, pruned later)
+  # holds links, never the files themselves, so it is no root of the next version.
+  roots = [r for r in dict.fromkeys(roots)
+           if any(is_within(str(src), str(r)) for src in media.values())]
   modalities = {it.modality for it in items}
   modality = next(iter(modalities)) if len(modalities) == 1 else MIXED
   meta = dict(old.meta)
@@ -439,12 +445,18 @@ def _switch(model_dir: Path, run: dict, version: int, model_config: dict, entry:
   ``rerank_dir`` always names the version's ``rerank/``: when the run has no re-ranker it is
   absent, and ``cart eval --rerank`` says how to build one (never the previous version's rows).
   """
-  from cart_jax.inference.runs import RUN_FILE  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.runs import CORPUS_HASHES, RUN_FILE, corpus_hashes  # pylint: disable=g-import-not-at-top
   new = dict(run)
+  corpus_dir = model_dir / _version_rel(version, "corpus")
+  # The corpora the user named (cart train's, then each add's): the version's corpus links to
+  # their media, and `cart serve` serves media from them (engine.SearchEngine).
+  sources = list(run.get("corpus_sources") or [run["corpus_dir"]])
+  sources += [entry["source"]] if entry.get("source") else []
   new.update({"index_version": version, "index_dir": _version_rel(version, "index"),
               "checkpoint_dir": _version_rel(version, "checkpoints"),
               "rerank_dir": _version_rel(version, "rerank"),
-              "corpus_dir": str(model_dir / _version_rel(version, "corpus")),
+              "corpus_dir": str(corpus_dir), CORPUS_HASHES: corpus_hashes(corpus_dir),
+              "corpus_sources": list(dict.fromkeys(sources)),
               "model_config": model_config,
               "index_history": list(run.get("index_history", [])) + [entry]})
   atomic_write_json(model_dir / RUN_FILE, new)

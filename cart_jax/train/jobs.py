@@ -13,11 +13,10 @@ from typing import Callable
 
 from cart_jax.core import paths
 from cart_jax.core.artefacts import output_lock
-from cart_jax.inference.runs import (CHECKPOINT_SUBDIR, INDEX_SUBDIR, RUN_FILE, RUN_FORMAT, RUN_VERSION,
-                                     RunError)
+from cart_jax.inference.runs import (CHECKPOINT_SUBDIR, CORPUS_FILES, CORPUS_HASHES, INDEX_SUBDIR,
+                                     RUN_FILE, RUN_FORMAT, RUN_VERSION, RunError, corpus_hashes)
 
 CONFIG_FILE = "config.gin"
-CORPUS_FILES = ("corpus.json", "items.jsonl", "texts.jsonl")  # what training reads of a corpus
 
 
 def resolve_config(config: str, summary: dict) -> str:
@@ -158,6 +157,7 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
       index = load_index(paths.stage(index_path))
       model_config = with_vocab(model_config, index.vocab)
       run = {"format": RUN_FORMAT, "version": RUN_VERSION, "corpus_dir": str(corpus_dir),
+             CORPUS_HASHES: corpus_hashes(local_corpus),  # checked by every load (runs.check_corpus)
              "index_dir": INDEX_SUBDIR, "model_config": model_config.to_dict(),
              "train_config": dataclasses.asdict(train_config),
              "input_config": dataclasses.asdict(input_config),

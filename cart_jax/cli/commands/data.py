@@ -107,7 +107,8 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   mrg.set_defaults(func=run)
 
   info = sub.add_parser("info", formatter_class=F,
-                        help="validate a corpus and print its counts and leak check")
+                        help="validate a corpus (every image decoded) and print its counts and "
+                             "leak check")
   info.add_argument("corpus", help="corpus directory")
   output.add_output_flags(info)
   info.set_defaults(func=run)
@@ -170,9 +171,11 @@ def run(args) -> int:
                                     media_mode=args.media_mode, overwrite=args.overwrite)
       summary = dict(corpus.summary(), out=str(args.out), **dataclasses.asdict(stats))
     else:  # info (argparse allows nothing else)
+      from cart_jax.media.image import check_images
       corpus = load_corpus(args.corpus)
+      decoded = check_images([corpus.media_path(it) for it in corpus.items if it.modality == "image"])
       leaks = find_leaks(corpus)
-      summary = dict(corpus.summary(), leaks=len(leaks),
+      summary = dict(corpus.summary(), images_decoded=decoded, leaks=len(leaks),
                      leak_examples=[[a.text, a.split, b.text, b.item_id] for a, b in leaks[:5]])
       rc = 1 if leaks else 0
   output.emit(args, summary, ensure_ascii=False)

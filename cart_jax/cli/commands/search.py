@@ -50,6 +50,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 def run(args) -> int:
   from cart_jax.cli.commands.eval import rerank_weight
   from cart_jax.core.errors import CartError
+  from cart_jax.data.corpus import escape_controls
   from cart_jax.inference.runs import search_job
   from cart_jax.inference.searcher import ModalityError
 
@@ -63,7 +64,7 @@ def run(args) -> int:
     raise CartError(f"--modality {args.modality}: {e}") from None
   lines = []
   for q in doc["queries"]:
-    lines.append(f"query: {q['query']}")
+    lines.append(f"query: {escape_controls(q['query'])}")  # no ESC sequence reaches the terminal
     for d in q["results"]:
       score = (f"logp={d['score']:.3f}" if "cos" not in d else
                f"score={d['score']:.3f} (logp={d['logp']:.3f} cos={d['cos']:.3f})")

@@ -14,8 +14,10 @@ few batch sizes (1, 4, 16, ... up to ``--max-batch``; one log line each with its
                   generated identifier and the score of each
   GET  /healthz   {"status": "ok", "step", "num_items", "modalities", "max_k", ...}
   GET  /metrics   requests, errors, the batch size histogram, latency p50/p90/p99
-  GET  /media/ID  an item's media file (only the index's items; never a file whose real path
-                  leaves the corpus directory and the media roots its corpus.json declares)
+  GET  /media/ID  an item's media file (only the index's items, only image, audio and video
+                  types; never a file whose real path leaves the corpus directory, the media roots
+                  its corpus.json declares inside it, the corpora the run was built from and the
+                  --media-root directories)
 
 Concurrent requests are gathered into one search call of up to ``--max-batch`` queries; the first
 request of a batch waits at most ``--max-wait-ms`` for others. At most ``--queue-size`` requests
@@ -68,6 +70,10 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                  help="also compile each modality's search at start-up (a mixed index; otherwise "
                       "on its first request)")
   p.add_argument("--access-log", action="store_true", help="log one line per request")
+  p.add_argument("--media-root", action="append", default=[], metavar="DIR",
+                 help="a directory outside the corpus whose media may be served (repeatable; "
+                      "media roots corpus.json declares outside the corpus are served only when "
+                      "named here)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   add_rerank_flags(p, "re-sort each query's beam by the dual tower's cosine (the run's rerank/ weight)")
   p.set_defaults(func=run)
@@ -87,7 +93,7 @@ def run(args) -> int:
   config = ServeConfig(host=args.host, port=args.port, beam=args.beam, max_batch=args.max_batch,
                        max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                        batch_sizes=args.batch_sizes, warm_modalities=args.warm_modalities,
-                       access_log=args.access_log)
+                       access_log=args.access_log, media_roots=tuple(args.media_root))
   with output.logs_to_stderr(args):
     server = api.make_server(args.model_dir, config, step=args.step, rerank=args.rerank,
                              rerank_weight=rerank_weight(args), embeddings=args.embeddings,
