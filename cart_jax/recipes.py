@@ -167,11 +167,11 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     except ValueError as e:
       raise CartError(str(e)) from None
     embed = dataclasses.replace(embed, captions=True)
-  if embed_steps:
-    embed = dataclasses.replace(embed, steps=embed_steps)
   if item_encoder is not None:
     from cart_jax.models.pretrained import encoders  # pylint: disable=g-import-not-at-top
     embed = dataclasses.replace(embed, item_encoder=encoders.resolve(item_encoder, recipe.modality))
+  if embed_steps:  # the steps of whichever item side trains: the tower or the head
+    embed = dataclasses.replace(embed, steps=embed_steps, head_steps=embed_steps)
   tag = "" if embed.item_encoder == "scratch" else "_" + embed.item_encoder.replace("-", "_")
   ids = recipe.smoke_ids if limit else recipe.ids
   work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"cart-demo-{recipe.modality}-"))
@@ -198,7 +198,8 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
         print(json.dumps(protocols.apply_protocol(corpus_dir, name, share, keywords), indent=2))
 
   encoder_note = "" if not tag else f" on frozen {embed.item_encoder} features"
-  with stage("embed", f"training the item encoder{encoder_note}, {embed.steps} steps (cart embed)"):
+  with stage("embed", f"training the item encoder{encoder_note}, {embed.training_steps()} steps "
+                     "(cart embed)"):
     if not emb.embeddings.exists():
       result = api.embed(corpus_dir, emb.embeddings, embed, progress=False)
       print(json.dumps(result.summary, indent=2, default=str))
@@ -255,7 +256,7 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
       **rows3, "rerank_note": rerank_note,
       "n_items": cart["num_items"], "n_test_queries": cart["num_queries"], "seconds": seconds,
       "stage_seconds": stage.times, "full": recipe.full, "experiment": recipe.experiment,
-      "embed_steps": embed.steps, "train_steps": train_summary["step"],
+      "embed_steps": embed.training_steps(), "train_steps": train_summary["step"],
       "item_encoder": embed.item_encoder, "index_stats": _index_stats(index_dir),
       "modality": recipe.modality, "dataset": dataset, "items": recipe.items,
       "workdir": str(work), "model_dir": str(model_dir), "example": example,

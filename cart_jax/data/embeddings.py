@@ -186,6 +186,10 @@ class BuiltinEmbedOptions:
       network whose frozen features feed a trained head: ``pretrained`` (the modality's default),
       ``efficientnet-lite0`` (image, video) or ``aisfx`` (audio); see
       :mod:`cart_jax.models.pretrained.encoders`.
+    head_steps: training steps when ``item_encoder`` is pretrained (``steps`` is the scratch
+      tower's). The head trains on cached features, so a step costs a small fraction of a scratch
+      tower's step; measured on val (dual tower R@1, emoji / instruments): 300 steps 0.696 /
+      0.686, 1,000 0.760 / 0.690, 2,000 0.772 / 0.711.
     steps, batch_size, lr, seed: training (``batch_size`` items per step, peak learning rate).
     dim: embedding dimension.
     captions: also train on the train captions (default: train queries only).
@@ -207,6 +211,11 @@ class BuiltinEmbedOptions:
   checkpoint_every: int = 200
   resume: bool = True
   item_encoder: str = "scratch"
+  head_steps: int = 2000
+
+  def training_steps(self) -> int:
+    """The steps this run trains: ``head_steps`` on pretrained features, else ``steps``."""
+    return self.steps if self.item_encoder == "scratch" else self.head_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +314,8 @@ def align_precomputed(corpus, corpus_dir: str, options: PrecomputedEmbedOptions
 def check_builtin_options(options: BuiltinEmbedOptions) -> None:
   """Every option in its range, before any training (raises CartError naming the flag)."""
   o = options
-  for flag, value, low in (("--steps", o.steps, 1), ("--batch-size", o.batch_size, 2),
+  for flag, value, low in (("--steps", o.steps, 1), ("--head-steps", o.head_steps, 1),
+                           ("--batch-size", o.batch_size, 2),
                            ("--dim", o.dim, 1), ("--text-batch", o.text_batch, 1),
                            ("--checkpoint-every", o.checkpoint_every, 0),
                            ("--max-shift", 0 if o.max_shift is None else o.max_shift, 0)):
@@ -341,7 +351,7 @@ def embed_builtin(corpus, corpus_dir: str, options: BuiltinEmbedOptions, files: 
   model_config = DualEncoderConfig(tower=tower)
   kinds = ("query", "caption") if options.captions else ("query",)
   train_config = train_dual.DualTrainConfig(
-      steps=options.steps, batch_size=options.batch_size, learning_rate=options.lr,
+      steps=options.training_steps(), batch_size=options.batch_size, learning_rate=options.lr,
       seed=options.seed, text_kinds=kinds, checkpoint_every=options.checkpoint_every)
   ckpt = (Path(options.checkpoint_dir) if options.checkpoint_dir else
           Path(f"{files.embeddings.with_suffix('')}.ckpt"))

@@ -61,7 +61,11 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   g.add_argument("--expect-dim", type=int_at_least(1), default=None, help="fail unless the dimension is this")
   b = p.add_argument_group("builtin")
   d = BUILTIN_DEFAULTS
-  b.add_argument("--steps", type=int_at_least(1), default=d.steps, help=f"training steps (default {d.steps})")
+  b.add_argument("--steps", type=int_at_least(1), default=d.steps,
+                 help=f"training steps of the builtin tower (default {d.steps})")
+  b.add_argument("--head-steps", type=int_at_least(1), default=d.head_steps,
+                 help=f"training steps of the head on pretrained features (default "
+                      f"{d.head_steps}; a step costs a fraction of a builtin tower's)")
   b.add_argument("--batch-size", type=int_at_least(2), default=d.batch_size,
                  help=f"items per step (default {d.batch_size})")
   b.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
@@ -102,7 +106,8 @@ def run(args) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, dim=args.dim,
         captions=args.captions, max_shift=args.max_shift, text_batch=args.text_batch,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, item_encoder="scratch" if args.encoder == "builtin" else args.encoder)
+        resume=args.resume, item_encoder="scratch" if args.encoder == "builtin" else args.encoder,
+        head_steps=args.head_steps)
   with output.logs_to_stderr(args):
     result = api.embed(args.corpus, args.out, options, overwrite=args.overwrite,
                        progress=not args.quiet)
