@@ -349,30 +349,13 @@ class AisfxEmbeddingNet(nnx.Module):
     return jnp.max(x, axis=1)  # [B, 512]: max over time
 
 
-def _fold(sd: dict[str, np.ndarray], conv: str, bn: str) -> tuple[np.ndarray, np.ndarray]:
-  """``conv`` weight ``[O, I, 3, 3]`` with batch norm ``bn`` folded -> (HWIO kernel, bias)."""
-  w = sd[f"{conv}.weight"].astype(np.float64)  # [O, I, kh, kw]
-  gamma, beta = sd[f"{bn}.weight"].astype(np.float64), sd[f"{bn}.bias"].astype(np.float64)
-  mean = sd[f"{bn}.running_mean"].astype(np.float64)
-  var = sd[f"{bn}.running_var"].astype(np.float64)
-  scale = gamma / np.sqrt(var + BATCH_NORM_EPS)  # [O]
-  kernel = (w * scale[:, None, None, None]).transpose(2, 3, 1, 0)  # [kh, kw, I, O]
-  bias = beta - mean * scale  # [O]
-  return np.ascontiguousarray(kernel, np.float32), bias.astype(np.float32)
-
-
 def _abstract(config: AisfxConfig) -> AisfxEmbeddingNet:
   return nnx.eval_shape(lambda: AisfxEmbeddingNet(config, rngs=nnx.Rngs(0)))
 
 
-def _flat_params(model: AisfxEmbeddingNet) -> dict[str, nnx.Variable]:
-  _, state = nnx.split(model)
-  return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
-
-
 @functools.lru_cache(maxsize=None)
 def _param_shapes(config: AisfxConfig) -> dict[str, tuple[int, ...]]:
-  return {k: tuple(v.get_value().shape) for k, v in _flat_params(_abstract(config)).items()}
+  return {k: tuple(v.get_value().shape) for k, v in weights.flat_params(_abstract(config)).items()}
 
 
 def convert(path: str | os.PathLike, config: AisfxConfig = DEFAULT_CONFIG) -> dict[str, np.ndarray]:
@@ -398,19 +381,15 @@ def convert(path: str | os.PathLike, config: AisfxConfig = DEFAULT_CONFIG) -> di
       conv = f"embedding_net.conv_block{k + 1}.conv{j}"
       bn = f"embedding_net.conv_block{k + 1}.bn{j}"
       try:
-        out[f"blocks.{k}.conv{j}.kernel"], out[f"blocks.{k}.conv{j}.bias"] = _fold(sd, conv, bn)
+        kernel, bias = weights.fold_batch_norm(sd, conv, bn, BATCH_NORM_EPS)
+        out[f"blocks.{k}.conv{j}.kernel"], out[f"blocks.{k}.conv{j}.bias"] = kernel, bias
       except KeyError as e:
         raise weights.PretrainedWeightsError(f"{path}: tensor {e.args[0]!r} missing") from None
-      used.update([f"{conv}.weight"] + [f"{bn}.{s}" for s in (
-          "weight", "bias", "running_mean", "running_var", "num_batches_tracked")])
+      used.update([f"{conv}.weight"] + [f"{bn}.{s}" for s in weights.BATCH_NORM_KEYS])
   left = sorted(k for k in set(sd) - used if not k.startswith("fc."))
   if left:
     raise weights.PretrainedWeightsError(f"{path}: unexpected tensors {left[:5]} (not aisfx?)")
-  expected = _param_shapes(config)
-  for key, arr in out.items():
-    if arr.shape != expected[key]:
-      raise weights.PretrainedWeightsError(
-          f"{path}: {key} has shape {arr.shape}, expected {expected[key]}")
+  weights.check_shapes(str(path), out, _param_shapes(config))
   return out
 
 
@@ -421,20 +400,7 @@ def from_arrays(arrays: dict[str, np.ndarray],
   Raises:
     PretrainedWeightsError: the arrays do not match the network's parameters.
   """
-  model = _abstract(config)  # no random init to compute
-  params = _flat_params(model)
-  if set(params) != set(arrays):
-    raise weights.PretrainedWeightsError(
-        f"converted aisfx weights: missing {sorted(set(params) - set(arrays))[:5]}, "
-        f"unexpected {sorted(set(arrays) - set(params))[:5]}")
-  for key, var in params.items():
-    new = np.asarray(arrays[key], np.float32)
-    if new.shape != tuple(var.get_value().shape):
-      raise weights.PretrainedWeightsError(
-          f"converted aisfx weights: {key} has shape {new.shape}, expected "
-          f"{tuple(var.get_value().shape)}")
-    var.set_value(jnp.asarray(new))
-  return model
+  return weights.load_into(_abstract(config), arrays, "aisfx")  # abstract: no random init
 
 
 def load_pretrained() -> AisfxEmbeddingNet:

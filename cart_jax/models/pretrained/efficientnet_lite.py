@@ -184,17 +184,6 @@ class EfficientNetLite(nnx.Module):
     return self.fc(self.features(x))  # [B, 1000]
 
 
-def _fold(sd: dict[str, np.ndarray], conv: str, bn: str) -> tuple[np.ndarray, np.ndarray]:
-  """``conv`` weight ``[O, I/g, kh, kw]`` with batch norm ``bn`` folded -> (HWIO kernel, bias)."""
-  w = sd[f"{conv}.weight"].astype(np.float64)  # [O, I/g, kh, kw]
-  gamma, beta = sd[f"{bn}.weight"].astype(np.float64), sd[f"{bn}.bias"].astype(np.float64)
-  mean, var = sd[f"{bn}.running_mean"].astype(np.float64), sd[f"{bn}.running_var"].astype(np.float64)
-  scale = gamma / np.sqrt(var + BATCH_NORM_EPS)  # [O]
-  kernel = (w * scale[:, None, None, None]).transpose(2, 3, 1, 0)  # [kh, kw, I/g, O]
-  bias = beta - mean * scale  # [O]
-  return kernel.astype(np.float32), bias.astype(np.float32)
-
-
 def convert(path: str | os.PathLike,
             config: EfficientNetLiteConfig = EfficientNetLiteConfig()) -> dict[str, np.ndarray]:
   """The package's state dict -> ``{"stem.kernel": ..., "blocks.3.depthwise.bias": ...}``.
@@ -212,11 +201,11 @@ def convert(path: str | os.PathLike,
 
   def fold(dst: str, conv: str, bn: str):
     try:
-      out[f"{dst}.kernel"], out[f"{dst}.bias"] = _fold(sd, conv, bn)
+      out[f"{dst}.kernel"], out[f"{dst}.bias"] = weights.fold_batch_norm(sd, conv, bn,
+                                                                         BATCH_NORM_EPS)
     except KeyError as e:
       raise weights.PretrainedWeightsError(f"{path}: tensor {e.args[0]!r} missing") from None
-    used.update([f"{conv}.weight"] + [f"{bn}.{k}" for k in (
-        "weight", "bias", "running_mean", "running_var", "num_batches_tracked")])
+    used.update([f"{conv}.weight"] + [f"{bn}.{k}" for k in weights.BATCH_NORM_KEYS])
 
   fold("stem", "_conv_stem", "_bn0")
   for i, (_, _, _, _, expand) in enumerate(config.block_args()):
@@ -234,11 +223,7 @@ def convert(path: str | os.PathLike,
   left = sorted(set(sd) - used)
   if left:
     raise weights.PretrainedWeightsError(f"{path}: unexpected tensors {left[:5]} (not Lite0?)")
-  expected = _param_shapes(config)
-  for key, arr in out.items():
-    if arr.shape != expected[key]:
-      raise weights.PretrainedWeightsError(
-          f"{path}: {key} has shape {arr.shape}, expected {expected[key]}")
+  weights.check_shapes(str(path), out, _param_shapes(config))
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -246,14 +231,9 @@ def _abstract(config: EfficientNetLiteConfig) -> EfficientNetLite:
   return nnx.eval_shape(lambda: EfficientNetLite(config, rngs=nnx.Rngs(0)))
 
 
-def _flat_params(model: EfficientNetLite) -> dict[str, nnx.Variable]:
-  _, state = nnx.split(model)
-  return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
-
-
 @functools.lru_cache(maxsize=None)
 def _param_shapes(config: EfficientNetLiteConfig) -> dict[str, tuple[int, ...]]:
-  return {k: tuple(v.get_value().shape) for k, v in _flat_params(_abstract(config)).items()}
+  return {k: tuple(v.get_value().shape) for k, v in weights.flat_params(_abstract(config)).items()}
 
 
 def from_arrays(arrays: dict[str, np.ndarray],
@@ -263,20 +243,7 @@ def from_arrays(arrays: dict[str, np.ndarray],
   Raises:
     PretrainedWeightsError: the arrays do not match the network's parameters.
   """
-  model = _abstract(config)  # no random init to compute
-  params = _flat_params(model)
-  if set(params) != set(arrays):
-    raise weights.PretrainedWeightsError(
-        f"converted EfficientNet-Lite weights: missing {sorted(set(params) - set(arrays))[:5]}, "
-        f"unexpected {sorted(set(arrays) - set(params))[:5]}")
-  for key, var in params.items():
-    new = np.asarray(arrays[key], np.float32)
-    if new.shape != tuple(var.get_value().shape):
-      raise weights.PretrainedWeightsError(
-          f"converted EfficientNet-Lite weights: {key} has shape {new.shape}, expected "
-          f"{tuple(var.get_value().shape)}")
-    var.set_value(jnp.asarray(new))
-  return model
+  return weights.load_into(_abstract(config), arrays, "EfficientNet-Lite")  # abstract: no random init
 
 
 def load_pretrained() -> EfficientNetLite:

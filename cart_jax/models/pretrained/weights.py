@@ -108,3 +108,63 @@ def converted(source: WeightsSource, convert: Callable[[Path], dict[str, np.ndar
   out.parent.mkdir(parents=True, exist_ok=True)
   atomic_write_via(out, lambda tmp: np.savez(tmp, **arrays))
   return ConvertedWeights(arrays, out, True, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- porting helpers
+# What every port does with a PyTorch state dict: fold batch norm into the convolution before it,
+# and load the converted arrays into an abstract (shape-only) NNX module, checking every name and
+# shape.
+
+BATCH_NORM_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def fold_batch_norm(sd: dict[str, np.ndarray], conv: str, bn: str, eps: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """``conv`` weight ``[O, I/g, kh, kw]`` with batch norm ``bn`` folded -> (HWIO kernel, bias).
+
+  In float64: ``kernel * gamma / sqrt(var + eps)``, ``bias = beta - mean * gamma / sqrt(var + eps)``.
+  Raises KeyError naming the missing tensor.
+  """
+  w = sd[f"{conv}.weight"].astype(np.float64)  # [O, I/g, kh, kw]
+  gamma, beta = sd[f"{bn}.weight"].astype(np.float64), sd[f"{bn}.bias"].astype(np.float64)
+  mean, var = sd[f"{bn}.running_mean"].astype(np.float64), sd[f"{bn}.running_var"].astype(np.float64)
+  scale = gamma / np.sqrt(var + eps)  # [O]
+  kernel = (w * scale[:, None, None, None]).transpose(2, 3, 1, 0)  # [kh, kw, I/g, O]
+  bias = beta - mean * scale  # [O]
+  return np.ascontiguousarray(kernel, np.float32), bias.astype(np.float32)
+
+
+def flat_params(model) -> dict:
+  """``{"blocks.0.conv1.kernel": nnx.Variable, ...}`` of an NNX module (dot-joined paths)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  _, state = nnx.split(model)
+  return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+
+
+def check_shapes(source: str, arrays: dict[str, np.ndarray], expected: dict[str, tuple]) -> None:
+  """Every converted array has its parameter's shape (PretrainedWeightsError naming the file)."""
+  for key, arr in arrays.items():
+    if key not in expected or arr.shape != expected[key]:
+      raise PretrainedWeightsError(f"{source}: {key} has shape {arr.shape}, expected "
+                                   f"{expected.get(key, 'no such parameter')}")
+
+
+def load_into(model, arrays: dict[str, np.ndarray], what: str):
+  """Sets the parameters of ``model`` (abstract, from ``nnx.eval_shape``) to ``arrays``.
+
+  Raises:
+    PretrainedWeightsError: names missing or unexpected arrays, or a shape that differs.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  params = flat_params(model)
+  if set(params) != set(arrays):
+    raise PretrainedWeightsError(
+        f"converted {what} weights: missing {sorted(set(params) - set(arrays))[:5]}, "
+        f"unexpected {sorted(set(arrays) - set(params))[:5]}")
+  for key, var in params.items():
+    new = np.asarray(arrays[key], np.float32)
+    if new.shape != tuple(var.get_value().shape):
+      raise PretrainedWeightsError(f"converted {what} weights: {key} has shape {new.shape}, "
+                                   f"expected {tuple(var.get_value().shape)}")
+    var.set_value(jnp.asarray(new))
+  return model
