@@ -85,9 +85,12 @@ def resolve(name: str, modality: str) -> str:
 
 
 def feature_shape(name: str, modality: str) -> tuple[int, ...]:
+  """One item's features: the network's own output size (per frame for video)."""
   if name == "aisfx":
-    return (512,)
-  return (VIDEO_FRAMES, 1280) if modality == "video" else (1280,)
+    from cart_jax.models.pretrained.aisfx import EMBED_DIM  # pylint: disable=g-import-not-at-top
+    return (EMBED_DIM,)
+  from cart_jax.models.pretrained.efficientnet_lite import NUM_FEATURES  # pylint: disable=g-import-not-at-top
+  return (VIDEO_FRAMES, NUM_FEATURES) if modality == "video" else (NUM_FEATURES,)
 
 
 def _encode_chunk(name: str, modality: str, paths: Sequence[str | os.PathLike]) -> np.ndarray:
