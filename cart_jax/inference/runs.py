@@ -195,10 +195,12 @@ def check_finite(tree, where: str) -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from cart_jax.inference.searcher import NonFiniteError  # pylint: disable=g-import-not-at-top
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      continue
-    bad = int(jax.device_get(jnp.sum(~jnp.isfinite(leaf))))
+  leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  # Every count dispatched first, then one transfer (not one device round trip per array).
+  counts = jax.device_get([jnp.sum(~jnp.isfinite(leaf)) for _, leaf in leaves])
+  for (path, leaf), bad in zip(leaves, counts):
+    bad = int(bad)
     if bad:
       name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
       raise NonFiniteError(
