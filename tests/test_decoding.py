@@ -126,6 +126,34 @@ def test_exact_top_k_when_beam_covers_all_identifiers(seed, n, sizes, beam, n_re
   assert not np.array_equal(res.rows[0], res.rows[1]) or not np.array_equal(res.rows[1], res.rows[2])
 
 
+@pytest.mark.parametrize("seed,n,sizes", [(4, 12, (3, 4, 2)), (5, 7, (7,))])
+def test_leaf_bias_is_each_items_log_prior_added_to_its_score(seed, n, sizes):
+  """With a per-item log-prior (``SemanticIndex.log_prior``) the exact top-k is the top-k of
+  score + prior: the bias moves the biased items and leaves every other score as it was."""
+  rng = np.random.default_rng(seed)
+  codes = random_codes(rng, n, sizes)
+  vocab = IdentifierVocab(sizes)
+  batch = 3
+  model = StubModel(vocab.vocab_size, len(sizes), batch, seed)
+  exact = exhaustive_scores(model, codes, sizes, batch)  # [batch, N]
+  bias = np.zeros(n, np.float32)
+  top = np.argmax(exact, axis=1)
+  bias[top] = -50.0  # every query's best item pushed below the rest
+  bias[1] = min(bias[1], -0.7)
+  plain = run_search(model, build_trie(codes, vocab, device_put=True), DecodeConfig(n, n), batch)
+  biased_trie = build_trie(codes, vocab, device_put=True, leaf_bias=bias)
+  assert biased_trie.leaf_bias is not None
+  res = run_search(model, biased_trie, DecodeConfig(n, n), batch)
+  check_results_valid(res, codes, sizes, n)
+  check_exact_top_k(res, exact + bias[None, :], n)
+  for b in range(batch):
+    assert res.rows[b][0] != top[b] and plain.rows[b][0] == top[b]
+  # all-zero offsets are no bias at all: the same tables as without
+  assert build_trie(codes, vocab, leaf_bias=np.zeros(n)).leaf_bias is None
+  with pytest.raises(ValueError, match="leaf_bias"):
+    build_trie(codes, vocab, leaf_bias=np.full(n + 1, -1.0))
+
+
 def test_narrow_prefixes_fewer_children_than_beam():
   # Root has 2 children; one subtree is a single chain. Beam 6 > any node's fan-out.
   codes = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 2, 3]], np.int32)

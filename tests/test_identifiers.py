@@ -142,6 +142,32 @@ def test_assign_keeps_existing_identifiers_and_stays_unique(built, emb):
     built.assign(np.zeros((1, 5), np.float32), ["x"])
 
 
+def test_item_log_prior_follows_assign_remove_and_the_saved_index(built, emb, tmp_path):
+  assert built.log_prior is None and not built.prior().any()
+  ext, _ = built.assign(structured_embeddings(20, 32, seed=7), [f"new{i}" for i in range(20)])
+  with_prior = ext.with_prior(np.arange(600, 620), -1.25)
+  p = with_prior.prior()
+  assert p.shape == (620,) and np.all(p[600:] == np.float32(-1.25)) and not p[:600].any()
+  # a later assign appends zeros; a remove drops the removed rows' offsets with them
+  ext2, _ = with_prior.assign(structured_embeddings(3, 32, seed=8), ["a", "b", "c"])
+  assert ext2.prior()[600:620].tolist() == [-1.25] * 20 and not ext2.prior()[620:].any()
+  rem = ext2.remove(["new0", "it1"])
+  assert rem.n_items == 621 and rem.prior()[rem.row_of()["new1"]] == np.float32(-1.25)
+  assert rem.prior()[rem.row_of()["it0"]] == 0.0 and (rem.prior() < 0).sum() == 19
+  rem.save(tmp_path / "idx")
+  assert (tmp_path / "idx" / ident.LOG_PRIOR_FILE).is_file()
+  back = ident.load_index(tmp_path / "idx")
+  np.testing.assert_array_equal(back.prior(), rem.prior())
+  built.save(tmp_path / "plain")  # no offsets: no file
+  assert not (tmp_path / "plain" / ident.LOG_PRIOR_FILE).exists()
+  with pytest.raises(InputError, match="finite and <= 0"):
+    ext.with_prior(np.arange(600, 602), 0.5)
+  # a tampered prior file is refused by its hash; a wrong one (hash updated) by its shape
+  np.save(tmp_path / "idx" / ident.LOG_PRIOR_FILE, np.zeros(621, np.float32))
+  with pytest.raises(ident.IndexFormatError, match="item_log_prior.npy: content does not match"):
+    ident.load_index(tmp_path / "idx")
+
+
 def test_build_rejects_bad_input(emb):
   with pytest.raises(InputError, match="fewer items"):
     ident.build_index(emb[:4], None, ident.IdentifierConfig(**SMALL))

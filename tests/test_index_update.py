@@ -164,6 +164,85 @@ def test_add_keeps_every_identifier_and_makes_the_new_items_searchable(world, ad
 
 
 @needs_minilm
+def test_add_distills_from_the_run_before_and_gives_the_new_items_their_corpus_prior(world, added):
+  run, s = added
+  ft = s["fine_tune"]
+  assert ft["distill"] == incremental.DEFAULT_DISTILL > 0
+  assert all("distill_kl" in m and m["distill_kl"] >= 0 for m in ft["history"])
+  # auto prior: the new texts' share of the corpus (log-odds) minus their share of a batch (4 of 8)
+  share = ft["new_texts"] / (ft["new_texts"] + ft["old_texts"])
+  want = np.log(share / (1 - share)) - np.log(4 / 4)
+  assert s["new_item_prior"]["mode"] == "auto"
+  assert s["new_item_prior"]["log_prior"] == pytest.approx(want, rel=1e-6) and want < 0
+  index = load_index(run / "versions/2/index")
+  prior = dict(zip(index.item_ids, index.prior().tolist()))
+  assert all(prior[i] == pytest.approx(want, rel=1e-6) for i in world.new_ids)
+  assert not any(prior[i] for i in world.old_ids)
+  # the search adds the offset to the new items' scores: switched off, they score higher
+  texts = _train_texts(world.new, world.new_ids)
+  q = [texts[i] for i in world.new_ids]
+  with_prior = api.search(run, q, k=20 + N_NEW)
+  (run / "versions/2/index").rename(run / "versions/2/index.with_prior")
+  try:
+    dataclasses_replace = __import__("dataclasses").replace
+    dataclasses_replace(index, log_prior=None).save(run / "versions/2/index")
+    without = api.search(run, q, k=20 + N_NEW)
+  finally:
+    shutil.rmtree(run / "versions/2/index")
+    (run / "versions/2/index.with_prior").rename(run / "versions/2/index")
+  for a, b in zip(with_prior, without):
+    sa = {d["item_id"]: d["score"] for d in a["results"]}
+    sb = {d["item_id"]: d["score"] for d in b["results"]}
+    for item in set(sa) & set(sb):
+      shift = sa[item] - sb[item]
+      assert shift == pytest.approx(want if item in world.new_ids else 0.0, abs=1e-4), item
+
+
+def test_new_item_log_prior():
+  # 20% of the corpus's texts are new, the fine-tune showed them in half of every batch
+  assert incremental.new_item_log_prior("auto", 100, 64, 128, 200, 800) == pytest.approx(
+      np.log(0.25) - np.log(1.0))
+  # a fine-tune no more new-heavy than the corpus: no offset; no training: none either
+  assert incremental.new_item_log_prior("auto", 100, 16, 128, 200, 800) == 0.0
+  assert incremental.new_item_log_prior("auto", 0, 64, 128, 200, 800) == 0.0
+  assert incremental.new_item_log_prior("none", 100, 64, 128, 200, 800) == 0.0
+  assert incremental.new_item_log_prior(-0.5, 100, 64, 128, 200, 800) == -0.5
+  assert incremental.new_item_log_prior("auto", 100, 128, 128, 200, 0) == 0.0  # nothing old
+  for bad in ("sometimes", 0.5, float("nan")):
+    with pytest.raises(incremental.IndexUpdateError, match="--new-item-prior"):
+      incremental._check_prior(bad)
+  assert incremental._check_prior("-1.5") == -1.5
+
+
+@needs_minilm
+def test_new_items_without_training_texts_learn_from_pseudo_queries(world, tmp_path):
+  """New items with no train text: the nearest training texts in the dual tower's space stand in
+  (``--pseudo-queries``); without the dual tower beside the embeddings they get identifiers only."""
+  from test_rerank import _dual_model
+  textless = tmp_path / "textless"
+  c = load_corpus(world.new, check_media=False)
+  write_corpus(textless, c.name, c.modality, list(c.items), [t for t in c.all_texts if t.split != "train"],
+               media_sources={it.id: c.media_path(it) for it in c.items}, media_mode="symlink")
+  emb = tmp_path / "emb" / "new.npy"
+  arr = np.load(world.new_emb)
+  _save_emb(emb, arr, world.new_ids)
+  run = _copy(world, "textless_plain")
+  with pytest.raises(Exception, match="no train queries or captions"):  # no dual tower: no texts
+    api.index_add(run, textless, emb, steps=6, progress=False, log=lambda m: None)
+  assert not (run / "versions").exists()
+  _dual_model(emb.with_suffix(".model.npz"), arr.shape[1])
+  run = _copy(world, "textless")
+  s = api.index_add(run, textless, emb, steps=6, pseudo_queries=3, progress=False, log=lambda m: None)
+  ps = s["fine_tune"]["pseudo_queries"]
+  assert ps["textless_items"] == N_NEW and ps["pseudo_queries"] == 3 * N_NEW
+  assert s["fine_tune"]["new_texts"] == 3 * N_NEW and s["fine_tune"]["steps"] == 6
+  assert s["num_items"] == 20 + N_NEW
+  # the pseudo-queries are existing training texts of the run's corpus
+  base_texts = {t.text for t in load_corpus(world.root / "base", check_media=False).texts(split="train")}
+  assert ps["candidates"] <= len(base_texts)
+
+
+@needs_minilm
 def test_remove_then_add_never_returns_removed_items_nor_reuses_their_identifiers(world, added, capsys):
   run = _copy(world, "removed")
   gone = world.old_ids[:2]
@@ -317,7 +396,7 @@ def test_failure_or_kill_during_add_leaves_the_previous_version_and_add_again_wo
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
   litter = sorted(p.name for p in (run / "versions").iterdir())  # the dead writer's
-  assert len(litter) == 2 and litter[0] == ".2.lock" and litter[1].startswith(".2.tmp-"), litter
+  assert litter == [".2.partial"], litter  # never named by run.json
   after = {k: v for k, v in _tree_hash(run).items() if not k.startswith("versions")}
   assert after == before  # run.json, index/, checkpoints/ untouched
   loaded = load_run(run)  # usable at version 1

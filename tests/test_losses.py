@@ -7,7 +7,8 @@ from flax import nnx
 
 from cart_jax.index.vocab import PAD_ID, IdentifierVocab
 from cart_jax.models.cart.config import tiny, with_vocab
-from cart_jax.models.cart.losses import bidirectional_kl, compute_loss, token_cross_entropy
+from cart_jax.models.cart.losses import (bidirectional_kl, compute_loss, distillation_kl,
+                                         token_cross_entropy)
 from cart_jax.models.cart.network import create_model, shift_right
 
 VOCAB = IdentifierVocab((4, 3, 2))
@@ -46,6 +47,18 @@ def test_bidirectional_kl_matches_numpy():
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   assert float(bidirectional_kl(jnp.asarray(b), jnp.asarray(a), jnp.asarray(mask))) == pytest.approx(float(got))
   assert float(bidirectional_kl(jnp.asarray(a), jnp.asarray(a), jnp.asarray(mask))) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distillation_kl_matches_numpy_and_is_zero_at_the_teacher():
+  rs = np.random.RandomState(2)
+  s, t = rs.randn(2, 3, 5).astype(np.float32), rs.randn(2, 3, 5).astype(np.float32)
+  mask = np.array([[1, 1, 0], [1, 0, 1]], bool)
+  ls, lt = _log_softmax(s), _log_softmax(t)
+  want = (np.exp(lt) * (lt - ls)).sum(-1)[mask].mean()
+  got = distillation_kl(jnp.asarray(s), jnp.asarray(lt), jnp.asarray(mask))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert float(distillation_kl(jnp.asarray(t), jnp.asarray(lt), jnp.asarray(mask))) == pytest.approx(
+      0.0, abs=1e-6)
 
 
 def _batch(seed=0):
@@ -92,3 +105,30 @@ def test_compute_loss_rdrop_and_omega_zero():
   grads = jax.jit(jax.grad(lambda st: compute_loss(nnx.merge(graphdef, st), batch, omega=0.7,
                                                    dropout_rng=key)[0]))(state)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_compute_loss_distills_the_last_rows_towards_a_teacher():
+  cfg = with_vocab(tiny(input_vocab_size=40, num_decoder_layers=1, dropout_rate=0.0), VOCAB)
+  graphdef, state = nnx.split(create_model(cfg, seed=0, host_init=True))
+  _, other = nnx.split(create_model(cfg, seed=1, host_init=True))
+  batch = _batch()
+
+  def teacher_logp(st, rows):
+    logits, _ = nnx.merge(graphdef, st)(batch["inputs"][-rows:], shift_right(batch["targets"][-rows:]))
+    return jax.nn.log_softmax(logits, axis=-1)
+
+  m = nnx.merge(graphdef, state)
+  plain, _ = compute_loss(m, batch, omega=0.0, dropout_rng=None)
+  # the model as its own teacher: nothing to learn, the loss is the CE
+  loss, aux = compute_loss(m, dict(batch, teacher_logp=teacher_logp(state, 2)), omega=0.0,
+                           dropout_rng=None, distill=3.0)
+  assert float(aux["distill_kl"]) == pytest.approx(0.0, abs=1e-6)
+  assert float(loss) == pytest.approx(float(plain), rel=1e-6)
+  # another network as the teacher of the last 2 rows: loss = CE + 3 x KL(teacher || student)
+  tl = teacher_logp(other, 2)
+  loss, aux = compute_loss(m, dict(batch, teacher_logp=tl), omega=0.0, dropout_rng=None, distill=3.0)
+  logits, _ = m(batch["inputs"], shift_right(batch["targets"]))
+  mask = batch["targets"][-2:] != PAD_ID
+  want = float(distillation_kl(logits[-2:], tl, mask))
+  assert want > 1e-3 and float(aux["distill_kl"]) == pytest.approx(want, rel=1e-5)
+  assert float(loss) == pytest.approx(float(plain) + 3.0 * want, rel=1e-5)

@@ -579,7 +579,7 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
                  texts: Sequence[Text], *, media_sources: Mapping[str, str | os.PathLike] | None = None,
                  media_mode: str = "symlink", media_writer: MediaWriter | None = None,
                  meta: Mapping | None = None, overwrite: bool = False,
-                 media_roots: Sequence[str | os.PathLike] = ()) -> Corpus:
+                 media_roots: Sequence[str | os.PathLike] = (), check_media: bool = True) -> Corpus:
   """Writes a corpus directory atomically and returns it (loaded back and validated).
 
   Args:
@@ -596,6 +596,8 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
     media_roots: with ``media_mode="symlink"``, the directories the links may point into (an
       importer's media root), stored as real paths in the header's ``media_roots``; the directory
       of any source outside them is added, so every link written is declared.
+    check_media: validate the media files too (False: the JSON files only, e.g. a corpus whose
+      media stay where its items came from).
   """
   if modality not in CORPUS_MODALITIES:
     raise CorpusFormatError(f"corpus {name!r}: bad modality {modality!r}; expected one of "
@@ -644,7 +646,7 @@ def write_corpus(out_dir: str | os.PathLike, name: str, modality: str, items: Se
               **({"media_roots": declared} if declared else {}), "meta": dict(meta or {})}
     (tmp / CORPUS_FILE).write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n",
                                    encoding="utf-8")
-    load_corpus(tmp)  # full validation, media included, before it becomes visible
+    load_corpus(tmp, check_media=check_media)  # full validation before it becomes visible
     _swap_into_place(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -57,6 +57,7 @@ META_FILE = "meta.json"
 META_HASH_FILE = "meta.sha256"  # "<sha256 of meta.json>  meta.json", as sha256sum writes it
 REMOVED_CODES_FILE = "removed_codes.npy"  # tombstones (see the module docstring)
 REMOVED_IDS_FILE = "removed_item_ids.txt"
+LOG_PRIOR_FILE = "item_log_prior.npy"  # optional decode-time log-prior per item (module docstring)
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -278,6 +279,7 @@ class SemanticIndex:
   stats: dict = dataclasses.field(default_factory=dict)
   removed_codes: np.ndarray | None = None  # int32 [R, L] tombstones: identifiers of removed items
   removed_item_ids: list[str] = dataclasses.field(default_factory=list)  # row r <-> removed_codes[r]
+  log_prior: np.ndarray | None = None   # float32 [N] decode-time offset per item (None: all 0)
 
   @property
   def n_items(self) -> int:
@@ -289,6 +291,21 @@ class SemanticIndex:
 
   def row_of(self) -> dict[str, int]:
     return {item: i for i, item in enumerate(self.item_ids)}
+
+  def prior(self) -> np.ndarray:
+    """The decode-time log-prior offset of every row, float32 ``[N]`` (zeros when none is set)."""
+    if self.log_prior is None:
+      return np.zeros(self.n_items, np.float32)
+    return np.asarray(self.log_prior, np.float32)
+
+  def with_prior(self, rows: np.ndarray, values: np.ndarray | float) -> "SemanticIndex":
+    """The index with the log-prior offsets of ``rows`` set to ``values`` (finite, <= 0 each)."""
+    values = np.broadcast_to(np.asarray(values, np.float32), np.shape(rows))
+    if not np.isfinite(values).all() or (values > 0).any():
+      raise InputError(f"item log-prior offsets must be finite and <= 0, got {values[:5]}")
+    prior = self.prior().copy()
+    prior[np.asarray(rows, np.int64)] = values
+    return dataclasses.replace(self, log_prior=prior if prior.any() else None)
 
   # ---- encoding of (new) embeddings into prefixes
   def _prefixes(self, emb: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -334,8 +351,10 @@ class SemanticIndex:
     all_codes = np.concatenate([self.codes, new_codes], axis=0)
     sizes = list(self.vocab.level_sizes)
     sizes[-1] = max(sizes[-1], int(u.max(initial=0)) + 1)
+    prior = (None if self.log_prior is None else
+             np.concatenate([self.prior(), np.zeros(len(item_ids), np.float32)]))
     new = dataclasses.replace(self, codes=all_codes, item_ids=list(self.item_ids) + list(item_ids),
-                              vocab=IdentifierVocab(tuple(sizes)),
+                              vocab=IdentifierVocab(tuple(sizes)), log_prior=prior,
                               stats={**self.stats, **collision_stats(all_codes),
                                      "n_items": int(all_codes.shape[0]), "assigned_after_build": int(
                                          self.stats.get("assigned_after_build", 0) + len(item_ids))})
@@ -368,6 +387,7 @@ class SemanticIndex:
     codes = np.ascontiguousarray(self.codes[keep])
     return dataclasses.replace(
         self, codes=codes, item_ids=[i for i, k in zip(self.item_ids, keep) if k],
+        log_prior=None if self.log_prior is None else self.prior()[keep],
         removed_codes=np.concatenate([old_removed, self.codes[gone]]).astype(np.int32),
         removed_item_ids=list(self.removed_item_ids) + [self.item_ids[r] for r in gone],
         stats={**self.stats, **collision_stats(codes), "n_items": int(codes.shape[0]),
@@ -393,6 +413,8 @@ class SemanticIndex:
       if self.removed_codes is not None and len(self.removed_codes):
         np.save(tmp / REMOVED_CODES_FILE, np.ascontiguousarray(self.removed_codes, np.int32))
         (tmp / REMOVED_IDS_FILE).write_text("\n".join(self.removed_item_ids) + "\n", encoding="utf-8")
+      if self.log_prior is not None and np.asarray(self.log_prior).any():
+        np.save(tmp / LOG_PRIOR_FILE, self.prior())
       files = sorted(p.name for p in tmp.iterdir())
       meta = {
           "format": FORMAT_NAME, "version": FORMAT_VERSION,
@@ -524,6 +546,14 @@ def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = Non
   centroids = rq = tables = None
   dim = int(meta["embedding_dim"])
   removed, removed_ids = _load_tombstones(d, files, codes, vocab)
+  log_prior = None
+  if LOG_PRIOR_FILE in files:
+    log_prior = np.load(d / LOG_PRIOR_FILE, allow_pickle=False)
+    if log_prior.dtype != np.float32 or log_prior.shape != (n,):
+      raise IndexFormatError(f"{d / LOG_PRIOR_FILE}: expected float32 [{n}], found "
+                             f"{log_prior.dtype} {log_prior.shape}")
+    if not np.isfinite(log_prior).all() or (log_prior > 0).any():
+      raise IndexFormatError(f"{d / LOG_PRIOR_FILE}: offsets must be finite and <= 0")
   if cfg.use_kmeans:
     centroids = np.load(d / "centroids.npy", allow_pickle=False)
     if centroids.shape != (cfg.n_clusters, dim):
@@ -549,7 +579,8 @@ def load_index(directory: str | os.PathLike, embeddings: np.ndarray | None = Non
   return SemanticIndex(codes=codes, item_ids=ids, vocab=vocab, config=cfg, embedding_dim=dim,
                        input_hash=meta["input_hash"], centroids=centroids, rqvae_params=rq,
                        residual_scale=float(meta["residual_scale"]), hier_tables=tables,
-                       stats=meta.get("stats", {}), removed_codes=removed, removed_item_ids=removed_ids)
+                       stats=meta.get("stats", {}), removed_codes=removed, removed_item_ids=removed_ids,
+                       log_prior=log_prior)
 
 
 def _load_tombstones(d: Path, files: dict, codes: np.ndarray, vocab: IdentifierVocab):

@@ -16,6 +16,9 @@ arXiv 2602.22647):
   ``node_code[d + 1][m]``. The child node id *is* the CSR column index, so no separate column array
   is stored.
 * **Leaves** (depth ``L``) map to the row of the identifier in ``codes``: ``leaf_row[m]``.
+* **Leaf bias** (optional): ``leaf_bias[m]`` is a log-probability offset added to the score of leaf
+  ``m`` when the search reaches it (an item's decode-time prior, ``SemanticIndex.log_prior``);
+  ``None`` (no offsets) keeps the plain search.
 
 Each level has a static maximum fan-out ``max_fanout[d]`` (the largest number of children of any
 node at depth ``d``). A decode step at depth ``d`` gathers, for every beam, the ``max_fanout[d]``
@@ -59,6 +62,8 @@ class TrieTables:
     level_sizes: static, the vocabulary size of each level.
     num_nodes: static, number of nodes at depth 0..L (``num_nodes[0] == 1``, ``num_nodes[L] == N``).
     max_fanout: static, largest child count of a node at depth 0..L-1.
+    leaf_bias: float32 [N] or None: log-prior offset of each leaf (depth-L node), added to its
+      score at the last step of the search.
   """
   root_child: jax.Array
   row_start: tuple[jax.Array, ...]
@@ -67,6 +72,7 @@ class TrieTables:
   level_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   num_nodes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   max_fanout: tuple[int, ...] = flax.struct.field(pytree_node=False)
+  leaf_bias: jax.Array | None = None
 
   @property
   def id_length(self) -> int:
@@ -167,7 +173,7 @@ def _lexicographic_order(codes: np.ndarray, level_sizes: tuple[int, ...]) -> np.
 
 
 def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
-               device_put: bool = False) -> TrieTables:
+               device_put: bool = False, leaf_bias: np.ndarray | None = None) -> TrieTables:
   """Builds the trie tables from identifier codes, vectorised (no Python loop over items).
 
   Args:
@@ -176,6 +182,8 @@ def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
       smallest vocabulary holding ``codes`` is used.
     device_put: if True, the returned tables are committed to the default device; otherwise they
       stay numpy arrays (call ``to_device``).
+    leaf_bias: optional float [N]: row i's log-prior offset (``SemanticIndex.prior()``); all zeros
+      or None: no bias (the tables carry ``leaf_bias=None``).
 
   Returns:
     TrieTables.
@@ -226,6 +234,12 @@ def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
       row_start.append(rs)
       max_fanout.append(int(counts.max()))
     starts_prev = starts
+  bias = None
+  if leaf_bias is not None and np.asarray(leaf_bias).any():
+    leaf_bias = np.asarray(leaf_bias, np.float32)
+    if leaf_bias.shape != (n,) or not np.isfinite(leaf_bias).all():
+      raise ValueError(f"leaf_bias: need finite float [{n}], got shape {leaf_bias.shape}")
+    bias = leaf_bias[order]  # [N] by leaf node
   # Leaves are the sorted rows themselves (all identifiers are distinct).
   tables = TrieTables(
       root_child=root_child,
@@ -234,7 +248,8 @@ def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
       leaf_row=order,
       level_sizes=tuple(int(s) for s in level_sizes),
       num_nodes=tuple(num_nodes),
-      max_fanout=tuple(max_fanout))
+      max_fanout=tuple(max_fanout),
+      leaf_bias=bias)
   return tables.to_device() if device_put else tables
 
 

@@ -80,7 +80,8 @@ class Beams:
   query_embedding: np.ndarray | None
 
 
-def subset_trie(codes: np.ndarray, rows: np.ndarray, vocab=None, device_put: bool = False) -> TrieTables:
+def subset_trie(codes: np.ndarray, rows: np.ndarray, vocab=None, device_put: bool = False,
+                leaf_bias: np.ndarray | None = None) -> TrieTables:
   """The trie of ``codes[rows]`` whose leaves point at the *global* rows (rows of ``codes``).
 
   Args:
@@ -88,6 +89,7 @@ def subset_trie(codes: np.ndarray, rows: np.ndarray, vocab=None, device_put: boo
     rows: int [n] the rows to keep (distinct, any order).
     vocab: the index's IdentifierVocab (same level sizes as the full trie, so the model's logits fit).
     device_put: commit the tables to the default device.
+    leaf_bias: optional float [N] log-prior offset per row of ``codes`` (``SemanticIndex.prior()``).
   """
   rows = np.asarray(rows, np.int64)  # [n]
   if rows.ndim != 1 or rows.size == 0:
@@ -97,7 +99,8 @@ def subset_trie(codes: np.ndarray, rows: np.ndarray, vocab=None, device_put: boo
   codes = np.asarray(codes)
   if rows.min() < 0 or rows.max() >= codes.shape[0]:
     raise ValueError(f"subset_trie: rows out of range [0, {codes.shape[0]})")
-  sub = build_trie(codes[rows], vocab)  # leaf_row: rows of codes[rows]  [n]
+  bias = None if leaf_bias is None else np.asarray(leaf_bias, np.float32)[rows]
+  sub = build_trie(codes[rows], vocab, leaf_bias=bias)  # leaf_row: rows of codes[rows]  [n]
   sub = sub.replace(leaf_row=rows[np.asarray(sub.leaf_row)].astype(np.int32))  # -> global rows [n]
   return sub.to_device() if device_put else sub
 
@@ -156,7 +159,8 @@ class CartSearcher:
     if mesh is not None:  # queries are split over the data axis: a batch fills it evenly
       n_data = mesh.shape[partitioning.DATA]
       self.batch_size = -(-self.batch_size // n_data) * n_data
-    self.trie = self._place(build_trie(np.asarray(index.codes), index.vocab))
+    self.trie = self._place(build_trie(np.asarray(index.codes), index.vocab,
+                                       leaf_bias=index.prior()))
     self._tries: dict[str | None, TrieTables] = {None: self.trie}  # shared by restricted views
     id_length = index.vocab.id_length
     config = self.decode_config
@@ -196,7 +200,8 @@ class CartSearcher:
         raise ModalityError(f"modality {modality!r} is not in this index; available: {listed}")
       rows = np.flatnonzero(self.item_modalities == modality)  # [n_modality] global rows
       self._tries[modality] = self._place(subset_trie(np.asarray(self.index.codes), rows,
-                                                      self.index.vocab))
+                                                      self.index.vocab,
+                                                      leaf_bias=self.index.prior()))
     return self._tries[modality]
 
   def _place(self, trie: TrieTables) -> TrieTables:

@@ -74,17 +74,19 @@ A changed run cannot be trained further with ``cart train`` (it refuses; train a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from cart_jax.core.artefacts import atomic_directory, atomic_write_json, output_lock
+from cart_jax.core.artefacts import output_lock
 from cart_jax.core.errors import CartError
 
 VERSIONS_SUBDIR = "versions"
@@ -93,6 +95,9 @@ ADDED_MEDIA = "added-v{version}"  # under the corpus's media/ directory
 DEFAULT_REPLAY_RATIO = 0.5
 DEFAULT_KEEP_VERSIONS = 2
 DEFAULT_BALANCE_TAIL = 0.0
+DEFAULT_DISTILL = 1.0
+DEFAULT_NEW_ITEM_PRIOR = "auto"
+DEFAULT_PSEUDO_QUERIES = 8  # as InputConfig.pseudo_queries
 MAX_STEPS_FRACTION = 0.18  # auto steps: at most this share of the run's own training steps
 MIN_AUTO_STEPS = 20
 EMBED_KEY = ("decoder_embedder", "embedding")  # [vocab, d_model]
@@ -253,6 +258,71 @@ def auto_steps(run_steps: int, batch_size: int, old_texts: int, new_texts: int,
   return int(min(max(want, min(MIN_AUTO_STEPS, cap)), cap))
 
 
+def _with_pseudo_queries(new_texts: list, new_corpus, old_corpus, embeddings, item_ids, k: int,
+                         run: dict, log: Callable[[str], None]) -> tuple[list, dict | None]:
+  """``new_texts`` plus ``k`` pseudo-queries for every new item that has none; and a summary."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import pseudo_queries as pq  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import state_cache  # pylint: disable=g-import-not-at-top
+  have = {t.item_id for t in new_texts}
+  textless = [i for i in new_corpus.item_ids if i not in have]
+  if not textless:
+    return new_texts, None
+  model = embedding_files(embeddings).model
+  if not Path(model).is_file():
+    log(f"note: {len(textless)} new item(s) have no training text (e.g. {textless[:3]}) and get no "
+        f"pseudo-queries: those need the dual tower {model} beside {embeddings} (`cart embed` "
+        "writes it); they get identifiers only")
+    return new_texts, {"textless_items": len(textless), "pseudo_queries": 0,
+                       "skipped": f"no {Path(model).name}"}
+  candidates = [t.text for c in (old_corpus, new_corpus) for t in c.texts(split="train")]
+  root = run.get("input_config", {}).get("state_cache_dir")
+  root = Path(root) if root else state_cache.default_root()
+  pseudo, summary = pq.pseudo_queries(
+      new_corpus, SimpleNamespace(item_ids=list(new_corpus.item_ids)), embeddings, k,
+      items=textless, candidates=candidates, ids_path=item_ids,
+      cache_dir=root.parent / "pseudo_text_features", log=log)
+  return list(new_texts) + pseudo, summary
+
+
+def _check_prior(value) -> str | float:
+  if isinstance(value, str):
+    if value in ("auto", "none"):
+      return value
+    try:
+      value = float(value)
+    except ValueError:
+      raise IndexUpdateError(f"--new-item-prior {value!r}: 'auto', 'none' or a number <= 0") from None
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and value <= 0):
+    raise IndexUpdateError(f"--new-item-prior {value!r}: 'auto', 'none' or a number <= 0")
+  return float(value)
+
+
+def new_item_log_prior(mode: str | float, steps: int, new_per_batch: int, batch_size: int,
+                       new_texts: int, old_texts: int) -> float:
+  """The new items' decode-time log-prior offset (``SemanticIndex.log_prior``), <= 0.
+
+  ``"auto"``: the fine-tune showed the new items' texts at a share ``f = new_per_batch /
+  batch_size`` of every batch, while they are a share ``s = new_texts / (new_texts + old_texts)``
+  of the corpus's training texts. A classifier trained under one class balance and used under
+  another is corrected by the ratio of the two priors (Saerens et al. 2002, "Adjusting the Outputs
+  of a Classifier to New a Priori Probabilities"); with the old items as the other class, the new
+  items' scores move by ``log(s / (1 - s)) - log(f / (1 - f))``, the difference of the two
+  log-odds (0 when the fine-tune was no more new-heavy than the corpus, or did not run).
+  """
+  if mode == "none" or steps <= 0 or new_texts <= 0:
+    return 0.0
+  if not isinstance(mode, str):
+    return float(mode)
+  if old_texts <= 0 or new_per_batch >= batch_size:
+    return 0.0
+  s = new_texts / (new_texts + old_texts)
+  f = new_per_batch / batch_size
+  return float(min(0.0, math.log(s / (1 - s)) - math.log(f / (1 - f))))
+
+
 # --------------------------------------------------------------------------- fine-tuning
 
 
@@ -266,9 +336,14 @@ class FineTuned:
 
 
 def fine_tune(*, model_config, run: dict, params: dict, frozen: dict, batches: ReplayBatches,
-              steps: int, learning_rate: float, seed: int, progress: bool = True,
-              log: Callable[[str], None] = print) -> FineTuned:
-  """Trains the decoder ``steps`` steps from ``params`` with a fresh optimizer (trainer's step)."""
+              steps: int, learning_rate: float, seed: int, distill: float = 0.0,
+              progress: bool = True, log: Callable[[str], None] = print) -> FineTuned:
+  """Trains the decoder ``steps`` steps from ``params`` with a fresh optimizer (trainer's step).
+
+  ``distill > 0``: ``params`` as given (the run before the add, vocabulary grown) stay as a frozen
+  teacher, and every batch's replayed old texts add ``distill`` x KL(teacher || student) to the
+  loss (``cart_jax.models.cart.losses``).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -307,13 +382,23 @@ def fine_tune(*, model_config, run: dict, params: dict, frozen: dict, batches: R
                                       root=input_config.get("state_cache_dir"), progress=progress,
                                       log=log)
   step_fn = trainer.make_train_step(graphdef, tx, tc)
+  teacher = None
+  if distill > 0 and batches.old is not None:
+    teacher = jax.tree.map(jnp.copy, params)  # the state's params are donated; the teacher stays
+  distill_steps: dict[int, Callable] = {}  # one compiled step per replay row count
   bar = loop.tqdm_bar(steps, 0, "fine-tune") if progress else None
 
   def one_step(step: int, state):
     host = to_loss_batch(batches.batch_at(step))
     if cache is not None:
       host["states"] = cache.lookup(host["inputs"])
-    return step_fn(state, frozen, trainer.shard_batch(host, mesh))
+    batch = trainer.shard_batch(host, mesh)
+    n_old = batches.counts_at(step)[1]
+    if teacher is None or n_old == 0:
+      return step_fn(state, frozen, batch)
+    if n_old not in distill_steps:
+      distill_steps[n_old] = trainer.make_distill_step(graphdef, tx, tc, distill=distill, rows=n_old)
+    return distill_steps[n_old](state, frozen, batch, teacher)
 
   def on_step(done: int, m: dict | None) -> None:
     if bar is not None:
@@ -330,7 +415,8 @@ def fine_tune(*, model_config, run: dict, params: dict, frozen: dict, batches: R
       bar.close()
   info = {"steps": steps, "learning_rate": learning_rate, "warmup_steps": tc.warmup_steps,
           "batch_size": batches.num_new + batches.num_old, "new_per_batch": batches.num_new,
-          "replay_per_batch": batches.num_old, "omega": tc.omega, "seconds": out.seconds,
+          "replay_per_batch": batches.num_old, "omega": tc.omega,
+          "distill": distill if teacher is not None else 0.0, "seconds": out.seconds,
           "compile_seconds": out.compile_seconds,
           "last_metrics": out.history[-1] if out.history else None,
           "history": out.history}
@@ -343,13 +429,8 @@ def fine_tune(*, model_config, run: dict, params: dict, frozen: dict, batches: R
 # --------------------------------------------------------------------------- the run's versions
 
 
-def _check_run_dir(model_dir: Path) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-
+def _check_run_dir(model_dir) -> None:
   from cart_jax.inference.runs import RUN_FILE, RunError  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:  # every process would write the same version
-    raise IndexUpdateError("cart index runs in one process (jax.process_count() is "
-                           f"{jax.process_count()})")
   if not model_dir.is_dir():
     raise RunError(f"{model_dir}: no such directory (a MODEL_DIR written by `cart train`)")
   if not (model_dir / RUN_FILE).is_file():
@@ -357,13 +438,86 @@ def _check_run_dir(model_dir: Path) -> None:
                    "`cart train`)")
 
 
+class _Version:
+  """Where version ``n`` is built, and how it becomes the run's (module docstring, "Versions").
+
+  Every process calls every method (the fine-tune and the checkpoint's save are collective); only
+  process 0 writes files, the others wait at the barriers. On a local disk the version is built in
+  ``versions/.<n>.partial`` and renamed into place whole; a bucket (``gs://``) has no rename, so
+  it is built in ``versions/<n>/`` itself, which nothing reads until ``run.json`` names it.
+  """
+
+  def __init__(self, model_dir, version: int):
+    from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
+    from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+    self.remote = paths.is_remote(model_dir)
+    self.final = model_dir / VERSIONS_SUBDIR / str(version)
+    self.build = self.final if self.remote else model_dir / VERSIONS_SUBDIR / f".{version}.partial"
+    self.primary = partitioning.is_primary()
+    self._sync = partitioning.sync
+
+  def start(self) -> None:
+    """Removes what a dead writer left of this version (``run.json`` never named it)."""
+    if self.primary:
+      for d in dict.fromkeys([self.build, self.final]):
+        _rmtree(d)
+      self.build.mkdir(parents=True)
+    self._sync("cart-index:start")
+
+  @contextlib.contextmanager
+  def part(self, name: str) -> Iterator[Path]:
+    """Process 0: a local directory to write ``<it>/<name>`` in; it becomes the version's
+    ``name`` (on a bucket: uploaded file by file, ``meta.json`` last)."""
+    if not self.remote:
+      yield Path(self.build)
+      return
+    from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+    tmp = Path(tempfile.mkdtemp(prefix="cart-index-"))
+    try:
+      yield tmp
+      paths.copy_tree(tmp / name, self.build / name)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+  def write_json(self, name: str, obj) -> None:
+    from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+    if self.primary:
+      paths.write_json(self.build / name, obj)
+
+  def commit(self) -> None:
+    """The version complete in ``versions/<n>/`` (a rename on a local disk)."""
+    self._sync("cart-index:built")
+    if self.primary and not self.remote:
+      os.replace(self.build, self.final)
+    self._sync("cart-index:committed")
+
+  def discard(self) -> None:
+    if self.primary:
+      for d in dict.fromkeys([self.build, self.final]):
+        _rmtree(d)
+
+
+def _rmtree(d) -> None:
+  """Removes directory ``d`` (local or remote) if it is there."""
+  if isinstance(d, Path):
+    shutil.rmtree(d, ignore_errors=True)
+  elif d.exists():
+    d.rmtree()
+
+
 def _version_rel(version: int, part: str) -> str:
   return f"{VERSIONS_SUBDIR}/{version}/{part}"
 
 
-def _write_corpus(out: Path, old, new, version: int, drop: set[str], action: str, source: str | None):
-  """The run's corpus at a new version: ``old`` minus ``drop``, plus ``new``'s items and texts."""
+def _write_corpus(out: Path, old, new, version: int, drop: set[str], action: str, source: str | None,
+                  with_media: bool = True):
+  """The run's corpus at a new version: ``old`` minus ``drop``, plus ``new``'s items and texts.
+
+  ``with_media=False`` (a run or a corpus on a bucket): the corpus's JSON files only, every item
+  keeping the media path of the corpus it came from (``run.json``'s ``corpus_sources``)."""
   from cart_jax.data.corpus import MEDIA_DIR, MIXED, Item, is_within, write_corpus  # pylint: disable=g-import-not-at-top
+  if not with_media:
+    return _write_corpus_texts(out, old, new, version, drop, action, source)
   items, media, roots = [], {}, []
   for corpus in (old, new):
     if corpus is not None:
@@ -392,18 +546,48 @@ def _write_corpus(out: Path, old, new, version: int, drop: set[str], action: str
            if any(is_within(str(src), str(r)) for src in media.values())]
   modalities = {it.modality for it in items}
   modality = next(iter(modalities)) if len(modalities) == 1 else MIXED
+  meta = _history_meta(old, version, action, source)
+  return write_corpus(out, old.name, modality, items, texts, media_sources=media,
+                      media_mode="symlink", meta=meta, media_roots=roots)
+
+
+def _history_meta(old, version: int, action: str, source: str | None) -> dict:
   meta = dict(old.meta)
   history = list(meta.get("cart_index", {}).get("history", [])) if isinstance(
       meta.get("cart_index"), dict) else []
   history.append({"version": version, "action": action, "source": source,
                   "base": str(old.root)})
   meta["cart_index"] = {"version": version, "history": history}
-  return write_corpus(out, old.name, modality, items, texts, media_sources=media,
-                      media_mode="symlink", meta=meta, media_roots=roots)
+  return meta
 
 
-def _link_tree(src: Path, dst: Path) -> str:
-  """Copies a directory tree with hard links (a copy where linking fails); returns the mode."""
+def _write_corpus_texts(out: Path, old, new, version: int, drop: set[str], action: str,
+                        source: str | None):
+  from cart_jax.data.corpus import MIXED, write_corpus  # pylint: disable=g-import-not-at-top
+  items = [it for it in old.items if it.id not in drop] + (list(new.items) if new is not None else [])
+  taken: dict[str, str] = {}
+  for it in items:
+    if it.media in taken:
+      raise IndexUpdateError(f"{new.root if new is not None else old.root}: media path {it.media} of "
+                             f"item {it.id!r} is also item {taken[it.media]!r}'s in the run's corpus")
+    taken[it.media] = it.id
+  texts = [t for t in old.all_texts if t.item_id not in drop]
+  texts += list(new.all_texts) if new is not None else []
+  modalities = {it.modality for it in items}
+  modality = next(iter(modalities)) if len(modalities) == 1 else MIXED
+  return write_corpus(out, old.name, modality, items, texts, check_media=False,
+                      meta=_history_meta(old, version, action, source))
+
+
+def _link_checkpoint(src, dst) -> str:
+  """Copies a checkpoint step directory with hard links (a copy where linking fails, a file by
+  file copy, manifest last, on a bucket); returns the mode."""
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from cart_jax.train.checkpointing import MANIFEST  # pylint: disable=g-import-not-at-top
+  if not (isinstance(src, Path) and isinstance(dst, Path)):
+    paths.copy_tree(src, dst, last=MANIFEST)
+    return "copy"
+  dst.parent.mkdir(parents=True, exist_ok=True)
   try:
     shutil.copytree(src, dst, copy_function=os.link)
     return "hardlink"
@@ -417,7 +601,17 @@ def _reranker_for(model_dir: Path, old_ids: Sequence[str], new_ids: Sequence[str
                   keep_rows: np.ndarray | None = None, add_rows: np.ndarray | None = None,
                   log: Callable[[str], None] = print):
   """The run's re-ranker carried to the new index (or None, with the reason as a string)."""
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
   from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.runs import RUN_FILE, run_subdir  # pylint: disable=g-import-not-at-top
+  if paths.is_remote(model_dir):  # its files, read from a local copy
+    import json  # pylint: disable=g-import-not-at-top
+    run = json.loads((model_dir / RUN_FILE).read_text())
+    d = run_subdir(model_dir, run, "rerank_dir", rerank.SUBDIR)
+    if not (d / rerank.META_FILE).exists():
+      return None, "the run has no re-ranker"
+    model_dir = Path(tempfile.mkdtemp(prefix="cart-rerank-"))  # no run.json: <it>/rerank is read
+    os.symlink(paths.stage(d), model_dir / rerank.SUBDIR)
   if not rerank.exists(model_dir):
     return None, "the run has no re-ranker"
   try:
@@ -439,12 +633,15 @@ def _reranker_for(model_dir: Path, old_ids: Sequence[str], new_ids: Sequence[str
   return out, "extended" if add_rows is not None else "rows removed"
 
 
-def _switch(model_dir: Path, run: dict, version: int, model_config: dict, entry: dict) -> dict:
-  """Points ``run.json`` at ``versions/<version>/`` (one atomic replace); returns the new run.
+def _switch(model_dir, run: dict, version: int, model_config: dict, entry: dict) -> dict:
+  """Points ``run.json`` at ``versions/<version>/`` (one atomic replace, or one object upload on a
+  bucket; process 0); returns the new run.
 
   ``rerank_dir`` always names the version's ``rerank/``: when the run has no re-ranker it is
   absent, and ``cart eval --rerank`` says how to build one (never the previous version's rows).
   """
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
   from cart_jax.inference.runs import CORPUS_HASHES, RUN_FILE, corpus_hashes  # pylint: disable=g-import-not-at-top
   new = dict(run)
   corpus_dir = model_dir / _version_rel(version, "corpus")
@@ -455,41 +652,39 @@ def _switch(model_dir: Path, run: dict, version: int, model_config: dict, entry:
   new.update({"index_version": version, "index_dir": _version_rel(version, "index"),
               "checkpoint_dir": _version_rel(version, "checkpoints"),
               "rerank_dir": _version_rel(version, "rerank"),
-              "corpus_dir": str(corpus_dir), CORPUS_HASHES: corpus_hashes(corpus_dir),
+              "corpus_dir": os.fspath(corpus_dir), CORPUS_HASHES: corpus_hashes(corpus_dir),
               "corpus_sources": list(dict.fromkeys(sources)),
               "model_config": model_config,
               "index_history": list(run.get("index_history", [])) + [entry]})
-  atomic_write_json(model_dir / RUN_FILE, new)
+  if partitioning.is_primary():
+    paths.write_json(model_dir / RUN_FILE, new)
+  partitioning.sync("cart-index:switched")
   return new
 
 
-def _prune(model_dir: Path, current: int, keep: int) -> list[int]:
+def _prune(model_dir, current: int, keep: int) -> list[int]:
   """Deletes ``versions/<n>/`` older than the newest ``keep`` (version 1 is never deleted)."""
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
   root = model_dir / VERSIONS_SUBDIR
-  pruned = []
   if not root.is_dir():
-    return pruned
-  for p in sorted(root.iterdir()):
-    if p.name.isdigit() and int(p.name) <= current - keep and p.is_dir():
-      shutil.rmtree(p, ignore_errors=True)
-      pruned.append(int(p.name))
-  return pruned
+    return []
+  old = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and int(p.name) <= current - keep)
+  if partitioning.is_primary():
+    for n in old:
+      try:
+        _rmtree(root / str(n))
+      except OSError:
+        pass
+  return old
 
 
-def _discard(vdir: Path) -> None:
-  """After a failure before ``run.json`` switched: the unreferenced new version goes (a kill
-  leaves it, or its temporary, to the next add/remove, which replaces it)."""
-  if vdir.is_dir():
-    shutil.rmtree(vdir, ignore_errors=True)
-
-
-def _tidy_versions_dir(model_dir: Path) -> None:
+def _tidy_versions_dir(model_dir) -> None:
   """Removes an empty ``versions/`` left by a failed first update (the run is as it was)."""
-  root = model_dir / VERSIONS_SUBDIR
-  try:
-    root.rmdir()
-  except OSError:
-    pass
+  if isinstance(model_dir, Path):
+    try:
+      (model_dir / VERSIONS_SUBDIR).rmdir()
+    except OSError:
+      pass
 
 
 def _check_keep(keep_versions: int) -> None:
@@ -504,15 +699,21 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
               embeddings: str | os.PathLike, *, item_ids: str | os.PathLike | None = None,
               steps: int | None = None, replay_ratio: float = DEFAULT_REPLAY_RATIO,
               learning_rate: float | None = None, batch_size: int | None = None, seed: int = 0,
-              balance_tail: float = DEFAULT_BALANCE_TAIL,
+              balance_tail: float = DEFAULT_BALANCE_TAIL, distill: float = DEFAULT_DISTILL,
+              new_item_prior: str | float = DEFAULT_NEW_ITEM_PRIOR,
+              pseudo_queries: int = DEFAULT_PSEUDO_QUERIES,
               keep_versions: int = DEFAULT_KEEP_VERSIONS, verify: bool = True,
               progress: bool = True, log: Callable[[str], None] = print,
               _before_switch: Callable[[Path], None] | None = None) -> dict:
   """Adds the items of ``corpus_dir`` to a trained run (``cart index add``; module docstring).
 
   Args:
-    model_dir: a MODEL_DIR written by ``cart train`` (or changed by an earlier add/remove).
-    corpus_dir: a corpus of the new items (every id new to the run), with their texts.
+    model_dir: a MODEL_DIR written by ``cart train`` (or changed by an earlier add/remove); local
+      or on a bucket (``gs://``). In a multi-process launch every process calls this (the
+      fine-tune is collective); process 0 writes.
+    corpus_dir: a corpus of the new items (every id new to the run), with their texts (local or
+      remote; a remote one, or a run on a bucket, gives a version corpus of JSON files only: the
+      media stay in the corpora ``run.json``'s ``corpus_sources`` names).
     embeddings: the new items' embeddings ``E.npy`` from the same item encoder as the run's index
       (its dimension), aligned by ids (``E.ids.txt``, or ``item_ids``) to the corpus's items: every
       item needs a row, no extra rows.
@@ -521,6 +722,13 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
     learning_rate: peak learning rate (None: the run's).
     batch_size: examples per step (None: the run's).
     seed: sampling and dropout seed of the fine-tune.
+    distill: weight of the distillation from the run before the add on the replayed texts (0: none).
+    new_item_prior: the new items' decode-time log-prior offset: ``"auto"`` (their share of the
+      corpus's texts against their share of the fine-tune's batches, :func:`new_item_log_prior`),
+      ``"none"`` (0) or a number <= 0.
+    pseudo_queries: new items with no training text at all get this many pseudo-queries (the
+      nearest training texts in the dual tower's space, :mod:`cart_jax.train.pseudo_queries`;
+      needs ``E.model.npz`` beside ``embeddings``); 0: such items are only given identifiers.
     keep_versions: versions under ``versions/`` kept, the new one included (version 1 always).
     verify: check the run's checkpoint against its manifest before reading it.
     _before_switch: tests only: called with the complete version directory before ``run.json``
@@ -537,163 +745,295 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
     of another dimension or not aligned to the corpus, bad flags, a locked MODEL_DIR); nothing is
     changed then.
   """
-  from cart_jax.data.corpus import CorpusFormatError, ITEMS_FILE, load_corpus  # pylint: disable=g-import-not-at-top
-  from cart_jax.data.embeddings import align, embedding_files, read_embeddings_with_ids  # pylint: disable=g-import-not-at-top
-  from cart_jax.data.captions import caption_texts  # pylint: disable=g-import-not-at-top
-  from cart_jax.index.inputs import InputError  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
-  from cart_jax.models.cart.config import with_vocab  # pylint: disable=g-import-not-at-top
-  from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import trainer  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
-  stages: dict[str, float] = {}
-  if steps is not None and (not isinstance(steps, int) or steps < 0):
-    raise IndexUpdateError(f"--steps {steps}: must be >= 0 (0: no fine-tuning)")
-  if not (isinstance(replay_ratio, (int, float)) and 0.0 <= replay_ratio < 1.0):
-    raise IndexUpdateError(f"--replay-ratio {replay_ratio}: must be in [0, 1) (some of every batch "
-                           "must be new texts)")
-  if not (isinstance(balance_tail, (int, float)) and 0.0 <= balance_tail <= 1.0):
-    raise IndexUpdateError(f"--balance-tail {balance_tail}: must be in [0, 1] (a share of the steps)")
-  if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
-    raise IndexUpdateError(f"--lr {learning_rate}: must be a finite number > 0")
-  if batch_size is not None and batch_size < 1:
-    raise IndexUpdateError(f"--batch-size {batch_size}: must be >= 1")
+  opts = _AddOptions(steps=steps, replay_ratio=replay_ratio, learning_rate=learning_rate,
+                     batch_size=batch_size, seed=seed, balance_tail=balance_tail, distill=distill,
+                     new_item_prior=_check_prior(new_item_prior), pseudo_queries=pseudo_queries)
+  opts.check()
   _check_keep(keep_versions)
-  model_dir = Path(model_dir).absolute()
-  corpus_dir = Path(corpus_dir)
+  trainer.maybe_initialize_distributed()
+  if not partitioning.is_primary():
+    log = lambda line: None  # noqa: E731  one copy of each line, from process 0
+  model_dir = paths.absolute(model_dir)  # gs://... stays a URI
   _check_run_dir(model_dir)
-  with output_lock(model_dir):
-    loaded = load_run(model_dir, verify=verify)
-    run, index, old_corpus = loaded.run, loaded.index, loaded.corpus
-    version = int(run.get("index_version", 1))
-    new_corpus = load_corpus(corpus_dir, check_media=True)
-    in_index = set(index.item_ids)
-    clash = [i for i in new_corpus.item_ids if i in old_corpus or i in in_index]
-    if clash:
-      raise CorpusFormatError(f"{corpus_dir / ITEMS_FILE}: {len(clash)} item id(s) already in the "
-                              f"run {model_dir}, e.g. {clash[:3]}: an item is added once (remove it "
-                              "first with `cart index remove` to give it a new identifier)")
-    arr, ids = read_embeddings_with_ids(embeddings, item_ids)
-    if arr.shape[1] != index.embedding_dim:
-      raise InputError(f"{embeddings}: embeddings have dimension {arr.shape[1]}, the run's index was "
-                       f"built from {index.embedding_dim}-dimensional ones (embed the new items "
-                       "with the same item encoder)")
-    ids_src = item_ids or embedding_files(embeddings).ids
-    emb = np.asarray(align(arr, ids, new_corpus.item_ids,
-                           source=f"{embeddings} (ids {ids_src}) vs {corpus_dir}").embeddings,
-                     np.float32)
-    new_index, new_codes = index.assign(emb, new_corpus.item_ids)
-    old_config = loaded.model_config
-    new_config = with_vocab(old_config, new_index.vocab)
-    stages["load_and_assign"] = time.perf_counter() - t0
-
-    # Training texts and the steps.
-    rate = run_caption_rate(run, old_corpus, run.get("captions_file"))
-    new_texts = new_item_texts(new_corpus, with_captions=rate > 0)
-    old_texts = list(old_corpus.texts(split="train", kind="query"))
-    if rate > 0:
-      old_texts += caption_texts(old_corpus, run.get("captions_file"))
-    b = int(batch_size or run.get("input_config", {}).get("batch_size", 64))
-    num_old = int(round(replay_ratio * b)) if old_texts else 0
-    if num_old >= b:
-      raise IndexUpdateError(f"--replay-ratio {replay_ratio} with --batch-size {b} leaves no new "
-                             "text in a batch")
-    run_steps = int(run.get("train_config", {}).get("num_steps", 1000))
-    if steps is None:
-      steps = auto_steps(run_steps, b, len(old_texts), len(new_texts), b - num_old)
-    if steps > 0 and not new_texts:
-      raise CorpusFormatError(f"{corpus_dir}: the new items have no train queries or captions to "
-                              "fine-tune on; add them with --steps 0 (identifiers only) or give "
-                              "them training texts")
-    lr = float(learning_rate or run.get("train_config", {}).get("learning_rate", 1e-3))
-    new_version = version + 1
-    vdir = model_dir / VERSIONS_SUBDIR / str(new_version)
-    log(f"adding {len(new_corpus.items)} items to {model_dir} (version {version} -> {new_version}); "
-        f"counter level {index.vocab.level_sizes[-1]} -> {new_index.vocab.level_sizes[-1]} codes; "
-        f"fine-tuning {steps} steps on {len(new_texts)} new texts"
-        + (f" + replayed old texts ({num_old} of {b} per batch)" if steps and num_old else ""))
+  with _writer_lock(model_dir):
+    plan = _plan_add(model_dir, corpus_dir, embeddings, item_ids, opts, verify, log, t0)
+    version = _Version(model_dir, plan.new_version)
     try:
-      with atomic_directory(vdir) as tmp:
-        t1 = time.perf_counter()
-        new_index.save(tmp / "index")
-        _write_corpus(tmp / "corpus", old_corpus, new_corpus, new_version, set(), "add",
-                      str(corpus_dir.absolute()))
-        stages["index_and_corpus"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        params, grew = grow_output_vocab(loaded.params, index.vocab, new_index.vocab)
-        ft_info = None
-        frozen = loaded.frozen
-        if steps > 0:
-          input_length = loaded.input_length
-          tokens = new_index.vocab.codes_to_tokens(new_index.codes)  # [N, L]
-          row_of = new_index.row_of()
-
-          def encoded(texts):
-            return (encode_texts([t.text for t in texts], input_length),
-                    tokens[np.asarray([row_of[t.item_id] for t in texts], np.int64)])
-
-          tail_steps = int(round(balance_tail * steps)) if num_old else 0
-          share_old = len(old_texts) / (len(old_texts) + len(new_texts))
-          tail_num_old = min(b - 1, max(num_old, int(round(share_old * b))))
-          need = (steps - tail_steps) * num_old + tail_steps * tail_num_old
-          sample = old_texts
-          if num_old and len(old_texts) > need:
-            pick = np.random.default_rng([seed, 7]).choice(len(old_texts), need, replace=False)
-            sample = [old_texts[i] for i in np.sort(pick)]
-          batches = ReplayBatches(encoded(new_texts), encoded(sample) if num_old else None, b,
-                                  replay_ratio, seed,
-                                  tail_from=(steps - tail_steps) if tail_steps else None,
-                                  tail_num_old=tail_num_old)
-          tuned = fine_tune(model_config=new_config, run=run, params=params, frozen=frozen,
-                            batches=batches, steps=steps, learning_rate=lr, seed=seed,
-                            progress=progress, log=log)
-          params, frozen = tuned.params, tuned.frozen
-          ft_info = {**tuned.info, "new_texts": len(new_texts), "replay_texts": len(sample) if num_old else 0,
-                     "replay_ratio": replay_ratio, "old_texts": len(old_texts),
-                     "balance_tail": {"steps": tail_steps, "replay_per_batch": tail_num_old}}
-        stages["fine_tune"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        step = loaded.step + steps
-        _save_checkpoint(tmp / "checkpoints", step, params, frozen,
-                         {"index_version": new_version, "base_step": loaded.step, "added": len(new_codes)})
-        reranker, rerank_note = _reranker_for(model_dir, index.item_ids, new_index.item_ids,
-                                              add_rows=emb, log=log)
-        if reranker is not None:
-          from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
-          rerank.save(reranker, tmp)
-        stages["save"] = time.perf_counter() - t1
-        summary = {
-            "action": "add", "model_dir": str(model_dir), "version": new_version,
-            "previous_version": version, "added": len(new_codes), "num_items": new_index.n_items,
-            "removed_total": len(new_index.removed_item_ids), "corpus": str(corpus_dir.absolute()),
-            "embeddings": str(Path(embeddings).absolute()), "step": step, "base_step": loaded.step,
-            "level_sizes": list(new_index.vocab.level_sizes),
-            "output_vocab_size": new_config.output_vocab_size, "vocab_grew_by": grew,
-            "fine_tune": ft_info, "rerank": rerank_note,
-            "index_dir": str(model_dir / _version_rel(new_version, "index")),
-            "checkpoint_dir": str(model_dir / _version_rel(new_version, "checkpoints")),
-            "corpus_dir": str(model_dir / _version_rel(new_version, "corpus")),
-        }
-        atomic_write_json(tmp / UPDATE_FILE, _without_history(summary))
-      if _before_switch is not None:
-        _before_switch(vdir)
+      version.start()
+      summary = _build_added_version(plan, version, opts, progress, log)
+      version.commit()
+      if _before_switch is not None and version.primary:
+        _before_switch(version.final)
       t1 = time.perf_counter()
-      _switch(model_dir, run, new_version, new_config.to_dict(),
-              {"version": new_version, "action": "add", "items": len(new_codes),
-               "source": str(corpus_dir.absolute()), "time": time.time()})
+      _switch(model_dir, plan.run, plan.new_version, plan.new_config.to_dict(),
+              {"version": plan.new_version, "action": "add", "items": plan.added,
+               "source": os.fspath(plan.corpus_dir), "time": time.time()})
     except BaseException:
-      _discard(vdir)
+      version.discard()
       raise
     finally:
       _tidy_versions_dir(model_dir)
-    summary["pruned_versions"] = _prune(model_dir, new_version, keep_versions)
-    stages["switch"] = time.perf_counter() - t1
+    summary["pruned_versions"] = _prune(model_dir, plan.new_version, keep_versions)
+    plan.stages["switch"] = time.perf_counter() - t1
   summary["seconds"] = time.perf_counter() - t0
-  summary["stage_seconds"] = stages
-  log(f"version {new_version}: {summary['num_items']} items, step {step}"
+  summary["stage_seconds"] = plan.stages
+  ft_info = summary["fine_tune"]
+  log(f"version {plan.new_version}: {summary['num_items']} items, step {summary['step']}"
       + (f", fine-tune loss {ft_info['last_metrics']['loss']:.3f}"
          if ft_info and ft_info.get("last_metrics") else "")
       + f" ({summary['seconds']:.1f} s)")
+  return summary
+
+
+@dataclasses.dataclass
+class _AddOptions:
+  """``add_items``'s training options, checked (each error names its flag)."""
+  steps: int | None
+  replay_ratio: float
+  learning_rate: float | None
+  batch_size: int | None
+  seed: int
+  balance_tail: float
+  distill: float
+  new_item_prior: str | float
+  pseudo_queries: int
+
+  def check(self) -> None:
+    if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
+      raise IndexUpdateError(f"--steps {self.steps}: must be >= 0 (0: no fine-tuning)")
+    if not (isinstance(self.replay_ratio, (int, float)) and 0.0 <= self.replay_ratio < 1.0):
+      raise IndexUpdateError(f"--replay-ratio {self.replay_ratio}: must be in [0, 1) (some of every "
+                             "batch must be new texts)")
+    if not (isinstance(self.balance_tail, (int, float)) and 0.0 <= self.balance_tail <= 1.0):
+      raise IndexUpdateError(f"--balance-tail {self.balance_tail}: must be in [0, 1] (a share of "
+                             "the steps)")
+    if not (isinstance(self.distill, (int, float)) and math.isfinite(self.distill)
+            and self.distill >= 0):
+      raise IndexUpdateError(f"--distill {self.distill}: must be a finite number >= 0 (0: none)")
+    if not (isinstance(self.pseudo_queries, int) and self.pseudo_queries >= 0):
+      raise IndexUpdateError(f"--pseudo-queries {self.pseudo_queries}: must be an integer >= 0")
+    if self.learning_rate is not None and not (math.isfinite(self.learning_rate)
+                                               and self.learning_rate > 0):
+      raise IndexUpdateError(f"--lr {self.learning_rate}: must be a finite number > 0")
+    if self.batch_size is not None and self.batch_size < 1:
+      raise IndexUpdateError(f"--batch-size {self.batch_size}: must be >= 1")
+
+
+@contextlib.contextmanager
+def _writer_lock(model_dir) -> Iterator[None]:
+  """MODEL_DIR's output lock, held by process 0 on a local disk (a bucket has no locks: the one
+  writer is process 0 of the one job)."""
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
+  if isinstance(model_dir, Path) and partitioning.is_primary():
+    with output_lock(model_dir):
+      yield
+  else:
+    yield
+
+
+@dataclasses.dataclass
+class _AddPlan:
+  """What an add will do, decided before anything is written."""
+  model_dir: object
+  corpus_dir: object
+  embeddings: str
+  loaded: object
+  run: dict
+  index: object
+  new_index: object
+  new_codes: np.ndarray
+  emb: np.ndarray
+  new_corpus: object
+  new_config: object
+  new_texts: list
+  old_texts: list
+  pseudo_summary: dict | None
+  batch_size: int
+  num_old: int
+  steps: int
+  learning_rate: float
+  prior: float
+  new_version: int
+  with_media: bool
+  stages: dict
+
+  @property
+  def added(self) -> int:
+    return len(self.new_codes)
+
+
+def _plan_add(model_dir, corpus_dir, embeddings, item_ids, opts: _AddOptions, verify: bool,
+              log: Callable[[str], None], t0: float) -> _AddPlan:
+  """Loads the run and the new items, gives them identifiers and decides the fine-tune."""
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.captions import caption_texts  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.corpus import CorpusFormatError, ITEMS_FILE, load_corpus  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.embeddings import align, embedding_files, read_embeddings_with_ids  # pylint: disable=g-import-not-at-top
+  from cart_jax.index.inputs import InputError  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.runs import CORPUS_FILES, load_run  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart.config import with_vocab  # pylint: disable=g-import-not-at-top
+
+  loaded = load_run(model_dir, verify=verify)
+  run, index, old_corpus = loaded.run, loaded.index, loaded.corpus
+  corpus_dir = paths.absolute(corpus_dir)
+  remote_corpus = paths.is_remote(corpus_dir)
+  local_corpus = paths.stage(corpus_dir, CORPUS_FILES) if remote_corpus else corpus_dir
+  new_corpus = load_corpus(local_corpus, check_media=not remote_corpus)
+  in_index = set(index.item_ids)
+  clash = [i for i in new_corpus.item_ids if i in old_corpus or i in in_index]
+  if clash:
+    raise CorpusFormatError(f"{corpus_dir / ITEMS_FILE}: {len(clash)} item id(s) already in the "
+                            f"run {model_dir}, e.g. {clash[:3]}: an item is added once (remove it "
+                            "first with `cart index remove` to give it a new identifier)")
+  arr, ids = read_embeddings_with_ids(embeddings, item_ids)
+  if arr.shape[1] != index.embedding_dim:
+    raise InputError(f"{embeddings}: embeddings have dimension {arr.shape[1]}, the run's index was "
+                     f"built from {index.embedding_dim}-dimensional ones (embed the new items "
+                     "with the same item encoder)")
+  ids_src = item_ids or embedding_files(embeddings).ids
+  emb = np.asarray(align(arr, ids, new_corpus.item_ids,
+                         source=f"{embeddings} (ids {ids_src}) vs {corpus_dir}").embeddings,
+                   np.float32)
+  new_index, new_codes = index.assign(emb, new_corpus.item_ids)
+  new_config = with_vocab(loaded.model_config, new_index.vocab)
+  stages = {"load_and_assign": time.perf_counter() - t0}
+
+  # Training texts and the steps.
+  rate = run_caption_rate(run, old_corpus, run.get("captions_file"))
+  new_texts = new_item_texts(new_corpus, with_captions=rate > 0)
+  old_texts = list(old_corpus.texts(split="train", kind="query"))
+  if rate > 0:
+    old_texts += caption_texts(old_corpus, run.get("captions_file"))
+  pseudo_summary = None
+  if opts.steps != 0 and opts.pseudo_queries > 0:
+    new_texts, pseudo_summary = _with_pseudo_queries(
+        new_texts, new_corpus, old_corpus, embeddings, item_ids, opts.pseudo_queries, run, log)
+  b = int(opts.batch_size or run.get("input_config", {}).get("batch_size", 64))
+  num_old = int(round(opts.replay_ratio * b)) if old_texts else 0
+  if num_old >= b:
+    raise IndexUpdateError(f"--replay-ratio {opts.replay_ratio} with --batch-size {b} leaves no new "
+                           "text in a batch")
+  run_steps = int(run.get("train_config", {}).get("num_steps", 1000))
+  steps = opts.steps
+  if steps is None:
+    steps = auto_steps(run_steps, b, len(old_texts), len(new_texts), b - num_old)
+  if steps > 0 and not new_texts:
+    raise CorpusFormatError(f"{corpus_dir}: the new items have no train queries or captions to "
+                            "fine-tune on, and no pseudo-queries (they need the dual tower "
+                            "NEW_E.model.npz beside the embeddings, and --pseudo-queries > 0); "
+                            "add them with --steps 0 (identifiers only) or give them training "
+                            "texts")
+  lr = float(opts.learning_rate or run.get("train_config", {}).get("learning_rate", 1e-3))
+  prior = new_item_log_prior(opts.new_item_prior, steps, b - num_old, b, len(new_texts),
+                             len(old_texts))
+  if prior:
+    new_index = new_index.with_prior(np.arange(index.n_items, new_index.n_items), prior)
+  version = int(run.get("index_version", 1))
+  with_media = not (paths.is_remote(model_dir) or remote_corpus
+                    or paths.is_remote(run["corpus_dir"]))
+  log(f"adding {len(new_corpus.items)} items to {model_dir} (version {version} -> {version + 1}); "
+      f"counter level {index.vocab.level_sizes[-1]} -> {new_index.vocab.level_sizes[-1]} codes; "
+      f"fine-tuning {steps} steps on {len(new_texts)} new texts"
+      + (f" + replayed old texts ({num_old} of {b} per batch)" if steps and num_old else ""))
+  return _AddPlan(model_dir=model_dir, corpus_dir=corpus_dir, embeddings=os.fspath(embeddings),
+                  loaded=loaded, run=run, index=index, new_index=new_index, new_codes=new_codes,
+                  emb=emb, new_corpus=new_corpus, new_config=new_config, new_texts=new_texts,
+                  old_texts=old_texts, pseudo_summary=pseudo_summary, batch_size=b,
+                  num_old=num_old, steps=steps, learning_rate=lr, prior=prior,
+                  new_version=version + 1, with_media=with_media, stages=stages)
+
+
+def _fine_tune_added(plan: _AddPlan, opts: _AddOptions, progress: bool,
+                     log: Callable[[str], None]) -> tuple[dict, dict, dict | None]:
+  """The grown parameters, fine-tuned on new texts + replayed old ones: (params, frozen, info)."""
+  from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
+  params, grew = grow_output_vocab(plan.loaded.params, plan.index.vocab, plan.new_index.vocab)
+  plan.stages["vocab_grew_by"] = grew
+  frozen = plan.loaded.frozen
+  if plan.steps <= 0:
+    return params, frozen, None
+  steps, b, num_old = plan.steps, plan.batch_size, plan.num_old
+  tokens = plan.new_index.vocab.codes_to_tokens(plan.new_index.codes)  # [N, L]
+  row_of = plan.new_index.row_of()
+
+  def encoded(texts):
+    return (encode_texts([t.text for t in texts], plan.loaded.input_length),
+            tokens[np.asarray([row_of[t.item_id] for t in texts], np.int64)])
+
+  old_texts = plan.old_texts
+  tail_steps = int(round(opts.balance_tail * steps)) if num_old else 0
+  share_old = len(old_texts) / (len(old_texts) + len(plan.new_texts))
+  tail_num_old = min(b - 1, max(num_old, int(round(share_old * b))))
+  need = (steps - tail_steps) * num_old + tail_steps * tail_num_old
+  sample = old_texts
+  if num_old and len(old_texts) > need:
+    pick = np.random.default_rng([opts.seed, 7]).choice(len(old_texts), need, replace=False)
+    sample = [old_texts[i] for i in np.sort(pick)]
+  batches = ReplayBatches(encoded(plan.new_texts), encoded(sample) if num_old else None, b,
+                          opts.replay_ratio, opts.seed,
+                          tail_from=(steps - tail_steps) if tail_steps else None,
+                          tail_num_old=tail_num_old)
+  tuned = fine_tune(model_config=plan.new_config, run=plan.run, params=params, frozen=frozen,
+                    batches=batches, steps=steps, learning_rate=plan.learning_rate, seed=opts.seed,
+                    distill=float(opts.distill), progress=progress, log=log)
+  info = {**tuned.info, "new_texts": len(plan.new_texts),
+          "replay_texts": len(sample) if num_old else 0, "replay_ratio": opts.replay_ratio,
+          "old_texts": len(old_texts),
+          "balance_tail": {"steps": tail_steps, "replay_per_batch": tail_num_old},
+          "pseudo_queries": plan.pseudo_summary}
+  return tuned.params, tuned.frozen, info
+
+
+def _build_added_version(plan: _AddPlan, version: _Version, opts: _AddOptions, progress: bool,
+                         log: Callable[[str], None]) -> dict:
+  """Writes ``versions/<n>/`` of an add (not yet the run's); returns the summary."""
+  model_dir, new_version = plan.model_dir, plan.new_version
+  t1 = time.perf_counter()
+  if version.primary:
+    with version.part("index") as d:
+      plan.new_index.save(d / "index")
+    with version.part("corpus") as d:
+      _write_corpus(d / "corpus", plan.loaded.corpus, plan.new_corpus, new_version, set(), "add",
+                    os.fspath(plan.corpus_dir), with_media=plan.with_media)
+  plan.stages["index_and_corpus"] = time.perf_counter() - t1
+  t1 = time.perf_counter()
+  params, frozen, ft_info = _fine_tune_added(plan, opts, progress, log)
+  grew = plan.stages.pop("vocab_grew_by")
+  plan.stages["fine_tune"] = time.perf_counter() - t1
+  t1 = time.perf_counter()
+  step = plan.loaded.step + plan.steps
+  _save_checkpoint(version.build / "checkpoints", step, params, frozen,
+                   {"index_version": new_version, "base_step": plan.loaded.step,
+                    "added": plan.added})
+  rerank_note = None
+  if version.primary:
+    reranker, rerank_note = _reranker_for(model_dir, plan.index.item_ids, plan.new_index.item_ids,
+                                          add_rows=plan.emb, log=log)
+    if reranker is not None:
+      from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+      with version.part(rerank.SUBDIR) as d:
+        rerank.save(reranker, d)
+  plan.stages["save"] = time.perf_counter() - t1
+  summary = {
+      "action": "add", "model_dir": os.fspath(model_dir), "version": new_version,
+      "previous_version": new_version - 1, "added": plan.added,
+      "num_items": plan.new_index.n_items,
+      "removed_total": len(plan.new_index.removed_item_ids), "corpus": os.fspath(plan.corpus_dir),
+      "embeddings": str(Path(plan.embeddings).absolute()), "step": step,
+      "base_step": plan.loaded.step, "level_sizes": list(plan.new_index.vocab.level_sizes),
+      "output_vocab_size": plan.new_config.output_vocab_size, "vocab_grew_by": grew,
+      "fine_tune": ft_info, "rerank": rerank_note,
+      "new_item_prior": {"mode": opts.new_item_prior, "log_prior": plan.prior},
+      "index_dir": os.fspath(model_dir / _version_rel(new_version, "index")),
+      "checkpoint_dir": os.fspath(model_dir / _version_rel(new_version, "checkpoints")),
+      "corpus_dir": os.fspath(model_dir / _version_rel(new_version, "corpus")),
+  }
+  version.write_json(UPDATE_FILE, _without_history(summary))
   return summary
 
 
@@ -768,50 +1108,61 @@ def remove_items(model_dir: str | os.PathLike, ids: str | os.PathLike | Sequence
     CartError naming the input (an unknown or repeated id, all items, a run without an index, a
     locked MODEL_DIR); nothing is changed then.
   """
-  from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.runs import CHECKPOINT_SUBDIR, load_run, run_subdir  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import trainer  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   _check_keep(keep_versions)
-  model_dir = Path(model_dir).absolute()
+  trainer.maybe_initialize_distributed()
+  if not partitioning.is_primary():
+    log = lambda line: None  # noqa: E731
+  model_dir = paths.absolute(model_dir)
   _check_run_dir(model_dir)
-  with output_lock(model_dir):
+  with _writer_lock(model_dir):
     loaded = load_run(model_dir, verify=verify)
     run, index = loaded.run, loaded.index
     gone = read_remove_ids(ids, index, model_dir)
     new_index = index.remove(gone)
-    version = int(run.get("index_version", 1))
-    new_version = version + 1
-    vdir = model_dir / VERSIONS_SUBDIR / str(new_version)
-    from cart_jax.inference.runs import CHECKPOINT_SUBDIR, run_subdir  # pylint: disable=g-import-not-at-top
+    new_version = int(run.get("index_version", 1)) + 1
     ckpt_src = run_subdir(model_dir, run, "checkpoint_dir", CHECKPOINT_SUBDIR) / str(loaded.step)
     gone_set = set(gone)
     keep_rows = np.asarray([i not in gone_set for i in index.item_ids], bool)
+    version = _Version(model_dir, new_version)
+    with_media = not (paths.is_remote(model_dir) or paths.is_remote(run["corpus_dir"]))
     try:
-      with atomic_directory(vdir) as tmp:
-        new_index.save(tmp / "index")
-        _write_corpus(tmp / "corpus", loaded.corpus, None, new_version, gone_set, "remove", None)
-        (tmp / "checkpoints").mkdir()
-        link = _link_tree(ckpt_src, tmp / "checkpoints" / str(loaded.step))
+      version.start()
+      link = rerank_note = None
+      if version.primary:
+        with version.part("index") as d:
+          new_index.save(d / "index")
+        with version.part("corpus") as d:
+          _write_corpus(d / "corpus", loaded.corpus, None, new_version, gone_set, "remove", None,
+                        with_media=with_media)
+        link = _link_checkpoint(ckpt_src, version.build / "checkpoints" / str(loaded.step))
         reranker, rerank_note = _reranker_for(model_dir, index.item_ids, new_index.item_ids,
                                               keep_rows=keep_rows, log=log)
         if reranker is not None:
           from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
-          rerank.save(reranker, tmp)
-        summary = {
-            "action": "remove", "model_dir": str(model_dir), "version": new_version,
-            "previous_version": version, "removed": len(gone), "num_items": new_index.n_items,
-            "removed_total": len(new_index.removed_item_ids), "step": loaded.step,
-            "checkpoint": link, "rerank": rerank_note,
-            "index_dir": str(model_dir / _version_rel(new_version, "index")),
-            "checkpoint_dir": str(model_dir / _version_rel(new_version, "checkpoints")),
-            "corpus_dir": str(model_dir / _version_rel(new_version, "corpus")),
-        }
-        atomic_write_json(tmp / UPDATE_FILE, summary)
-      if _before_switch is not None:
-        _before_switch(vdir)
+          with version.part(rerank.SUBDIR) as d:
+            rerank.save(reranker, d)
+      summary = {
+          "action": "remove", "model_dir": os.fspath(model_dir), "version": new_version,
+          "previous_version": new_version - 1, "removed": len(gone),
+          "num_items": new_index.n_items, "removed_total": len(new_index.removed_item_ids),
+          "step": loaded.step, "checkpoint": link, "rerank": rerank_note,
+          "index_dir": os.fspath(model_dir / _version_rel(new_version, "index")),
+          "checkpoint_dir": os.fspath(model_dir / _version_rel(new_version, "checkpoints")),
+          "corpus_dir": os.fspath(model_dir / _version_rel(new_version, "corpus")),
+      }
+      version.write_json(UPDATE_FILE, summary)
+      version.commit()
+      if _before_switch is not None and version.primary:
+        _before_switch(version.final)
       _switch(model_dir, run, new_version, loaded.model_config.to_dict(),
               {"version": new_version, "action": "remove", "items": len(gone), "time": time.time()})
     except BaseException:
-      _discard(vdir)
+      version.discard()
       raise
     finally:
       _tidy_versions_dir(model_dir)

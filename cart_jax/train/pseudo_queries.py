@@ -45,21 +45,27 @@ def _feature_cache(cache_dir: str | os.PathLike | None, texts: list[str]) -> Pat
 
 def pseudo_queries(corpus, index, embeddings: str | os.PathLike, k: int, *,
                    cache_dir: str | os.PathLike | None = None,
-                   log: Callable[[str], None] = print) -> tuple[list[Text], dict]:
+                   log: Callable[[str], None] = print, items: list[str] | None = None,
+                   candidates: list[str] | None = None,
+                   ids_path: str | os.PathLike | None = None) -> tuple[list[Text], dict]:
   """``k`` pseudo-queries per text-less item of ``corpus``; returns (texts, summary).
 
   Args:
     corpus: the training corpus.
-    index: the run's identifier index (its item ids order the dual tower's rows).
+    index: the run's identifier index, or anything with ``item_ids`` (they order the dual tower's
+      rows: each needs a row in ``embeddings``).
     embeddings: ``E.npy`` of ``cart embed`` with ``E.model.npz`` (the text projection) beside it.
     k: pseudo-queries per item (0: none).
     cache_dir: where the candidate texts' MiniLM features are kept between runs (None: not kept).
+    items: the items to give pseudo-queries (default: the text-less items of ``corpus``).
+    candidates: the candidate texts (default: the distinct ``train`` texts of ``corpus``).
+    ids_path: ids of the rows of ``embeddings`` (default ``E.ids.txt``).
 
   The candidates are the distinct ``train`` texts of the corpus (queries and captions). Each
   pseudo-query is a :class:`Text` of kind ``caption`` with source :data:`SOURCE`; nothing is
   written to the corpus.
   """
-  items = textless_items(corpus)
+  items = textless_items(corpus) if items is None else list(items)
   summary = {"textless_items": len(items), "k": int(k), "pseudo_queries": 0}
   if not items or k <= 0:
     return [], summary
@@ -67,18 +73,21 @@ def pseudo_queries(corpus, index, embeddings: str | os.PathLike, k: int, *,
   from cart_jax.models.text.encoder import MiniLMTextEncoder  # pylint: disable=g-import-not-at-top
   from cart_jax.train.dual_encoder import text_features  # pylint: disable=g-import-not-at-top
 
-  candidates = sorted({t.text for t in corpus.texts(split="train")})
+  if candidates is None:
+    candidates = [t.text for t in corpus.texts(split="train")]
+  candidates = sorted(set(candidates))
   if len(candidates) > MAX_CANDIDATES:
     rng = np.random.default_rng(0)
     candidates = sorted(rng.choice(candidates, MAX_CANDIDATES, replace=False).tolist())
   if not candidates:
     return [], summary
-  reranker = rerank.build(embeddings, index.item_ids)  # item rows + the dual tower's text side
+  reranker = rerank.build(embeddings, index.item_ids,  # item rows + the dual tower's text side
+                          ids_path=ids_path)
   log(f"pseudo-queries: {len(items)} items without any training text; embedding "
       f"{len(candidates)} candidate texts")
   feats = text_features(candidates, MiniLMTextEncoder(), _feature_cache(cache_dir, candidates))
   t = reranker.embed_queries(feats)  # [T, d] unit
-  row_of = index.row_of()  # a dict built per call: once, not once per item
+  row_of = {item: r for r, item in enumerate(index.item_ids)}  # once per call, not once per item
   rows = np.asarray([row_of[i] for i in items], np.int64)
   e = np.asarray(reranker.items[rows], np.float32)  # [I, d] unit
   kk = min(int(k), len(candidates))

@@ -32,7 +32,8 @@ from flax import nnx
 
 from cart_jax.models.cart import losses
 from cart_jax.models.cart.config import ModelConfig
-from cart_jax.models.cart.network import CARTNetwork, create_model, load_pretrained_encoder, trainable_filter
+from cart_jax.models.cart.network import (CARTNetwork, create_model, load_pretrained_encoder,
+                                          shift_right, trainable_filter)
 from cart_jax import partitioning
 from cart_jax.train import loop
 
@@ -161,22 +162,44 @@ def abstract_model(model_config: ModelConfig):
   return graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
 
 
-def loss_fn(graphdef, params, frozen, batch, *, omega: float, dropout_rng):
+def loss_fn(graphdef, params, frozen, batch, *, omega: float, dropout_rng, distill: float = 0.0):
   model = nnx.merge(graphdef, params, frozen)
-  return losses.compute_loss(model, batch, omega=omega, dropout_rng=dropout_rng)
+  return losses.compute_loss(model, batch, omega=omega, dropout_rng=dropout_rng, distill=distill)
+
+
+def teacher_logp(graphdef, teacher, frozen, batch, rows: int) -> jax.Array:
+  """The teacher network's log-probabilities for the batch's last ``rows`` rows, no dropout and no
+  gradient: float32 ``[rows, L, V]`` (``losses`` distillation)."""
+  model = nnx.merge(graphdef, teacher, frozen)
+  last = lambda k: None if batch.get(k) is None else batch[k][-rows:]
+  inputs = last("inputs")
+  mask = last("input_mask")
+  dec = last("decoder_inputs")
+  logits, _ = model(inputs, dec if dec is not None else shift_right(last("targets")),
+                    mask if mask is not None else inputs != 0, rngs=None, states=last("states"))
+  return jax.lax.stop_gradient(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, c: TrainConfig,
-               state: TrainState, frozen, batch) -> tuple[TrainState, dict]:
-  """One optimizer step (pure). ``batch``: ``inputs``, ``targets``, ``decoder_inputs``."""
+               state: TrainState, frozen, batch, teacher=None, *, distill: float = 0.0,
+               distill_rows: int = 0) -> tuple[TrainState, dict]:
+  """One optimizer step (pure). ``batch``: ``inputs``, ``targets``, ``decoder_inputs``.
+
+  ``teacher`` (params of the same network; ``cart index add``): its log-probabilities for the
+  batch's last ``distill_rows`` rows become the distillation targets, weighted ``distill``.
+  """
   dropout_rng = jax.random.fold_in(jax.random.key(c.seed + 1), state.step)
+  if teacher is not None and distill_rows > 0:
+    batch = dict(batch, teacher_logp=teacher_logp(graphdef, teacher, frozen, batch, distill_rows))
   grad_fn = jax.value_and_grad(
-      lambda p: loss_fn(graphdef, p, frozen, batch, omega=c.omega, dropout_rng=dropout_rng),
+      lambda p: loss_fn(graphdef, p, frozen, batch, omega=c.omega, dropout_rng=dropout_rng,
+                        distill=distill),
       has_aux=True)
   (loss, aux), grads = grad_fn(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "ce": aux["ce"], "kl": aux["kl"], "token_accuracy": aux["token_accuracy"],
+             **({"distill_kl": aux["distill_kl"]} if "teacher_logp" in batch else {}),
              "grad_norm": optax.global_norm(grads),
              "learning_rate": learning_rate_schedule(c)(state.step)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -185,6 +208,13 @@ def train_step(graphdef, tx: optax.GradientTransformation, c: TrainConfig,
 def make_train_step(graphdef, tx, c: TrainConfig) -> Callable:
   """The jitted step; the state (argument 0) is donated."""
   return jax.jit(lambda state, frozen, batch: train_step(graphdef, tx, c, state, frozen, batch),
+                 donate_argnums=(0,))
+
+
+def make_distill_step(graphdef, tx, c: TrainConfig, *, distill: float, rows: int) -> Callable:
+  """The jitted step with a teacher: ``step(state, frozen, batch, teacher)`` (state donated)."""
+  return jax.jit(lambda state, frozen, batch, teacher: train_step(
+      graphdef, tx, c, state, frozen, batch, teacher, distill=distill, distill_rows=rows),
                  donate_argnums=(0,))
 
 

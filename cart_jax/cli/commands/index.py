@@ -59,6 +59,20 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                         "in the corpus's own proportion: keeps more of the old items' recall, "
                         "finds fewer new ones (default "
                         f"{incremental.DEFAULT_BALANCE_TAIL}; README: Adding and removing items)")
+  add.add_argument("--distill", type=float_in(0.0), default=incremental.DEFAULT_DISTILL,
+                   help="weight of the distillation from the run before the add on the replayed "
+                        "old texts (its whole output distribution as a target; 0: none; default "
+                        f"{incremental.DEFAULT_DISTILL})")
+  add.add_argument("--new-item-prior", default=incremental.DEFAULT_NEW_ITEM_PRIOR,
+                   metavar="auto|none|X",
+                   help="the new items' log-prior offset at decode time: auto = their share of "
+                        "the corpus's texts against their share of the fine-tune's batches; none; "
+                        f"or a number <= 0 (default {incremental.DEFAULT_NEW_ITEM_PRIOR})")
+  add.add_argument("--pseudo-queries", type=int_at_least(0),
+                   default=incremental.DEFAULT_PSEUDO_QUERIES,
+                   help="pseudo-queries for each new item that has no training text (the nearest "
+                        "training texts in the dual tower's space; needs NEW_E.model.npz; 0: "
+                        f"none; default {incremental.DEFAULT_PSEUDO_QUERIES})")
   add.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default: the run's)")
   add.add_argument("--batch-size", type=int_at_least(1), default=None,
@@ -90,7 +104,9 @@ def run(args) -> int:
     if args.index_command == "add":
       summary = api.index_add(args.model_dir, args.corpus, args.embeddings, item_ids=args.item_ids,
                               steps=args.steps, replay_ratio=args.replay_ratio,
-                              balance_tail=args.balance_tail,
+                              balance_tail=args.balance_tail, distill=args.distill,
+                              new_item_prior=args.new_item_prior,
+                              pseudo_queries=args.pseudo_queries,
                               learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
                               keep_versions=args.keep_versions, verify=args.verify,
                               progress=not args.quiet)

@@ -9,6 +9,12 @@ Both terms are means over non-padding target tokens (``targets != PAD_ID``).
 The two passes run as ONE forward on the batch stacked with itself (``[2B]``):
 each row draws its own dropout masks, and one call shards/compiles like any
 other. ``omega = 0`` (or no dropout RNG) skips the second pass: loss = CE.
+
+Distillation (``cart index add``): when the batch holds ``teacher_logp`` (the log-probabilities a
+frozen teacher, the run before the add, gives its last ``t`` rows), ``distill`` x the masked mean
+``KL(p_teacher || p_student)`` over those rows' target positions is added: the student keeps the
+teacher's whole distribution on those texts, not only its top token (Li & Hoiem 2016, "Learning
+without Forgetting").
 """
 from __future__ import annotations
 
@@ -44,8 +50,22 @@ def bidirectional_kl(logits_a: jax.Array, logits_b: jax.Array, mask: jax.Array) 
   return 0.5 * jnp.sum(sym * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def distillation_kl(student_logits: jax.Array, teacher_logp: jax.Array, mask: jax.Array) -> jax.Array:
+  """``KL(p_teacher || p_student)`` summed over the vocabulary, masked mean over tokens.
+
+  ``student_logits [t, L, V]``, ``teacher_logp [t, L, V]`` (log-probabilities, no gradient),
+  ``mask [t, L]``.
+  """
+  ls = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  lt = teacher_logp.astype(jnp.float32)
+  kl = jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)  # [t, L]
+  m = mask.astype(jnp.float32)
+  return jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 def compute_loss(model: CARTNetwork, batch: dict[str, jax.Array], *, omega: float,
-                 dropout_rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 dropout_rng: jax.Array | None, distill: float = 0.0
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """CART loss for one batch.
 
   Args:
@@ -53,11 +73,13 @@ def compute_loss(model: CARTNetwork, batch: dict[str, jax.Array], *, omega: floa
     batch: ``inputs int32 [b, src]`` (0 = pad), ``targets int32 [b, L]`` identifier
       token ids (``PAD_ID`` positions are ignored); optional ``input_mask [b, src]``; optional
       ``states [b, S, src, width]``: cached frozen-encoder states of ``inputs`` (the encoder
-      then does not run).
+      then does not run); optional ``teacher_logp [t, L, V]``: a teacher's log-probabilities for
+      the batch's last ``t`` rows (module docstring).
     omega: weight of the R-Drop KL term; 0 skips the second forward pass.
     dropout_rng: key for dropout; None = deterministic (evaluation; no KL term).
+    distill: weight of the distillation term (used when the batch has ``teacher_logp``).
   Returns:
-    (loss, aux) with aux ``ce``, ``kl``, ``token_accuracy``, ``num_tokens`` and
+    (loss, aux) with aux ``ce``, ``kl``, ``distill_kl``, ``token_accuracy``, ``num_tokens`` and
     ``fusion_alpha`` (``[decoder_layers, S]``) when fine fusion is on.
   """
   inputs, targets = batch["inputs"], batch["targets"]
@@ -82,12 +104,20 @@ def compute_loss(model: CARTNetwork, batch: dict[str, jax.Array], *, omega: floa
     ce_b, _ = token_cross_entropy(logits_b, targets, mask)
     ce = 0.5 * (ce_a + ce_b)
     kl = bidirectional_kl(logits_a, logits_b, mask)
+    students = (logits_a, logits_b)
   else:
     logits, model_aux = model(inputs, decoder_inputs, input_mask, rngs=rngs, states=states)
     ce, acc = token_cross_entropy(logits, targets, mask)
     kl = jnp.zeros((), jnp.float32)
+    students = (logits,)
   loss = ce + omega * kl
-  aux: dict[str, Any] = {"ce": ce, "kl": kl, "token_accuracy": acc,
+  teacher = batch.get("teacher_logp")  # [t, L, V] for the last t rows, or None
+  dkl = jnp.zeros((), jnp.float32)
+  if teacher is not None:
+    t = teacher.shape[0]
+    dkl = sum(distillation_kl(s[-t:], teacher, mask[-t:]) for s in students) / len(students)
+    loss = loss + distill * dkl
+  aux: dict[str, Any] = {"ce": ce, "kl": kl, "distill_kl": dkl, "token_accuracy": acc,
                          "num_tokens": jnp.sum(mask.astype(jnp.int32))}
   aux.update(model_aux)
   return loss, aux
