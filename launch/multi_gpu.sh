@@ -5,6 +5,8 @@
 #   launch/multi_gpu.sh gin_configs/experiments/mscoco.gin /runs/cart_coco [--gin.X=V ...]
 # Evaluate a trained run (each device searches its share of every query batch):
 #   launch/multi_gpu.sh eval /runs/cart_coco [cart eval flags: --split test --json out.json ...]
+# Add or remove items (the fine-tune of an add runs on every device; process 0 writes):
+#   launch/multi_gpu.sh index add /runs/cart_coco --corpus NEW_CORPUS --embeddings NEW_E.npy
 #
 # Several hosts: the same command on every host, with one coordinator and each host's own id
 # (jax.distributed.initialize() is called from these, cart_jax/train/trainer.py):
@@ -21,7 +23,7 @@
 #   JAX_PLATFORMS=cpu LOCAL_DEVICES=2 NUM_HOSTS=2 HOST_ID=1 COORDINATOR=localhost:29500 launch/multi_gpu.sh ...
 # CART: the command to run (default: `cart` when on PATH, else `python3 -m cart_jax.cli.main`).
 set -euo pipefail
-usage() { sed -n '2,25p' "$0"; exit 2; }
+usage() { sed -n '2,27p' "$0"; exit 2; }
 if [[ $# -lt 2 ]]; then usage; fi
 if [[ -n "${CART:-}" ]]; then
   read -r -a RUN <<< "${CART}"
@@ -46,6 +48,11 @@ fi
 if [[ "$1" == "eval" ]]; then
   MODEL_DIR=$2; shift 2
   exec "${RUN[@]}" eval --model-dir "${MODEL_DIR}" "$@"
+fi
+if [[ "$1" == "index" ]]; then
+  if [[ $# -lt 3 ]]; then usage; fi
+  ACTION=$2; MODEL_DIR=$3; shift 3
+  exec "${RUN[@]}" index "${ACTION}" --model-dir "${MODEL_DIR}" "$@"
 fi
 if [[ "$1" == "train" ]]; then shift; fi
 if [[ $# -lt 2 ]]; then usage; fi

@@ -24,6 +24,7 @@ from cart_jax.data.corpus import load_corpus, write_corpus
 from cart_jax.index.identifiers import IdentifierConfig, build_index, load_index
 from cart_jax.index.vocab import IdentifierVocab
 from cart_jax.train import incremental
+from test_paths import gcs  # noqa: F401  (the in-memory gs:// fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 N_NEW = 4
@@ -407,6 +408,62 @@ def test_failure_or_kill_during_add_leaves_the_previous_version_and_add_again_wo
   assert sorted(p.name for p in (run / "versions").iterdir()) == ["2"]
   assert load_run(run).index.n_items == 20 + N_NEW
   capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------
+# a MODEL_DIR on a bucket (gs://, in memory)
+
+
+@needs_minilm
+def test_add_and_remove_on_a_gs_model_dir(world, gcs, monkeypatch, tmp_path):
+  """``cart index add`` / ``remove`` on ``gs://bucket/run``: the versions are written through the
+  path layer (nothing local named ``gs:``), ``run.json`` switches last, and the run loads and
+  searches at each version. Orbax's array reads and writes go through tensorstore's own GCS driver,
+  which the in-memory bucket cannot serve (``test_paths``): here they go through a local copy."""
+  from cart_jax.core import paths
+  from cart_jax.inference.runs import load_run
+  from cart_jax.train import trainer
+  restore = trainer.restore_for_inference
+  save = incremental._save_checkpoint
+
+  def restore_via_local(model_config, checkpoint_dir, *a, **k):
+    if paths.is_remote(checkpoint_dir):
+      checkpoint_dir = paths.stage(checkpoint_dir)
+    return restore(model_config, checkpoint_dir, *a, **k)
+
+  def save_via_local(directory, step, *a):
+    local = tmp_path / f"ckpt-{step}"
+    save(local, step, *a)
+    paths.copy_tree(local / str(step), os.fspath(directory) + f"/{step}", last="manifest.sha256.json")
+
+  monkeypatch.setattr(trainer, "restore_for_inference", restore_via_local)
+  monkeypatch.setattr(incremental, "_save_checkpoint", save_via_local)
+  remote = "gs://bucket/run"
+  paths.copy_tree(world.run, remote, last="run.json")
+  cwd = Path.cwd()
+  s = api.index_add(remote, world.new, world.new_emb, steps=4, progress=False, log=lambda m: None)
+  assert s["version"] == 2 and s["num_items"] == 20 + N_NEW and s["model_dir"] == remote
+  run = json.loads(paths.read_text(remote + "/run.json"))
+  assert run["index_version"] == 2 and run["corpus_dir"] == remote + "/versions/2/corpus"
+  files = set(paths.walk_files(remote + "/versions/2"))
+  assert {"update.json", "index/meta.json", "corpus/corpus.json", "corpus/items.jsonl"} <= files
+  assert any(f.startswith("checkpoints/8/") for f in files)  # step 4 + 4 fine-tuning steps
+  assert not any(f.startswith("corpus/media/") for f in files)  # media stay in their corpora
+  assert str(world.new) in run["corpus_sources"]
+  loaded = load_run(remote)
+  assert loaded.index.n_items == 20 + N_NEW and loaded.step == 8
+  assert loaded.corpus.item_ids == world.old_ids + world.new_ids
+  texts = _train_texts(world.new, world.new_ids)
+  got = api.search(remote, [texts[world.new_ids[0]]], k=20 + N_NEW)[0]["results"]
+  assert world.new_ids[0] in [d["item_id"] for d in got]
+  r = api.index_remove(remote, [world.old_ids[0], world.new_ids[1]], log=lambda m: None)
+  assert r["version"] == 3 and r["num_items"] == 20 + N_NEW - 2 and r["checkpoint"] == "copy"
+  assert load_run(remote).index.removed_item_ids == [world.old_ids[0], world.new_ids[1]]
+  # A third change prunes version 2 from the bucket; version 1 (the trained run) stays.
+  api.index_remove(remote, [world.old_ids[1]], log=lambda m: None)
+  left = {f.split("/")[1] for f in paths.walk_files(remote) if f.startswith("versions/")}
+  assert left == {"3", "4"} and paths.absolute(remote + "/checkpoints").is_dir()
+  assert not (cwd / "gs:").exists()
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -291,3 +292,52 @@ def test_launch_scripts_cite_extras_that_exist_and_tpu_command(monkeypatch):
   for script in ("tpu_vm.sh", "multi_gpu.sh"):  # too few arguments: the usage, exit 2
     out = subprocess.run(["bash", str(REPO / "launch" / script)], capture_output=True, text=True)
     assert out.returncode == 2 and "launch/" in out.stdout
+
+
+def test_index_add_on_two_processes_matches_one_process(tmp_path):
+  """``cart index add`` launched on 2 processes x 2 devices (the fine-tune is collective, process
+  0 writes the version and switches ``run.json``) gives the run the same add in one process gives."""
+  from cart_jax.data.corpus import load_corpus, write_corpus
+  from cart_jax.index.identifiers import IdentifierConfig, build_index, load_index
+  from cart_jax.inference.runs import load_run
+
+  corpus, _ = _corpus(tmp_path)
+  full = load_corpus(corpus)
+  old_ids, new_ids = full.item_ids[:9], full.item_ids[9:]
+  for name, keep in (("base", set(old_ids)), ("new", set(new_ids))):
+    items = [it for it in full.items if it.id in keep]
+    write_corpus(tmp_path / name, full.name, full.modality, items,
+                 [t for t in full.all_texts if t.item_id in keep],
+                 media_sources={it.id: full.media_path(it) for it in items}, media_mode="copy")
+  emb = np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)
+  build_index(emb[:9], old_ids, IdentifierConfig(n_clusters=3, num_levels=1, codebook_size=3,
+                                                 use_rqvae=False, kmeans_iters=20)).save(tmp_path / "index")
+  np.save(tmp_path / "new.npy", emb[9:])
+  (tmp_path / "new.ids.txt").write_text("".join(f"{i}\n" for i in new_ids))
+  run = tmp_path / "run"
+  gin = [f"--gin_file={GIN_FILES[1]}", *_gin(tmp_path / "base", tmp_path / "index"),
+         "--gin.TrainConfig.eval_every=0", "--quiet"]
+  Launch([GIN_FILES[0], str(run), *gin], tmp_path, "train", processes=1, devices=1).wait()
+  runs = {n: tmp_path / f"run_{n}" for n in (1, 2)}
+  for dst in runs.values():
+    shutil.copytree(run, dst)
+  add = ["--corpus", str(tmp_path / "new"), "--embeddings", str(tmp_path / "new.npy"),
+         "--steps", "4", "--quiet"]
+  one = Launch(["index", "add", str(runs[1]), *add], tmp_path, "add_1", processes=1, devices=1)
+  Launch(["index", "add", str(runs[2]), *add], tmp_path, "add_2").wait()
+  one.wait()
+  loaded = {n: load_run(d) for n, d in runs.items()}
+  for n, d in runs.items():
+    r = json.loads((d / "run.json").read_text())
+    assert r["index_version"] == 2 and loaded[n].step == 10
+    assert sorted(os.listdir(d / "versions")) == ["2"]  # one version, no temporary left
+    assert sorted(os.listdir(d / "versions" / "2")) == ["checkpoints", "corpus", "index",
+                                                        "update.json"]
+  a, b = (load_index(d / "versions" / "2" / "index") for d in runs.values())
+  np.testing.assert_array_equal(a.codes, b.codes)
+  np.testing.assert_array_equal(a.prior(), b.prior())
+  assert a.prior()[9:].min() < 0 and not a.prior()[:9].any()
+  diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(loaded[1].params), jax.tree.leaves(loaded[2].params)))
+  print(f"index add: max |params(2 processes) - params(1 process)| = {diff:.2e}")
+  assert diff <= 1e-5

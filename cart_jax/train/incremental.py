@@ -1048,9 +1048,15 @@ def _save_checkpoint(directory: Path, step: int, params, frozen, meta: dict) -> 
   import jax  # pylint: disable=g-import-not-at-top
 
   from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  # Grown numpy leaves (steps=0) become arrays like the rest: replicated on every device of every
+  # process (the save is collective; every process holds the same values).
+  everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                          jax.sharding.PartitionSpec())
+  params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, everywhere),
+                        params)
   ckpt = Checkpointer(directory, keep=1)
-  try:  # grown numpy leaves (steps=0) become arrays like the rest
-    ckpt.save(step, {"params": jax.device_put(params), "frozen": frozen}, dict(meta, time=time.time()))
+  try:
+    ckpt.save(step, {"params": params, "frozen": frozen}, dict(meta, time=time.time()))
   finally:
     ckpt.close()
 
