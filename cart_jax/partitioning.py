@@ -24,7 +24,6 @@ No gin, no TensorFlow.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -196,10 +195,6 @@ def param_logical_axes_table(state: Any) -> dict[str, dict]:
         "spec": None if spec is None else [s for s in spec],
     }
   return out
-
-
-def num_elements(shape: Sequence[int]) -> int:
-  return int(math.prod(shape))
 
 
 # --------------------------------------------------------------------------- processes

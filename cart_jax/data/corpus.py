@@ -261,7 +261,9 @@ class Corpus:
 # Reading and validation.
 
 
-def _read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+  """``(line number, JSON object)`` of each non-blank line of a UTF-8 JSONL file (a BOM allowed);
+  a bad line is a CorpusFormatError naming the file and line."""
   try:
     f = open(path, "rb")
   except OSError as e:
@@ -425,7 +427,7 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
     raise CorpusFormatError(f"{items_path}: missing")
   items: list[Item] = []
   seen: dict[str, int] = {}
-  for lineno, rec in _read_jsonl(items_path):
+  for lineno, rec in read_jsonl(items_path):
     where = f"{items_path}:{lineno}"
     item = Item(_field(rec, "id", where), _field(rec, "modality", where), _field(rec, "media", where))
     if item.id in seen:
@@ -440,7 +442,7 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
   if not texts_path.is_file():
     raise CorpusFormatError(f"{texts_path}: missing")
   texts: list[Text] = []
-  for lineno, rec in _read_jsonl(texts_path):
+  for lineno, rec in read_jsonl(texts_path):
     where = f"{texts_path}:{lineno}"
     src = rec.get("source")
     if src is not None and not isinstance(src, str):

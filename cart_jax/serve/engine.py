@@ -194,11 +194,6 @@ class SearchEngine:
             f"{'' if modality is None else f' ({modality})'}: {dt:.2f} s")
     return times
 
-  def check_modality(self, modality: str | None) -> None:
-    """Raises ``ModalityError`` (listing the index's modalities) for one it does not hold."""
-    if modality is not None:
-      self._searcher.trie_for(modality)
-
   def _view(self, modality: str | None, batch_size: int):
     key = (modality, batch_size)
     if key not in self._views:

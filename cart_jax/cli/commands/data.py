@@ -68,7 +68,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                          "instruments: not applicable)")
   prep.add_argument("--no-templates", dest="templates", action="store_false",
                     help="no templated English wordings ('<name> emoji', '<name> icon')")
-  prep.add_argument("--unseen-items", type=_unseen_fraction, default=0.0, metavar="FRACTION",
+  prep.add_argument("--unseen-items", type=output.unseen_fraction, default=0.0, metavar="FRACTION",
                     help="emoji: this share in [0, 1) of the items (hash of the id) gets no "
                          "training query, only English captions, as in CART's protocol "
                          "(default 0)")
@@ -113,15 +113,6 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   output.add_output_flags(info)
   info.set_defaults(func=run)
   return p
-
-
-def _unseen_fraction(value: str) -> float:
-  """argparse type of --unseen-items (argparse names the flag in its error, exit 2)."""
-  from cart_jax.data.datasets.emoji import check_unseen_fraction
-  try:
-    return check_unseen_fraction(value)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
 
 
 def _parse_split_lists(values: list[str]) -> dict[str, Path] | None:

@@ -57,7 +57,7 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--no-templates", action="store_true",
                  help="image: the strict emoji split, without templated training wordings "
                       "('<name> emoji', '<name> icon')")
-  p.add_argument("--unseen-items", type=_unseen_fraction, default=0.0, metavar="F",
+  p.add_argument("--unseen-items", type=output.unseen_fraction, default=0.0, metavar="F",
                  help="image: a share F of the items has no training query, only captions (the "
                       "paper's protocol); CART and the dual tower both train on the captions, and "
                       "recall is also reported on those items' test queries")
@@ -91,15 +91,6 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 ITEM_ENCODERS = ("scratch", "pretrained", "efficientnet-lite0", "aisfx")
-
-
-def _unseen_fraction(value: str) -> float:
-  """argparse type of --unseen-items: a share in [0, 1) (as ``cart data prepare`` checks it)."""
-  from cart_jax.data.datasets.emoji import check_unseen_fraction
-  try:
-    return check_unseen_fraction(value)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
 
 
 def _share(flag: str):
