@@ -54,8 +54,9 @@ DATASETS = {
 }
 
 __all__ = ["DATASETS", "PreparedCorpus", "BuiltIndex", "BuiltinEmbedOptions", "ModelEmbedOptions",
-           "PrecomputedEmbedOptions", "EmbedResult", "prepare", "embed", "build_index", "train",
-           "evaluate", "baseline", "search", "export", "index_add", "index_remove", "make_server"]
+           "PrecomputedEmbedOptions", "EmbedResult", "prepare", "data_import", "data_merge",
+           "add_captions", "data_info", "embed", "build_index", "train", "evaluate", "baseline",
+           "search", "export", "index_add", "index_remove", "model_info", "make_server"]
 
 
 @dataclasses.dataclass
@@ -96,6 +97,56 @@ def prepare(dataset: str, out: str | os.PathLike, *, limit: int | None = None,
   corpus, stats = getattr(importlib.import_module(module), fn)(
       out, limit=limit, size=size, templates=templates, overwrite=overwrite, **extra)
   return PreparedCorpus(corpus, dict(corpus.summary(), out=str(out), **vars(stats)))
+
+
+def data_import(fmt: str, sources: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                media_root: str | os.PathLike | None = None, media_mode: str = "symlink",
+                overwrite: bool = False, name: str | None = None, media_pattern: str | None = None,
+                skip_missing_media: bool = False,
+                split_lists: dict[str, str | os.PathLike] | None = None,
+                mapping: str | os.PathLike | None = None) -> PreparedCorpus:
+  """Imports a data set's files (``fmt``: :data:`cart_jax.data.importers.FORMATS`) as a corpus in
+  ``out`` (``cart data import``); ``summary`` adds ``out`` and ``skipped_missing_media``."""
+  from cart_jax.data.importers import import_corpus  # pylint: disable=g-import-not-at-top
+  corpus, result = import_corpus(fmt, sources, out, media_root=media_root, media_mode=media_mode,
+                                 overwrite=overwrite, name=name, media_pattern=media_pattern,
+                                 skip_missing_media=skip_missing_media, split_lists=split_lists,
+                                 mapping=mapping)
+  return PreparedCorpus(corpus, dict(corpus.summary(), out=str(out),
+                                     skipped_missing_media=len(result.skipped_items)))
+
+
+def data_merge(corpora: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+               embeddings: Sequence[str | os.PathLike] | None = None,
+               names: Sequence[str] | None = None, name: str | None = None, prefix: bool = False,
+               media_mode: str = "symlink", overwrite: bool = False) -> PreparedCorpus:
+  """One corpus (``mixed`` when the modalities differ) from several, with their embeddings merged
+  in the same row order (``cart data merge``)."""
+  from cart_jax.data.merge import merge_corpora  # pylint: disable=g-import-not-at-top
+  corpus, stats = merge_corpora(corpora, out, embeddings=embeddings, names=names, name=name,
+                                prefix=prefix, media_mode=media_mode, overwrite=overwrite)
+  return PreparedCorpus(corpus, dict(corpus.summary(), out=str(out), **dataclasses.asdict(stats)))
+
+
+def add_captions(corpus_dir: str | os.PathLike, captions: str | os.PathLike, *,
+                 replace: bool = False, source: str | None = None) -> PreparedCorpus:
+  """Adds a captioner's JSONL output to a corpus as ``kind=caption`` training texts
+  (``cart data add-captions``)."""
+  from cart_jax.data.captions import add_captions as add  # pylint: disable=g-import-not-at-top
+  corpus, stats = add(corpus_dir, captions, replace=replace, source=source)
+  return PreparedCorpus(corpus, dict(corpus.summary(), **stats))
+
+
+def data_info(corpus_dir: str | os.PathLike) -> dict:
+  """A corpus's summary, its images decoded, and texts that leak across splits
+  (``cart data info``: ``leaks``, ``leak_examples``)."""
+  from cart_jax.data.corpus import find_leaks, load_corpus  # pylint: disable=g-import-not-at-top
+  from cart_jax.media.image import check_images  # pylint: disable=g-import-not-at-top
+  corpus = load_corpus(corpus_dir)
+  decoded = check_images([corpus.media_path(it) for it in corpus.items if it.modality == "image"])
+  leaks = find_leaks(corpus)
+  return dict(corpus.summary(), images_decoded=decoded, leaks=len(leaks),
+              leak_examples=[[a.text, a.split, b.text, b.item_id] for a, b in leaks[:5]])
 
 
 def embed(corpus_dir: str | os.PathLike, out: str | os.PathLike,
@@ -228,16 +279,26 @@ def baseline(embeddings: str | os.PathLike, corpus_dir: str | os.PathLike, **opt
 
 
 def search(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int = 10,
-           **options) -> list[dict]:
+           beam: int | None = None, modality: str | None = None, step: int | None = None,
+           rerank: bool = False, rerank_weight: float | str | None = None,
+           embeddings: str | os.PathLike | None = None, verify: bool = True,
+           log: Callable[[str], None] = print) -> list[dict]:
   """The top ``k`` items a trained run generates for each query (``cart search``).
 
-  Options: :func:`cart_jax.jobs.search.search_job` (``beam``, ``modality``, ``step``,
-  ``rerank``, ``rerank_weight``, ``embeddings``, ``verify``: ``False`` skips checking the
-  checkpoint against its manifest). Returns one ``{"query", "results"}`` per query; an empty
-  query is a ``CartError``, ``k`` above the number of items is clamped to it.
+  Args (:func:`cart_jax.jobs.search.search_job`, which also returns the run's step and the
+  re-rank weight):
+    beam: beam size (default ``max(k, 10)``); ``k`` above the number of items is clamped to it.
+    modality: only items of this modality (``ModalityError`` when the index has none).
+    rerank, rerank_weight, embeddings: re-sort the beam with the dual tower (the run's re-ranker;
+      ``embeddings`` builds it first).
+    verify: ``False`` skips checking the checkpoint against its manifest.
+
+  Returns one ``{"query", "results"}`` per query; an empty query is a ``CartError``.
   """
   from cart_jax.jobs.search import search_job  # pylint: disable=g-import-not-at-top
-  return search_job(model_dir, queries, k=k, **options)["queries"]
+  return search_job(model_dir, queries, k=k, beam=beam, modality=modality, step=step,
+                    rerank=rerank, rerank_weight=rerank_weight, embeddings=embeddings,
+                    verify=verify, log=log)["queries"]
 
 
 def export(model_dir: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
@@ -274,6 +335,44 @@ def index_remove(model_dir: str | os.PathLike, ids: str | os.PathLike | Sequence
   """
   from cart_jax.train.incremental import remove_items  # pylint: disable=g-import-not-at-top
   return remove_items(model_dir, ids, **options)
+
+
+def model_info(config: str = "small", *, encoder: str | None = None, fusion: str | None = None,
+               vocab_size: int | None = None, src_len: int = 32, beam: int = 10, id_length: int = 6,
+               embed_dim: int = 256, cost_analysis: bool = False) -> dict:
+  """Parameters and FLOPs per query of a model preset (``cart model-info``), next to the dual
+  tower's query side and the re-ranking cost; nothing is allocated (``cost_analysis``: also
+  compile it and report XLA's count)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.models.cart.config import get_config  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart.flops import (dual_tower_query_flops, flops_per_query,  # pylint: disable=g-import-not-at-top
+                                          measured_flops)
+  from cart_jax.models.cart.network import CARTNetwork, param_groups  # pylint: disable=g-import-not-at-top
+
+  overrides = {}
+  if encoder is not None:
+    overrides["encoder"] = encoder
+  if fusion is not None:
+    overrides["fusion"] = fusion
+  if vocab_size is not None:
+    overrides["output_vocab_size"] = vocab_size
+  cfg = get_config(config, **overrides)
+  for flag, value in (("src-len", src_len), ("beam", beam), ("id-length", id_length)):
+    if value < 1:
+      raise CartError(f"--{flag} must be >= 1, got {value}")
+  abstract = nnx.eval_shape(lambda: CARTNetwork(cfg, rngs=nnx.Rngs(0)))
+  params = param_groups(nnx.state(abstract))
+  flops = flops_per_query(cfg, src_len=src_len, beam=beam, id_length=id_length)
+  info = {"config": config, "model_config": cfg.to_dict(), "parameters": params,
+          "flops_per_query": flops,
+          "dual_tower_query_flops": dual_tower_query_flops(src_len=src_len, embed_dim=embed_dim),
+          "rerank_flops": 2 * beam * embed_dim}
+  if cost_analysis:
+    measured = measured_flops(cfg, src_len=src_len, beam=beam, id_length=id_length)
+    info["xla_cost_analysis_flops"] = measured
+    info["xla_over_analytic"] = measured / flops["total"]
+  return info
 
 
 def make_server(model_dir: str | os.PathLike, config: ServeConfig | None = None,
