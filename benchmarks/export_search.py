@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/export_search.py` from a checkout
@@ -66,7 +65,8 @@ def main() -> None:
 
   from cart_jax import api  # pylint: disable=g-import-not-at-top
   from cart_jax.inference.exported import load_exported  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.runs import load_run, searcher_for_run  # pylint: disable=g-import-not-at-top
+  from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.searcher import searcher_for_run  # pylint: disable=g-import-not-at-top
 
   model_dir = Path(args.model_dir) if args.model_dir else small_run(Path(args.workdir))
   tmp = Path(tempfile.mkdtemp(prefix="cart-export-bench-"))

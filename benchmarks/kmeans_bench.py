@@ -27,7 +27,6 @@ def _data(n, d, seed=0):
 
 
 def worker(method: str, n: int, d: int, k: int, iters: int, repeats: int) -> dict:
-  import numpy as np
   x = _data(n, d)
   times, inertias, n_iters = [], [], []
   compile_s = 0.0

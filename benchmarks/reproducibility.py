@@ -6,7 +6,7 @@
 
 Each setting runs the same pipeline in its own subprocess (fresh XLA thread pools and compile
 caches): item embeddings (``api.embed``) -> identifiers (``api.build_index``) -> CART training
-(``api.train``, the demo's gin experiment) -> test recall (``api.evaluate``), on a small emoji corpus
+(``cli_gin.train``, the demo's gin experiment) -> test recall (``api.evaluate``), on a small emoji corpus
 prepared once (``--limit`` emoji; or, with ``--demo``, the whole ``cart demo``). Every artefact is
 hashed: ``E.npy``, the identifier codes, CART's trained parameters, the logged losses, and the
 recall figures, so the report says at which stage two settings part ways.
@@ -57,7 +57,7 @@ def _sha(data: bytes) -> str:
 def _params_hash(model_dir: Path) -> str:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
+  from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
   run = load_run(model_dir)
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(run.params):
@@ -69,12 +69,14 @@ def worker(args) -> dict:
   """One setting's pipeline in this process; returns hashes, losses and recall."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cart_jax import api, recipes  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top
   from cart_jax.data.embeddings import BuiltinEmbedOptions, embedding_files  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   out = Path(args.out)
   t0 = time.perf_counter()
   if args.demo:
-    summary = api.demo("image", workdir=out, log=lambda m: print(m, file=sys.stderr)).summary
+    summary = recipes.run_demo(recipes.IMAGE, workdir=out,
+                               log=lambda m: print(m, file=sys.stderr)).summary
     model_dir, emb = Path(summary["model_dir"]), out / "emb" / "emoji.npy"
     index_dir = out / "index"
     metrics = {k: summary[k] for k in ("cart", "cart_rerank", "dual_tower")}
@@ -87,7 +89,7 @@ def worker(args) -> dict:
            IdentifierConfig(n_clusters=16, num_levels=2, codebook_size=16, rq_steps=100))
     api.build_index(emb.embeddings, index_dir, ids, item_ids=emb.ids)
     model_dir = out / "cart"
-    api.train([recipes.IMAGE.experiment],
+    cli_gin.train([recipes.IMAGE.experiment],
               [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{args.corpus}'", f"INDEX_DIR='{index_dir}'",
                f"TrainConfig.num_steps={args.train_steps}",
                f"TrainConfig.log_every={1 if args.tiny else 25}",

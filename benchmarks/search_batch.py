@@ -30,7 +30,6 @@ import sys
 import time
 import types
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

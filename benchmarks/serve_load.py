@@ -8,7 +8,7 @@ Run (2-core CPU: about 2 min to train the run once, then about 2 min per measure
 
 What it does:
   1. The run: unless ``--model-dir`` is given, ``cart demo``'s emoji recipe on the first ``--limit``
-     emoji (``api.demo``: built-in item encoder, identifiers, CART over the frozen MiniLM, the
+     emoji (``cart demo``: built-in item encoder, identifiers, CART over the frozen MiniLM, the
      re-ranker), in ``--workdir`` (default ``$TMPDIR/cart-serve-load-<settings>``); a second
      invocation reuses it.
   2. Offline: ``cart eval``'s queries/s on the same run (``api.evaluate``, test split, the batch
@@ -78,6 +78,7 @@ def ensure_run(args) -> Path:
   if args.model_dir:
     return Path(args.model_dir)
   from cart_jax import api  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top
   from cart_jax.data.embeddings import BuiltinEmbedOptions, embedding_files  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   work = Path(args.workdir or Path(tempfile.gettempdir()) /
@@ -96,7 +97,7 @@ def ensure_run(args) -> Path:
     api.build_index(emb, index, IdentifierConfig(n_clusters=16, num_levels=2, codebook_size=16,
                                                  rq_steps=200), item_ids=embedding_files(emb).ids)
   _log(f"CART: {args.train_steps} steps (the emoji demo's model: frozen MiniLM + 2-layer decoder)")
-  api.train([str(ROOT / "gin_configs/experiments/emoji_demo.gin")],
+  cli_gin.train([str(ROOT / "gin_configs/experiments/emoji_demo.gin")],
             [f"MODEL_DIR='{run}'", f"CORPUS_DIR='{corpus}'", f"INDEX_DIR='{index}'",
              f"EMBEDDINGS='{emb}'", f"TrainConfig.num_steps={args.train_steps}",
              "TrainConfig.checkpoint_every=0"], progress=False)

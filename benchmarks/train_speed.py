@@ -32,9 +32,9 @@ EXPERIMENT = "gin_configs/experiments/emoji_demo.gin"
 CONFIGS = {
     "cached": [],
     "no_cache": ["--gin.InputConfig.cache_encoder_states=False"],
-    "minilm_small_trainable": ["--gin_file=gin_configs/models/minilm_small.gin",
+    "minilm_small_trainable": ["--gin-file=gin_configs/models/minilm_small.gin",
                                "--gin.ModelConfig.freeze_encoder=False"],
-    "tiny_scratch": ["--gin_file=gin_configs/models/tiny.gin", "--gin.ModelConfig.d_model=64",
+    "tiny_scratch": ["--gin-file=gin_configs/models/tiny.gin", "--gin.ModelConfig.d_model=64",
                      "--gin.ModelConfig.num_heads=4", "--gin.ModelConfig.head_dim=16",
                      "--gin.ModelConfig.d_ff=128", "--gin.TrainConfig.learning_rate=0.003"],
 }
@@ -43,7 +43,7 @@ CONFIGS = {
 def one_run(name: str, args, work: Path, cache_dir: Path) -> dict:
   model_dir = work / f"{name}-{time.time_ns()}"
   steps, window = args.steps, max(1, args.steps // 3)
-  cmd = [sys.executable, "-m", "cart_jax.cli.main", "train", f"--gin_file={EXPERIMENT}", *CONFIGS[name],
+  cmd = [sys.executable, "-m", "cart_jax.cli.main", "train", f"--gin-file={EXPERIMENT}", *CONFIGS[name],
          f"--gin.MODEL_DIR={model_dir}", f"--gin.CORPUS_DIR={args.corpus}", f"--gin.INDEX_DIR={args.index}",
          f"--gin.TrainConfig.num_steps={steps}", f"--gin.TrainConfig.log_every={window}",
          "--gin.TrainConfig.checkpoint_every=0", "--gin.TrainConfig.warmup_steps=1",

@@ -8,17 +8,19 @@
   emb = api.embed("work/corpus", "work/emb/emoji.npy", BuiltinEmbedOptions(steps=300))
   index = api.build_index(emb.path, "work/index", IdentifierConfig(n_clusters=64, num_levels=2,
                                                                     codebook_size=64, rq_steps=300))
-  run = api.train(["gin_configs/experiments/emoji_demo.gin"],
-                  ["MODEL_DIR='work/cart'", "CORPUS_DIR='work/corpus'", "INDEX_DIR='work/index'"])
+  run = api.train("work/cart", "work/corpus", "work/index", ModelConfig(...), TrainConfig(...),
+                  InputConfig(...), embeddings=emb.path)  # `cart train` reads them from gin
   api.evaluate("work/cart", split="test")        # {"r@1", "r@5", "r@10", "mrr@10", "qps", ...}
   api.baseline(emb.path, "work/corpus")          # the dual tower, same keys
   api.search("work/cart", ["smiling cat"], k=5)  # [{"query", "results": [...]}]
-  api.demo(modality="image", workdir="work")     # all of the above: cart demo
   api.make_server("work/cart").run()             # HTTP search + page: cart serve
+  recipes.run_demo(recipes.recipe_for("image"), workdir="work")  # all of the above: cart demo
 
-Each function composes the rooms below it (``data``, ``index``, ``train``, ``inference``) and
-returns typed values or the JSON-ready dict its command prints. User errors raise
-:class:`cart_jax.core.errors.CartError` (a subclass naming the file/line/field); anything else
+Each function calls the jobs below it (:mod:`cart_jax.jobs`, composing ``data``, ``index``,
+``train`` and ``inference``) and returns typed values or the JSON-ready dict its command prints. No
+gin here: ``cart train`` reads its configs from gin files (:mod:`cart_jax.cli.cli_gin`) and calls
+:func:`train`; the demo (``cart demo``, :mod:`cart_jax.recipes`) composes these functions. User
+errors raise :class:`cart_jax.core.errors.CartError` (a subclass naming the file/line/field); anything else
 propagates with its traceback. Heavy imports happen inside the functions, so importing this module
 is cheap and needs neither gin nor TensorFlow.
 """
@@ -38,7 +40,9 @@ from cart_jax.data.embeddings import (BuiltinEmbedOptions, EmbedResult, ModelEmb
 if TYPE_CHECKING:
   from cart_jax.data.corpus import Corpus
   from cart_jax.index.identifiers import IdentifierConfig, SemanticIndex
-  from cart_jax.recipes import DemoResult
+  from cart_jax.models.cart.config import ModelConfig
+  from cart_jax.train.input_pipeline import InputConfig
+  from cart_jax.train.trainer import TrainConfig
   from cart_jax.serve import Server, ServeConfig
 
 # Built-in data sets: name -> "module:function", called as fn(out_dir, *, limit, size, templates,
@@ -50,9 +54,9 @@ DATASETS = {
 }
 
 __all__ = ["DATASETS", "PreparedCorpus", "BuiltIndex", "BuiltinEmbedOptions", "ModelEmbedOptions",
-           "PrecomputedEmbedOptions", "EmbedResult", "prepare", "embed", "build_index", "train",
-           "evaluate", "baseline", "search", "export", "index_add", "index_remove", "demo",
-           "make_server"]
+           "PrecomputedEmbedOptions", "EmbedResult", "prepare", "data_import", "data_merge",
+           "add_captions", "data_info", "embed", "build_index", "train", "evaluate", "baseline",
+           "search", "export", "index_add", "index_remove", "model_info", "make_server"]
 
 
 @dataclasses.dataclass
@@ -95,6 +99,56 @@ def prepare(dataset: str, out: str | os.PathLike, *, limit: int | None = None,
   return PreparedCorpus(corpus, dict(corpus.summary(), out=str(out), **vars(stats)))
 
 
+def data_import(fmt: str, sources: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                media_root: str | os.PathLike | None = None, media_mode: str = "symlink",
+                overwrite: bool = False, name: str | None = None, media_pattern: str | None = None,
+                skip_missing_media: bool = False,
+                split_lists: dict[str, str | os.PathLike] | None = None,
+                mapping: str | os.PathLike | None = None) -> PreparedCorpus:
+  """Imports a data set's files (``fmt``: :data:`cart_jax.data.importers.FORMATS`) as a corpus in
+  ``out`` (``cart data import``); ``summary`` adds ``out`` and ``skipped_missing_media``."""
+  from cart_jax.data.importers import import_corpus  # pylint: disable=g-import-not-at-top
+  corpus, result = import_corpus(fmt, sources, out, media_root=media_root, media_mode=media_mode,
+                                 overwrite=overwrite, name=name, media_pattern=media_pattern,
+                                 skip_missing_media=skip_missing_media, split_lists=split_lists,
+                                 mapping=mapping)
+  return PreparedCorpus(corpus, dict(corpus.summary(), out=str(out),
+                                     skipped_missing_media=len(result.skipped_items)))
+
+
+def data_merge(corpora: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+               embeddings: Sequence[str | os.PathLike] | None = None,
+               names: Sequence[str] | None = None, name: str | None = None, prefix: bool = False,
+               media_mode: str = "symlink", overwrite: bool = False) -> PreparedCorpus:
+  """One corpus (``mixed`` when the modalities differ) from several, with their embeddings merged
+  in the same row order (``cart data merge``)."""
+  from cart_jax.data.merge import merge_corpora  # pylint: disable=g-import-not-at-top
+  corpus, stats = merge_corpora(corpora, out, embeddings=embeddings, names=names, name=name,
+                                prefix=prefix, media_mode=media_mode, overwrite=overwrite)
+  return PreparedCorpus(corpus, dict(corpus.summary(), out=str(out), **dataclasses.asdict(stats)))
+
+
+def add_captions(corpus_dir: str | os.PathLike, captions: str | os.PathLike, *,
+                 replace: bool = False, source: str | None = None) -> PreparedCorpus:
+  """Adds a captioner's JSONL output to a corpus as ``kind=caption`` training texts
+  (``cart data add-captions``)."""
+  from cart_jax.data.captions import add_captions as add  # pylint: disable=g-import-not-at-top
+  corpus, stats = add(corpus_dir, captions, replace=replace, source=source)
+  return PreparedCorpus(corpus, dict(corpus.summary(), **stats))
+
+
+def data_info(corpus_dir: str | os.PathLike) -> dict:
+  """A corpus's summary, its images decoded, and texts that leak across splits
+  (``cart data info``: ``leaks``, ``leak_examples``)."""
+  from cart_jax.data.corpus import find_leaks, load_corpus  # pylint: disable=g-import-not-at-top
+  from cart_jax.media.image import check_images  # pylint: disable=g-import-not-at-top
+  corpus = load_corpus(corpus_dir)
+  decoded = check_images([corpus.media_path(it) for it in corpus.items if it.modality == "image"])
+  leaks = find_leaks(corpus)
+  return dict(corpus.summary(), images_decoded=decoded, leaks=len(leaks),
+              leak_examples=[[a.text, a.split, b.text, b.item_id] for a, b in leaks[:5]])
+
+
 def embed(corpus_dir: str | os.PathLike, out: str | os.PathLike,
           options: BuiltinEmbedOptions | ModelEmbedOptions | PrecomputedEmbedOptions
           = BuiltinEmbedOptions(), *, overwrite: bool = False, progress: bool = True
@@ -105,8 +159,8 @@ def embed(corpus_dir: str | os.PathLike, out: str | os.PathLike,
   (``ModelEmbedOptions(model="E.model.npz")``, ``cart embed --model``: new items in the space
   of that model's ``E.npy``, e.g. for :func:`index_add`); or align embeddings computed elsewhere.
   """
-  from cart_jax.data import embeddings  # pylint: disable=g-import-not-at-top
-  return embeddings.embed(corpus_dir, out, options, overwrite=overwrite, progress=progress)
+  from cart_jax.jobs.embed import embed as embed_job  # pylint: disable=g-import-not-at-top
+  return embed_job(corpus_dir, out, options, overwrite=overwrite, progress=progress)
 
 
 def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, config: IdentifierConfig, *,
@@ -137,14 +191,40 @@ def build_index(embeddings: str | os.PathLike, out: str | os.PathLike, config: I
   return BuiltIndex(index, stats)
 
 
-def train(gin_files: Sequence[str], bindings: Sequence[str] = (), *, progress: bool = True) -> dict:
-  """Trains CART with a gin-configured ``train_job`` (``cart train``); returns its summary.
+def train(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
+          index_dir: str | os.PathLike | None, model_config: ModelConfig, train_config: TrainConfig,
+          input_config: InputConfig, *, captions_file: str | os.PathLike | None = None,
+          embeddings: str | os.PathLike | None = None,
+          identifier_config: IdentifierConfig | None = None, operative_config: str | None = None,
+          progress: bool = True, stop_after: int | None = None,
+          log: Callable[[str], None] = print) -> dict:
+  """Trains CART into ``model_dir`` (``cart train``); returns the training summary.
 
-  ``bindings`` are gin bindings (``"MODEL_DIR='/tmp/run'"``, ``"TrainConfig.num_steps=100"``; a
-  bare path value is quoted for you). Running again on the same MODEL_DIR resumes.
+  Running again on the same ``model_dir`` resumes from its newest checkpoint.
+
+  Args:
+    index_dir: a ``cart build-ids`` directory (None: resume a MODEL_DIR that holds its copy); with
+      ``embeddings`` and no index there yet, it is built first (``identifier_config``).
+    model_config, train_config, input_config: the network, the optimisation and the input
+      pipeline (``cart train`` builds them from its gin files: ``gin_configs/``).
+    embeddings: the ``cart embed`` output the index was built from: the re-ranker is fitted after
+      training and its pseudo-queries drawn for items without texts.
+    operative_config: text written to ``MODEL_DIR/config.gin`` (``cart train`` passes gin's).
+    stop_after: stop (after a checkpoint) once this many steps ran in this call.
   """
-  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top  (gin stays at the edge)
-  return cli_gin.train(gin_files, bindings, progress=progress)
+  if isinstance(model_dir, (list, tuple)):
+    # The former ``train(gin_files, bindings)``: benchmarks/incremental.py still calls it (issue 30
+    # moves it to ``cart_jax.cli.cli_gin.train``); then this branch goes.
+    from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top
+    return cli_gin.train(model_dir, corpus_dir or (), progress=progress)
+  from cart_jax.jobs.train import train_job  # pylint: disable=g-import-not-at-top
+  return train_job(model_dir=str(model_dir), corpus_dir=str(corpus_dir),
+                   index_dir=None if index_dir is None else str(index_dir),
+                   model_config=model_config, train_config=train_config, input_config=input_config,
+                   captions_file=None if captions_file is None else str(captions_file),
+                   embeddings=None if embeddings is None else str(embeddings),
+                   identifier_config=identifier_config, operative_config=operative_config,
+                   progress=progress, stop_after=stop_after, log=log)
 
 
 def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: int = 10,
@@ -168,8 +248,8 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
   """
   from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
   from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.evaluation import eval_job  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
+  from cart_jax.jobs.evaluate import eval_job  # pylint: disable=g-import-not-at-top
+  from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
   if beam_size < 10:
     raise CartError(f"--beam {beam_size}: R@10 and MRR@10 need a beam of at least 10")
   if batch_size is not None and batch_size < 1:
@@ -190,25 +270,35 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
 def baseline(embeddings: str | os.PathLike, corpus_dir: str | os.PathLike, **options) -> dict:
   """The dual-tower baseline over ``embeddings`` on a corpus's queries (``cart baseline``).
 
-  Options: :func:`cart_jax.inference.dual_tower.baseline_job` (``split``, ``method``, ``k``,
+  Options: :func:`cart_jax.jobs.baseline.baseline_job` (``split``, ``method``, ``k``,
   ``model``, ``query_embeddings``, ``items``, ``agreement``, ``progress``, ...). The metrics
   have the keys of :func:`evaluate`.
   """
-  from cart_jax.inference.dual_tower import baseline_job  # pylint: disable=g-import-not-at-top
+  from cart_jax.jobs.baseline import baseline_job  # pylint: disable=g-import-not-at-top
   return baseline_job(corpus_dir, embeddings, **options)
 
 
 def search(model_dir: str | os.PathLike, queries: Sequence[str], *, k: int = 10,
-           **options) -> list[dict]:
+           beam: int | None = None, modality: str | None = None, step: int | None = None,
+           rerank: bool = False, rerank_weight: float | str | None = None,
+           embeddings: str | os.PathLike | None = None, verify: bool = True,
+           log: Callable[[str], None] = print) -> list[dict]:
   """The top ``k`` items a trained run generates for each query (``cart search``).
 
-  Options: :func:`cart_jax.inference.runs.search_job` (``beam``, ``modality``, ``step``,
-  ``rerank``, ``rerank_weight``, ``embeddings``, ``verify``: ``False`` skips checking the
-  checkpoint against its manifest). Returns one ``{"query", "results"}`` per query; an empty
-  query is a ``CartError``, ``k`` above the number of items is clamped to it.
+  Args (:func:`cart_jax.jobs.search.search_job`, which also returns the run's step and the
+  re-rank weight):
+    beam: beam size (default ``max(k, 10)``); ``k`` above the number of items is clamped to it.
+    modality: only items of this modality (``ModalityError`` when the index has none).
+    rerank, rerank_weight, embeddings: re-sort the beam with the dual tower (the run's re-ranker;
+      ``embeddings`` builds it first).
+    verify: ``False`` skips checking the checkpoint against its manifest.
+
+  Returns one ``{"query", "results"}`` per query; an empty query is a ``CartError``.
   """
-  from cart_jax.inference.runs import search_job  # pylint: disable=g-import-not-at-top
-  return search_job(model_dir, queries, k=k, **options)["queries"]
+  from cart_jax.jobs.search import search_job  # pylint: disable=g-import-not-at-top
+  return search_job(model_dir, queries, k=k, beam=beam, modality=modality, step=step,
+                    rerank=rerank, rerank_weight=rerank_weight, embeddings=embeddings,
+                    verify=verify, log=log)["queries"]
 
 
 def export(model_dir: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
@@ -247,16 +337,42 @@ def index_remove(model_dir: str | os.PathLike, ids: str | os.PathLike | Sequence
   return remove_items(model_dir, ids, **options)
 
 
-def demo(modality: str = "image", workdir: str | os.PathLike | None = None, *, full: bool = False,
-         **options) -> DemoResult:
-  """The whole system on a built-in corpus, next to the dual-tower baseline (``cart demo``).
+def model_info(config: str = "small", *, encoder: str | None = None, fusion: str | None = None,
+               vocab_size: int | None = None, src_len: int = 32, beam: int = 10, id_length: int = 6,
+               embed_dim: int = 256, cost_analysis: bool = False) -> dict:
+  """Parameters and FLOPs per query of a model preset (``cart model-info``), next to the dual
+  tower's query side and the re-ranking cost; nothing is allocated (``cost_analysis``: also
+  compile it and report XLA's count)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  Options: :func:`cart_jax.recipes.run_demo` (``limit``, ``embed_steps``, ``train_steps``,
-  ``no_templates``, ``unseen_items``, ``captions_only_items``, ``textless_items``, ``no_val``,
-  ``item_encoder``).
-  """
-  from cart_jax import recipes  # pylint: disable=g-import-not-at-top
-  return recipes.run_demo(recipes.recipe_for(modality, full), workdir=workdir, **options)
+  from cart_jax.models.cart.config import get_config  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart.flops import (dual_tower_query_flops, flops_per_query,  # pylint: disable=g-import-not-at-top
+                                          measured_flops)
+  from cart_jax.models.cart.network import CARTNetwork, param_groups  # pylint: disable=g-import-not-at-top
+
+  overrides = {}
+  if encoder is not None:
+    overrides["encoder"] = encoder
+  if fusion is not None:
+    overrides["fusion"] = fusion
+  if vocab_size is not None:
+    overrides["output_vocab_size"] = vocab_size
+  cfg = get_config(config, **overrides)
+  for flag, value in (("src-len", src_len), ("beam", beam), ("id-length", id_length)):
+    if value < 1:
+      raise CartError(f"--{flag} must be >= 1, got {value}")
+  abstract = nnx.eval_shape(lambda: CARTNetwork(cfg, rngs=nnx.Rngs(0)))
+  params = param_groups(nnx.state(abstract))
+  flops = flops_per_query(cfg, src_len=src_len, beam=beam, id_length=id_length)
+  info = {"config": config, "model_config": cfg.to_dict(), "parameters": params,
+          "flops_per_query": flops,
+          "dual_tower_query_flops": dual_tower_query_flops(src_len=src_len, embed_dim=embed_dim),
+          "rerank_flops": 2 * beam * embed_dim}
+  if cost_analysis:
+    measured = measured_flops(cfg, src_len=src_len, beam=beam, id_length=id_length)
+    info["xla_cost_analysis_flops"] = measured
+    info["xla_over_analytic"] = measured / flops["total"]
+  return info
 
 
 def make_server(model_dir: str | os.PathLike, config: ServeConfig | None = None,

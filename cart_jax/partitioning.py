@@ -24,7 +24,7 @@ No gin, no TensorFlow.
 """
 from __future__ import annotations
 
-import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -197,10 +197,6 @@ def param_logical_axes_table(state: Any) -> dict[str, dict]:
   return out
 
 
-def num_elements(shape: Sequence[int]) -> int:
-  return int(math.prod(shape))
-
-
 # --------------------------------------------------------------------------- processes
 #
 # Multi-host (``jax.distributed``): every process runs the same program; arrays on a mesh that
@@ -309,3 +305,33 @@ def local_copy(tree: Any) -> Any:
       return jax.device_put(x.addressable_data(0), device)
     return jax.device_put(global_to_host(x), device)
   return jax.tree.map(one, tree)
+
+
+def maybe_initialize_distributed() -> bool:
+  """``jax.distributed.initialize()`` when the environment says this is a multi-host launch.
+
+  Detected from ``JAX_COORDINATOR_ADDRESS`` (launch/multi_gpu.sh), SLURM with several tasks, or
+  a TPU VM pod slice (``TPU_WORKER_HOSTNAMES`` with several hosts). ``CART_DISTRIBUTED=0``
+  disables it, ``CART_DISTRIBUTED=1`` forces it. Idempotent (``cart train``, ``cart eval`` and the
+  library calls may each ask); returns whether this process is part of a distributed run.
+  ``CART_DISTRIBUTED_TIMEOUT``: seconds to wait for the other processes at start-up (300).
+  Must run before any JAX computation.
+  """
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return True
+  if env.get("CART_DISTRIBUTED") == "0":
+    return False
+  multi = bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("SLURM_NTASKS", "1") or 1) > 1 \
+      or "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("CART_DISTRIBUTED") == "1"
+  if not multi:
+    return False
+  timeout = int(env.get("CART_DISTRIBUTED_TIMEOUT", "300"))
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env.get("JAX_PROCESS_ID", "0")),
+                               initialization_timeout=timeout)
+  else:
+    jax.distributed.initialize(initialization_timeout=timeout)  # TPU pod slices, SLURM: detected
+  return True

@@ -149,6 +149,7 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     log: where the stage lines go (default: print to stdout, flushed).
   """
   from cart_jax import api  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top  (the experiment is a gin file)
   from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
 
   log = log or (lambda m: print(m, flush=True))
@@ -218,15 +219,15 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     if unseen_items:  # the unseen items are known only through captions
       bindings.append(f"InputConfig.caption_rate={UNSEEN_CAPTION_RATE}")
     with contextlib.redirect_stderr(sys.stdout):
-      train_summary = api.train([recipe.experiment], bindings, progress=False)
+      train_summary = cli_gin.train([recipe.experiment], bindings, progress=False)
     print(json.dumps(train_summary, indent=2, default=str))
 
   with stage("eval", "evaluating CART, CART + rerank and the dual tower on the test queries "
                      "(cart eval --rerank, cart baseline)"):
     from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
     from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
-    from cart_jax.inference.evaluation import eval_job  # pylint: disable=g-import-not-at-top
-    from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
+    from cart_jax.jobs.evaluate import eval_job  # pylint: disable=g-import-not-at-top
+    from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
     loaded = load_run(model_dir)
     has_rerank = rerank.exists(model_dir)
     cart = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank)

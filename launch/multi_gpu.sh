@@ -57,4 +57,4 @@ fi
 if [[ "$1" == "train" ]]; then shift; fi
 if [[ $# -lt 2 ]]; then usage; fi
 GIN_FILE=$1; MODEL_DIR=$2; shift 2
-exec "${RUN[@]}" train --gin_file="${GIN_FILE}" --gin.MODEL_DIR="${MODEL_DIR}" "$@"
+exec "${RUN[@]}" train --gin-file="${GIN_FILE}" --gin.MODEL_DIR="${MODEL_DIR}" "$@"

@@ -23,7 +23,7 @@ if [[ "$1" == "eval" ]]; then
   CART_ARGS=(eval --model-dir "${MODEL_DIR}" --quiet "$@")
 else
   GIN_FILE=$1; MODEL_DIR=$2; shift 2
-  CART_ARGS=(train --gin_file="${GIN_FILE}" --gin.MODEL_DIR="${MODEL_DIR}" --no-progress "$@")
+  CART_ARGS=(train --gin-file="${GIN_FILE}" --gin.MODEL_DIR="${MODEL_DIR}" --quiet "$@")
 fi
 CMD="cd ${REMOTE_DIR} && "
 if [[ "${SETUP:-0}" == "1" ]]; then

@@ -122,7 +122,7 @@ def test_one_evaluator_one_key_spelling():
 
 
 def test_missing_model_dir_is_a_user_error(tmp_path):
-  from cart_jax.inference.runs import RunError
+  from cart_jax.runs.layout import RunError
   with pytest.raises(RunError, match="no such directory"):
     api.evaluate(tmp_path / "nowhere")
   with pytest.raises(RunError, match="no such directory"):

@@ -8,15 +8,14 @@ Setup: the first 96 emoji, their identifiers from structured random embeddings (
 RQ-VAE 1 x 16 + counter), the ``minilm_frozen`` network with a small decoder over the frozen
 pretrained MiniLM, whose states are cached once per training text; 240 steps.
 """
-import numpy as np
 import pytest
 
 from cart_jax.data.datasets.emoji import prepare_emoji
 from cart_jax.data.datasets.synthetic import structured_embeddings
 from cart_jax.index.identifiers import IdentifierConfig, build_index
 from cart_jax.models.cart.config import minilm_frozen
-from cart_jax.inference import evaluation
-from cart_jax.train import jobs
+from cart_jax.jobs import evaluate as evaluation
+from cart_jax.jobs import train as jobs
 from cart_jax.train.input_pipeline import InputConfig
 from cart_jax.train.trainer import TrainConfig
 

@@ -95,3 +95,38 @@ def test_internal_errors_keep_their_traceback(tmp_path, monkeypatch, bug):
   with pytest.raises(type(bug), match=str(bug)) as info:
     cli.main(["build-ids", "--embeddings", str(emb), "--out", str(tmp_path / "ix"), "--clusters", "2"])
   assert not isinstance(info.value, CartError)
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("TrainConfig.num_steps=0", "TrainConfig.num_steps must be >= 1, got 0"),
+    ("TrainConfig.decay='step'", "TrainConfig.decay must be cosine|linear|constant"),
+    ("InputConfig.batch_size=0", "InputConfig: batch_size >= 1 and input_length >= 3 needed"),
+    ("InputConfig.caption_rate=2.0", "InputConfig.caption_rate must be in [0, 1], got 2.0"),
+])
+def test_config_values_out_of_range_are_one_line(tmp_path, capsys, binding, message):
+  # The configs are built (and checked) before any input is read: no corpus is needed.
+  last = _user_error(capsys, ["train", "--gin-file", "gin_configs/experiments/emoji_demo.gin",
+                              f"--gin.MODEL_DIR={tmp_path / 'run'}",
+                              f"--gin.CORPUS_DIR={tmp_path / 'corpus'}", f"--gin.{binding}"])
+  assert message in last and "In call to configurable" not in last
+
+
+def test_a_corpus_without_training_queries_is_a_config_error(tmp_path):
+  from cart_jax.core.errors import ConfigError
+  from cart_jax.index.identifiers import IdentifierConfig, build_index
+  from cart_jax.train.input_pipeline import InputConfig, NumpyPipeline
+  src = tmp_path / "src"
+  src.mkdir()
+  for i in range(3):
+    Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(src / f"m{i}.png")
+  corpus = write_corpus(tmp_path / "c", "toy", "image",
+                        [Item(f"i{i}", "image", f"media/i{i}.png") for i in range(3)],
+                        [Text(f"i{i}", f"thing {i}", "test", "query") for i in range(3)],
+                        media_sources={f"i{i}": src / f"m{i}.png" for i in range(3)},
+                        media_mode="copy")
+  emb = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+  index = build_index(emb, ["i0", "i1", "i2"],
+                      IdentifierConfig(n_clusters=2, num_levels=1, codebook_size=2, rq_steps=2,
+                                       rq_latent_dim=2, rq_hidden_dims=(4,)))
+  with pytest.raises(ConfigError, match="has no training queries"):
+    NumpyPipeline(corpus, index, InputConfig(batch_size=2, input_length=8))

@@ -269,7 +269,7 @@ def test_a_failed_export_leaves_nothing(world, tmp_path, monkeypatch):
     "Café déjà vu", "naïve façade", "東京タワー", "what's up?!", "a--b__c", "x" * 120,
     "😀 grinning", "tab\there\nnewline", "\u200b zero width", "ÀÉÎÕÜ", "don't", "3.14159"]))
 def test_loader_tokenizer_matches_the_models(text):
-  from cart_jax.train.input_pipeline import tokenizer
+  from cart_jax.models.text.tokenizer import minilm_tokenizer as tokenizer
   ref = tokenizer()
   tok = fmt.WordPiece(ref.inv_vocab, cls_id=ref.cls_id, sep_id=ref.sep_id, pad_id=ref.pad_id,
                       unk_id=ref.unk_id)

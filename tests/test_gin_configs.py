@@ -107,7 +107,7 @@ def test_run_train_without_model_dir_is_a_one_line_user_error():
 
 
 def test_written_config_holds_the_resolved_values():
-  from cart_jax.train import jobs
+  from cart_jax.jobs import train as jobs
   text = "MODEL_DIR = 'run'\nModelConfig.output_vocab_size = 1314\nModelConfig.d_model = 16\n" \
          "train_job.model_dir = %MODEL_DIR\n"
   summary = {"model_dir": "/abs/run", "corpus_dir": "/abs/corpus", "index_dir": None,

@@ -1,6 +1,5 @@
 """Identifiers: uniqueness, counters, ablations, artefact round trip and validation, assign()."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,7 +183,7 @@ def test_train_job_builds_a_missing_index_from_validated_embeddings(tmp_path):
   E.ids.txt sidecar through the same validation as `cart build-ids`."""
   from cart_jax.index.identifiers import IdentifierConfig, load_index
   from cart_jax.index.inputs import InputError
-  from cart_jax.train.jobs import _ensure_index
+  from cart_jax.jobs.train import _ensure_index
   rng = np.random.default_rng(0)
   emb = tmp_path / "E.npy"
   np.save(emb, rng.normal(size=(12, 8)).astype(np.float32))

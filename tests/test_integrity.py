@@ -5,7 +5,6 @@ by the module; each test corrupts its own copy and runs the real console entry p
 (``cart_jax.cli.main.main``): exit 2, one line naming the file and the step, and no results.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import pytest
 
 from cart_jax.cli.main import main
 from cart_jax.core.artefacts import sha256_file
-from cart_jax.train import checkpointing
-from cart_jax.train.checkpointing import MANIFEST, CheckpointIntegrityError, Checkpointer
+from cart_jax.core import checkpointing
+from cart_jax.core.checkpointing import MANIFEST, CheckpointIntegrityError, Checkpointer
 
 
 def _train_argv(run: Path, corpus: Path, index: Path, *extra: str) -> list[str]:
@@ -141,7 +140,7 @@ def test_async_saves_get_their_manifest_once_finished_and_keep_n_drops_old_ones(
 
 
 def test_flipped_bytes_in_a_params_file_refused_by_eval_and_search(tiny, capsys):
-  from cart_jax.inference.runs import load_run
+  from cart_jax.runs.restore import load_run
   run = _copy(tiny, "flipped")
   data = _largest(run / "checkpoints" / "2" / "params")
   _flip(data, range(100, 116))  # the audit's case: XOR of 16 bytes (exit 0, R@1 0.0 before)
@@ -355,7 +354,7 @@ def test_the_run_records_its_corpus_hashes(tiny):
 def test_an_edited_corpus_is_refused_by_eval_search_and_serve(tiny, capsys):
   """corpus.json declaring "media_roots": ["/etc"] after training. Before: eval and search ran,
   and cart serve loaded it and served /etc/passwd from /media/<id>."""
-  from cart_jax.inference.runs import CorpusIntegrityError
+  from cart_jax.runs.layout import CorpusIntegrityError
   from cart_jax.serve.engine import SearchEngine
   run, corpus = _copy_with_corpus(tiny, "corpus-edited")
   header = json.loads((corpus / "corpus.json").read_text())
@@ -394,7 +393,7 @@ def test_a_run_from_before_corpus_hashes_loads_with_a_warning(tiny, capsys):
 def _rewrite_params(run: Path, edit) -> None:
   """Replaces the newest checkpoint of ``run`` by one whose params ``edit`` changed (a fresh,
   manifest-verified save: what a diverged training, or a corrupt file saved as is, looks like)."""
-  from cart_jax.inference.runs import load_run
+  from cart_jax.runs.restore import load_run
   from cart_jax.train import incremental
   r = load_run(run, need_corpus=False)
   params = jax.tree.map(np.array, r.params)  # writable host copies

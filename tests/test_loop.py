@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cart_jax.train import loop
-from cart_jax.train.checkpointing import Checkpointer
+from cart_jax.core import loop
+from cart_jax.core.checkpointing import Checkpointer
 
 
 def _step(step, state):

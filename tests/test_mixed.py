@@ -341,7 +341,7 @@ def test_cli_search_and_eval_restricted_by_modality(tmp_path, capsys):
 
 
 def test_eval_breakdown_by_target_modality():
-  from cart_jax.inference.evaluation import _by_modality, _wrong_modality
+  from cart_jax.jobs.evaluate import _by_modality, _wrong_modality
   mods = np.asarray(["image", "audio", "image", "video"])  # modality of index rows 0..3
   rows = np.asarray([[0, 1], [0, 1], [1, 2], [-1, -1]])  # ranked rows of 4 queries (-1: none)
   targets = np.asarray([0, 1, 2, 3])

@@ -162,7 +162,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_train_and_eval_on_two_processes_match_one_process(tmp_path, capsys):
-  from cart_jax.inference.runs import load_run
+  from cart_jax.runs.restore import load_run
 
   corpus, index = _corpus(tmp_path)
   run2, run1 = tmp_path / "run2", tmp_path / "run1"

@@ -1,6 +1,5 @@
 """The Colab notebook runs top to bottom through cart_jax.api (reduced size: 24 emoji, a few steps)."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -35,5 +34,6 @@ def test_notebook_executes_at_reduced_size(tmp_path, monkeypatch):
   assert (tmp_path / "work" / "training_curve.png").stat().st_size > 1000
   assert (tmp_path / "work" / "cart_test.json").exists()
   assert (tmp_path / "work" / "search.json").exists()
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
   assert not errors

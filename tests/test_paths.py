@@ -74,7 +74,7 @@ def test_remote_paths_are_not_made_local():
 
 
 def test_run_subdir_of_a_remote_model_dir():
-  from cart_jax.inference.runs import RunError, run_subdir
+  from cart_jax.runs.layout import RunError, run_subdir
   assert str(run_subdir("gs://b/run", {}, "index_dir", "index")) == "gs://b/run/index"
   assert str(run_subdir("gs://b/run", {"checkpoint_dir": "versions/2/checkpoints"}, "checkpoint_dir",
                         "checkpoints")) == "gs://b/run/versions/2/checkpoints"
@@ -115,8 +115,8 @@ def test_read_write_copy_stage_on_fake_gcs(gcs, tmp_path):
 
 def test_index_copy_and_load_from_a_remote_model_dir(gcs, tmp_path):
   from cart_jax.index.identifiers import IdentifierConfig, build_index, load_index
-  from cart_jax.inference.runs import RunError
-  from cart_jax.train import jobs
+  from cart_jax.runs.layout import RunError
+  from cart_jax.jobs import train as jobs
   cfg = IdentifierConfig(n_clusters=2, num_levels=1, codebook_size=2, use_rqvae=False, kmeans_iters=10)
   rng = np.random.default_rng(0)
   index = build_index(rng.normal(size=(6, 4)).astype(np.float32), list("abcdef"), cfg)
@@ -137,7 +137,7 @@ def test_index_copy_and_load_from_a_remote_model_dir(gcs, tmp_path):
 
 
 def test_metrics_on_a_remote_model_dir_resume_without_duplicates(gcs):
-  from cart_jax.train.loop import MetricWriter
+  from cart_jax.core.loop import MetricWriter
   w = MetricWriter("gs://bucket/run", resume_step=0)
   for step in (1, 2, 3):
     w.write(step, {"train/loss": 1.0 / step})
@@ -157,7 +157,7 @@ def test_metrics_on_a_remote_model_dir_resume_without_duplicates(gcs):
 
 
 def test_checkpoint_manifest_on_a_remote_step(gcs):
-  from cart_jax.train import checkpointing
+  from cart_jax.core import checkpointing
   step = "gs://bucket/run/checkpoints/4"
   paths.write_text(step + "/params/data.bin", "0123456789")
   paths.write_json(step + "/meta/metadata", {"step": 4, "manifest": checkpointing.MANIFEST})

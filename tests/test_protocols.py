@@ -1,7 +1,6 @@
 """Data a recipe was never tuned for: the protocols, the queryless pool, pseudo-queries, and the
 re-ranker of a corpus without a ``val`` split (issue 26)."""
 import json
-import types
 
 import numpy as np
 import pytest
@@ -190,7 +189,7 @@ def test_pseudo_queries_join_the_queryless_pool():
 
 def test_pseudo_queries_are_the_texts_nearest_to_the_item_in_the_dual_towers_space(tmp_path):
   from cart_jax.models.text.encoder import MiniLMTextEncoder
-  from cart_jax.train import pseudo_queries
+  from cart_jax.jobs import pseudo_queries
   from test_rerank import _dual_model
   corpus = _corpus(10, textless={"it0", "it3"})
   index = _index(corpus.item_ids)

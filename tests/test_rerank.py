@@ -268,7 +268,7 @@ def test_searcher_query_embedding_is_the_minilm_sentence_embedding(minilm_search
 
   from cart_jax.models.text.encoder import MiniLMTextEncoder
   from cart_jax.models.text.minilm import sentence_embedding
-  from cart_jax.train.input_pipeline import encode_texts
+  from cart_jax.models.text.tokenizer import encode_texts
   searcher, params, frozen, model, _ = minilm_searcher
   texts = ["a smiling cat", "red apple on a table", "grinning face with big eyes"]  # 2 batches
   ids = encode_texts(texts, 16)
@@ -291,7 +291,7 @@ def test_searcher_query_embedding_is_the_minilm_sentence_embedding(minilm_search
 @needs_minilm
 def test_search_ids_with_rerank_returns_a_reordering_of_the_beam(minilm_searcher):
   searcher, params, frozen, _, index = minilm_searcher
-  from cart_jax.train.input_pipeline import encode_texts
+  from cart_jax.models.text.tokenizer import encode_texts
   ids = encode_texts(["a smiling cat", "red apple"], 16)
   beams = searcher.search_beams(params, frozen, ids)
   rs = np.random.RandomState(3)
@@ -414,8 +414,9 @@ def test_tiny_run_trains_tunes_and_evaluates_with_rerank(tmp_path, capsys):
 def test_rerank_of_a_run_without_minilm_is_a_clear_error(tmp_path, capsys):
   from cart_jax.index.vocab import IdentifierVocab
   from cart_jax.models.cart.config import tiny, with_vocab
-  from cart_jax.inference.evaluation import eval_job
-  from cart_jax.inference.runs import LoadedRun, RunError
+  from cart_jax.jobs.evaluate import eval_job
+  from cart_jax.runs.restore import LoadedRun
+  from cart_jax.runs.layout import RunError
   index = _index(6)
   loaded = LoadedRun(model_dir=tmp_path, run={}, model_config=with_vocab(tiny(), IdentifierVocab((3, 3, 2))),
                      index=index, corpus=None, graphdef=None, params=None, frozen=None, step=0,

@@ -221,7 +221,8 @@ def test_size_cap_deletes_the_least_recently_used_caches(tmp_path, monkeypatch):
   # A cap smaller than one cache keeps the one just built.
   monkeypatch.setenv(state_cache.ENV_MAX_GB, repr(0.5 * one / 2**30))
   d = build(rows[3], [])
-  assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted([d.directory.name, "not-a-cache"])
+  assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted(
+      [d.directory.name, "not-a-cache"])
   assert os.path.isfile(d.directory / "states.f16")
 
 

@@ -134,7 +134,8 @@ def test_rows_file_is_make_items_on_disk(tmp_path, monkeypatch):
 
 def test_matched_fraction_is_the_first_nprobe_reaching_cart_rerank():
   q = {"cart_rerank": {"r@10": 0.90},
-       "ivf": [{"nprobe": p, "nlist": 100, "r@10": r} for p, r in ((1, 0.5), (8, 0.85), (32, 0.899), (64, 0.91), (100, 0.92))]}
+       "ivf": [{"nprobe": p, "nlist": 100, "r@10": r}
+               for p, r in ((1, 0.5), (8, 0.85), (32, 0.899), (64, 0.91), (100, 0.92))]}
   m = tp.matched_fraction(q)
   assert (m["nprobe"], m["fraction"], m["reached"]) == (64, 0.64, True)
   q["cart_rerank"]["r@10"] = 0.95  # above exact search: compared at every cell probed

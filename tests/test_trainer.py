@@ -20,7 +20,7 @@ import pytest
 from cart_jax.data.corpus import Corpus, Item, Text
 from cart_jax.index.identifiers import IdentifierConfig, SemanticIndex
 from cart_jax.index.vocab import IdentifierVocab
-from cart_jax.models.cart.config import tiny, with_vocab
+from cart_jax.runs.restore import restore_for_inference
 from cart_jax.train import input_pipeline, trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,10 +114,10 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   assert _params_close(resumed.state.opt_state, full.state.opt_state, 0) < 1e-5
   # Inference restore reads the newest checkpoint (step 6, written by the resumed run); keep-2
   # dropped step 2. Steps 5-6 changed the parameters, so the equality above is not trivial.
-  _, params, frozen, step = trainer.restore_for_inference(ns["MODEL"], ckpt)
+  _, params, frozen, step = restore_for_inference(ns["MODEL"], ckpt)
   assert step == 6 and _params_close(params, full.state.params, 0) < 1e-5
   assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4, 6]
-  _, params4, _, step4 = trainer.restore_for_inference(ns["MODEL"], ckpt, step=4)
+  _, params4, _, step4 = restore_for_inference(ns["MODEL"], ckpt, step=4)
   assert step4 == 4 and _params_close(params4, full.state.params, 0) > 1e-3
 
 

@@ -2,7 +2,6 @@
 corpora with real (generated) clips going through `cart embed`."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

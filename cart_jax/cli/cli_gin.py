@@ -6,7 +6,7 @@ Configurables (each bound in one place, see ``gin_configs/``):
   TrainConfig       cart_jax.train.trainer.TrainConfig      gin_configs/runs/train.gin
   InputConfig       cart_jax.train.input_pipeline.InputConfig  gin_configs/runs/train.gin
   IdentifierConfig  cart_jax.index.identifiers.IdentifierConfig  gin_configs/runs/build_ids.gin
-  train_job         cart_jax.train.jobs.train_job           gin_configs/runs/train.gin
+  train_job         cart_jax.api.train (-> jobs.train.train_job) gin_configs/runs/train.gin
   EvalConfig        (beam_size, batch_size, split, limit)    gin_configs/runs/eval.gin
 
 Macros used by the run files: ``MODEL_DIR``, ``CORPUS_DIR``, ``INDEX_DIR``, ``EMBEDDINGS``.
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import gin
 
-from cart_jax.core.errors import CartError
+from cart_jax.core.errors import CartError, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # cart_jax/cli/cli_gin.py -> the repository
 GIN_PACKAGE = "cart_jax.gin_configs"  # gin_configs/ as installed by the wheel (setup.py)
@@ -45,7 +45,7 @@ def register() -> None:
     return
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   from cart_jax.models.cart.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from cart_jax.train import jobs  # pylint: disable=g-import-not-at-top
+  from cart_jax import api  # pylint: disable=g-import-not-at-top
   from cart_jax.train.input_pipeline import InputConfig  # pylint: disable=g-import-not-at-top
   from cart_jax.train.trainer import TrainConfig  # pylint: disable=g-import-not-at-top
 
@@ -54,7 +54,8 @@ def register() -> None:
   gin.external_configurable(InputConfig, "InputConfig")
   gin.external_configurable(IdentifierConfig, "IdentifierConfig")
   gin.external_configurable(EvalConfig, "EvalConfig")
-  gin.external_configurable(jobs.train_job, "train_job",
+  # `cart train` calls the typed library function with the configs gin built.
+  gin.external_configurable(api.train, "train_job",
                             denylist=["progress", "log", "operative_config"])
   _REGISTERED = True
 
@@ -62,7 +63,7 @@ def register() -> None:
 def _binding(flag: str) -> str:
   """``X=V`` -> a gin binding, quoting a bare path/word value that is not a gin literal."""
   if "=" not in flag:
-    raise ValueError(f"--gin.{flag}: expected --gin.NAME=VALUE")
+    raise ConfigError(f"--gin.{flag}: expected --gin.NAME=VALUE")
   name, value = flag.split("=", 1)
   v = value.strip()
   literal = (v[:1] in "'\"[({@%-" or v[:1].isdigit() or v in ("True", "False", "None"))
@@ -91,7 +92,7 @@ def gin_search_paths() -> list[Path]:
 
   The working directory first (a user's own ``gin_configs/``), then the repository root of this
   checkout, then the installed package's copy (``cart_jax/gin_configs`` in the wheel, found
-  through package resources), so ``--gin_file=gin_configs/experiments/emoji_demo.gin`` works
+  through package resources), so ``--gin-file=gin_configs/experiments/emoji_demo.gin`` works
   from any directory with an installed ``cart`` too.
   """
   paths = [Path.cwd()]
@@ -146,7 +147,8 @@ def _require_macro(name: str) -> None:
 
 
 def train(gin_files: Sequence[str], bindings: Sequence[str] = (), *, progress: bool = True) -> dict:
-  """Parses ``gin_files`` + ``bindings`` and runs the configured ``train_job`` (``api.train``)."""
+  """Parses ``gin_files`` + ``bindings`` and runs the configured ``train_job`` (``cart train``:
+:func:`cart_jax.api.train` with the configs gin built)."""
   try:
     parse(gin_files, bindings)
   except (ValueError, OSError) as e:  # gin reports a bad file or binding as these
@@ -159,7 +161,7 @@ def _check_train_bindings() -> None:
   """Every argument ``train_job`` needs is bound, and MODEL_DIR / CORPUS_DIR are not None."""
   import inspect  # pylint: disable=g-import-not-at-top
 
-  from cart_jax.train.jobs import train_job  # pylint: disable=g-import-not-at-top
+  from cart_jax.api import train as train_job  # pylint: disable=g-import-not-at-top
   hint = "(bind it, e.g. --gin.MODEL_DIR=/tmp/run)"
   for name, param in inspect.signature(train_job).parameters.items():
     if param.default is not inspect.Parameter.empty or name == "operative_config":
@@ -179,12 +181,12 @@ def run_train(progress: bool = True) -> dict:
 
   ``MODEL_DIR/config.gin`` is gin's operative config (what was actually used) with the values
   the run resolved itself (absolute paths, ``output_vocab_size`` from the index:
-  :func:`cart_jax.train.jobs.resolve_config`), so parsing it again reproduces the run.
+  :func:`cart_jax.jobs.train.resolve_config`), so parsing it again reproduces the run.
   Written by process 0 only, atomically.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  from cart_jax.train import jobs  # pylint: disable=g-import-not-at-top
+  from cart_jax.jobs import train as jobs  # pylint: disable=g-import-not-at-top
   for name in ("MODEL_DIR", "CORPUS_DIR"):
     _require_macro(name)
   train_job = gin.get_configurable("train_job")

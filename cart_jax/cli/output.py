@@ -75,3 +75,13 @@ def emit(args, summary: dict, text: str | None = None, **json_options) -> None:
   elif args.json:
     from cart_jax.core.artefacts import atomic_write_json  # pylint: disable=g-import-not-at-top
     atomic_write_json(args.json, json.loads(doc), **json_options)
+
+
+def unseen_fraction(value: str) -> float:
+  """argparse type of ``--unseen-items`` (``cart data prepare``, ``cart demo``): a share in [0, 1);
+  argparse names the flag in its error (exit 2)."""
+  from cart_jax.data.datasets.emoji import check_unseen_fraction  # pylint: disable=g-import-not-at-top
+  try:
+    return check_unseen_fraction(value)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None

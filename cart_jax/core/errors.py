@@ -16,3 +16,8 @@ from __future__ import annotations
 
 class CartError(ValueError):
   """Bad user input, named: file/line/field, expected vs found."""
+
+
+class ConfigError(CartError):
+  """A configuration value out of its range, or one the data cannot serve (``TrainConfig``,
+  ``InputConfig``, ``ModelConfig``, identifier and serving options): the message names the field."""

@@ -13,47 +13,26 @@ training through captions.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from cart_jax.data.corpus import (BOM, Corpus, CorpusFormatError, Text, check_text, json_error,
-                                  load_corpus, normalize_text, rewrite_texts)
+from cart_jax.data.corpus import (Corpus, CorpusFormatError, Text, check_text, load_corpus,
+                                  normalize_text, read_jsonl, rewrite_texts)
 
 
 def read_captions(path: str | os.PathLike, known_ids=None, source: str | None = None) -> list[Text]:
   """Reads a captions JSONL file into ``kind=caption, split=train`` texts (validated)."""
   path = Path(path)
-  try:
-    f = open(path, "rb")
-  except OSError as e:
-    raise CorpusFormatError(f"{path}: cannot read ({e.strerror})") from None
   out = []
-  with f:
-    for lineno, raw in enumerate(f, start=1):
-      where = f"{path}:{lineno}"
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise CorpusFormatError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
-                                "line)") from None
-      if lineno == 1 and line.startswith(BOM):
-        line = line[1:]
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise CorpusFormatError(json_error(where, e)) from None
-      if not isinstance(rec, dict):
-        raise CorpusFormatError(f"{where}: expected a JSON object, found {type(rec).__name__}")
-      for key in ("item_id", "text"):
-        if not isinstance(rec.get(key), str):
-          raise CorpusFormatError(f"{where}: field {key!r} missing or not a string")
-      src = rec.get("source", source if source is not None else "captioner")
-      text = Text(rec["item_id"], " ".join(rec["text"].split()), "train", "caption", str(src))
-      check_text(text, where, known_ids)
-      out.append(text)
+  for lineno, rec in read_jsonl(path):
+    where = f"{path}:{lineno}"
+    for key in ("item_id", "text"):
+      if not isinstance(rec.get(key), str):
+        raise CorpusFormatError(f"{where}: field {key!r} missing or not a string")
+    src = rec.get("source", source if source is not None else "captioner")
+    text = Text(rec["item_id"], " ".join(rec["text"].split()), "train", "caption", str(src))
+    check_text(text, where, known_ids)
+    out.append(text)
   if not out:
     raise CorpusFormatError(f"{path}: no captions")
   return out

@@ -601,7 +601,7 @@ def _load_tombstones(d: Path, files: dict, codes: np.ndarray, vocab: IdentifierV
   if np.unique(np.concatenate([codes, removed]), axis=0).shape[0] != codes.shape[0] + removed.shape[0]:
     raise IndexFormatError(f"{d / REMOVED_CODES_FILE}: a removed identifier is listed twice or is "
                            "still held by an item")
-  from cart_jax.data.corpus import check_item_id, read_id_lines  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.ids import check_item_id, read_id_lines  # pylint: disable=g-import-not-at-top
   path = d / REMOVED_IDS_FILE
   # An id may be listed twice (removed, added again with a new identifier, removed again).
   ids = [check_item_id(item, f"{path}:{i}", IndexFormatError)

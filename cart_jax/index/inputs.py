@@ -8,7 +8,7 @@ float32 values the consumers compute with (``build-ids``, ``cart baseline``, ``c
 --encoder precomputed``, ``cart data merge`` all cast to float32 after it), not the values as
 stored, so a float64 ``1e300`` that becomes ``inf`` in float32 is refused, and so is a magnitude
 whose square overflows float32 in a distance computation (:data:`MAX_ABS_VALUE`). Ids follow the
-one rule of :func:`cart_jax.data.corpus.check_item_id`.
+one rule of :func:`cart_jax.core.ids.check_item_id`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cart_jax.core.errors import CartError
-from cart_jax.data.corpus import check_item_id, read_id_lines
+from cart_jax.core.ids import check_item_id, read_id_lines
 
 
 class InputError(CartError):
@@ -112,7 +112,7 @@ def load_item_ids(path: str | os.PathLike) -> list[str]:
   """One id per line, exactly as written (``E.ids.txt``, ``--item-ids``).
 
   Lines end at ``\\n`` (or ``\\r\\n``) only; a UTF-8 BOM at the start of the file is stripped.
-  Every id follows :func:`cart_jax.data.corpus.check_item_id` (so blank lines, surrounding
+  Every id follows :func:`cart_jax.core.ids.check_item_id` (so blank lines, surrounding
   whitespace or a ``\\u2028`` inside a line are errors, not silently stripped or split);
   duplicates are errors. Messages name the file and line.
   """

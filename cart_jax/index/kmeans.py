@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cart_jax.core.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -274,7 +276,7 @@ def kmeans(x, key: jax.Array, config: KMeansConfig, *, weights=None,
     raise ValueError(f"weights must have shape ({n},), got {w.shape}")
   n_real = int(np.count_nonzero(w > 0))
   if k < 1 or n_real < k:
-    raise ValueError(f"need at least as many points as clusters: {n_real} points, {k} clusters")
+    raise ConfigError(f"need at least as many points as clusters: {n_real} points, {k} clusters")
   mesh = mesh or data_mesh()
   n_dev = mesh.shape[DATA_AXIS]
   x32 = np.asarray(x, np.float32)

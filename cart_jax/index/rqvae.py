@@ -183,13 +183,13 @@ def train_rqvae(x_nd: np.ndarray, config: RQVAEConfig, key: jax.Array,
                 log_every: int = 100) -> RQVAETrainResult:
   """Train an RQ-VAE on ``x_nd`` (float32 [N, d]); deterministic under ``key``.
 
-  Runs in the shared training loop (:mod:`cart_jax.train.loop`): the metrics (loss, recon,
+  Runs in the shared training loop (:mod:`cart_jax.core.loop`): the metrics (loss, recon,
   commit) are pulled from the device every ``log_every`` steps and at the end, into the
   history; code usage is counted on the device and read only at a dead-code restart.
   ``progress(i, metrics)`` is called after every step ``i`` (0-based) with the last metrics
   pulled (``{}`` before the first log).
   """
-  from cart_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from cart_jax.core import loop  # pylint: disable=g-import-not-at-top
   x_nd = np.asarray(x_nd, np.float32)
   n, d = x_nd.shape
   if d != config.input_dim:

@@ -77,12 +77,6 @@ class IdentifierVocab:
                        f"(expected [{self.offsets[idx[-1]]}, {self.offsets[idx[-1]] + sizes[idx[-1]]}))")
     return codes.astype(np.int32)
 
-  def level_of_token(self, token: int) -> int:
-    """Which level a global token id belongs to (-1 for reserved ids)."""
-    if token < NUM_RESERVED or token >= self.vocab_size:
-      return -1
-    return int(np.searchsorted(self.offsets, token, side="right") - 1)
-
   def to_dict(self) -> dict:
     return {"level_sizes": list(self.level_sizes), "pad_id": PAD_ID, "start_id": START_ID}
 

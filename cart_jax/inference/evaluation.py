@@ -8,10 +8,10 @@ targets with :mod:`cart_jax.inference.metrics`; every caller (``cart eval``, ``c
 the demo, the trainer's validation) gets the same dict with one key spelling:
 ``r@1``, ``r@5``, ``r@10``, ``mrr@10`` (those the ranker's ``k`` allows), ``num_queries``,
 ``qps``, ``seconds`` and ``compile_seconds``. CART + re-ranking
-(:func:`cart_jax.inference.rerank.evaluate_with_rerank`) scores its rows with
+(:func:`evaluate_with_rerank`) scores its rows with
 :func:`ranking_metrics`, the same keys.
 
-:func:`eval_job` evaluates a trained run (MODEL_DIR) on a split.
+Evaluating a trained run (MODEL_DIR) on a split is a job: :func:`cart_jax.jobs.evaluate.eval_job`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from cart_jax.core.errors import CartError
 from cart_jax.inference.metrics import retrieval_metrics
 
 if TYPE_CHECKING:
-  from cart_jax.inference.runs import LoadedRun
+  from cart_jax.inference.rerank import Reranker
 
 Progress = Callable[[int], None]  # called with the number of queries just ranked
 
@@ -93,7 +93,7 @@ class CartRanker:
 
   def rank(self, texts: Sequence[str], progress: Progress | None = None
            ) -> tuple[np.ndarray, np.ndarray]:
-    from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
+    from cart_jax.models.text.tokenizer import encode_texts  # pylint: disable=g-import-not-at-top
     ids = encode_texts(list(texts), self.searcher.input_length)  # [Q, src]
     b = self.searcher.batch_size  # the searcher's own batches: the same programs as one call
     rows, scores = [], []
@@ -132,96 +132,68 @@ def evaluate(searcher, params, frozen, texts, targets, *, warm_up: bool = True,
   return out, rows, scores
 
 
-def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_size: int | None = None,
-             limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None,
-             modality: str | None = None, rerank: bool = False, rerank_weight: float | None = None,
-             embeddings: str | None = None, log: Callable[[str], None] = print,
-             items: set[str] | None = None, progress: bool = False) -> dict:
-  """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries.
+def validation(index, texts: Sequence[str], targets, *, beam_size: int, input_length: int):
+  """Validation during training (``trainer.train(validation=...)``): ``bind(graphdef, mesh)`` builds
+  a :class:`CartSearcher` over ``index`` on the trainer's mesh and returns
+  ``score(params, frozen, warm_up) -> metrics`` (:func:`evaluate` of ``texts`` / ``targets``)."""
+  def bind(graphdef, mesh):
+    from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
+    searcher = CartSearcher(graphdef, index, beam_size=beam_size, n_results=beam_size,
+                            input_length=input_length, mesh=mesh)
+    return lambda params, frozen, warm_up: evaluate(searcher, params, frozen, texts, targets,
+                                                    warm_up=warm_up)[0]
+  return bind
 
-  With ``modality`` (image/audio/video): only the queries whose target item has that modality,
-  searched against the trie of that modality's identifiers. The summary then also holds
-  ``unrestricted``: the same queries searched over the whole index (R@k, and how many top-1
-  results were items of another modality -- what the restriction removes).
 
-  With ``items`` (a set of item ids): only the queries whose target is one of them (the whole
-  index is still searched); e.g. the unseen items of ``cart data prepare emoji --unseen-items``.
+def timed_beams(searcher, params, frozen, texts, progress: bool = False,
+                 desc: str = "CART search") -> tuple:
+  """(every beam of ``texts``, seconds); ``progress``: a bar on stderr over the batches."""
+  from cart_jax.models.text.tokenizer import encode_texts  # pylint: disable=g-import-not-at-top
+  bar = progress_bar(len(texts), desc, progress)
+  try:
+    t0 = time.perf_counter()
+    beams = searcher.search_beams(params, frozen, encode_texts(list(texts), searcher.input_length),
+                                  progress=None if bar is None else bar.update)
+    return beams, time.perf_counter() - t0
+  finally:
+    if bar is not None:
+      bar.close()
 
-  ``progress``: a bar on stderr over the timed pass.
 
-  With ``rerank``: ``summary["rerank"]`` holds CART + dual-tower re-ranking (R@k, MRR@10, qps,
-  weight) of the same beams as CART alone (one search pass, re-sorted on the host), with the run's
-  ``rerank/`` re-ranker (or one built from ``embeddings``, its weight tuned on val and stored in the
-  run: :mod:`cart_jax.inference.rerank`); ``rerank_weight`` overrides the stored weight.
+def evaluate_with_rerank(searcher, params, frozen, texts, targets, reranker: "Reranker", *,
+                         warm_up: bool = True, progress: bool = False
+                         ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+  """CART alone and CART + re-ranking from ONE search pass (the same beams, re-sorted on the host).
+
+  Returns:
+    (cart metrics, rerank metrics, cart rows [Q, n], re-ranked rows [Q, n]). ``cart`` has the keys
+    of :func:`evaluate`; its queries/s times tokenisation + encoder + beam search (the
+    sentence embedding comes out of the same call). ``rerank``'s queries/s adds the host
+    re-ranking (gather ``beam`` item rows, project the query, ``beam`` dot products, sort).
   """
   from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.runs import RunError, load_run, searcher_for_run  # pylint: disable=g-import-not-at-top
-  r = loaded or load_run(model_dir, step)
-  reranker = None
-  if rerank:
-    try:
-      reranker = rerank_lib.reranker_for_run(r, embeddings=embeddings, weight=rerank_weight, log=log)
-    except rerank_lib.RerankError as e:
-      raise RunError(str(e)) from None
-  full = searcher_for_run(r, beam_size=beam_size, n_results=min(10, beam_size),
-                          batch_size=batch_size)
-  searcher = full.restrict(modality) if modality is not None else full
-  texts, targets = split_queries(r.corpus, r.index, split,
-                                            None if modality is not None else limit)
-  if modality is not None:
-    keep = full.item_modalities[targets] == modality  # [Q]
-    texts = [t for t, k in zip(texts, keep) if k]
-    targets = targets[keep]
-    if limit is not None:
-      texts, targets = texts[:limit], targets[:limit]
-  if items is not None:  # only the queries whose target is one of these items
-    keep = np.asarray([r.index.item_ids[int(t)] in items for t in targets], bool)  # [Q]
-    texts, targets = [t for t, k in zip(texts, keep) if k], targets[keep]
-  if not texts:
-    what = f"'{split}' queries" + (f" of {modality} items" if modality is not None else "") + \
-        (" of the listed items" if items is not None else "")
-    raise RunError(f"{r.run['corpus_dir']}: no {what}")
-  rr_metrics = None
-  if reranker is None:
-    metrics, rows, _ = evaluate(searcher, r.params, r.frozen, texts, targets, progress=progress)
-  else:
-    metrics, rr_metrics, rows, _ = rerank_lib.evaluate_with_rerank(searcher, r.params, r.frozen, texts,
-                                                                   targets, reranker, progress=progress)
-  summary = {"model_dir": str(r.model_dir), "step": r.step, "split": split, **metrics,
-             "num_items": r.index.n_items, "corpus_dir": r.run["corpus_dir"]}
-  if rr_metrics is not None:
-    summary["rerank"] = rr_metrics
-  if full.item_modalities is not None:
-    summary["index_modalities"] = full.available_modalities()
-  if len(summary.get("index_modalities", ())) > 1:
-    summary["top1_wrong_modality"] = _wrong_modality(full.item_modalities, rows[:, 0], targets)
-    if modality is None:  # a mixed index searched whole: the same numbers per target modality
-      summary["by_modality"] = _by_modality(full.item_modalities, rows, targets)
-  if modality is not None:
-    summary["modality"] = modality
-    summary["num_items_searched"] = int(np.sum(full.item_modalities == modality))
-    un_metrics, un_rows, _ = evaluate(full, r.params, r.frozen, texts, targets)
-    summary["unrestricted"] = {
-        **{k: un_metrics[k] for k in ("r@1", "r@5", "r@10", "mrr@10") if k in un_metrics},
-        "top1_wrong_modality": _wrong_modality(full.item_modalities, un_rows[:, 0], targets)}
-  return summary
+  compile_s = searcher.warm_up(params, frozen, beams=True) if warm_up else 0.0
+  beams, search_s = timed_beams(searcher, params, frozen, texts, progress, "CART search + rerank")
+  t0 = time.perf_counter()
+  out = reranker.rerank(beams.rows, beams.scores, beams.query_embedding)
+  rerank_s = time.perf_counter() - t0
+  n = searcher.decode_config.n_results
+  q = len(texts)
 
+  def metrics(rows):
+    return ranking_metrics(rows, targets, n)  # the one evaluator's keys (r@1 ... mrr@10)
 
-def _by_modality(item_modalities, rows, targets) -> dict:
-  """R@k, MRR and top-1 of another modality, for the queries of each target modality."""
-  out = {}
-  target_mod = item_modalities[targets]  # [Q]
-  for m in np.unique(target_mod):
-    sel = target_mod == m  # [Q]
-    out[str(m)] = {**ranking_metrics(rows[sel], targets[sel]), "num_queries": int(sel.sum()),
-                   "top1_wrong_modality": _wrong_modality(item_modalities, rows[sel, 0], targets[sel])}
-  return out
-
-
-def _wrong_modality(item_modalities, top1_rows, targets) -> dict:
-  """How many top-1 results (rows, -1 = none) are items of another modality than the target."""
-  top1_rows = np.asarray(top1_rows)
-  found = top1_rows >= 0  # [Q]
-  wrong = found & (item_modalities[np.where(found, top1_rows, 0)] != item_modalities[targets])
-  return {"count": int(wrong.sum()), "of": int(len(targets)),
-          "rate": float(wrong.mean()) if len(targets) else 0.0}
+  cart_rows, rr_rows = beams.rows[:, :n], out.rows[:, :n]
+  cart = {**metrics(cart_rows), "num_queries": int(q), "qps": q / max(search_s, 1e-9),
+          "seconds": search_s, "compile_seconds": compile_s,
+          "beam_size": searcher.decode_config.beam_size}
+  top1_changed = float(np.mean(cart_rows[:, 0] != rr_rows[:, 0])) if q else 0.0
+  rerank = {**metrics(rr_rows), "qps": q / max(search_s + rerank_s, 1e-9),
+            "seconds": search_s + rerank_s, "rerank_seconds": rerank_s,
+            "weight": rerank_lib.weight_to_json(reranker.weight), "top1_changed": top1_changed,
+            "dim": reranker.dim}
+  tuning = reranker.meta.get("tuning")
+  if tuning:
+    rerank["tuned_on"] = {"split": tuning.get("split"), "num_queries": tuning.get("num_queries"),
+                          "val_r@1": tuning.get("val_r@1")}
+  return cart, rerank, cart_rows, rr_rows

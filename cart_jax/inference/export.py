@@ -73,8 +73,9 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
   import jax  # pylint: disable=g-import-not-at-top
 
   from cart_jax.core.artefacts import atomic_directory, output_lock, sha256_file  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.runs import load_run, searcher_for_run  # pylint: disable=g-import-not-at-top
-  from cart_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference.searcher import searcher_for_run  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.text.tokenizer import minilm_tokenizer  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -126,7 +127,7 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
                              f"them here ({type(e).__name__}: {str(e).splitlines()[0]})") from None
   program_bytes = exp.serialize()
 
-  tok = input_pipeline.tokenizer()
+  tok = minilm_tokenizer()
   modalities = None
   if r.corpus is not None:
     modalities = [r.corpus.item_modality(i) if i in r.corpus else None for i in r.index.item_ids]
@@ -178,8 +179,8 @@ def _provenance(r) -> dict:
   """sha256 of the checkpoint step's manifest and of the index's meta.json (what was exported)."""
   from cart_jax.core.artefacts import sha256_file  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import META_FILE  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.runs import CHECKPOINT_SUBDIR, INDEX_SUBDIR, run_subdir  # pylint: disable=g-import-not-at-top
-  from cart_jax.train.checkpointing import MANIFEST  # pylint: disable=g-import-not-at-top
+  from cart_jax.runs.layout import CHECKPOINT_SUBDIR, INDEX_SUBDIR, run_subdir  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.checkpointing import MANIFEST  # pylint: disable=g-import-not-at-top
   out = {}
   manifest = run_subdir(r.model_dir, r.run, "checkpoint_dir", CHECKPOINT_SUBDIR) / str(r.step) / MANIFEST
   if manifest.is_file():

@@ -24,8 +24,9 @@ then the smaller weight), and stored with the item rows in ``MODEL_DIR/rerank/``
 ``weight`` is a number, or ``"cosine"`` for the cosine-only order. The directory is written into a
 temporary sibling and renamed into place (:func:`cart_jax.core.artefacts.atomic_directory`).
 
-No gin and no TensorFlow here; the jobs (``train_job``, ``eval_job``) call :func:`after_training`,
-:func:`reranker_for_run` and :func:`evaluate_with_rerank`.
+No gin and no TensorFlow here. Fitting the weight with a trained run, and the re-ranker built after
+training, are jobs (:mod:`cart_jax.jobs.rerank`); CART alone and re-ranked from one search pass is
+:func:`cart_jax.inference.evaluation.evaluate_with_rerank`.
 """
 from __future__ import annotations
 
@@ -34,10 +35,9 @@ import hashlib
 import json
 import math
 import os
-import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -57,7 +57,7 @@ TUNE_SPLIT = "val"
 # (:func:`holdout_queries`, taken out of training by ``train_job``), or, where none can be held out,
 # set to DEFAULT_WEIGHT: the grid weight of least worst-case loss against each run's own best weight
 # over 9 val-tuned runs of the built-in protocols (emoji and instruments; worst loss 0.024 R@1, mean
-# 0.012; README, "Data it was never tuned for").
+# 0.012; docs/results.md, "Data it was never tuned for").
 HOLDOUT_SPLIT = "train-holdout"
 HOLDOUT_SHARE = 0.1  # of the items with >= 2 training queries: one query each held out
 HOLDOUT_MAX = 2000
@@ -360,7 +360,7 @@ def build(embeddings: str | os.PathLike, item_ids: Sequence[str], *,
     raise RerankError(f"{model_path}: dual-tower model not found: re-ranking needs the text "
                       f"projection that `cart embed` (built-in encoder) writes next to "
                       f"{embeddings.name}; precomputed embeddings have none")
-  from cart_jax.train.dual_encoder import load_model  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.dual_encoder import load_model  # pylint: disable=g-import-not-at-top
   try:
     model = load_model(model_path)
   except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
@@ -391,7 +391,7 @@ def directory(model_dir: str | os.PathLike) -> Path:
     return d / SUBDIR  # no run.json (yet): load_run names a bad one
   if not isinstance(run, dict) or "rerank_dir" not in run:
     return d / SUBDIR
-  from cart_jax.inference.runs import run_subdir  # pylint: disable=g-import-not-at-top
+  from cart_jax.runs.layout import run_subdir  # pylint: disable=g-import-not-at-top
   return run_subdir(d, run, "rerank_dir", SUBDIR)
 
 
@@ -420,7 +420,7 @@ def load(model_dir: str | os.PathLike, item_ids: Sequence[str] | None = None) ->
   meta_path = d / META_FILE
   if not meta_path.is_file():
     raise RerankError(f"{model_dir}: no re-ranker ({meta_path} missing); build one with "
-                      f"`cart eval --model_dir {model_dir} --rerank --embeddings E.npy` (E.npy: the "
+                      f"`cart eval --model-dir {model_dir} --rerank --embeddings E.npy` (E.npy: the "
                       f"`cart embed` output the index was built from, with E.model.npz next to it): "
                       f"the weight is tuned on '{TUNE_SPLIT}' and stored in the run")
   try:
@@ -474,181 +474,3 @@ def check_model(model_config) -> str | None:
     return ("the encoder was fine-tuned (freeze_encoder=False): query embeddings come from the "
             "trained MiniLM, not the frozen one the dual tower was trained on")
   return None
-
-
-def _timed_beams(searcher, params, frozen, texts, progress: bool = False,
-                 desc: str = "CART search") -> tuple:
-  """(every beam of ``texts``, seconds); ``progress``: a bar on stderr over the batches."""
-  from cart_jax.inference.evaluation import progress_bar  # pylint: disable=g-import-not-at-top
-  from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
-  bar = progress_bar(len(texts), desc, progress)
-  try:
-    t0 = time.perf_counter()
-    beams = searcher.search_beams(params, frozen, encode_texts(list(texts), searcher.input_length),
-                                  progress=None if bar is None else bar.update)
-    return beams, time.perf_counter() - t0
-  finally:
-    if bar is not None:
-      bar.close()
-
-
-def tune_on_split(reranker: Reranker, searcher, params, frozen, texts, targets,
-                  grid: Sequence[float] = DEFAULT_GRID, split: str = TUNE_SPLIT) -> Reranker:
-  """Searches ``texts`` once, picks the weight on their targets; returns the re-ranker with it."""
-  if not len(texts):
-    raise RerankError(f"no '{split}' queries to tune the re-rank weight on")
-  beams, _ = _timed_beams(searcher, params, frozen, texts)
-  cos = reranker.cosines(beams.rows, beams.query_embedding)
-  weight, table = tune_weight(beams.rows, beams.scores, cos, targets, grid)
-  best = next(t for t in table if t["weight"] == weight_to_json(weight))
-  tuning = {"split": split, "num_queries": int(len(texts)), "beam_size": int(beams.rows.shape[1]),
-            "grid": [weight_to_json(parse_weight(w)) for w in grid], "results": table,
-            "chosen_by": "max R@1, ties: max MRR@10, then the smaller weight",
-            "val_r@1": best["r@1"], "logp_only_r@1": table[0]["r@1"] if parse_weight(grid[0]) == 0 else None}
-  return dataclasses.replace(reranker, weight=weight, meta={**reranker.meta, "tuning": tuning})
-
-
-def fit(loaded, embeddings: str | os.PathLike, *, split: str = TUNE_SPLIT, limit: int | None = None,
-        grid: Sequence[float] = DEFAULT_GRID, beam_size: int = 10, batch_size: int | None = None,
-        save_to_run: bool = True, log: Callable[[str], None] = print) -> Reranker:
-  """Builds the re-ranker of a loaded run (``runs.LoadedRun``) from ``cart embed`` outputs, tunes
-  its weight on ``split`` (all its queries unless ``limit``) and saves it in ``MODEL_DIR/rerank/``."""
-  from cart_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
-  check_model(loaded.model_config)
-  if loaded.corpus is None:
-    raise RerankError("tuning the re-rank weight needs the run's corpus")
-  reranker = build(embeddings, loaded.index.item_ids)
-  if split == TUNE_SPLIT and not has_val(loaded.corpus):
-    held = holdout_queries(loaded.corpus) if loaded.run.get("rerank_holdout") else []
-    if not held:  # nothing to tune on: the default weight, said so in the tuning record
-      reranker = dataclasses.replace(reranker, weight=DEFAULT_WEIGHT, meta={**reranker.meta, "tuning": {
-          "split": None, "num_queries": 0, "chosen_by": (
-              f"default weight {DEFAULT_WEIGHT:g} (no '{TUNE_SPLIT}' queries and no training queries "
-              f"held out for tuning; measured across the built-in sets)"), "results": [],
-          "val_r@1": None, "seconds": 0.0}})
-      log(f"re-rank weight {weight_label(DEFAULT_WEIGHT)}: the default (no '{TUNE_SPLIT}' queries, none "
-          f"held out)")
-      if save_to_run:
-        log(f"saved the re-ranker in {save(reranker, loaded.model_dir)}")
-      return reranker
-    split = HOLDOUT_SPLIT
-  try:
-    if split == HOLDOUT_SPLIT:
-      texts, targets = evaluation.text_targets(held[:limit] if limit is not None else held,
-                                               loaded.index, split)
-    else:
-      texts, targets = evaluation.split_queries(loaded.corpus, loaded.index, split, limit)
-  except CartError as e:
-    raise RerankError(str(e)) from None
-  searcher = CartSearcher(loaded.graphdef, loaded.index, beam_size=beam_size,
-                          n_results=min(10, beam_size), input_length=loaded.input_length,
-                          batch_size=batch_size)
-  t0 = time.perf_counter()
-  reranker = tune_on_split(reranker, searcher, loaded.params, loaded.frozen, texts, targets, grid, split)
-  tuning = reranker.meta["tuning"]
-  tuning["seconds"] = round(time.perf_counter() - t0, 2)
-  if split == HOLDOUT_SPLIT:
-    tuning["chosen_by"] += (f"; on {len(texts)} training queries held out of training (no "
-                            f"'{TUNE_SPLIT}' split: one query of {HOLDOUT_SHARE:.0%} of the items "
-                            f"with two or more)")
-  log(f"re-rank weight {weight_label(reranker.weight)} (on {tuning['num_queries']} {split} queries: "
-      + ", ".join(f"{weight_label(parse_weight(t['weight']))}: R@1 {t['r@1']:.3f}"
-                  for t in tuning["results"]) + ")")
-  if save_to_run:
-    path = save(reranker, loaded.model_dir)
-    log(f"saved the re-ranker in {path}")
-  return reranker
-
-
-def reranker_for_run(loaded, *, embeddings: str | os.PathLike | None = None,
-                     weight: float | None = None, log: Callable[[str], None] = print) -> Reranker:
-  """The run's stored re-ranker, or (with ``embeddings``) a new one built, tuned and stored.
-
-  ``weight`` overrides the stored weight (not saved).
-  """
-  check_model(loaded.model_config)
-  if embeddings is not None:
-    r = fit(loaded, embeddings, log=log)
-  else:
-    r = load(loaded.model_dir, loaded.index.item_ids)
-  return r.with_weight(weight) if weight is not None else r
-
-
-def after_training(model_dir: str | os.PathLike, embeddings: str | os.PathLike | None, *,
-                   log: Callable[[str], None] = print) -> dict | None:
-  """End of ``train_job``: build the re-ranker, tune its weight on all ``val`` queries, save it.
-
-  Skipped (with the reason in the returned dict) when there is no ``E.model.npz`` next to the
-  embeddings, the model has no MiniLM encoder, or the run spans several processes; a bad input
-  (ids, dimensions) is reported, not raised: the trained run stays usable.
-
-  Returns:
-    None without ``embeddings``; else ``{"weight", "val_r@1": {weight: R@1}, "split", ...}`` or
-    ``{"skipped": reason}``.
-  """
-  if embeddings is None:
-    return None
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
-  model_path = embedding_files(embeddings).model
-  if not model_path.is_file():
-    return {"skipped": f"{model_path} not found (precomputed embeddings have no text projection)"}
-  if jax.process_count() > 1:
-    return {"skipped": "multi-process run: build it afterwards with `cart eval --rerank --embeddings`"}
-  from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
-  try:
-    loaded = load_run(model_dir)
-    caveat = check_model(loaded.model_config)
-    r = fit(loaded, embeddings, log=log)
-  except RerankError as e:
-    log(f"re-ranker not built: {e}")
-    return {"skipped": str(e)}
-  tuning = r.meta["tuning"]
-  out = {"weight": weight_to_json(r.weight), "split": tuning["split"],
-         "num_queries": tuning["num_queries"], "chosen_by": tuning.get("chosen_by"),
-         "val_r@1": {weight_label(parse_weight(t["weight"])): t["r@1"] for t in tuning["results"]},
-         "seconds": tuning["seconds"], "directory": str(directory(model_dir))}
-  if caveat:
-    out["caveat"] = caveat
-  return out
-
-
-def evaluate_with_rerank(searcher, params, frozen, texts, targets, reranker: Reranker, *,
-                         warm_up: bool = True, progress: bool = False
-                         ) -> tuple[dict, dict, np.ndarray, np.ndarray]:
-  """CART alone and CART + re-ranking from ONE search pass (the same beams, re-sorted on the host).
-
-  Returns:
-    (cart metrics, rerank metrics, cart rows [Q, n], re-ranked rows [Q, n]). ``cart`` has the keys
-    of ``evaluation.evaluate``; its queries/s times tokenisation + encoder + beam search (the
-    sentence embedding comes out of the same call). ``rerank``'s queries/s adds the host
-    re-ranking (gather ``beam`` item rows, project the query, ``beam`` dot products, sort).
-  """
-  from cart_jax.inference.evaluation import ranking_metrics  # pylint: disable=g-import-not-at-top
-  compile_s = searcher.warm_up(params, frozen, beams=True) if warm_up else 0.0
-  beams, search_s = _timed_beams(searcher, params, frozen, texts, progress, "CART search + rerank")
-  t0 = time.perf_counter()
-  out = reranker.rerank(beams.rows, beams.scores, beams.query_embedding)
-  rerank_s = time.perf_counter() - t0
-  n = searcher.decode_config.n_results
-  q = len(texts)
-
-  def metrics(rows):
-    return ranking_metrics(rows, targets, n)  # the one evaluator's keys (r@1 ... mrr@10)
-
-  cart_rows, rr_rows = beams.rows[:, :n], out.rows[:, :n]
-  cart = {**metrics(cart_rows), "num_queries": int(q), "qps": q / max(search_s, 1e-9),
-          "seconds": search_s, "compile_seconds": compile_s,
-          "beam_size": searcher.decode_config.beam_size}
-  top1_changed = float(np.mean(cart_rows[:, 0] != rr_rows[:, 0])) if q else 0.0
-  rerank = {**metrics(rr_rows), "qps": q / max(search_s + rerank_s, 1e-9),
-            "seconds": search_s + rerank_s, "rerank_seconds": rerank_s,
-            "weight": weight_to_json(reranker.weight), "top1_changed": top1_changed,
-            "dim": reranker.dim}
-  tuning = reranker.meta.get("tuning")
-  if tuning:
-    rerank["tuned_on"] = {"split": tuning.get("split"), "num_queries": tuning.get("num_queries"),
-                          "val_r@1": tuning.get("val_r@1")}
-  return cart, rerank, cart_rows, rr_rows

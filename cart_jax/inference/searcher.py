@@ -19,7 +19,7 @@ what the dual tower's text side starts from), at no extra encoder pass:
 :class:`cart_jax.inference.rerank.Reranker`: every beam result is then re-scored on the host by the
 dual tower's query-item cosine and re-sorted (``cart eval --rerank``).
 
-**On every device.** With a ``mesh`` (the trainer's, or :func:`cart_jax.inference.runs.load_run`'s:
+**On every device.** With a ``mesh`` (the trainer's, or :func:`cart_jax.runs.restore.load_run`'s:
 all devices of all processes) a batch is placed with each process filling only its own shards
 and results come back through ``partitioning.global_to_host`` (a gather across processes
 where needed, never ``np.asarray`` of an array other processes hold).
@@ -40,6 +40,8 @@ from cart_jax import partitioning
 from cart_jax.core.errors import CartError
 from cart_jax.inference.decoding import DecodeConfig, beam_search
 from cart_jax.index.trie import TrieTables, build_trie
+from cart_jax.runs.layout import RunError
+from cart_jax.runs.restore import LoadedRun, NonFiniteError  # noqa: F401  (raised here too)
 
 if TYPE_CHECKING:
   from cart_jax.inference.rerank import Reranker
@@ -132,7 +134,7 @@ class CartSearcher:
       :meth:`restrict`.
     check_finite: raise :class:`NonFiniteError` when a search gives a NaN or +inf score
       (such a beam is dropped as invalid: the query would silently get fewer or no results).
-      On for a loaded run (:func:`cart_jax.inference.runs.searcher_for_run`); off for the
+      On for a loaded run (:func:`searcher_for_run`); off for the
       validation inside training, where a diverging run is logged, not stopped.
   """
 
@@ -299,7 +301,7 @@ class CartSearcher:
 
   def search_texts(self, params, frozen, texts: Sequence[str], rerank: "Reranker | None" = None):
     """Tokenises ``texts`` and searches them (see :meth:`search_ids`)."""
-    from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
+    from cart_jax.models.text.tokenizer import encode_texts  # pylint: disable=g-import-not-at-top
     return self.search_ids(params, frozen, encode_texts(list(texts), self.input_length), rerank)
 
   def warm_up(self, params, frozen, *, beams: bool = False) -> float:
@@ -312,11 +314,6 @@ class CartSearcher:
     else:
       self.search_ids(params, frozen, dummy)
     return time.perf_counter() - t0
-
-
-class NonFiniteError(CartError):
-  """A run whose parameters, or a search's scores, are not finite (NaN or inf): corrupt
-  parameters (a checkpoint loaded unverified) or a diverged training. Never silently empty results."""
 
 
 def _check_scores(raw: np.ndarray, valid: np.ndarray) -> None:
@@ -346,3 +343,24 @@ def describe(index, rows: np.ndarray, scores: np.ndarray, corpus=None) -> list[d
       d["media"] = str(corpus.media_path(item))
     out.append(d)
   return out
+
+
+def searcher_for_run(r: LoadedRun, *, beam_size: int, n_results: int, batch_size: int | None,
+                     modality: str | None = None):
+  """A CartSearcher over the run's index; item modalities from the run's corpus (when loaded).
+
+  With ``modality`` the searcher only generates identifiers of that modality's items; an unknown
+  modality raises ``ModalityError`` listing the index's modalities.
+  """
+  modalities = None
+  if r.corpus is not None:
+    try:
+      modalities = index_modalities(r.index, r.corpus)
+    except ValueError as e:
+      if modality is not None:  # restricting needs every row's modality
+        raise RunError(f"{r.model_dir}: cannot restrict by modality: {e}") from None
+  searcher = CartSearcher(r.graphdef, r.index, beam_size=beam_size, n_results=n_results,
+                          input_length=r.input_length, batch_size=batch_size,
+                          item_modalities=modalities, mesh=getattr(r, "mesh", None),
+                          check_finite=True)
+  return searcher.restrict(modality) if modality is not None else searcher

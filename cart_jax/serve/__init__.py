@@ -128,8 +128,8 @@ def make_server(model_dir: str | os.PathLike, config: ServeConfig = ServeConfig(
   """Loads MODEL_DIR once, compiles its search for every batch size (a log line each) -> Server."""
   config.check()
   try:
-    import starlette  # pylint: disable=g-import-not-at-top,unused-import
-    import uvicorn  # pylint: disable=g-import-not-at-top,unused-import
+    import starlette  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import uvicorn  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ServeError(f"cart serve needs the `serve` extra ({e.name} is not installed): "
                      "pip install 'cart-jax[serve]'") from None

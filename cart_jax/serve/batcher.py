@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from cart_jax.core.errors import ConfigError
+
 
 class QueueFull(Exception):
   """The request queue is full (or the server is shutting down): answer 503."""
@@ -100,7 +102,7 @@ class MicroBatcher:
                queue_size: int, padded_size: Callable[[int], int] = lambda n: n,
                metrics: Metrics | None = None):
     if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
-      raise ValueError(f"max_batch {max_batch}, queue_size {queue_size} must be >= 1 and "
+      raise ConfigError(f"max_batch {max_batch}, queue_size {queue_size} must be >= 1 and "
                        f"max_wait_s {max_wait_s} >= 0")
     self.run_batch = run_batch
     self.max_batch = max_batch

@@ -1,6 +1,6 @@
 """The search behind ``cart serve``: one loaded run, jitted searches compiled for a few batch sizes.
 
-:class:`SearchEngine` loads a MODEL_DIR once (:func:`cart_jax.inference.runs.load_run`) and answers
+:class:`SearchEngine` loads a MODEL_DIR once (:func:`cart_jax.runs.restore.load_run`) and answers
 a list of :class:`Query` (text, k, modality) with one result list per query. It knows nothing about
 HTTP: the micro-batcher (:mod:`cart_jax.serve.batcher`) hands it whatever requests it gathered.
 
@@ -77,7 +77,7 @@ class SearchEngine:
   """A trained run ready to answer batches of queries (see the module docstring).
 
   Args:
-    loaded: a :class:`cart_jax.inference.runs.LoadedRun` (with its corpus).
+    loaded: a :class:`cart_jax.runs.restore.LoadedRun` (with its corpus).
     beam: beam size, and the most results a query may ask for (clamped to the number of items).
     batch_sizes: the compiled batch sizes (ascending; a batch is padded to the smallest that
       holds it).
@@ -87,7 +87,7 @@ class SearchEngine:
 
   def __init__(self, loaded, *, beam: int = 10, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                reranker=None, media_roots: Sequence[str | os.PathLike] = ()):
-    from cart_jax.inference.runs import searcher_for_run  # pylint: disable=g-import-not-at-top
+    from cart_jax.inference.searcher import searcher_for_run  # pylint: disable=g-import-not-at-top
     if beam < 1:
       raise ServeError(f"--beam {beam}: must be >= 1")
     if loaded.corpus is None:
@@ -116,13 +116,12 @@ class SearchEngine:
     Media roots the corpus declares outside it and that are not served from are named through
     ``log`` (``--media-root`` serves them).
     """
-    from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
-    from cart_jax.inference.runs import load_run  # pylint: disable=g-import-not-at-top
+    from cart_jax.jobs.rerank import reranker_for_run  # pylint: disable=g-import-not-at-top
+    from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
     loaded = load_run(model_dir, step, verify=verify)
     reranker = None
     if rerank or embeddings or rerank_weight is not None:
-      reranker = rerank_lib.reranker_for_run(loaded, embeddings=embeddings, weight=rerank_weight,
-                                             log=log)
+      reranker = reranker_for_run(loaded, embeddings=embeddings, weight=rerank_weight, log=log)
     engine = cls(loaded, beam=beam, batch_sizes=batch_sizes, reranker=reranker,
                  media_roots=media_roots)
     if engine.unserved_media_roots:
@@ -195,11 +194,6 @@ class SearchEngine:
             f"{'' if modality is None else f' ({modality})'}: {dt:.2f} s")
     return times
 
-  def check_modality(self, modality: str | None) -> None:
-    """Raises ``ModalityError`` (listing the index's modalities) for one it does not hold."""
-    if modality is not None:
-      self._searcher.trie_for(modality)
-
   def _view(self, modality: str | None, batch_size: int):
     key = (modality, batch_size)
     if key not in self._views:
@@ -236,7 +230,7 @@ class SearchEngine:
     return out  # type: ignore[return-value]
 
   def _search_chunk(self, view, texts: list[str]) -> list[list[dict]]:
-    from cart_jax.train.input_pipeline import encode_texts  # pylint: disable=g-import-not-at-top
+    from cart_jax.models.text.tokenizer import encode_texts  # pylint: disable=g-import-not-at-top
     ids = encode_texts(texts, view.input_length)  # [n, src]
     if self.reranker is None:
       rows, scores, _ = view.search_ids(self.loaded.params, self.loaded.frozen, ids)

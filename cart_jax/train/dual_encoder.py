@@ -12,9 +12,9 @@ epoch (``default_rng([seed, epoch])``), the text picked per item (``default_rng(
 and the augmentation key (``fold_in(seed, step)``), so a resumed run sees the same batches as an
 uninterrupted one.
 
-Training runs in the shared loop (:mod:`cart_jax.train.loop`: metrics pulled from the device
+Training runs in the shared loop (:mod:`cart_jax.core.loop`: metrics pulled from the device
 every ``log_every`` steps, not per step). Checkpoints go through the orbax module
-(:mod:`cart_jax.train.checkpointing`): ``checkpoint_dir/<step>/`` holds ``params`` and
+(:mod:`cart_jax.core.checkpointing`): ``checkpoint_dir/<step>/`` holds ``params`` and
 ``opt_state`` with both configs in its meta, written atomically; the last ``keep_checkpoints`` are
 kept. The trained model's export is one ``.npz`` (:func:`save_model` / :func:`load_model`), the
 file ``cart embed`` writes next to the embeddings and the re-ranker reads.
@@ -37,14 +37,11 @@ import optax
 from flax import nnx
 
 from cart_jax.core.artefacts import atomic_write_via
-from cart_jax.core.errors import CartError
-from cart_jax.models.dual_encoder import DualEncoder, DualEncoderConfig
+from cart_jax.models.dual_encoder import (DualEncoder, DualEncoderConfig, DualEncoderError,  # noqa: F401
+                                         embed_items, embed_text_features, init_model, load_model,
+                                         save_model)
 from cart_jax.models.towers import registry
-from cart_jax.train import loop
-
-
-class DualEncoderError(CartError):
-  """A bad dual-encoder setting, corpus or model file (names the file or field)."""
+from cart_jax.core import loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +174,6 @@ def batch_rows(data_item_rows: np.ndarray, batch_size: int, seed: int, step: int
 # ----------------------------------------------------------------------------- model state
 
 
-def init_model(config: DualEncoderConfig, seed: int) -> DualEncoder:
-  return DualEncoder(config, rngs=nnx.Rngs(params=seed))
-
-
 @functools.lru_cache(maxsize=16)
 def make_optimizer(config: DualTrainConfig) -> optax.GradientTransformation:
   """AdamW + warm-up/cosine schedule (cached per config, so jitted steps are reused)."""
@@ -191,63 +184,15 @@ def make_optimizer(config: DualTrainConfig) -> optax.GradientTransformation:
   return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
 
 
-def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {prefix + jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def _unflat(template, arrays, prefix: str, source: str):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-  out = []
-  for path, leaf in leaves:
-    key = prefix + jax.tree_util.keystr(path)
-    if key not in arrays:
-      raise DualEncoderError(f"{source}: missing array {key!r} (written by a different model version?)")
-    arr = arrays[key]
-    if tuple(arr.shape) != tuple(np.shape(leaf)):
-      raise DualEncoderError(f"{source}: {key} has shape {tuple(arr.shape)}, expected {tuple(np.shape(leaf))}")
-    out.append(jnp.asarray(arr, dtype=leaf.dtype if hasattr(leaf, "dtype") else None))
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def save_model(path: str | os.PathLike, model: DualEncoder) -> None:
-  """Trained parameters + config in one ``.npz`` (atomic)."""
-  _, params = nnx.split(model)
-  arrays = {"__config__": np.asarray(model.config.to_json()), **_flat(params, "params")}
-  atomic_write_via(path, lambda tmp: np.savez(tmp, **arrays))
-
-
-def load_model(path: str | os.PathLike) -> DualEncoder:
-  """Inverse of :func:`save_model` (raises DualEncoderError naming the file on any mismatch)."""
-  path = Path(path)
-  if not path.is_file():
-    raise DualEncoderError(f"{path}: dual-encoder model file not found")
-  from cart_jax.index.inputs import NPY_READ_ERRORS  # pylint: disable=g-import-not-at-top
-  try:
-    z = np.load(path, allow_pickle=False)
-  except NPY_READ_ERRORS as e:
-    raise DualEncoderError(f"{path}: not a readable dual-encoder model file ({e})") from None
-  if not isinstance(z, np.lib.npyio.NpzFile):  # an .npy array: not a model
-    raise DualEncoderError(f"{path}: not a dual-encoder model file (an array, not an .npz)")
-  with z:
-    arrays = dict(z)
-  if "__config__" not in arrays:
-    raise DualEncoderError(f"{path}: not a dual-encoder model file (no __config__)")
-  config = DualEncoderConfig.from_json(str(arrays["__config__"]))
-  model = nnx.eval_shape(lambda: init_model(config, 0))
-  graphdef, params = nnx.split(model)
-  return nnx.merge(graphdef, _unflat(params, arrays, "params", str(path)))
-
-
 def _checkpointer(directory: str | os.PathLike, config: DualTrainConfig):
-  from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   return Checkpointer(directory, keep=config.keep_checkpoints, save_every=config.checkpoint_every,
                       items=("params", "opt_state"))
 
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
   """Steps of the checkpoints in ``directory`` (oldest first)."""
-  from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   ckpt = Checkpointer(directory, keep=0, items=("params", "opt_state"))
   try:
     return sorted(ckpt.all_steps())
@@ -366,46 +311,3 @@ def _train_step(graphdef, tx, params, opt_state, media, feats, text_idx, item_id
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss, aux
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed_items(graphdef, params, x):
-  return nnx.merge(graphdef, params).embed_items(x)  # [B, d]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed_text(graphdef, params, x):
-  return nnx.merge(graphdef, params).embed_text(x)  # [B, d]
-
-
-def embed_items(model: DualEncoder, media: np.ndarray, batch_size: int = 256,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
-  """Unit-norm item embeddings ``float32 [N, embed_dim]`` in row order (fixed batch shape)."""
-  graphdef, params = nnx.split(model)
-  n = media.shape[0]
-  bs = min(batch_size, n)
-  out = np.zeros((n, model.config.embed_dim), np.float32)
-  for s in range(0, n, bs):
-    chunk = np.asarray(media[s:s + bs])
-    k = chunk.shape[0]
-    if k < bs:
-      chunk = np.concatenate([chunk, np.zeros((bs - k,) + chunk.shape[1:], chunk.dtype)])
-    out[s:s + k] = np.asarray(_embed_items(graphdef, params, chunk))[:k]
-    if progress is not None:
-      progress(k)
-  return out
-
-
-def embed_text_features(model: DualEncoder, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-  """Frozen-encoder features ``[Q, text_dim]`` -> unit-norm query embeddings ``[Q, embed_dim]``."""
-  graphdef, params = nnx.split(model)
-  q = features.shape[0]
-  out = np.zeros((q, model.config.embed_dim), np.float32)
-  bs = min(batch_size, max(q, 1))
-  for s in range(0, q, bs):
-    chunk = np.asarray(features[s:s + bs], np.float32)
-    k = chunk.shape[0]
-    if k < bs:
-      chunk = np.concatenate([chunk, np.zeros((bs - k, chunk.shape[1]), np.float32)])
-    out[s:s + k] = np.asarray(_embed_text(graphdef, params, chunk))[:k]
-  return out

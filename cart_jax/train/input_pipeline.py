@@ -35,7 +35,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from cart_jax.core.errors import ConfigError
 from cart_jax.index.vocab import PAD_ID, START_ID
+from cart_jax.models.text.tokenizer import encode_texts  # noqa: F401  (train/incremental.py imports it from here until issue 30)
 
 PIPELINES = ("auto", "numpy", "seqio")
 
@@ -69,7 +71,7 @@ class InputConfig:
       The numpy pipeline only (the SeqIO pipeline trains on the tasks' texts as they are).
     pseudo_queries: items with no training text at all get this many pseudo-queries when the
       run has the dual tower's embeddings (``EMBEDDINGS``): the training texts nearest to the
-      item's embedding in the dual tower's text-item space (:mod:`cart_jax.train.pseudo_queries`);
+      item's embedding in the dual tower's text-item space (:mod:`cart_jax.jobs.pseudo_queries`);
       0: none.
   """
   batch_size: int = 64
@@ -87,16 +89,16 @@ class InputConfig:
 
   def __post_init__(self):
     if self.pipeline not in PIPELINES:
-      raise ValueError(f"InputConfig.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+      raise ConfigError(f"InputConfig.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
     if self.batch_size < 1 or self.input_length < 3:
-      raise ValueError(f"InputConfig: batch_size >= 1 and input_length >= 3 needed, got "
+      raise ConfigError(f"InputConfig: batch_size >= 1 and input_length >= 3 needed, got "
                        f"{self.batch_size}, {self.input_length}")
     if self.caption_rate is not None and not 0.0 <= self.caption_rate <= 1.0:
-      raise ValueError(f"InputConfig.caption_rate must be in [0, 1], got {self.caption_rate}")
+      raise ConfigError(f"InputConfig.caption_rate must be in [0, 1], got {self.caption_rate}")
     if self.queryless_rate is not None and not 0.0 <= self.queryless_rate < 1.0:
-      raise ValueError(f"InputConfig.queryless_rate must be in [0, 1), got {self.queryless_rate}")
+      raise ConfigError(f"InputConfig.queryless_rate must be in [0, 1), got {self.queryless_rate}")
     if self.pseudo_queries < 0:
-      raise ValueError(f"InputConfig.pseudo_queries must be >= 0, got {self.pseudo_queries}")
+      raise ConfigError(f"InputConfig.pseudo_queries must be >= 0, got {self.pseudo_queries}")
 
 
 def resolve_pipeline(name: str) -> str:
@@ -127,24 +129,6 @@ def to_loss_batch(features) -> dict:
   """Model features -> the keys ``cart_jax.models.cart.losses.compute_loss`` reads."""
   return {"inputs": features["encoder_input_tokens"], "targets": features["decoder_target_tokens"],
           "decoder_inputs": features["decoder_input_tokens"]}
-
-
-_TOKENIZER = None
-
-
-def tokenizer():
-  """The WordPiece tokenizer of all-MiniLM-L6-v2 (cached)."""
-  global _TOKENIZER
-  if _TOKENIZER is None:
-    from cart_jax.models.text.tokenizer import WordPieceTokenizer  # pylint: disable=g-import-not-at-top
-    _TOKENIZER = WordPieceTokenizer.from_file()
-  return _TOKENIZER
-
-
-def encode_texts(texts: Sequence[str], input_length: int) -> np.ndarray:
-  """Texts -> int32 ``[n, input_length]`` WordPiece ids (``[CLS] .. [SEP]``, 0-padded)."""
-  ids, _ = tokenizer().encode_batch(texts, input_length)
-  return ids
 
 
 class _Pool:
@@ -209,7 +193,7 @@ class NumpyPipeline:
     row_of = index.row_of()
     missing = [it for it in corpus.item_ids if it not in row_of]
     if missing:
-      raise ValueError(f"{len(missing)} corpus items have no identifier in the index "
+      raise ConfigError(f"{len(missing)} corpus items have no identifier in the index "
                        f"(first: {missing[:3]}); rebuild the index for this corpus")
     tokens = index.vocab.codes_to_tokens(index.codes)  # [N, L]
 
@@ -221,12 +205,12 @@ class NumpyPipeline:
 
     self.queries = pool(corpus.texts(split="train", kind="query"), 0)
     if self.queries is None:
-      raise ValueError(f"corpus {corpus.name!r} has no training queries")
+      raise ConfigError(f"corpus {corpus.name!r} has no training queries")
     captions = caption_texts(corpus, captions_file)
     rate = config.caption_rate if config.caption_rate is not None else (0.5 if captions else 0.0)
     self.captions = pool(captions, 1) if rate > 0 else None
     if rate > 0 and self.captions is None:
-      raise ValueError(f"caption_rate={rate} but corpus {corpus.name!r} has no caption texts")
+      raise ConfigError(f"caption_rate={rate} but corpus {corpus.name!r} has no caption texts")
     self.caption_rate = float(rate)
     self.num_captions_per_batch = int(round(rate * config.batch_size)) if self.captions else 0
     # The queryless pool: every training text of the items without a training query, and the
@@ -242,7 +226,7 @@ class NumpyPipeline:
     # the query rows: the items with queries keep their share of each batch where captions are mixed in.
     self.num_captions_per_batch -= min(self.num_queryless_per_batch, self.num_captions_per_batch)
     if self.num_queryless_per_batch + self.num_captions_per_batch >= config.batch_size:
-      raise ValueError(f"caption_rate {rate} + queryless_rate {qrate:.3f} leave no query rows in a "
+      raise ConfigError(f"caption_rate {rate} + queryless_rate {qrate:.3f} leave no query rows in a "
                        f"batch of {config.batch_size}")
     self.queryless = pool(sole, 2) if self.num_queryless_per_batch else None
     self.queryless_rate = self.num_queryless_per_batch / config.batch_size
@@ -365,7 +349,7 @@ class SeqioPipeline:
         inputs.append(np.asarray(ex["encoder_input_tokens"], np.int32))
         targets.append(np.asarray(ex["decoder_target_tokens"], np.int32))
       if not inputs:
-        raise ValueError(f"SeqIO task {task}: no training example in shard {shard.index} of "
+        raise ConfigError(f"SeqIO task {task}: no training example in shard {shard.index} of "
                          f"{shard.num_shards}")
       inputs, targets = np.stack(inputs), np.stack(targets)  # [n, src], [n, L]
       # A fixed order whatever order the files were read in (interleaving): sorted by content.
@@ -414,7 +398,7 @@ class SeqioPipeline:
 def make_pipeline(corpus_dir: str, corpus, index, config: InputConfig,
                   captions_file: str | None = None, pseudo: Sequence = ()):
   """The pipeline ``config.pipeline`` names (``auto`` resolved); ``pseudo``: pseudo-query texts
-  (:mod:`cart_jax.train.pseudo_queries`), for the numpy pipeline's queryless pool."""
+  (:mod:`cart_jax.jobs.pseudo_queries`), for the numpy pipeline's queryless pool."""
   name = resolve_pipeline(config.pipeline)
   if name == "seqio":
     return SeqioPipeline(str(corpus_dir), index, config, captions_file, corpus=corpus)

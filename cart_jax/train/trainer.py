@@ -8,7 +8,7 @@
   update, metrics (loss, CE, KL, token accuracy, learning rate, gradient norm). Dropout keys
   are ``fold_in(seed, step)``, so a resumed run draws the same masks as an uninterrupted one.
 * :func:`train`: batches by step from the input pipeline through the shared loop
-  (:mod:`cart_jax.train.loop`: metrics pulled only when logged, periodic checkpoints), validation
+  (:mod:`cart_jax.core.loop`: metrics pulled only when logged, periodic checkpoints), validation
   recall through constrained decoding, TensorBoard + console.
 
 The state is split ``(graphdef, params, frozen)``: ``params`` are the trainable parameters
@@ -30,15 +30,20 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cart_jax.core.errors import ConfigError
 from cart_jax.models.cart import losses
 from cart_jax.models.cart.config import ModelConfig
 from cart_jax.models.cart.network import (CARTNetwork, create_model, load_pretrained_encoder,
                                           shift_right, trainable_filter)
 from cart_jax import partitioning
-from cart_jax.train import loop
+from cart_jax.partitioning import maybe_initialize_distributed  # noqa: F401  (its old home)
+from cart_jax.core import loop
 
 
 IDENTIFIER_INITS = ("none", "embed", "embed+output")
+# ``validation(graphdef, mesh) -> score(params, frozen, warm_up) -> metrics``: what ``train`` calls
+# every ``eval_every`` steps (the search itself lives in inference/, built by the job).
+Validation = Callable[[Any, jax.sharding.Mesh], Callable[[Any, Any, bool], dict]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +97,14 @@ class TrainConfig:
 
   def __post_init__(self):
     if self.identifier_init not in IDENTIFIER_INITS:
-      raise ValueError(f"TrainConfig.identifier_init must be one of {IDENTIFIER_INITS}, got "
+      raise ConfigError(f"TrainConfig.identifier_init must be one of {IDENTIFIER_INITS}, got "
                        f"{self.identifier_init!r}")
     if self.num_steps < 1:
-      raise ValueError(f"TrainConfig.num_steps must be >= 1, got {self.num_steps}")
+      raise ConfigError(f"TrainConfig.num_steps must be >= 1, got {self.num_steps}")
     if self.decay not in ("cosine", "linear", "constant"):
-      raise ValueError(f"TrainConfig.decay must be cosine|linear|constant, got {self.decay!r}")
+      raise ConfigError(f"TrainConfig.decay must be cosine|linear|constant, got {self.decay!r}")
     if self.omega < 0:
-      raise ValueError(f"TrainConfig.omega must be >= 0, got {self.omega}")
+      raise ConfigError(f"TrainConfig.omega must be >= 0, got {self.omega}")
 
 
 @flax.struct.dataclass
@@ -243,36 +248,6 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, *,
   return out
 
 
-def maybe_initialize_distributed() -> bool:
-  """``jax.distributed.initialize()`` when the environment says this is a multi-host launch.
-
-  Detected from ``JAX_COORDINATOR_ADDRESS`` (launch/multi_gpu.sh), SLURM with several tasks, or
-  a TPU VM pod slice (``TPU_WORKER_HOSTNAMES`` with several hosts). ``CART_DISTRIBUTED=0``
-  disables it, ``CART_DISTRIBUTED=1`` forces it. Idempotent (``cart train``, ``cart eval`` and the
-  library calls may each ask); returns whether this process is part of a distributed run.
-  ``CART_DISTRIBUTED_TIMEOUT``: seconds to wait for the other processes at start-up (300).
-  Must run before any JAX computation.
-  """
-  env = os.environ
-  if jax.distributed.is_initialized():
-    return True
-  if env.get("CART_DISTRIBUTED") == "0":
-    return False
-  multi = bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("SLURM_NTASKS", "1") or 1) > 1 \
-      or "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("CART_DISTRIBUTED") == "1"
-  if not multi:
-    return False
-  timeout = int(env.get("CART_DISTRIBUTED_TIMEOUT", "300"))
-  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
-    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env.get("JAX_PROCESS_ID", "0")),
-                               initialization_timeout=timeout)
-  else:
-    jax.distributed.initialize(initialization_timeout=timeout)  # TPU pod slices, SLURM: detected
-  return True
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -325,7 +300,7 @@ def build_state_cache(graphdef, params, frozen, model_config: ModelConfig, token
 
 def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, index,
           checkpoint_dir: str | os.PathLike | None, metrics_dir: str | os.PathLike | None = None,
-          validation: tuple[list[str], np.ndarray] | None = None, input_length: int = 32,
+          validation: Validation | None = None,
           progress: bool = True, stop_after: int | None = None, log: Callable[[str], None] = print,
           mesh: jax.sharding.Mesh | None = None, cache_encoder_states: bool = True,
           state_cache_dir: str | os.PathLike | None = None) -> TrainResult:
@@ -339,14 +314,16 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     index: the SemanticIndex (for validation decoding).
     checkpoint_dir: orbax directory (None = no checkpoints, no resume).
     metrics_dir: where ``tensorboard/`` and ``metrics.jsonl`` go (None = console only).
-    validation: ``(texts, target index rows)`` scored every ``eval_every`` steps.
+    validation: scored every ``eval_every`` steps: ``validation(graphdef, mesh)`` gives
+      ``score(params, frozen, warm_up) -> metrics`` (``r@1``, ``r@10``, ``num_queries``, ...); built
+      by the job (:func:`cart_jax.inference.evaluation.validation`), so training needs no search.
     stop_after: stop (after saving a checkpoint) once this many steps ran in this call (tests;
       ``train_job.stop_after``: a run in time slices, the next launch resumes).
     cache_encoder_states: with a frozen pretrained encoder, compute its states once per training
       text (``pipeline.token_rows()``) and feed them to the step instead of tokens.
     state_cache_dir: root of those caches (None: ``state_cache.default_root()``).
   """
-  from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  from cart_jax.core.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   from cart_jax.train.input_pipeline import to_loss_batch  # pylint: disable=g-import-not-at-top
 
   c = train_config
@@ -398,11 +375,9 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   # Lines of steps after the checkpoint (a run killed between a log and its next save) are
   # dropped: the resumed run writes those steps again, so each step stays one line.
   writer = loop.MetricWriter(metrics_dir, resume_step=start)  # a gs:// path stays one
-  searcher = None
+  score = None
   if validation is not None and c.eval_every > 0:
-    from cart_jax.inference.searcher import CartSearcher  # pylint: disable=g-import-not-at-top
-    searcher = CartSearcher(graphdef, index, beam_size=c.beam_size, n_results=c.beam_size,
-                            input_length=input_length, mesh=mesh)
+    score = validation(graphdef, mesh)
   bar = None
   if progress and jax.process_index() == 0 and start < c.num_steps:
     bar = loop.tqdm_bar(c.num_steps, start, "train")
@@ -437,9 +412,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
           f"{m['steps_per_second']:.2f} steps/s")
 
   def validate(done: int, state: TrainState) -> None:
-    from cart_jax.inference.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-    texts, targets = validation
-    res, _, _ = evaluate(searcher, state.params, frozen, texts, targets, warm_up=not val_history)
+    res = score(state.params, frozen, not val_history)
     val_history.append({"step": done, **res})
     writer.write(done, {f"val/{k}": res[k] for k in ("r@1", "r@10", "mrr@10", "qps") if k in res})
     say(f"step {done}: {c.eval_split} r@1 {res['r@1']:.3f} r@10 {res.get('r@10', float('nan')):.3f} "
@@ -451,7 +424,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
                      on_step=on_step, writer=writer, checkpointer=ckpt,
                      checkpoint_items=lambda s: {"params": s.params, "opt_state": s.opt_state,
                                                  "frozen": frozen},
-                     evaluate=validate if searcher is not None else None, eval_every=c.eval_every,
+                     evaluate=validate if score is not None else None, eval_every=c.eval_every,
                      stop_after=stop_after, log=say)
   finally:
     if bar is not None:
@@ -467,38 +440,3 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
   return TrainResult(graphdef=graphdef, state=out.state, frozen=frozen, start_step=start,
                      history=out.history, validation=val_history, seconds=out.seconds,
                      compile_seconds=out.compile_seconds, state_cache=cache_info)
-
-
-def restore_for_inference(model_config: ModelConfig, checkpoint_dir: str | os.PathLike,
-                          step: int | None = None, mesh: jax.sharding.Mesh | None = None, *,
-                          verify: bool = True):
-  """``(graphdef, params, frozen, step)`` from a checkpoint (no optimizer state kept).
-
-  ``mesh``: where the arrays go, sharded by the logical axis rules (replicated over ``data``,
-  split over ``model`` where the rules say so); default: this process's first device. On a mesh
-  that spans several processes the restore is collective (every process calls it).
-  ``verify``: check the step's ``params``/``frozen``/``meta`` files against its manifest first
-  (``checkpointing.CheckpointIntegrityError`` on any difference).
-  """
-  from cart_jax.train.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
-  mesh = mesh or partitioning.make_mesh(1, 1, devices=[jax.local_devices()[0]])
-  graphdef, template = abstract_sharded(model_config, mesh)
-  ckpt = Checkpointer(checkpoint_dir, keep=0)
-  try:
-    restored, meta = ckpt.restore(template, step, verify=verify)
-  finally:
-    ckpt.close()
-  return graphdef, restored["params"], restored["frozen"], int(meta["step"])
-
-
-def abstract_sharded(model_config: ModelConfig, mesh: jax.sharding.Mesh):
-  """``(graphdef, {"params": ..., "frozen": ...})`` of ``jax.ShapeDtypeStruct`` with the rules'
-  shardings on ``mesh`` (a restore template; nothing is allocated)."""
-  model = nnx.eval_shape(lambda: CARTNetwork(model_config, rngs=nnx.Rngs(0)))
-  graphdef, trainable, frozen = nnx.split(model, trainable_filter(model_config), ...)
-
-  def template(state):
-    shardings = nnx.to_pure_dict(partitioning.state_shardings(state, mesh))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(state), shardings)
-  return graphdef, {"params": template(trainable), "frozen": template(frozen)}

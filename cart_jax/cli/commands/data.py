@@ -10,8 +10,7 @@ add a captioner's output, and validate/summarise a corpus.
       --embeddings emb/emoji.npy emb/instruments.npy
 
 Every action prints its JSON summary; ``--json PATH`` also writes it (``-``: stdout only).
-Library: ``cart_jax.api.prepare``, ``cart_jax.data.importers``, ``cart_jax.data.captions``,
-``cart_jax.data.merge``.
+Library: ``cart_jax.api.prepare``, ``data_import``, ``add_captions``, ``data_merge``, ``data_info``.
 """
 from __future__ import annotations
 
@@ -68,7 +67,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                          "instruments: not applicable)")
   prep.add_argument("--no-templates", dest="templates", action="store_false",
                     help="no templated English wordings ('<name> emoji', '<name> icon')")
-  prep.add_argument("--unseen-items", type=_unseen_fraction, default=0.0, metavar="FRACTION",
+  prep.add_argument("--unseen-items", type=output.unseen_fraction, default=0.0, metavar="FRACTION",
                     help="emoji: this share in [0, 1) of the items (hash of the id) gets no "
                          "training query, only English captions, as in CART's protocol "
                          "(default 0)")
@@ -115,15 +114,6 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   return p
 
 
-def _unseen_fraction(value: str) -> float:
-  """argparse type of --unseen-items (argparse names the flag in its error, exit 2)."""
-  from cart_jax.data.datasets.emoji import check_unseen_fraction
-  try:
-    return check_unseen_fraction(value)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
-
-
 def _parse_split_lists(values: list[str]) -> dict[str, Path] | None:
   from cart_jax.core.errors import CartError
   out = {}
@@ -136,8 +126,8 @@ def _parse_split_lists(values: list[str]) -> dict[str, Path] | None:
 
 
 def run(args) -> int:
+  from cart_jax import api
   from cart_jax.core.errors import CartError
-  from cart_jax.data.corpus import find_leaks, load_corpus
 
   out = getattr(args, "out", None)
   if out is not None and Path(out).exists() and not args.overwrite:
@@ -145,38 +135,25 @@ def run(args) -> int:
   rc = 0
   with output.logs_to_stderr(args):
     if args.data_command == "import":
-      from cart_jax.data.importers import import_corpus
-      corpus, result = import_corpus(
-          args.format, args.sources, args.out, media_root=args.media_root,
-          media_mode=args.media_mode, overwrite=args.overwrite, name=args.name,
-          media_pattern=args.media_pattern, skip_missing_media=args.skip_missing_media,
-          split_lists=_parse_split_lists(args.split_list), mapping=args.mapping)
-      summary = dict(corpus.summary(), out=str(args.out),
-                     skipped_missing_media=len(result.skipped_items))
+      summary = api.data_import(args.format, args.sources, args.out, media_root=args.media_root,
+                                media_mode=args.media_mode, overwrite=args.overwrite,
+                                name=args.name, media_pattern=args.media_pattern,
+                                skip_missing_media=args.skip_missing_media,
+                                split_lists=_parse_split_lists(args.split_list),
+                                mapping=args.mapping).summary
     elif args.data_command == "prepare":
-      from cart_jax import api
       summary = api.prepare(args.dataset, args.out, limit=args.limit, size=args.size,
                             templates=args.templates, unseen_items=args.unseen_items,
                             overwrite=args.overwrite).summary
     elif args.data_command == "add-captions":
-      from cart_jax.data.captions import add_captions
-      corpus, stats = add_captions(args.corpus, args.captions, replace=args.replace,
-                                   source=args.source)
-      summary = dict(corpus.summary(), **stats)
+      summary = api.add_captions(args.corpus, args.captions, replace=args.replace,
+                                 source=args.source).summary
     elif args.data_command == "merge":
-      import dataclasses
-      from cart_jax.data.merge import merge_corpora
-      corpus, stats = merge_corpora(args.corpora, args.out, embeddings=args.embeddings,
-                                    names=args.names, name=args.name, prefix=args.prefix,
-                                    media_mode=args.media_mode, overwrite=args.overwrite)
-      summary = dict(corpus.summary(), out=str(args.out), **dataclasses.asdict(stats))
+      summary = api.data_merge(args.corpora, args.out, embeddings=args.embeddings,
+                               names=args.names, name=args.name, prefix=args.prefix,
+                               media_mode=args.media_mode, overwrite=args.overwrite).summary
     else:  # info (argparse allows nothing else)
-      from cart_jax.media.image import check_images
-      corpus = load_corpus(args.corpus)
-      decoded = check_images([corpus.media_path(it) for it in corpus.items if it.modality == "image"])
-      leaks = find_leaks(corpus)
-      summary = dict(corpus.summary(), images_decoded=decoded, leaks=len(leaks),
-                     leak_examples=[[a.text, a.split, b.text, b.item_id] for a, b in leaks[:5]])
-      rc = 1 if leaks else 0
+      summary = api.data_info(args.corpus)
+      rc = 1 if summary["leaks"] else 0
   output.emit(args, summary, ensure_ascii=False)
   return rc

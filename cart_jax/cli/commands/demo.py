@@ -8,7 +8,7 @@ video -> ``emoji-motion`` (emoji sprites moving, zooming, rotating, fading). The
 are the image demo's; the audio and video demos run the same five steps with their data set's
 recipe (``DEMO_RECIPE`` in its module: embed steps, identifier shape, gin experiment).
 
-Library: ``cart_jax.api.demo`` (the recipe is ``cart_jax.recipes``: the same library calls as the
+Library: ``cart_jax.recipes.run_demo`` (the same library calls as the
 commands named below). Steps:
   1. prepare the emoji corpus (``cart data prepare emoji``): 3,944 rendered emoji, English
      queries split train/val/test by wording, captions in 13 other languages;
@@ -57,15 +57,15 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
   p.add_argument("--no-templates", action="store_true",
                  help="image: the strict emoji split, without templated training wordings "
                       "('<name> emoji', '<name> icon')")
-  p.add_argument("--unseen-items", type=_unseen_fraction, default=0.0, metavar="F",
+  p.add_argument("--unseen-items", type=output.unseen_fraction, default=0.0, metavar="F",
                  help="image: a share F of the items has no training query, only captions (the "
                       "paper's protocol); CART and the dual tower both train on the captions, and "
                       "recall is also reported on those items' test queries")
   p.add_argument("--captions-only-items", type=_share("--captions-only-items"), default=0.0,
                  metavar="F",
-                 help="audio (data sets with keyword captions): a share F of the items with a test query is known only through "
-                      "keyword captions (tags, file name); both methods train on them, and recall is "
-                      "also reported on those items' test queries")
+                 help="audio (data sets with keyword captions): a share F of the items with a test "
+                      "query is known only through keyword captions (tags, file name); both methods "
+                      "train on them, and recall is also reported on those items' test queries")
   p.add_argument("--textless-items", type=_share("--textless-items"), default=0.0, metavar="F",
                  help="any modality: a share F of the items with a test query has no training text "
                       "at all (their only link is their media); recall is also reported on those "
@@ -93,15 +93,6 @@ def register(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 ITEM_ENCODERS = ("scratch", "pretrained", "efficientnet-lite0", "aisfx")
 
 
-def _unseen_fraction(value: str) -> float:
-  """argparse type of --unseen-items: a share in [0, 1) (as ``cart data prepare`` checks it)."""
-  from cart_jax.data.datasets.emoji import check_unseen_fraction
-  try:
-    return check_unseen_fraction(value)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e).replace("--unseen-items ", "", 1)) from None
-
-
 def _share(flag: str):
   """argparse type of a protocol share in (0, 1)."""
   def parse(value: str) -> float:
@@ -115,14 +106,15 @@ def _share(flag: str):
 
 
 def run(args) -> int:
-  from cart_jax import api, recipes
+  from cart_jax import recipes
   stream = output.text_stream(args)
   log = (lambda m: None) if args.quiet else (lambda m: print(m, file=stream, flush=True))
-  result = api.demo(args.modality, args.workdir, full=args.full, limit=args.limit,
-                    embed_steps=args.embed_steps, train_steps=args.train_steps,
-                    no_templates=args.no_templates, unseen_items=args.unseen_items,
-                    captions_only_items=args.captions_only_items,
-                    textless_items=args.textless_items, no_val=args.no_val,
-                    item_encoder=args.item_encoder, log=log)
+  result = recipes.run_demo(recipes.recipe_for(args.modality, args.full), workdir=args.workdir,
+                            limit=args.limit, embed_steps=args.embed_steps,
+                            train_steps=args.train_steps, no_templates=args.no_templates,
+                            unseen_items=args.unseen_items,
+                            captions_only_items=args.captions_only_items,
+                            textless_items=args.textless_items, no_val=args.no_val,
+                            item_encoder=args.item_encoder, log=log)
   output.emit(args, result.summary, recipes.report(result.summary))
   return 0

@@ -22,7 +22,8 @@ the run at its previous version. A run changed this way is not trained further b
 
 Defaults (measured by benchmarks/incremental.py; README "Adding and removing items"):
 ``--replay-ratio 0.5``; ``--steps`` auto: as many passes over the new texts as the run made over
-its own, at most 18% of its training steps (an add then takes about a fifth of a retraining); ``--lr`` the run's peak learning rate. Library: ``cart_jax.api.index_add``,
+its own, at most 18% of its training steps (an add then takes about a fifth of a retraining);
+``--lr`` the run's peak learning rate. Library: ``cart_jax.api.index_add``,
 ``cart_jax.api.index_remove`` (``cart_jax.train.incremental``).
 """
 from __future__ import annotations

@@ -43,35 +43,11 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def build_info(args) -> dict:
-  from flax import nnx
-
-  from cart_jax.models.cart.config import get_config
-  from cart_jax.models.cart.flops import dual_tower_query_flops, flops_per_query, measured_flops
-  from cart_jax.models.cart.network import CARTNetwork, param_groups
-
-  overrides = {}
-  if args.encoder is not None:
-    overrides["encoder"] = args.encoder
-  if args.fusion is not None:
-    overrides["fusion"] = args.fusion
-  if args.vocab_size is not None:
-    overrides["output_vocab_size"] = args.vocab_size
-  cfg = get_config(args.config, **overrides)
-  for name in ("src_len", "beam", "id_length"):
-    if getattr(args, name) < 1:
-      from cart_jax.core.errors import CartError
-      raise CartError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  abstract = nnx.eval_shape(lambda: CARTNetwork(cfg, rngs=nnx.Rngs(0)))
-  params = param_groups(nnx.state(abstract))
-  flops = flops_per_query(cfg, src_len=args.src_len, beam=args.beam, id_length=args.id_length)
-  info = {"config": args.config, "model_config": cfg.to_dict(), "parameters": params, "flops_per_query": flops,
-          "dual_tower_query_flops": dual_tower_query_flops(src_len=args.src_len, embed_dim=args.embed_dim),
-          "rerank_flops": 2 * args.beam * args.embed_dim}
-  if args.cost_analysis:
-    measured = measured_flops(cfg, src_len=args.src_len, beam=args.beam, id_length=args.id_length)
-    info["xla_cost_analysis_flops"] = measured
-    info["xla_over_analytic"] = measured / flops["total"]
-  return info
+  from cart_jax import api
+  return api.model_info(args.config, encoder=args.encoder, fusion=args.fusion,
+                        vocab_size=args.vocab_size, src_len=args.src_len, beam=args.beam,
+                        id_length=args.id_length, embed_dim=args.embed_dim,
+                        cost_analysis=args.cost_analysis)
 
 
 def run(args) -> int:

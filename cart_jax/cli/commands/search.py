@@ -51,7 +51,7 @@ def run(args) -> int:
   from cart_jax.cli.commands.eval import rerank_weight
   from cart_jax.core.errors import CartError
   from cart_jax.data.corpus import escape_controls
-  from cart_jax.inference.runs import search_job
+  from cart_jax.jobs.search import search_job
   from cart_jax.inference.searcher import ModalityError
 
   try:

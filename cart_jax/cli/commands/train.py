@@ -1,16 +1,16 @@
 """``cart train``: train CART with a gin-configured job (t5x style).
 
-  cart train --gin_file=gin_configs/experiments/emoji_demo.gin --gin.MODEL_DIR=/tmp/cart_emoji
-  cart train --gin_file=gin_configs/experiments/emoji_demo.gin --gin.MODEL_DIR=/tmp/cart_emoji \\
+  cart train --gin-file=gin_configs/experiments/emoji_demo.gin --gin.MODEL_DIR=/tmp/cart_emoji
+  cart train --gin-file=gin_configs/experiments/emoji_demo.gin --gin.MODEL_DIR=/tmp/cart_emoji \\
       --gin.TrainConfig.num_steps=4000 --gin.ModelConfig.fusion="'none'"
 
 The experiment file includes a model (gin_configs/models/) and the train run
 (gin_configs/runs/train.gin) and sets CORPUS_DIR / INDEX_DIR. Running it again on the same
-MODEL_DIR resumes from the newest checkpoint. MODEL_DIR layout: see cart_jax/inference/runs.py
+MODEL_DIR resumes from the newest checkpoint. MODEL_DIR layout: see cart_jax/runs/layout.py
 (run.json, config.gin, index/, checkpoints/, tensorboard/, metrics.jsonl, train_summary.json).
 Multi-host: launched by launch/tpu_vm.sh or launch/multi_gpu.sh, jax.distributed is initialised
 from the environment. ``--json -`` prints the summary alone on stdout (logs go to stderr).
-Library: ``cart_jax.api.train``.
+Library: ``cart_jax.api.train`` (the configs as dataclasses; gin stays here, in the CLI).
 """
 from __future__ import annotations
 
@@ -48,12 +48,12 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-  from cart_jax import api
+  from cart_jax.cli import cli_gin
   from cart_jax.core.errors import CartError
 
   if not args.gin_file:
     raise CartError("--gin-file is required (e.g. gin_configs/experiments/emoji_demo.gin)")
   with output.logs_to_stderr(args):
-    summary = api.train(args.gin_file, args.gin_bindings, progress=not args.quiet)
+    summary = cli_gin.train(args.gin_file, args.gin_bindings, progress=not args.quiet)
   output.emit(args, summary)
   return 0

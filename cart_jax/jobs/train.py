@@ -1,4 +1,4 @@
-"""The training job: trains CART into a MODEL_DIR (layout: :mod:`cart_jax.inference.runs`).
+"""The training job: trains CART into a MODEL_DIR (layout: :mod:`cart_jax.runs.layout`).
 
 No gin here (``cart_jax/cli/cli_gin.py`` makes :func:`train_job` configurable).
 """
@@ -13,8 +13,8 @@ from typing import Callable
 
 from cart_jax.core import paths
 from cart_jax.core.artefacts import output_lock
-from cart_jax.inference.runs import (CHECKPOINT_SUBDIR, CORPUS_FILES, CORPUS_HASHES, INDEX_SUBDIR,
-                                     RUN_FILE, RUN_FORMAT, RUN_VERSION, RunError, corpus_hashes)
+from cart_jax.runs.layout import (CHECKPOINT_SUBDIR, CORPUS_FILES, CORPUS_HASHES, INDEX_SUBDIR,
+                                  RUN_FILE, RUN_FORMAT, RUN_VERSION, RunError, corpus_hashes)
 
 CONFIG_FILE = "config.gin"
 
@@ -122,9 +122,10 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
   from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
   from cart_jax.models.cart.config import with_vocab  # pylint: disable=g-import-not-at-top
   from cart_jax.inference import evaluation, rerank  # pylint: disable=g-import-not-at-top
-  from cart_jax.train import input_pipeline, trainer
+  from cart_jax.jobs.rerank import after_training  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import input_pipeline, trainer  # pylint: disable=g-import-not-at-top
 
-  trainer.maybe_initialize_distributed()
+  partitioning.maybe_initialize_distributed()
   primary = partitioning.is_primary()
   if not primary:
     log = lambda line: None  # noqa: E731  one copy of each line, from process 0
@@ -188,7 +189,8 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
     pseudo, pseudo_summary = [], None
     if (embeddings is not None and input_config.pseudo_queries > 0 and not paths.is_remote(embeddings)
         and input_pipeline.resolve_pipeline(input_config.pipeline) == "numpy"):
-      from cart_jax.train import pseudo_queries, state_cache  # pylint: disable=g-import-not-at-top
+      from cart_jax.jobs import pseudo_queries  # pylint: disable=g-import-not-at-top
+      from cart_jax.train import state_cache  # pylint: disable=g-import-not-at-top
       root = Path(input_config.state_cache_dir) if input_config.state_cache_dir else state_cache.default_root()
       pseudo, pseudo_summary = pseudo_queries.pseudo_queries(
           corpus, index, embeddings, input_config.pseudo_queries,
@@ -208,10 +210,12 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
       elif not validation[0]:
         log(f"no '{train_config.eval_split}' queries: no validation during training")
         validation = None
+    if validation is not None:
+      validation = evaluation.validation(index, *validation, beam_size=train_config.beam_size,
+                                         input_length=input_config.input_length)
     result = trainer.train(model_config=model_config, train_config=train_config, pipeline=pipeline,
                            index=index, checkpoint_dir=model_dir / CHECKPOINT_SUBDIR,
-                           metrics_dir=model_dir, validation=validation,
-                           input_length=input_config.input_length, progress=progress,
+                           metrics_dir=model_dir, validation=validation, progress=progress,
                            stop_after=stop_after, log=log,
                            cache_encoder_states=input_config.cache_encoder_states,
                            state_cache_dir=input_config.state_cache_dir)
@@ -228,7 +232,7 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
             "skipped": "remote MODEL_DIR: build it afterwards with `cart eval --rerank --embeddings` "
                        "on a local copy"}
       else:
-        summary["rerank"] = rerank.after_training(model_dir, embeddings, log=log)  # None w/o embeddings
+        summary["rerank"] = after_training(model_dir, embeddings, log=log)  # None w/o embeddings
     if primary:
       paths.write_json(model_dir / "train_summary.json", summary)
     partitioning.sync("cart-train-done")  # MODEL_DIR is complete when any process returns
