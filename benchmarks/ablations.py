@@ -27,7 +27,7 @@ What one run is (all through ``cart_jax.api``, in-process):
     the identifiers are built by ``api.build_index`` once per IdentifierConfig (the recipe's ``ids``,
     ``smoke_ids`` with --limit, with ``seed=<seed>`` and use_kmeans/use_rqvae per variant) and
     shared by every variant that uses the same one;
-  * ``cli_gin.train`` (``cart train``) of the dataset's experiment (emoji: emoji_cart.gin, instruments:
+  * ``gin_bridge.train`` (``cart train``) of the dataset's experiment (emoji: emoji_cart.gin, instruments:
     instruments_demo.gin, emoji-motion: emoji_motion_demo.gin) with the full recipe's bindings made
     explicit, then the variant's one override, TrainConfig.num_steps/seed, eval_every=0 (no
     validation during training) and checkpoints every 250 steps (keep 1);
@@ -417,7 +417,7 @@ class _Workspace:
 def run_one(ws: _Workspace, args, variant: str, seed: int, extra: list[str], log_file: Path | None) -> dict:
   """Trains and evaluates one (variant, seed); returns its record."""
   from cart_jax import api  # pylint: disable=g-import-not-at-top
-  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top
+  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top
   ids_base = ws.recipe.smoke_ids if args.limit else ws.recipe.ids
   gin_extra, ids_extra = split_extra(extra)
   cfg = dataclasses.replace(ids_base, **ids_extra, seed=seed, **dict(VARIANTS[variant].ids))
@@ -435,7 +435,7 @@ def run_one(ws: _Workspace, args, variant: str, seed: int, extra: list[str], log
   t0 = time.perf_counter()
   done = _train_done(model_dir, args.steps)
   with _quiet_to(log_file):
-    summary = done or cli_gin.train([experiment], bindings, progress=not args.quiet)
+    summary = done or gin_bridge.train([experiment], bindings, progress=not args.quiet)
   train_wall = time.perf_counter() - t0
   evals = {}
   t1 = time.perf_counter()

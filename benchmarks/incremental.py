@@ -436,7 +436,7 @@ class _Workspace:
 
   def train(self, model_dir: Path, corpus_dir: Path, index_dir: Path) -> tuple[dict, float, bool]:
     """CART on ``corpus_dir`` (resumes; reused when finished): (summary, seconds, was done)."""
-    from cart_jax import api  # pylint: disable=g-import-not-at-top
+    from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top  (the demo's gin experiment)
     args = self.args
     done = _train_done(model_dir, args.steps)
     if done is not None:
@@ -446,7 +446,7 @@ class _Workspace:
                 "TrainConfig.eval_every=0", *self.gin_extra]
     t0 = time.perf_counter()
     with self._quiet():
-      summary = api.train([self.recipe.experiment], bindings, progress=not args.quiet)
+      summary = gin_bridge.train([self.recipe.experiment], bindings, progress=not args.quiet)
     return summary, time.perf_counter() - t0, False
 
   def evaluate(self, model_dir: Path, ids: list[str]) -> dict:
@@ -638,7 +638,7 @@ def main(argv=None) -> int:
     ap.error(f"--holdout {args.holdout}: must be in (0, 1)")
   if args.add_steps is not None and args.add_steps < 1:
     ap.error("--add-steps must be >= 1 (trie_only is the 0-step add)")
-  from cart_jax.train.incremental import DEFAULT_REPLAY_RATIO  # pylint: disable=g-import-not-at-top
+  from cart_jax.jobs.index_update import DEFAULT_REPLAY_RATIO  # pylint: disable=g-import-not-at-top
   if args.replay_ratio is None:
     args.replay_ratio = DEFAULT_REPLAY_RATIO
   if not 0.0 < args.replay_ratio < 1.0:

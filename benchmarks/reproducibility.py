@@ -6,7 +6,7 @@
 
 Each setting runs the same pipeline in its own subprocess (fresh XLA thread pools and compile
 caches): item embeddings (``api.embed``) -> identifiers (``api.build_index``) -> CART training
-(``cli_gin.train``, the demo's gin experiment) -> test recall (``api.evaluate``), on a small emoji corpus
+(``gin_bridge.train``, the demo's gin experiment) -> test recall (``api.evaluate``), on a small emoji corpus
 prepared once (``--limit`` emoji; or, with ``--demo``, the whole ``cart demo``). Every artefact is
 hashed: ``E.npy``, the identifier codes, CART's trained parameters, the logged losses, and the
 recall figures, so the report says at which stage two settings part ways.
@@ -69,7 +69,7 @@ def worker(args) -> dict:
   """One setting's pipeline in this process; returns hashes, losses and recall."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cart_jax import api, recipes  # pylint: disable=g-import-not-at-top
-  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top
+  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top
   from cart_jax.data.embeddings import BuiltinEmbedOptions, embedding_files  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   out = Path(args.out)
@@ -89,7 +89,7 @@ def worker(args) -> dict:
            IdentifierConfig(n_clusters=16, num_levels=2, codebook_size=16, rq_steps=100))
     api.build_index(emb.embeddings, index_dir, ids, item_ids=emb.ids)
     model_dir = out / "cart"
-    cli_gin.train([recipes.IMAGE.experiment],
+    gin_bridge.train([recipes.IMAGE.experiment],
               [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{args.corpus}'", f"INDEX_DIR='{index_dir}'",
                f"TrainConfig.num_steps={args.train_steps}",
                f"TrainConfig.log_every={1 if args.tiny else 25}",

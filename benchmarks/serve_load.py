@@ -78,7 +78,7 @@ def ensure_run(args) -> Path:
   if args.model_dir:
     return Path(args.model_dir)
   from cart_jax import api  # pylint: disable=g-import-not-at-top
-  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top
+  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top
   from cart_jax.data.embeddings import BuiltinEmbedOptions, embedding_files  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   work = Path(args.workdir or Path(tempfile.gettempdir()) /
@@ -97,7 +97,7 @@ def ensure_run(args) -> Path:
     api.build_index(emb, index, IdentifierConfig(n_clusters=16, num_levels=2, codebook_size=16,
                                                  rq_steps=200), item_ids=embedding_files(emb).ids)
   _log(f"CART: {args.train_steps} steps (the emoji demo's model: frozen MiniLM + 2-layer decoder)")
-  cli_gin.train([str(ROOT / "gin_configs/experiments/emoji_demo.gin")],
+  gin_bridge.train([str(ROOT / "gin_configs/experiments/emoji_demo.gin")],
             [f"MODEL_DIR='{run}'", f"CORPUS_DIR='{corpus}'", f"INDEX_DIR='{index}'",
              f"EMBEDDINGS='{emb}'", f"TrainConfig.num_steps={args.train_steps}",
              "TrainConfig.checkpoint_every=0"], progress=False)

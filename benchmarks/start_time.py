@@ -59,7 +59,7 @@ def small_run(workdir: Path, *, items: int = 300, steps: int = 30) -> Path:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from cart_jax import api  # pylint: disable=g-import-not-at-top
-  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top
+  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   run = workdir / "run"
   if (run / "train_summary.json").exists():
@@ -78,7 +78,7 @@ def small_run(workdir: Path, *, items: int = 300, steps: int = 30) -> Path:
     api.build_index(workdir / "E.npy", index, IdentifierConfig(n_clusters=16, num_levels=2,
                                                                codebook_size=16, rq_steps=100),
                     item_ids=workdir / "E.ids.txt")
-  cli_gin.train(["gin_configs/experiments/emoji_demo.gin"],
+  gin_bridge.train(["gin_configs/experiments/emoji_demo.gin"],
             [f"MODEL_DIR='{run}'", f"CORPUS_DIR='{corpus}'", f"INDEX_DIR='{index}'",
              f"TrainConfig.num_steps={steps}", f"TrainConfig.checkpoint_every={steps}",
              "TrainConfig.warmup_steps=5", "TrainConfig.log_every=10",

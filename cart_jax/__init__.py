@@ -6,7 +6,7 @@ Importing this package imports nothing heavy. The pipeline as functions a notebo
 Imports run one way, down (docs/architecture.md; tests/test_layering.py checks it)::
 
   core < index, media, partitioning < models < data < runs < train | inference < jobs < serve < api
-       < recipes, cli
+       < gin_bridge < recipes < cli
 
 * ``core/``      errors, atomic artefact writes and hashes, paths, the item-id rule, the training
   loop, checkpoints, the persistent JAX compilation cache.

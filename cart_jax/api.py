@@ -18,7 +18,7 @@
 
 Each function calls the jobs below it (:mod:`cart_jax.jobs`, composing ``data``, ``index``,
 ``train`` and ``inference``) and returns typed values or the JSON-ready dict its command prints. No
-gin here: ``cart train`` reads its configs from gin files (:mod:`cart_jax.cli.cli_gin`) and calls
+gin here: ``cart train`` reads its configs from gin files (:mod:`cart_jax.gin_bridge`) and calls
 :func:`train`; the demo (``cart demo``, :mod:`cart_jax.recipes`) composes these functions. User
 errors raise :class:`cart_jax.core.errors.CartError` (a subclass naming the file/line/field); anything else
 propagates with its traceback. Heavy imports happen inside the functions, so importing this module
@@ -212,11 +212,6 @@ def train(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
     operative_config: text written to ``MODEL_DIR/config.gin`` (``cart train`` passes gin's).
     stop_after: stop (after a checkpoint) once this many steps ran in this call.
   """
-  if isinstance(model_dir, (list, tuple)):
-    # The former ``train(gin_files, bindings)``: benchmarks/incremental.py still calls it (issue 30
-    # moves it to ``cart_jax.cli.cli_gin.train``); then this branch goes.
-    from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top
-    return cli_gin.train(model_dir, corpus_dir or (), progress=progress)
   from cart_jax.jobs.train import train_job  # pylint: disable=g-import-not-at-top
   return train_job(model_dir=str(model_dir), corpus_dir=str(corpus_dir),
                    index_dir=None if index_dir is None else str(index_dir),
@@ -317,12 +312,12 @@ def index_add(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
               embeddings: str | os.PathLike, **options) -> dict:
   """Adds a corpus's items to a trained run without retraining it (``cart index add``).
 
-  Options: :func:`cart_jax.train.incremental.add_items` (``item_ids``, ``steps`` (None: auto, 0:
+  Options: :func:`cart_jax.jobs.index_update.add_items` (``item_ids``, ``steps`` (None: auto, 0:
   identifiers only), ``replay_ratio``, ``balance_tail``, ``learning_rate``, ``batch_size``, ``seed``,
   ``keep_versions``, ``verify``, ``progress``, ``log``). Returns its summary: the run's new
   ``version``, ``added``, ``num_items``, ``fine_tune`` (steps, seconds, last metrics), ``seconds``.
   """
-  from cart_jax.train.incremental import add_items  # pylint: disable=g-import-not-at-top
+  from cart_jax.jobs.index_update import add_items  # pylint: disable=g-import-not-at-top
   return add_items(model_dir, corpus_dir, embeddings, **options)
 
 
@@ -330,10 +325,10 @@ def index_remove(model_dir: str | os.PathLike, ids: str | os.PathLike | Sequence
                  **options) -> dict:
   """Removes items (a file of ids, or the ids) from a trained run (``cart index remove``).
 
-  Options: :func:`cart_jax.train.incremental.remove_items` (``keep_versions``, ``verify``,
+  Options: :func:`cart_jax.jobs.index_update.remove_items` (``keep_versions``, ``verify``,
   ``log``). The items leave search at once; their identifiers are never reused.
   """
-  from cart_jax.train.incremental import remove_items  # pylint: disable=g-import-not-at-top
+  from cart_jax.jobs.index_update import remove_items  # pylint: disable=g-import-not-at-top
   return remove_items(model_dir, ids, **options)
 
 

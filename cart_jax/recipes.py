@@ -149,7 +149,7 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     log: where the stage lines go (default: print to stdout, flushed).
   """
   from cart_jax import api  # pylint: disable=g-import-not-at-top
-  from cart_jax.cli import cli_gin  # pylint: disable=g-import-not-at-top  (the experiment is a gin file)
+  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top  (the experiment is a gin file)
   from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
 
   log = log or (lambda m: print(m, flush=True))
@@ -219,7 +219,7 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     if unseen_items:  # the unseen items are known only through captions
       bindings.append(f"InputConfig.caption_rate={UNSEEN_CAPTION_RATE}")
     with contextlib.redirect_stderr(sys.stdout):
-      train_summary = cli_gin.train([recipe.experiment], bindings, progress=False)
+      train_summary = gin_bridge.train([recipe.experiment], bindings, progress=False)
     print(json.dumps(train_summary, indent=2, default=str))
 
   with stage("eval", "evaluating CART, CART + rerank and the dual tower on the test queries "

@@ -6,7 +6,7 @@ import jax
 import pytest
 from flax import nnx
 
-from cart_jax.cli import cli_gin
+from cart_jax import gin_bridge
 from cart_jax.index.vocab import IdentifierVocab
 from cart_jax.models.cart.config import with_vocab
 from cart_jax.models.cart.network import CARTNetwork
@@ -19,7 +19,7 @@ VOCAB = IdentifierVocab((64, 64, 64, 22))
 
 
 def _build(files, bindings=()):
-  cli_gin.parse([str(f) for f in files], list(bindings))
+  gin_bridge.parse([str(f) for f in files], list(bindings))
   made = {name: gin.get_configurable(name)() for name in ("ModelConfig", "TrainConfig", "InputConfig")}
   made["macros"] = {m: gin.query_parameter(f"%{m}") for m in ("MODEL_DIR", "CORPUS_DIR", "INDEX_DIR")}
   try:
@@ -60,9 +60,9 @@ def test_runs_and_models_parse():
   for m in MODELS:
     made = _build([m, ROOT / "runs" / "train.gin"])
     assert made["ModelConfig"].d_model >= 32
-  cli_gin.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split='val'"])
+  gin_bridge.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split='val'"])
   # batch_size None: the searcher picks the device's default (64 per CPU device, 1024 per GPU/TPU).
-  assert cli_gin.eval_config() == cli_gin.EvalConfig(split="val", beam_size=10, batch_size=None)
+  assert gin_bridge.eval_config() == gin_bridge.EvalConfig(split="val", beam_size=10, batch_size=None)
 
 
 def test_ablations_change_one_thing_each():
@@ -87,12 +87,12 @@ def test_ablations_change_one_thing_each():
 
 def test_bad_binding_is_a_clear_error():
   with pytest.raises(ValueError, match="NAME=VALUE"):
-    cli_gin.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split"])
+    gin_bridge.parse([str(ROOT / "runs" / "eval.gin")], ["EvalConfig.split"])
 
 
 def test_includes_resolve_from_any_directory_without_error_logs(tmp_path, monkeypatch, caplog):
   monkeypatch.chdir(tmp_path)  # outside the repository: includes are found under REPO_ROOT
-  assert (cli_gin.REPO_ROOT / "gin_configs").is_dir()
+  assert (gin_bridge.REPO_ROOT / "gin_configs").is_dir()
   with caplog.at_level("INFO"):
     made = _build([ROOT / "experiments" / "emoji_demo.gin"], ["MODEL_DIR=/tmp/x"])
   assert made["TrainConfig"].num_steps >= 1000
@@ -101,9 +101,9 @@ def test_includes_resolve_from_any_directory_without_error_logs(tmp_path, monkey
 
 def test_run_train_without_model_dir_is_a_one_line_user_error():
   from cart_jax.core.errors import CartError
-  cli_gin.parse([str(ROOT / "experiments" / "emoji_demo.gin")], [])
+  gin_bridge.parse([str(ROOT / "experiments" / "emoji_demo.gin")], [])
   with pytest.raises(CartError, match=r"^MODEL_DIR is not set: pass --gin.MODEL_DIR=DIR"):
-    cli_gin.run_train(progress=False)
+    gin_bridge.run_train(progress=False)
 
 
 def test_written_config_holds_the_resolved_values():
@@ -115,7 +115,7 @@ def test_written_config_holds_the_resolved_values():
                                                           "fusion": "both"}}
   out = jobs.resolve_config(text, summary)
   assert "1314" not in out and "MODEL_DIR = 'run'" not in out
-  cli_gin.register()
+  gin_bridge.register()
   gin.clear_config()
   gin.parse_config(out, skip_unknown=True)
   assert gin.query_parameter("%MODEL_DIR") == "/abs/run" and gin.query_parameter("%INDEX_DIR") is None

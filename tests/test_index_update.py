@@ -1,4 +1,4 @@
-"""``cart index add`` / ``cart index remove`` (cart_jax/train/incremental.py, issue 16).
+"""``cart index add`` / ``cart index remove`` (cart_jax/jobs/index_update.py, cart_jax/train/fine_tune.py).
 
 One tiny run is trained once (20 of 24 emoji, a 16-wide decoder over the frozen MiniLM, 4 steps);
 the other 4 emoji are the corpus to add. Every test changes a hard-linked copy of that run (the
@@ -23,7 +23,8 @@ from cart_jax.cli.main import main as cart
 from cart_jax.data.corpus import load_corpus, write_corpus
 from cart_jax.index.identifiers import IdentifierConfig, build_index, load_index
 from cart_jax.index.vocab import IdentifierVocab
-from cart_jax.train import incremental
+from cart_jax.jobs import index_update
+from cart_jax.train import fine_tune
 from test_paths import gcs  # noqa: F401  (the in-memory gs:// fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def test_add_keeps_every_identifier_and_makes_the_new_items_searchable(world, ad
 def test_add_distills_from_the_run_before_and_gives_the_new_items_their_corpus_prior(world, added):
   run, s = added
   ft = s["fine_tune"]
-  assert ft["distill"] == incremental.DEFAULT_DISTILL > 0
+  assert ft["distill"] == index_update.DEFAULT_DISTILL > 0
   assert all("distill_kl" in m and m["distill_kl"] >= 0 for m in ft["history"])
   # auto prior: the new texts' share of the corpus (log-odds) minus their share of a batch (4 of 8)
   share = ft["new_texts"] / (ft["new_texts"] + ft["old_texts"])
@@ -201,18 +202,18 @@ def test_add_distills_from_the_run_before_and_gives_the_new_items_their_corpus_p
 
 def test_new_item_log_prior():
   # 20% of the corpus's texts are new, the fine-tune showed them in half of every batch
-  assert incremental.new_item_log_prior("auto", 100, 64, 128, 200, 800) == pytest.approx(
+  assert fine_tune.new_item_log_prior("auto", 100, 64, 128, 200, 800) == pytest.approx(
       np.log(0.25) - np.log(1.0))
   # a fine-tune no more new-heavy than the corpus: no offset; no training: none either
-  assert incremental.new_item_log_prior("auto", 100, 16, 128, 200, 800) == 0.0
-  assert incremental.new_item_log_prior("auto", 0, 64, 128, 200, 800) == 0.0
-  assert incremental.new_item_log_prior("none", 100, 64, 128, 200, 800) == 0.0
-  assert incremental.new_item_log_prior(-0.5, 100, 64, 128, 200, 800) == -0.5
-  assert incremental.new_item_log_prior("auto", 100, 128, 128, 200, 0) == 0.0  # nothing old
+  assert fine_tune.new_item_log_prior("auto", 100, 16, 128, 200, 800) == 0.0
+  assert fine_tune.new_item_log_prior("auto", 0, 64, 128, 200, 800) == 0.0
+  assert fine_tune.new_item_log_prior("none", 100, 64, 128, 200, 800) == 0.0
+  assert fine_tune.new_item_log_prior(-0.5, 100, 64, 128, 200, 800) == -0.5
+  assert fine_tune.new_item_log_prior("auto", 100, 128, 128, 200, 0) == 0.0  # nothing old
   for bad in ("sometimes", 0.5, float("nan")):
-    with pytest.raises(incremental.IndexUpdateError, match="--new-item-prior"):
-      incremental._check_prior(bad)
-  assert incremental._check_prior("-1.5") == -1.5
+    with pytest.raises(index_update.IndexUpdateError, match="--new-item-prior"):
+      index_update._check_prior(bad)
+  assert index_update._check_prior("-1.5") == -1.5
 
 
 @needs_minilm
@@ -369,7 +370,7 @@ def test_bad_adds_and_removes_exit_2_and_change_nothing(world, capsys):
 
 @needs_minilm
 def test_failure_or_kill_during_add_leaves_the_previous_version_and_add_again_works(world, capsys):
-  from cart_jax.inference.runs import load_run
+  from cart_jax.runs.restore import load_run
   run = _copy(world, "killed")
   before = _tree_hash(run)
 
@@ -378,19 +379,20 @@ def test_failure_or_kill_during_add_leaves_the_previous_version_and_add_again_wo
     raise RuntimeError("injected failure before the switch")
 
   with pytest.raises(RuntimeError, match="injected"):
-    incremental.add_items(run, world.new, world.new_emb, steps=0, progress=False,
+    index_update.add_items(run, world.new, world.new_emb, steps=0, progress=False,
                           log=lambda m: None, _before_switch=fail)
   assert _tree_hash(run) == before  # everything as it was, not even an empty versions/
   # A real kill (SIGKILL, no cleanup runs) while the new version is being written.
   child = textwrap.dedent(f"""
       import os, signal
-      from cart_jax.train import incremental
-      real = incremental._save_checkpoint
+      from cart_jax.jobs import index_update
+from cart_jax.train import fine_tune
+      real = index_update._save_checkpoint
       def killed(*a, **k):
         real(*a, **k)
         os.kill(os.getpid(), signal.SIGKILL)
-      incremental._save_checkpoint = killed
-      incremental.add_items({str(run)!r}, {str(world.new)!r}, {str(world.new_emb)!r}, steps=0,
+      index_update._save_checkpoint = killed
+      index_update.add_items({str(run)!r}, {str(world.new)!r}, {str(world.new_emb)!r}, steps=0,
                             progress=False)
       """)
   proc = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, timeout=300,
@@ -421,10 +423,10 @@ def test_add_and_remove_on_a_gs_model_dir(world, gcs, monkeypatch, tmp_path):
   searches at each version. Orbax's array reads and writes go through tensorstore's own GCS driver,
   which the in-memory bucket cannot serve (``test_paths``): here they go through a local copy."""
   from cart_jax.core import paths
-  from cart_jax.inference.runs import load_run
-  from cart_jax.train import trainer
-  restore = trainer.restore_for_inference
-  save = incremental._save_checkpoint
+  from cart_jax.runs.restore import load_run
+  from cart_jax.runs import restore as run_restore
+  restore = run_restore.restore_for_inference
+  save = index_update._save_checkpoint
 
   def restore_via_local(model_config, checkpoint_dir, *a, **k):
     if paths.is_remote(checkpoint_dir):
@@ -436,8 +438,8 @@ def test_add_and_remove_on_a_gs_model_dir(world, gcs, monkeypatch, tmp_path):
     save(local, step, *a)
     paths.copy_tree(local / str(step), os.fspath(directory) + f"/{step}", last="manifest.sha256.json")
 
-  monkeypatch.setattr(trainer, "restore_for_inference", restore_via_local)
-  monkeypatch.setattr(incremental, "_save_checkpoint", save_via_local)
+  monkeypatch.setattr(run_restore, "restore_for_inference", restore_via_local)
+  monkeypatch.setattr(index_update, "_save_checkpoint", save_via_local)
   remote = "gs://bucket/run"
   paths.copy_tree(world.run, remote, last="run.json")
   cwd = Path.cwd()
@@ -504,7 +506,7 @@ def test_grow_output_vocab_appends_counter_tokens_and_keeps_the_rest():
   rs = np.random.RandomState(0)
   params = {"decoder_embedder": {"embedding": rs.randn(old.vocab_size, 6)},
             "logits_dense": {"kernel": rs.randn(6, old.vocab_size)}, "other": {"w": rs.randn(2)}}
-  out, grew = incremental.grow_output_vocab(params, old, new)
+  out, grew = fine_tune.grow_output_vocab(params, old, new)
   assert grew == 3 and new.vocab_size == old.vocab_size + 3
   emb, ker = out["decoder_embedder"]["embedding"], out["logits_dense"]["kernel"]
   assert emb.shape == (new.vocab_size, 6) and ker.shape == (6, new.vocab_size)
@@ -513,22 +515,22 @@ def test_grow_output_vocab_appends_counter_tokens_and_keeps_the_rest():
   lo = int(old.offsets[-1])  # the counter tokens: the last of the vocabulary
   np.testing.assert_allclose(emb[old.vocab_size:], np.repeat(emb[lo:old.vocab_size].mean(0)[None], 3, 0))
   assert out["other"] is params["other"] and params["decoder_embedder"]["embedding"].shape[0] == old.vocab_size
-  assert incremental.grow_output_vocab(params, old, old) == (params, 0)
+  assert fine_tune.grow_output_vocab(params, old, old) == (params, 0)
   with pytest.raises(ValueError, match="only the counter level"):
-    incremental.grow_output_vocab(params, old, IdentifierVocab((4, 4, 2)))
+    fine_tune.grow_output_vocab(params, old, IdentifierVocab((4, 4, 2)))
 
 
 def test_replay_batches_mix_by_ratio_and_are_deterministic_by_step():
   new = (np.arange(6)[:, None].repeat(3, 1) + 100, np.full((6, 2), 5))
   old = (np.arange(50)[:, None].repeat(3, 1) + 200, np.full((50, 2), 7))
-  b = incremental.ReplayBatches(new, old, batch_size=8, replay_ratio=0.25, seed=0)
+  b = fine_tune.ReplayBatches(new, old, batch_size=8, replay_ratio=0.25, seed=0)
   assert (b.num_new, b.num_old) == (6, 2)
   x = b.batch_at(3)
   assert (x["decoder_target_tokens"][:6] == 5).all() and (x["decoder_target_tokens"][6:] == 7).all()
   assert sorted(x["encoder_input_tokens"][:6, 0].tolist()) == list(range(100, 106))  # one epoch
-  again = incremental.ReplayBatches(new, old, batch_size=8, replay_ratio=0.25, seed=0)
+  again = fine_tune.ReplayBatches(new, old, batch_size=8, replay_ratio=0.25, seed=0)
   np.testing.assert_array_equal(again.batch_at(3)["encoder_input_tokens"], x["encoder_input_tokens"])
-  only_new = incremental.ReplayBatches(new, None, batch_size=8, replay_ratio=0.5, seed=0)
+  only_new = fine_tune.ReplayBatches(new, None, batch_size=8, replay_ratio=0.5, seed=0)
   assert (only_new.num_new, only_new.num_old) == (8, 0)
   assert b.token_rows().shape == (56, 3)
 
@@ -536,7 +538,7 @@ def test_replay_batches_mix_by_ratio_and_are_deterministic_by_step():
 def test_balanced_tail_switches_the_mix_and_shows_each_old_text_once():
   new = (np.arange(6)[:, None].repeat(3, 1) + 100, np.full((6, 2), 5))
   old = (np.arange(40)[:, None].repeat(3, 1) + 200, np.full((40, 2), 7))
-  b = incremental.ReplayBatches(new, old, batch_size=8, replay_ratio=0.5, seed=0, tail_from=3,
+  b = fine_tune.ReplayBatches(new, old, batch_size=8, replay_ratio=0.5, seed=0, tail_from=3,
                                 tail_num_old=6)
   olds, news = [], []
   for step in range(5):  # 3 head steps of 4 old + 4 new, then 2 tail steps of 6 old + 2 new
@@ -548,16 +550,16 @@ def test_balanced_tail_switches_the_mix_and_shows_each_old_text_once():
   assert len(olds) == 3 * 4 + 2 * 6 == len(set(olds))  # 24 of 40 old texts, none twice
   assert len(news) == 3 * 4 + 2 * 2 and sorted(news[:6]) == list(range(100, 106))  # epochs continue
   with pytest.raises(ValueError, match="tail_num_old"):
-    incremental.ReplayBatches(new, old, batch_size=8, replay_ratio=0.5, seed=0, tail_from=1,
+    fine_tune.ReplayBatches(new, old, batch_size=8, replay_ratio=0.5, seed=0, tail_from=1,
                               tail_num_old=8)
 
 
 def test_auto_steps():
   # The emoji demo: 1,000 steps of 128 over 7,642 texts; adding ~1,530 texts, half of each batch.
-  assert incremental.auto_steps(1000, 128, 7642, 1530, 64) == 180  # capped at 18% of the run
-  assert incremental.auto_steps(1000, 128, 7642, 300, 64) == 79
-  assert incremental.auto_steps(1000, 128, 7642, 2, 64) == 20  # at least 20
-  assert incremental.auto_steps(4, 8, 40, 16, 4) == 1  # a tiny run: 18% of 4 steps, at least 1
+  assert fine_tune.auto_steps(1000, 128, 7642, 1530, 64) == 180  # capped at 18% of the run
+  assert fine_tune.auto_steps(1000, 128, 7642, 300, 64) == 79
+  assert fine_tune.auto_steps(1000, 128, 7642, 2, 64) == 20  # at least 20
+  assert fine_tune.auto_steps(4, 8, 40, 16, 4) == 1  # a tiny run: 18% of 4 steps, at least 1
 
 
 def test_reranker_rows_follow_the_index(tmp_path):
@@ -570,15 +572,15 @@ def test_reranker_rows_follow_the_index(tmp_path):
   r = rerank.Reranker(items=items, kernel=rs.randn(384, 3), bias=np.zeros(3), weight=2.0,
                       item_ids_sha256=rerank.ids_fingerprint(["a", "b", "c", "d"]))
   rerank.save(r, run)
-  out, note = incremental._reranker_for(run, ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"],
+  out, note = index_update._reranker_for(run, ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"],
                                         add_rows=np.asarray([[3.0, 0.0, 4.0]]), log=lambda m: None)
   assert note == "extended" and out.weight == 2.0 and out.n_items == 5
   np.testing.assert_allclose(out.items[4], [0.6, 0.0, 0.8])
   assert out.item_ids_sha256 == rerank.ids_fingerprint(["a", "b", "c", "d", "e"])
-  out, note = incremental._reranker_for(run, ["a", "b", "c", "d"], ["a", "c"],
+  out, note = index_update._reranker_for(run, ["a", "b", "c", "d"], ["a", "c"],
                                         keep_rows=np.asarray([True, False, True, False]))
   np.testing.assert_array_equal(out.items, items[[0, 2]])
-  out, note = incremental._reranker_for(run, ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"],
+  out, note = index_update._reranker_for(run, ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"],
                                         add_rows=np.ones((1, 5)), log=lambda m: None)
   assert out is None and "dimension 5" in note
   # A run switched to a version reads that version's re-ranker (absent: the usual message).

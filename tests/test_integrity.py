@@ -394,12 +394,12 @@ def _rewrite_params(run: Path, edit) -> None:
   """Replaces the newest checkpoint of ``run`` by one whose params ``edit`` changed (a fresh,
   manifest-verified save: what a diverged training, or a corrupt file saved as is, looks like)."""
   from cart_jax.runs.restore import load_run
-  from cart_jax.train import incremental
+  from cart_jax.jobs import index_update
   r = load_run(run, need_corpus=False)
   params = jax.tree.map(np.array, r.params)  # writable host copies
   edit(params)
   shutil.rmtree(run / "checkpoints")
-  incremental._save_checkpoint(run / "checkpoints", r.step, params, r.frozen, {})
+  index_update._save_checkpoint(run / "checkpoints", r.step, params, r.frozen, {})
 
 
 def test_non_finite_parameters_are_named_at_load(tiny, capsys):

@@ -299,7 +299,7 @@ def test_index_add_on_two_processes_matches_one_process(tmp_path):
   0 writes the version and switches ``run.json``) gives the run the same add in one process gives."""
   from cart_jax.data.corpus import load_corpus, write_corpus
   from cart_jax.index.identifiers import IdentifierConfig, build_index, load_index
-  from cart_jax.inference.runs import load_run
+  from cart_jax.runs.restore import load_run
 
   corpus, _ = _corpus(tmp_path)
   full = load_corpus(corpus)

@@ -334,7 +334,7 @@ def test_train_on_a_model_dir_being_written(tmp_path, capsys):
   holder = _hold("lock", model_dir)
   try:
     assert main(argv) == 2
-    # one line: gin's "In call to configurable 'train_job'" suffix is stripped (cli_gin.run_train)
+    # one line: gin's "In call to configurable 'train_job'" suffix is stripped (gin_bridge.run_train)
     err = capsys.readouterr().err
     assert re.fullmatch(rf"cart train: error: {re.escape(str(model_dir))} is being written by pid "
                         rf"{holder.pid} \(since [-0-9: ]+\); wait for it or remove "

@@ -16,7 +16,7 @@
 The corpus itself is not copied (media can be large): ``run.json`` points at it by absolute
 path and records the SHA-256 of the files a run reads of it (``corpus_sha256``: ``corpus.json``,
 ``items.jsonl``, ``texts.jsonl``), as ``meta.json`` records the index's. After ``cart index add``
-/ ``cart index remove`` (:mod:`cart_jax.train.incremental`), ``run.json`` also names
+/ ``cart index remove`` (:mod:`cart_jax.jobs.index_update`), ``run.json`` also names
 ``checkpoint_dir``, ``rerank_dir`` and ``corpus_sources``, and ``index_dir``,
 ``checkpoint_dir``, ``rerank_dir`` and ``corpus_dir`` point into ``versions/<n>/``; every path
 relative to MODEL_DIR must stay inside it. A second ``cart train`` on the same MODEL_DIR

@@ -37,7 +37,7 @@ import numpy as np
 
 from cart_jax.core.errors import ConfigError
 from cart_jax.index.vocab import PAD_ID, START_ID
-from cart_jax.models.text.tokenizer import encode_texts  # noqa: F401  (train/incremental.py imports it from here until issue 30)
+from cart_jax.models.text.tokenizer import encode_texts
 
 PIPELINES = ("auto", "numpy", "seqio")
 

@@ -140,10 +140,10 @@ def _gin_eval_config(args) -> dict:
     return {}
   import dataclasses
 
-  from cart_jax.cli import cli_gin
+  from cart_jax import gin_bridge
   from cart_jax.core.errors import CartError
   try:
-    cli_gin.parse(args.gin_file, args.gin_bindings)
+    gin_bridge.parse(args.gin_file, args.gin_bindings)
   except (ValueError, OSError) as e:  # gin reports a bad file or binding as these
     raise CartError(f"gin: {e}") from None
-  return dataclasses.asdict(cli_gin.eval_config())
+  return dataclasses.asdict(gin_bridge.eval_config())

@@ -20,11 +20,11 @@ Each change writes a new version of the run (``MODEL_DIR/versions/<n>/``: index,
 checkpoint, re-ranker) and switches ``run.json`` to it only once it is complete: a kill leaves
 the run at its previous version. A run changed this way is not trained further by ``cart train``.
 
-Defaults (measured by benchmarks/incremental.py; README "Adding and removing items"):
+Defaults (measured by benchmarks/incremental.py; docs/incremental.md):
 ``--replay-ratio 0.5``; ``--steps`` auto: as many passes over the new texts as the run made over
 its own, at most 18% of its training steps (an add then takes about a fifth of a retraining);
 ``--lr`` the run's peak learning rate. Library: ``cart_jax.api.index_add``,
-``cart_jax.api.index_remove`` (``cart_jax.train.incremental``).
+``cart_jax.api.index_remove`` (``cart_jax.jobs.index_update``).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from cart_jax.cli.commands import float_in, int_at_least, positive_float
 
 def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   from cart_jax.cli.commands.eval import add_model_dir_flag  # pylint: disable=g-import-not-at-top
-  from cart_jax.train import incremental  # pylint: disable=g-import-not-at-top  (no jax import)
+  from cart_jax.jobs import index_update as incremental  # pylint: disable=g-import-not-at-top  (no jax import)
   p = subparsers.add_parser(name, help=help_text, description=__doc__,
                             formatter_class=output.HelpFormatter)
   sub = p.add_subparsers(dest="index_command", metavar="ACTION")
@@ -59,7 +59,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="share of the fine-tune's last steps whose batches hold old and new texts "
                         "in the corpus's own proportion: keeps more of the old items' recall, "
                         "finds fewer new ones (default "
-                        f"{incremental.DEFAULT_BALANCE_TAIL}; README: Adding and removing items)")
+                        f"{incremental.DEFAULT_BALANCE_TAIL}; docs/incremental.md)")
   add.add_argument("--distill", type=float_in(0.0), default=incremental.DEFAULT_DISTILL,
                    help="weight of the distillation from the run before the add on the replayed "
                         "old texts (its whole output distribution as a target; 0: none; default "

@@ -48,12 +48,12 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-  from cart_jax.cli import cli_gin
+  from cart_jax import gin_bridge
   from cart_jax.core.errors import CartError
 
   if not args.gin_file:
     raise CartError("--gin-file is required (e.g. gin_configs/experiments/emoji_demo.gin)")
   with output.logs_to_stderr(args):
-    summary = cli_gin.train(args.gin_file, args.gin_bindings, progress=not args.quiet)
+    summary = gin_bridge.train(args.gin_file, args.gin_bindings, progress=not args.quiet)
   output.emit(args, summary)
   return 0
