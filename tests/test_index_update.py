@@ -25,7 +25,6 @@ from cart_jax.index.identifiers import IdentifierConfig, build_index, load_index
 from cart_jax.index.vocab import IdentifierVocab
 from cart_jax.jobs import index_update
 from cart_jax.train import fine_tune
-from test_paths import gcs  # noqa: F401  (the in-memory gs:// fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 N_NEW = 4

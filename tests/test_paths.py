@@ -2,7 +2,7 @@
 
 ``etils.epath`` reads ``gs://`` through fsspec when TensorFlow's gfile is not used
 (``EPATH_USE_TF=false``); here fsspec's ``gcs`` protocol is an in-memory file system
-(:class:`FakeGCS`, offline), so everything cart-jax itself reads and writes under a ``gs://``
+(``FakeGCS`` in ``conftest.py``, offline), so everything cart-jax itself reads and writes under a ``gs://``
 MODEL_DIR runs for real: run.json / config.gin writes, the index copy and reading it back,
 metrics.jsonl (rewritten whole: object stores cannot append) and a resume's truncation,
 checkpoint manifests and their verification. Not covered (needs a bucket or a GCS emulator):
@@ -11,55 +11,12 @@ orbax's array writes, which go through tensorstore's own GCS driver, and TensorB
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
-import fsspec  # noqa: F401  (loads fsspec.registry, whose table the fixture patches)
 import numpy as np
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from cart_jax.core import paths
-
-
-class FakeGCS(MemoryFileSystem):
-  """``gs://bucket/key`` in memory (its own store, not the ``memory://`` one)."""
-  protocol = ("gs", "gcs")
-  store: dict = {}
-  pseudo_dirs = [""]
-
-  def __init__(self, *args, finalize_on_close=None, **kwargs):  # epath passes finalize_on_close
-    del finalize_on_close
-    super().__init__(*args, **kwargs)
-
-  @classmethod
-  def _strip_protocol(cls, path):
-    path = os.fspath(path)
-    for prefix in ("gs://", "gcs://"):
-      path = path.removeprefix(prefix)
-    path = path.strip("/")
-    return "/" + path if path else ""
-
-
-@pytest.fixture
-def gcs(monkeypatch):
-  """A fresh fake bucket ``gs://bucket``; yields the store (key -> file)."""
-  from etils.epath import backend, gpath
-  monkeypatch.setenv("EPATH_USE_TF", "false")
-  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access  (cached per process)
-  registry = sys.modules["fsspec.registry"]._registry  # pylint: disable=protected-access
-  for name in ("gcs", "gs"):  # put back whatever was registered when the test ends
-    monkeypatch.setitem(registry, name, FakeGCS)
-  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-  FakeGCS.store.clear()
-  FakeGCS.pseudo_dirs[:] = [""]
-  monkeypatch.setattr(paths, "_STAGED", {})
-  yield FakeGCS.store
-  FakeGCS.store.clear()
-  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-  monkeypatch.delenv("EPATH_USE_TF")
-  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
 
 
 def test_remote_paths_are_not_made_local():
