@@ -21,6 +21,8 @@ import pytest
 
 from tiny_runs import free_port
 
+pytestmark = pytest.mark.integration  # trains or loads a real CART run (still in `make test`)
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 QUERY = "grinning face"

@@ -14,6 +14,8 @@ import pytest
 
 from cart_jax.core import compile_cache
 
+pytestmark = pytest.mark.integration  # trains or loads a real CART run (still in `make test`)
+
 # Runs `cart search` through the console entry point in this fresh process and prints the cache's
 # counts for it and the search program's entries.
 SCRIPT = """
