@@ -1,13 +1,15 @@
-"""What the benchmark drivers (ablations.py, incremental.py) share: gin-binding parsing, timestamped
-log lines, the load average, short config hashes, --quiet redirection and "is this run trained?"."""
+"""What the benchmark drivers (ablations.py, incremental.py, ...) share: gin-binding parsing,
+timestamped log lines, the load average, repeated timings, short config hashes, --quiet redirection
+and "is this run trained?"."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
+
+from cart_jax.core.machine import load_average  # noqa: F401  (the drivers import it from here)
 
 
 def split_binding(b: str) -> tuple[str, str]:
@@ -21,11 +23,14 @@ def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def load_average() -> float | None:
-  try:
-    return round(os.getloadavg()[0], 2)
-  except OSError:
-    return None
+def repeat_seconds(fn, reps: int) -> list[float]:
+  """Wall seconds of ``reps`` calls of ``fn()``, one by one, sorted."""
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return sorted(times)
 
 
 def short_hash(obj) -> str:

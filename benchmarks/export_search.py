@@ -36,17 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/export_search.py` from a checkout
   sys.path.insert(0, str(ROOT))
 
-from benchmarks.driver_common import load_average, log  # noqa: E402
+from benchmarks.driver_common import load_average, log, repeat_seconds  # noqa: E402
 from benchmarks.start_time import small_run  # noqa: E402
 
 
 def _timed(fn, reps: int) -> dict:
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  times.sort()
+  times = repeat_seconds(fn, reps)
   return {"median_ms": round(1e3 * statistics.median(times), 3),
           "p90_ms": round(1e3 * times[min(len(times) - 1, int(0.9 * len(times)))], 3),
           "min_ms": round(1e3 * times[0], 3), "reps": reps}

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from driver_common import load_average, log  # noqa: E402  pylint: disable=g-import-not-at-top
+from driver_common import load_average, log, repeat_seconds  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _images(n: int) -> np.ndarray:
@@ -52,12 +52,7 @@ def _waves(n: int, root: Path) -> list[Path]:
 
 
 def _time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(repeat_seconds(fn, repeats))
 
 
 def bench(name: str, n: int, repeats: int, work: Path) -> dict:

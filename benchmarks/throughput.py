@@ -801,6 +801,16 @@ LABELS = {"cart": "CART", "cart_rerank": "CART + rerank", "dual_jax": "exact (JA
           "faiss_flat": "FAISS flat", "faiss_ivf": "FAISS IVF (nprobe 8)"}
 
 
+def _over_n(ax, ylabel: str, title: str) -> None:
+  """A log-log panel over the number of candidates N."""
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("candidates N")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+
+
 def plot(report: dict, path: str) -> None:
   """Three panels: q/s vs N; resident memory vs N; (with a real corpus) R@10 vs q/s at the largest N."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -823,12 +833,7 @@ def plot(report: dict, path: str) -> None:
     if pts:
       ax.plot(*zip(*pts), "D--", color="tab:olive",
               label=f"FAISS IVF at R@10 of CART + rerank (nprobe/nlist {matched['fraction']:.2f}), batch {sb}")
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlabel("candidates N")
-  ax.set_ylabel("queries / s (token ids in -> top-10 rows out)")
-  ax.set_title("throughput", fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
+  _over_n(ax, "queries / s (token ids in -> top-10 rows out)", "throughput")
   ax.legend(fontsize=6, ncol=2, loc="lower left")
   ax = axes[1]
   for method in METHODS:
@@ -840,12 +845,7 @@ def plot(report: dict, path: str) -> None:
     ax.annotate(f"dual tower at N = {n:,}:\nthe matrix does not fit", (n, 2600), fontsize=6.5, ha="right")
   ax.axhline(2048, color="k", lw=0.8, ls="--")
   ax.text(1_000, 2100, "2 GB", fontsize=7)
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlabel("candidates N")
-  ax.set_ylabel("process resident memory, MB (after the timed calls)")
-  ax.set_title("memory", fontsize=9)
-  ax.grid(True, which="both", alpha=0.3)
+  _over_n(ax, "process resident memory, MB (after the timed calls)", "memory")
   ax.legend(fontsize=7)
   if quality:
     ax = axes[2]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cart_jax.core.errors import CartError
+from cart_jax.core.machine import cpu_seconds, load_average
 from cart_jax.data.embeddings import BuiltinEmbedOptions
 from cart_jax.index.identifiers import IdentifierConfig
 
@@ -149,7 +150,6 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     log: where the stage lines go (default: print to stdout, flushed).
   """
   from cart_jax import api  # pylint: disable=g-import-not-at-top
-  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top  (the experiment is a gin file)
   from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
 
   log = log or (lambda m: print(m, flush=True))
@@ -157,22 +157,9 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow, if a step imports it, stays quiet
   if (no_templates or unseen_items) and recipe.modality != "image":
     raise CartError("--no-templates and --unseen-items are emoji (--modality image) splits")
-  embed = recipe.embed
   protocol = _protocol(recipe, captions_only_items, textless_items, no_val, unseen_items)
-  if captions_only_items:
-    embed = dataclasses.replace(embed, captions=True)  # the dual tower sees the keyword captions too
-  if unseen_items:
-    from cart_jax.data.datasets.emoji import check_unseen_fraction  # pylint: disable=g-import-not-at-top
-    try:
-      check_unseen_fraction(unseen_items)
-    except ValueError as e:
-      raise CartError(str(e)) from None
-    embed = dataclasses.replace(embed, captions=True)
-  if item_encoder is not None:
-    from cart_jax.models.pretrained import encoders  # pylint: disable=g-import-not-at-top
-    embed = dataclasses.replace(embed, item_encoder=encoders.resolve(item_encoder, recipe.modality))
-  if embed_steps:  # the steps of whichever item side trains: the tower or the head
-    embed = dataclasses.replace(embed, steps=embed_steps, head_steps=embed_steps)
+  embed = _embed_options(recipe, captions_only_items=captions_only_items, unseen_items=unseen_items,
+                         item_encoder=item_encoder, embed_steps=embed_steps)
   tag = "" if embed.item_encoder == "scratch" else "_" + embed.item_encoder.replace("-", "_")
   ids = recipe.smoke_ids if limit else recipe.ids
   work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"cart-demo-{recipe.modality}-"))
@@ -190,13 +177,8 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
 
   with stage("prepare", f"preparing the {dataset} corpus (cart data prepare {dataset})"):
     if not (corpus_dir / "corpus.json").exists():
-      prepared = api.prepare(dataset, corpus_dir, limit=limit, templates=not no_templates,
-                             unseen_items=unseen_items)
-      print(json.dumps(prepared.summary, indent=2, ensure_ascii=False, default=str))
-      for name, share in protocol:
-        from cart_jax.data import protocols  # pylint: disable=g-import-not-at-top
-        keywords = getattr(importlib.import_module(_DATASET_MODULES[dataset]), "keyword_captions", None)
-        print(json.dumps(protocols.apply_protocol(corpus_dir, name, share, keywords), indent=2))
+      _prepare(dataset, corpus_dir, limit=limit, no_templates=no_templates, unseen_items=unseen_items,
+               protocol=protocol)
 
   encoder_note = "" if not tag else f" on frozen {embed.item_encoder} features"
   with stage("embed", f"training the item encoder{encoder_note}, {embed.training_steps()} steps "
@@ -212,38 +194,15 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
       print(json.dumps(built.stats, indent=2, default=str))
 
   with stage("train", f"training CART ({recipe.experiment})"):
-    bindings = [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{corpus_dir}'", f"INDEX_DIR='{index_dir}'",
-                f"EMBEDDINGS='{emb.embeddings}'", "train_job.embeddings=%EMBEDDINGS"]  # -> MODEL_DIR/rerank/
-    if train_steps:
-      bindings.append(f"TrainConfig.num_steps={train_steps}")
-    if unseen_items:  # the unseen items are known only through captions
-      bindings.append(f"InputConfig.caption_rate={UNSEEN_CAPTION_RATE}")
-    with contextlib.redirect_stderr(sys.stdout):
-      train_summary = gin_bridge.train([recipe.experiment], bindings, progress=False)
-    print(json.dumps(train_summary, indent=2, default=str))
+    train_summary = _train(recipe.experiment, model_dir, corpus_dir, index_dir, emb.embeddings,
+                           train_steps=train_steps, unseen_items=unseen_items)
 
   with stage("eval", "evaluating CART, CART + rerank and the dual tower on the test queries "
                      "(cart eval --rerank, cart baseline)"):
-    from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
-    from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
-    from cart_jax.jobs.evaluate import eval_job  # pylint: disable=g-import-not-at-top
-    from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
-    loaded = load_run(model_dir)
-    has_rerank = rerank.exists(model_dir)
-    cart = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank)
-    print(json.dumps(cart, indent=2))
-    base = api.baseline(emb.embeddings, corpus_dir, split="test")
-    print(json.dumps(base, indent=2))
-    unseen = None
     ids_file = corpus_dir / ("unseen_items.txt" if unseen_items else "affected_items.txt")
-    if (unseen_items or captions_only_items or textless_items) and ids_file.exists() \
-        and ids_file.read_text(encoding="utf-8").strip():
-      # the same three methods on the unseen items' test queries only
-      cart_u = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank,
-                        items=read_item_ids(ids_file, loaded.corpus))
-      base_u = api.baseline(emb.embeddings, corpus_dir, split="test", items=ids_file)
-      unseen = _three_rows(cart_u, base_u)
-    example = _worked_example(loaded)
+    if not (unseen_items or captions_only_items or textless_items):
+      ids_file = None
+    cart, base, cart_u, unseen, example = _evaluate(model_dir, corpus_dir, emb.embeddings, ids_file)
 
   if cart["num_queries"] != base["num_queries"]:
     raise CartError(f"CART scored {cart['num_queries']} test queries, the baseline {base['num_queries']}")
@@ -261,7 +220,7 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
       "item_encoder": embed.item_encoder, "index_stats": _index_stats(index_dir),
       "modality": recipe.modality, "dataset": dataset, "items": recipe.items,
       "workdir": str(work), "model_dir": str(model_dir), "example": example,
-      "cpu_seconds": _cpu_seconds(), "machine": {"cpus": os.cpu_count(), "load_avg_1m": _load()},
+      "cpu_seconds": cpu_seconds(), "machine": {"cpus": os.cpu_count(), "load_avg_1m": load_average()},
       "no_templates": bool(no_templates), "unseen_items": unseen_items,
   }
   if protocol:
@@ -275,6 +234,83 @@ def run_demo(recipe: DemoRecipe, *, workdir: str | os.PathLike | None = None,
     summary["affected"] = {**unseen, "n_test_queries": cart_u["num_queries"],
                            "what": "captions-only" if captions_only_items else "textless"}
   return DemoResult(summary)
+
+
+def _prepare(dataset: str, corpus_dir: Path, *, limit: int | None, no_templates: bool,
+             unseen_items: float, protocol: list[tuple[str, float]]) -> None:
+  """The demo's prepare stage: the built-in corpus, then its protocols; summaries printed."""
+  from cart_jax import api  # pylint: disable=g-import-not-at-top
+  prepared = api.prepare(dataset, corpus_dir, limit=limit, templates=not no_templates,
+                         unseen_items=unseen_items)
+  print(json.dumps(prepared.summary, indent=2, ensure_ascii=False, default=str))
+  for name, share in protocol:
+    from cart_jax.data import protocols  # pylint: disable=g-import-not-at-top
+    keywords = getattr(importlib.import_module(_DATASET_MODULES[dataset]), "keyword_captions", None)
+    print(json.dumps(protocols.apply_protocol(corpus_dir, name, share, keywords), indent=2))
+
+
+def _train(experiment: str, model_dir: Path, corpus_dir: Path, index_dir: Path, embeddings: Path, *,
+           train_steps: int | None, unseen_items: float) -> dict:
+  """The demo's train stage: ``cart train`` of the recipe's gin experiment (its re-ranker from
+  ``embeddings``); the summary, also printed."""
+  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top  (the experiment is a gin file)
+  bindings = [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{corpus_dir}'", f"INDEX_DIR='{index_dir}'",
+              f"EMBEDDINGS='{embeddings}'", "train_job.embeddings=%EMBEDDINGS"]  # -> MODEL_DIR/rerank/
+  if train_steps:
+    bindings.append(f"TrainConfig.num_steps={train_steps}")
+  if unseen_items:  # the unseen items are known only through captions
+    bindings.append(f"InputConfig.caption_rate={UNSEEN_CAPTION_RATE}")
+  with contextlib.redirect_stderr(sys.stdout):
+    train_summary = gin_bridge.train([experiment], bindings, progress=False)
+  print(json.dumps(train_summary, indent=2, default=str))
+  return train_summary
+
+
+def _embed_options(recipe: DemoRecipe, *, captions_only_items: float, unseen_items: float,
+                   item_encoder: str | None, embed_steps: int | None):
+  """The recipe's item-encoder options (``BuiltinEmbedOptions``) with the demo's flags applied."""
+  embed = recipe.embed
+  if captions_only_items:
+    embed = dataclasses.replace(embed, captions=True)  # the dual tower sees the keyword captions too
+  if unseen_items:
+    from cart_jax.data.datasets.emoji import check_unseen_fraction  # pylint: disable=g-import-not-at-top
+    try:
+      check_unseen_fraction(unseen_items)
+    except ValueError as e:
+      raise CartError(str(e)) from None
+    embed = dataclasses.replace(embed, captions=True)
+  if item_encoder is not None:
+    from cart_jax.models.pretrained import encoders  # pylint: disable=g-import-not-at-top
+    embed = dataclasses.replace(embed, item_encoder=encoders.resolve(item_encoder, recipe.modality))
+  if embed_steps:  # the steps of whichever item side trains: the tower or the head
+    embed = dataclasses.replace(embed, steps=embed_steps, head_steps=embed_steps)
+  return embed
+
+
+def _evaluate(model_dir: Path, corpus_dir: Path, embeddings: Path, ids_file: Path | None):
+  """The demo's eval stage: CART (+ rerank when the run has a re-ranker) and the dual tower on the
+  test queries, printed; with ``ids_file`` (unseen or affected items, when it lists any) the same
+  three methods on those items' test queries only. Returns ``(cart, base, cart on the items,
+  three rows on the items, worked example)``; the item entries are None without them."""
+  from cart_jax import api  # pylint: disable=g-import-not-at-top
+  from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+  from cart_jax.jobs.evaluate import eval_job  # pylint: disable=g-import-not-at-top
+  from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
+  loaded = load_run(model_dir)
+  has_rerank = rerank.exists(model_dir)
+  cart = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank)
+  print(json.dumps(cart, indent=2))
+  base = api.baseline(embeddings, corpus_dir, split="test")
+  print(json.dumps(base, indent=2))
+  cart_u = unseen = None
+  if ids_file is not None and ids_file.exists() and ids_file.read_text(encoding="utf-8").strip():
+    # the same three methods on the unseen items' test queries only
+    cart_u = eval_job(str(model_dir), split="test", loaded=loaded, rerank=has_rerank,
+                      items=read_item_ids(ids_file, loaded.corpus))
+    base_u = api.baseline(embeddings, corpus_dir, split="test", items=ids_file)
+    unseen = _three_rows(cart_u, base_u)
+  return cart, base, cart_u, unseen, _worked_example(loaded)
 
 
 _DATASET_MODULES = {"emoji": "cart_jax.data.datasets.emoji",
@@ -319,18 +355,6 @@ def _three_rows(cart: dict, base: dict) -> dict:
   return {"cart": {k: cart[k] for k in keys},
           "cart_rerank": None if rr is None else {k: rr[k] for k in keys + ("weight",)},
           "dual_tower": {k: base[k] for k in keys}}
-
-
-def _cpu_seconds() -> float:
-  t = os.times()
-  return round(t.user + t.system + t.children_user + t.children_system, 1)
-
-
-def _load() -> float | None:
-  try:
-    return round(os.getloadavg()[0], 2)
-  except OSError:
-    return None
 
 
 def _worked_example(loaded) -> dict:

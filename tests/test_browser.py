@@ -1,7 +1,7 @@
 """The search page of ``cart serve`` in a real browser: Debian's headless Chromium through Selenium.
 
 The server (``api.make_server``: load, compile, uvicorn) runs in a thread on a free port over the
-tiny run of tests/serve_run.py. The browser loads ``/``, types a query, submits it and waits; the
+session's ``served_run`` (tests/tiny_runs.py). The browser loads ``/``, types a query, submits it and waits; the
 result cards must carry the ids of the library's search for that query, in order, with their
 identifiers and scores, and the first thumbnail must have loaded (``naturalWidth > 0``: the image
 came through ``/media``). A screenshot goes to the test's temporary directory (and to
@@ -19,7 +19,9 @@ import time
 
 import pytest
 
-from serve_run import free_port, tiny_run
+from tiny_runs import free_port
+
+pytestmark = pytest.mark.integration  # trains or loads a real CART run (still in `make test`)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -47,11 +49,11 @@ def _browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(served_run):
   pytest.importorskip("uvicorn")
   from cart_jax import api
   from cart_jax.serve import ServeConfig
-  t = tiny_run()
+  t = served_run
   port = free_port()
   srv = api.make_server(t.run, ServeConfig(port=port, max_batch=4, batch_sizes=(1,)),
                         log=lambda s: None)

@@ -19,6 +19,8 @@ from cart_jax.jobs import train as jobs
 from cart_jax.train.input_pipeline import InputConfig
 from cart_jax.train.trainer import TrainConfig
 
+pytestmark = pytest.mark.integration  # trains or loads a real CART run (still in `make test`)
+
 N_ITEMS = 96
 
 

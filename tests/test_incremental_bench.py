@@ -5,33 +5,21 @@ Numbers are not judged (4 steps of a 16-wide decoder): only that every variant r
 exist, the held-back items are unseen by the item encoder and get the encode-only rows, the plot is
 a PNG, and a second invocation runs nothing.
 """
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import TINY_DRIVER_BINDINGS, TINY_DRIVER_ID_BINDINGS, extra_bindings, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "incremental.py"
 
 
-def _driver():
-  spec = importlib.util.spec_from_file_location("incremental_bench", SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = mod  # its dataclasses look their module up there
-  spec.loader.exec_module(mod)
-  return mod
+inc = load_script("incremental_bench", SCRIPT)
 
-
-inc = _driver()
-
-TINY = ["ModelConfig.d_model=16", "ModelConfig.d_ff=16", "ModelConfig.num_heads=2",
-        "ModelConfig.head_dim=8", "ModelConfig.num_decoder_layers=1", "InputConfig.batch_size=8",
-        "InputConfig.input_length=16", "TrainConfig.warmup_steps=1", "TrainConfig.log_every=1",
-        "IdentifierConfig.rq_steps=10", "IdentifierConfig.rq_latent_dim=8",
-        "IdentifierConfig.rq_hidden_dims=(16,)"]
+TINY = [*TINY_DRIVER_BINDINGS, *TINY_DRIVER_ID_BINDINGS]
 
 
 def _have_minilm() -> bool:
@@ -52,8 +40,7 @@ def test_all_variants_run_then_resume_skips_them(tmp_path, capsys):
   out = tmp_path / "incr.json"
   argv = ["--dataset", "emoji", "--limit", "30", "--steps", "4", "--embed-steps", "2",
           "--add-steps", "3", "--workdir", str(tmp_path / "work"), "--json", str(out), "--quiet"]
-  for b in TINY:
-    argv += ["--extra-binding", b]
+  argv += extra_bindings(TINY)
   assert inc.main(argv) == 0
   report = json.loads(out.read_text())
   assert report["format"] == "cart-incremental"

@@ -19,6 +19,8 @@ from cart_jax.core.artefacts import sha256_file
 from cart_jax.core import checkpointing
 from cart_jax.core.checkpointing import MANIFEST, CheckpointIntegrityError, Checkpointer
 
+pytestmark = pytest.mark.integration  # trains or loads a real CART run (still in `make test`)
+
 
 def _train_argv(run: Path, corpus: Path, index: Path, *extra: str) -> list[str]:
   return ["train", "--gin-file", "gin_configs/models/tiny.gin", "--gin-file", "gin_configs/runs/train.gin",

@@ -330,6 +330,7 @@ def test_query_embedding_needs_a_minilm_encoder():
 
 # ---------------------------------------------------------------------------------------
 # A tiny trained run: train_job builds the re-ranker (EMBEDDINGS), eval/search --rerank use it.
+# The session's ``served_run`` (tests/tiny_runs.py); embed_and_index serves test_protocols.py.
 
 
 @needs_minilm
@@ -343,24 +344,15 @@ def embed_and_index(corpus, emb, index):
               "--rq-steps", "10", "--rq-latent-dim", "8", "--quiet") == 0
 
 
-def test_tiny_run_trains_tunes_and_evaluates_with_rerank(tmp_path, capsys):
+@pytest.mark.integration
+def test_tiny_run_trains_tunes_and_evaluates_with_rerank(served_run, copy_run, tmp_path, capsys):
+  # The session's MiniLM run (tests/tiny_runs.py): its training tuned the re-ranker; this test
+  # removes rerank/ further down, so it works on a copy.
   from test_e2e_cli import cart
-  corpus, emb, index, run = tmp_path / "corpus", tmp_path / "emb" / "e.npy", tmp_path / "index", tmp_path / "run"
-  assert cart("data", "prepare", "emoji", "--out", str(corpus), "--limit", "24") == 0
-  embed_and_index(corpus, emb, index)
-  gin = ["--gin_file=gin_configs/experiments/emoji_demo.gin", f"--gin.MODEL_DIR={run}",
-         f"--gin.CORPUS_DIR={corpus}", f"--gin.INDEX_DIR={index}", "--gin.ModelConfig.encoder='minilm'",
-         "--gin.ModelConfig.freeze_encoder=True", "--gin.ModelConfig.d_model=16",
-         "--gin.ModelConfig.d_ff=16", "--gin.ModelConfig.num_heads=2", "--gin.ModelConfig.head_dim=8",
-         "--gin.ModelConfig.num_decoder_layers=1", "--gin.InputConfig.batch_size=8",
-         "--gin.InputConfig.input_length=16", "--gin.TrainConfig.warmup_steps=1",
-         "--gin.TrainConfig.eval_every=0", "--gin.TrainConfig.log_every=1",
-         f"--gin.EMBEDDINGS='{emb}'", "--gin.train_job.embeddings=%EMBEDDINGS"]
-  capsys.readouterr()
-  assert cart("train", *gin, "--gin.TrainConfig.num_steps=2", "--no-progress",
-              "--json", str(tmp_path / "t.json")) == 0
-  t = json.loads((tmp_path / "t.json").read_text())
-  assert t["step"] == 2
+  from tiny_runs import SERVED_STEPS
+  emb, run = served_run.emb, copy_run(served_run.run)
+  t = json.loads((run / "train_summary.json").read_text())
+  assert t["step"] == SERVED_STEPS
   tr = t["rerank"]
   assert tr["split"] == "val" and tr["num_queries"] > 0
   assert set(tr["val_r@1"]) == {rerank.weight_label(w) for w in rerank.DEFAULT_GRID}

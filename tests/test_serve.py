@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 from urllib.parse import quote
@@ -29,14 +30,17 @@ with warnings.catch_warnings():  # Starlette >= 1.0 prefers httpx2; httpx (decla
 from cart_jax import api  # pylint: disable=g-import-not-at-top
 from cart_jax.serve import ServeConfig, SearchEngine, ServeError, compiled_batch_sizes  # pylint: disable=g-import-not-at-top
 from cart_jax.serve.app import create_app  # pylint: disable=g-import-not-at-top
-from serve_run import REPO, free_port, tiny_run  # pylint: disable=g-import-not-at-top
+from tiny_runs import REPO, free_port  # pylint: disable=g-import-not-at-top
 
 QUERIES = ["grinning face", "smiling cat", "red heart", "thumbs up", "a dog"]
 
 
+pytestmark = pytest.mark.integration
+
+
 @pytest.fixture(scope="module")
-def world():
-  t = tiny_run()
+def world(served_run):
+  t = types.SimpleNamespace(**vars(served_run))  # the session's run; this module adds its engine
   engine = SearchEngine.from_run(t.run, batch_sizes=(1, 4), log=lambda s: None)
   engine.warm_up(log=lambda s: None)
   t.engine = engine

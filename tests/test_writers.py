@@ -5,6 +5,7 @@ output another process is writing.
 Helper processes are plain Python (no JAX) except the two `cart build-ids` runs.
 """
 import collections
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -289,6 +290,31 @@ _SLOW_BUILD = textwrap.dedent("""
 """)
 
 
+@contextlib.contextmanager
+def _slow_build(tmp_path, argv):
+  """``cart ARGV`` in a subprocess, paused inside its output's atomic block (it holds the lock)
+  until the ``with`` block ends; then it finishes, and must succeed."""
+  ready, go = tmp_path / "ready", tmp_path / "go"
+  first = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(ready), str(go), *argv], env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for _ in range(1200):
+      if ready.exists() or first.poll() is not None:
+        break
+      time.sleep(0.05)
+    assert ready.exists(), first.communicate()
+    yield first
+  finally:
+    go.write_text("")
+    _, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err
+
+
+def _cart(argv) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "cart_jax.cli.main", *argv], env=ENV,
+                        capture_output=True, text=True, timeout=300)
+
+
 def test_two_build_ids_to_one_out(tmp_path):
   """The second `cart build-ids` while the first is writing --out: exit 2 naming its pid; the
   first then completes. (The first is paused deterministically inside its write.)"""
@@ -297,45 +323,36 @@ def test_two_build_ids_to_one_out(tmp_path):
   np.save(emb, structured_embeddings(60, 8, n_topics=4, n_subtopics=2))
   args = ["build-ids", "--embeddings", str(emb), "--out", str(out), "--clusters", "3", "--levels",
           "1", "--codebook-size", "4", "--no-rqvae", "--quiet"]  # --no-rqvae: the faster build
-  ready, go = tmp_path / "ready", tmp_path / "go"
-  first = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(ready), str(go), *args], env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    for _ in range(1200):
-      if ready.exists() or first.poll() is not None:
-        break
-      time.sleep(0.05)
-    assert ready.exists(), first.communicate()
-    second = subprocess.run([sys.executable, "-m", "cart_jax.cli.main", *args], env=ENV,
-                            capture_output=True, text=True, timeout=300)
+  with _slow_build(tmp_path, args) as first:
+    second = _cart(args)
     assert second.returncode == 2, second.stderr
     assert re.fullmatch(rf"cart build-ids: error: {re.escape(str(out))} is being written by pid "
                         rf"{first.pid} \(since [-0-9: ]+\); wait for it or remove "
                         rf"{re.escape(str(tmp_path / '.ix.lock'))} if that process is gone\n",
                         second.stderr), second.stderr
     assert not out.exists()  # the refused writer wrote nothing
-  finally:
-    go.write_text("")
-    _, err = first.communicate(timeout=300)
-  assert first.returncode == 0, err
   meta = json.loads((out / "meta.json").read_text())
   assert meta["n_items"] == 60 and np.load(out / "codes.npy").shape == (60, meta["id_length"])
   assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "go", "ix", "ready"]
 
 
+def _train_error(capsys, model_dir, corpus, tmp_path) -> str:
+  """`cart train` of the emoji demo into ``model_dir``, which must fail (exit 2); its stderr."""
+  from cart_jax.cli.main import main
+  assert main(["train", "--gin-file", str(REPO / "gin_configs/experiments/emoji_demo.gin"),
+               f"--gin.MODEL_DIR={model_dir}", f"--gin.CORPUS_DIR={corpus}",
+               f"--gin.INDEX_DIR={tmp_path / 'index'}", "--no-progress"]) == 2
+  return capsys.readouterr().err
+
+
 def test_train_on_a_model_dir_being_written(tmp_path, capsys):
   """`cart train` on a MODEL_DIR another process holds: exit 2 naming that pid, before reading
   the corpus or writing anything; once the holder is killed, the lock is taken over."""
-  from cart_jax.cli.main import main
   model_dir, corpus = tmp_path / "run", tmp_path / "no_corpus"
-  argv = ["train", "--gin-file", str(REPO / "gin_configs/experiments/emoji_demo.gin"),
-          f"--gin.MODEL_DIR={model_dir}", f"--gin.CORPUS_DIR={corpus}",
-          f"--gin.INDEX_DIR={tmp_path / 'index'}", "--no-progress"]
   holder = _hold("lock", model_dir)
   try:
-    assert main(argv) == 2
     # one line: gin's "In call to configurable 'train_job'" suffix is stripped (gin_bridge.run_train)
-    err = capsys.readouterr().err
+    err = _train_error(capsys, model_dir, corpus, tmp_path)
     assert re.fullmatch(rf"cart train: error: {re.escape(str(model_dir))} is being written by pid "
                         rf"{holder.pid} \(since [-0-9: ]+\); wait for it or remove "
                         rf"{re.escape(str(tmp_path / '.run.lock'))} if that process is gone\n", err), err
@@ -343,8 +360,7 @@ def test_train_on_a_model_dir_being_written(tmp_path, capsys):
   finally:
     _kill(holder)
   assert (tmp_path / ".run.lock").exists()  # the killed holder's
-  assert main(argv) == 2  # now past the lock: the missing corpus is the error
-  err = capsys.readouterr().err
+  err = _train_error(capsys, model_dir, corpus, tmp_path)  # now past the lock: the missing corpus
   assert "being written" not in err and str(corpus) in err, err
   assert not (tmp_path / ".run.lock").exists()  # released on the way out
 
@@ -404,27 +420,12 @@ def test_build_ids_into_a_link_beside_a_build_into_its_target(tmp_path):
             "--no-rqvae", "--quiet"]
   out.mkdir()
   link.symlink_to(out)
-  ready, go = tmp_path / "ready", tmp_path / "go"
-  first = subprocess.Popen([sys.executable, "-c", _SLOW_BUILD, str(ready), str(go), "build-ids",
-                            "--out", str(out), *common], env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    for _ in range(1200):
-      if ready.exists() or first.poll() is not None:
-        break
-      time.sleep(0.05)
-    assert ready.exists(), first.communicate()
-    second = subprocess.run([sys.executable, "-m", "cart_jax.cli.main", "build-ids", "--out",
-                             str(link), *common], env=ENV, capture_output=True, text=True,
-                            timeout=300)
+  with _slow_build(tmp_path, ["build-ids", "--out", str(out), *common]) as first:
+    second = _cart(["build-ids", "--out", str(link), *common])
     assert second.returncode == 2, second.stderr
     assert second.stderr.startswith(f"cart build-ids: error: {link} is being written by pid "
                                      f"{first.pid} (since "), second.stderr
     assert second.stderr.count("\n") == 1, second.stderr
-  finally:
-    go.write_text("")
-    _, err = first.communicate(timeout=300)
-  assert first.returncode == 0, err
   assert link.is_symlink() and (link / "meta.json").is_file()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "go", "ix", "link", "ready"]
 
@@ -433,17 +434,12 @@ def test_train_through_a_link_to_a_model_dir_being_written(tmp_path, capsys):
   """`cart train` with MODEL_DIR a link to a directory another process holds: exit 2 naming
   that pid. Before: the lock was ``.link.lock`` and two trainings wrote one MODEL_DIR (checkpoint
   60 twice, step 60 twice in metrics.jsonl)."""
-  from cart_jax.cli.main import main
   model_dir, link, corpus = tmp_path / "run", tmp_path / "link", tmp_path / "no_corpus"
   model_dir.mkdir()
   link.symlink_to(model_dir)
-  argv = ["train", "--gin-file", str(REPO / "gin_configs/experiments/emoji_demo.gin"),
-          f"--gin.MODEL_DIR={link}", f"--gin.CORPUS_DIR={corpus}",
-          f"--gin.INDEX_DIR={tmp_path / 'index'}", "--no-progress"]
   holder = _hold("lock", model_dir)
   try:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
+    err = _train_error(capsys, link, corpus, tmp_path)
     assert re.fullmatch(rf"cart train: error: {re.escape(str(link))} is being written by pid "
                         rf"{holder.pid} \(since [-0-9: ]+\) \(real path {re.escape(str(model_dir))}\); "
                         rf"wait for it or remove {re.escape(str(tmp_path / '.run.lock'))} if that "

@@ -381,6 +381,19 @@ def _check_item(item: Item, where: str, root: Path | None, check_media: bool,
                               f"under {root}")
 
 
+def read_json_file(path: Path):
+  """The JSON document in ``path`` (UTF-8, a BOM allowed); a CorpusFormatError naming the file
+  (and line) when it cannot be read or parsed."""
+  try:
+    return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+  except json.JSONDecodeError as e:
+    raise CorpusFormatError(json_error(f"{path}:{e.lineno}", e, one_line=False)) from None
+  except UnicodeDecodeError as e:
+    raise CorpusFormatError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+  except OSError as e:
+    raise CorpusFormatError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpus:
   """Reads and validates a corpus directory.
 
@@ -397,14 +410,7 @@ def load_corpus(directory: str | os.PathLike, check_media: bool = True) -> Corpu
   meta_path = root / CORPUS_FILE
   if not meta_path.is_file():
     raise CorpusFormatError(f"{meta_path}: missing (not a corpus directory?)")
-  try:
-    meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
-  except json.JSONDecodeError as e:
-    raise CorpusFormatError(json_error(f"{meta_path}:{e.lineno}", e, one_line=False)) from None
-  except UnicodeDecodeError as e:
-    raise CorpusFormatError(f"{meta_path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-  except OSError as e:
-    raise CorpusFormatError(f"{meta_path}: cannot read ({e.strerror or e})") from None
+  meta = read_json_file(meta_path)
   if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
     raise CorpusFormatError(f"{meta_path}: field 'format' must be {FORMAT_NAME!r}")
   if meta.get("version") != FORMAT_VERSION or isinstance(meta.get("version"), bool):

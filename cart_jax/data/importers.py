@@ -36,14 +36,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
 import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from cart_jax.data.corpus import (BOM, MEDIA_DIR, Corpus, CorpusFormatError, Item, Text,
-                                  check_item_id, json_error, write_corpus)
+                                  check_item_id, read_json_file, write_corpus)
 
 
 @dataclasses.dataclass
@@ -123,18 +122,6 @@ class _Collector:
     return ImportResult(name, self.modality, items, texts, sources, meta, skipped)
 
 
-def _load_json(path: Path):
-  try:
-    with open(path, encoding="utf-8-sig") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CorpusFormatError(json_error(f"{path}:{e.lineno}", e, one_line=False)) from None
-  except UnicodeDecodeError as e:
-    raise CorpusFormatError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-  except OSError as e:
-    raise CorpusFormatError(f"{path}: cannot read ({e.strerror})") from None
-
-
 def _need(rec, key: str, where: str):
   if not isinstance(rec, dict):
     raise CorpusFormatError(f"{where}: expected an object, found {type(rec).__name__}")
@@ -194,7 +181,7 @@ def import_karpathy(sources: Sequence[Path], media_root: Path, *, name: str | No
   col = _Collector("image", media_root)
   found_name = None
   for path in sources:
-    data = _load_json(path)
+    data = read_json_file(path)
     images = _need(data, "images", str(path))
     if not isinstance(images, list):
       raise CorpusFormatError(f"{path}: field 'images' must be a list")
@@ -301,7 +288,7 @@ def import_msrvtt(sources: Sequence[Path], media_root: Path, *, name: str | None
   pattern = media_pattern or "{video_id}.mp4"
   col = _Collector("video", media_root)
   split_of: dict[str, str] = {}
-  datas = [(p, _load_json(p)) for p in sources]
+  datas = [(p, read_json_file(p)) for p in sources]
   for path, data in datas:  # all videos first: a test file may hold sentences only for itself
     videos = _need(data, "videos", str(path))
     for i, v in enumerate(videos):

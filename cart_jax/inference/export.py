@@ -70,27 +70,17 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
     ``{"out", "model_dir", "step", "batch_size", "input_length", "n_results", "beam_size",
     "n_items", "platforms", "program_bytes", "arguments_bytes", "total_bytes", "seconds"}``.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-
   from cart_jax.core.artefacts import atomic_directory, output_lock, sha256_file  # pylint: disable=g-import-not-at-top
   from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
   from cart_jax.inference.searcher import searcher_for_run  # pylint: disable=g-import-not-at-top
   from cart_jax.models.text.tokenizer import minilm_tokenizer  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ExportOptionsError(f"--batch-size {batch_size}: must be an integer >= 1")
-  if not isinstance(k, int) or k < 1:
-    raise ExportOptionsError(f"-k {k}: must be an integer >= 1")
-  if beam is not None and (not isinstance(beam, int) or beam < k):
-    raise ExportOptionsError(f"--beam {beam}: must be an integer >= -k ({k})")
+  _check_options(batch_size, k, beam)
   explicit_platforms = bool(platforms)
   platforms = _platforms(platforms)
   out = Path(out)
-  if out.exists() and not overwrite:
-    raise ExportOptionsError(f"--out {out} already exists (pass --overwrite to replace it)")
-  if out.exists() and not (out / fmt.MANIFEST).is_file():
-    raise ExportOptionsError(f"--out {out} exists and is not a cart export: not replacing it")
+  _check_out(out, overwrite)
 
   r = load_run(model_dir, step, verify=verify)
   n_items = r.index.n_items
@@ -99,6 +89,61 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
     k = n_items
   beam = min(beam or max(k, 10), max(n_items, k))
   searcher = searcher_for_run(r, beam_size=beam, n_results=k, batch_size=batch_size)
+
+  log(f"exporting the search of {r.model_dir} (step {r.step}): batch {batch_size}, k {k}, "
+      f"beam {beam}, {n_items} items, for {', '.join(platforms)}")
+  exp, host = _lower(r, searcher, batch_size, k, platforms, explicit_platforms)
+  program_bytes = exp.serialize()
+
+  tok = minilm_tokenizer()
+  modalities = _item_modalities(r)
+  arg_specs = [{"name": f"a{i:05d}", "shape": list(a.shape), "dtype": str(a.dtype)}
+               for i, a in enumerate(host)]
+  with output_lock(out):
+    with atomic_directory(out) as tmp:
+      (tmp / fmt.PROGRAM).write_bytes(program_bytes)
+      # bfloat16 (not a NumPy dtype) is stored as raw bytes; the manifest names the dtype
+      np.savez(tmp / fmt.ARGUMENTS, **{s["name"]: a for s, a in zip(arg_specs, host)})
+      np.savez(tmp / fmt.INDEX, codes=np.asarray(r.index.codes, np.int32))
+      items = {"item_ids": list(r.index.item_ids)}
+      if modalities is not None:
+        items["modalities"] = modalities
+      (tmp / fmt.ITEMS).write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
+      (tmp / fmt.VOCAB).write_text("".join(t + "\n" for t in tok.inv_vocab), encoding="utf-8")
+      manifest = _manifest(r, exp, tok, arg_specs, batch_size=batch_size, k=k, beam=beam,
+                           files={name: sha256_file(tmp / name) for name in fmt.FILES})
+      (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+      (tmp / fmt.MANIFEST_HASH).write_text(f"{sha256_file(tmp / fmt.MANIFEST)}  {fmt.MANIFEST}\n",
+                                           encoding="utf-8")
+      sizes = {name: (tmp / name).stat().st_size
+               for name in (*fmt.FILES, fmt.MANIFEST, fmt.MANIFEST_HASH)}
+  return {"out": str(out), "model_dir": str(r.model_dir), "step": r.step, "batch_size": batch_size,
+          "input_length": r.input_length, "n_results": k, "beam_size": beam, "n_items": n_items,
+          "platforms": list(exp.platforms), "program_bytes": sizes[fmt.PROGRAM],
+          "arguments_bytes": sizes[fmt.ARGUMENTS], "total_bytes": sum(sizes.values()),
+          "seconds": time.perf_counter() - t0}
+
+
+def _check_options(batch_size, k, beam) -> None:
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ExportOptionsError(f"--batch-size {batch_size}: must be an integer >= 1")
+  if not isinstance(k, int) or k < 1:
+    raise ExportOptionsError(f"-k {k}: must be an integer >= 1")
+  if beam is not None and (not isinstance(beam, int) or beam < k):
+    raise ExportOptionsError(f"--beam {beam}: must be an integer >= -k ({k})")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+  if out.exists() and not overwrite:
+    raise ExportOptionsError(f"--out {out} already exists (pass --overwrite to replace it)")
+  if out.exists() and not (out / fmt.MANIFEST).is_file():
+    raise ExportOptionsError(f"--out {out} exists and is not a cart export: not replacing it")
+
+
+def _lower(r, searcher, batch_size: int, k: int, platforms: tuple[str, ...], explicit_platforms: bool):
+  """``(exported program, its host arguments)``: the searcher's own jitted search over token ids
+  int32 [batch_size, input_length], lowered for ``platforms`` by ``jax.export``."""
+  import jax  # pylint: disable=g-import-not-at-top
 
   # The program's inputs after the token ids: the network's arrays, then the trie's.
   tree = (r.params, r.frozen, searcher.trie)
@@ -116,8 +161,6 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
 
   specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in host]
   specs.append(jax.ShapeDtypeStruct((batch_size, r.input_length), np.int32))
-  log(f"exporting the search of {r.model_dir} (step {r.step}): batch {batch_size}, k {k}, "
-      f"beam {beam}, {n_items} items, for {', '.join(platforms)}")
   try:
     exp = jax.export.export(jax.jit(program), platforms=platforms)(*specs)
   except (NotImplementedError, ValueError) as e:
@@ -125,54 +168,37 @@ def export_run(model_dir: str | os.PathLike, out: str | os.PathLike, *, batch_si
       raise
     raise ExportOptionsError(f"--platforms {','.join(platforms)}: cannot lower the search for "
                              f"them here ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-  program_bytes = exp.serialize()
+  return exp, host
 
-  tok = minilm_tokenizer()
-  modalities = None
-  if r.corpus is not None:
-    modalities = [r.corpus.item_modality(i) if i in r.corpus else None for i in r.index.item_ids]
-    if any(m is None for m in modalities):
-      modalities = None
-  arg_specs = [{"name": f"a{i:05d}", "shape": list(a.shape), "dtype": str(a.dtype)}
-               for i, a in enumerate(host)]
-  with output_lock(out):
-    with atomic_directory(out) as tmp:
-      (tmp / fmt.PROGRAM).write_bytes(program_bytes)
-      # bfloat16 (not a NumPy dtype) is stored as raw bytes; the manifest names the dtype
-      np.savez(tmp / fmt.ARGUMENTS, **{s["name"]: a for s, a in zip(arg_specs, host)})
-      np.savez(tmp / fmt.INDEX, codes=np.asarray(r.index.codes, np.int32))
-      items = {"item_ids": list(r.index.item_ids)}
-      if modalities is not None:
-        items["modalities"] = modalities
-      (tmp / fmt.ITEMS).write_text(json.dumps(items, ensure_ascii=False), encoding="utf-8")
-      (tmp / fmt.VOCAB).write_text("".join(t + "\n" for t in tok.inv_vocab), encoding="utf-8")
-      manifest = {
-          "format": fmt.FORMAT, "version": fmt.VERSION,
-          "batch_size": batch_size, "input_length": r.input_length, "n_results": k,
-          "beam_size": beam, "n_items": n_items, "id_length": int(r.index.codes.shape[1]),
-          "platforms": list(exp.platforms),
-          "calling_convention_version": exp.calling_convention_version,
-          "tokenizer": {"kind": "bert-wordpiece", "vocab": fmt.VOCAB, "lowercase": tok.lowercase,
-                        "cls_id": tok.cls_id, "sep_id": tok.sep_id, "pad_id": tok.pad_id,
-                        "unk_id": tok.unk_id},
-          "arguments": arg_specs,
-          "outputs": {"rows": f"int32 [{batch_size}, {k}]", "scores": f"float32 [{batch_size}, {k}]"},
-          "source": {"model_dir": str(Path(r.model_dir).resolve()), "step": r.step,
-                     "model_config": r.run.get("model_config"), **_provenance(r)},
-          "created_with": {"jax": jax.__version__, "cart_jax": _version()},
-          "files": {name: sha256_file(tmp / name) for name in fmt.FILES},
-          "integrity": fmt.MANIFEST_HASH,  # a loader then refuses the export without it
-      }
-      (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-      (tmp / fmt.MANIFEST_HASH).write_text(f"{sha256_file(tmp / fmt.MANIFEST)}  {fmt.MANIFEST}\n",
-                                           encoding="utf-8")
-      sizes = {name: (tmp / name).stat().st_size
-               for name in (*fmt.FILES, fmt.MANIFEST, fmt.MANIFEST_HASH)}
-  return {"out": str(out), "model_dir": str(r.model_dir), "step": r.step, "batch_size": batch_size,
-          "input_length": r.input_length, "n_results": k, "beam_size": beam, "n_items": n_items,
-          "platforms": list(exp.platforms), "program_bytes": sizes[fmt.PROGRAM],
-          "arguments_bytes": sizes[fmt.ARGUMENTS], "total_bytes": sum(sizes.values()),
-          "seconds": time.perf_counter() - t0}
+
+def _item_modalities(r) -> list[str] | None:
+  """Each item's modality, row by row, when the run's corpus knows every one (else None)."""
+  if r.corpus is None:
+    return None
+  modalities = [r.corpus.item_modality(i) if i in r.corpus else None for i in r.index.item_ids]
+  return None if any(m is None for m in modalities) else modalities
+
+
+def _manifest(r, exp, tok, arg_specs, *, batch_size: int, k: int, beam: int, files: dict) -> dict:
+  """``manifest.json`` of an export (``files``: sha256 of every other file)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return {
+      "format": fmt.FORMAT, "version": fmt.VERSION,
+      "batch_size": batch_size, "input_length": r.input_length, "n_results": k,
+      "beam_size": beam, "n_items": r.index.n_items, "id_length": int(r.index.codes.shape[1]),
+      "platforms": list(exp.platforms),
+      "calling_convention_version": exp.calling_convention_version,
+      "tokenizer": {"kind": "bert-wordpiece", "vocab": fmt.VOCAB, "lowercase": tok.lowercase,
+                    "cls_id": tok.cls_id, "sep_id": tok.sep_id, "pad_id": tok.pad_id,
+                    "unk_id": tok.unk_id},
+      "arguments": arg_specs,
+      "outputs": {"rows": f"int32 [{batch_size}, {k}]", "scores": f"float32 [{batch_size}, {k}]"},
+      "source": {"model_dir": str(Path(r.model_dir).resolve()), "step": r.step,
+                 "model_config": r.run.get("model_config"), **_provenance(r)},
+      "created_with": {"jax": jax.__version__, "cart_jax": _version()},
+      "files": files,
+      "integrity": fmt.MANIFEST_HASH,  # a loader then refuses the export without it
+  }
 
 
 def _provenance(r) -> dict:

@@ -118,10 +118,6 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
   import jax  # pylint: disable=g-import-not-at-top
 
   from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
-  from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
-  from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
-  from cart_jax.models.cart.config import with_vocab  # pylint: disable=g-import-not-at-top
-  from cart_jax.inference import evaluation, rerank  # pylint: disable=g-import-not-at-top
   from cart_jax.jobs.rerank import after_training  # pylint: disable=g-import-not-at-top
   from cart_jax.train import input_pipeline, trainer  # pylint: disable=g-import-not-at-top
 
@@ -132,87 +128,25 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
   t0 = time.perf_counter()
   model_dir = paths.absolute(model_dir)  # gs://... stays a URI (etils.epath)
   with contextlib.ExitStack() as held:
-    failure = None
-    try:
-      if primary and not paths.is_remote(model_dir):  # advisory locks exist on local disks only
-        held.enter_context(output_lock(model_dir))
-      _refuse_updated_run(model_dir / RUN_FILE)
-      corpus_dir = paths.absolute(corpus_dir)
-      # A remote corpus: its JSON files are read from a local copy (media are not read here).
-      local_corpus = paths.stage(corpus_dir, CORPUS_FILES) if paths.is_remote(corpus_dir) else corpus_dir
-      corpus = load_corpus(local_corpus, check_media=False)
-      held_out = []
-      if embeddings is not None:  # the re-ranker will be tuned after training
-        corpus, held_out = rerank.without_holdout(corpus)  # no val split: tune on these instead
-      if primary:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        index_path = _ensure_index(index_dir, model_dir, embeddings, identifier_config, log)
-    except BaseException as e:  # pylint: disable=broad-except
-      failure = e
-    partitioning.agree(failure is None, "preparing MODEL_DIR (process 0) or reading the inputs")
-    if failure is not None:
-      raise failure
+    corpus_dir, local_corpus, corpus, held_out = _agreed(
+        lambda: _read_inputs(model_dir, corpus_dir, index_dir, embeddings, identifier_config,
+                             primary=primary, held=held, log=log),
+        "preparing MODEL_DIR (process 0) or reading the inputs")
     # The index copy is complete (process 0 wrote it before the barrier above).
-    index_path = model_dir / INDEX_SUBDIR
-    try:
-      index = load_index(paths.stage(index_path))
-      model_config = with_vocab(model_config, index.vocab)
-      run = {"format": RUN_FORMAT, "version": RUN_VERSION, "corpus_dir": str(corpus_dir),
-             CORPUS_HASHES: corpus_hashes(local_corpus),  # checked by every load (runs.check_corpus)
-             "index_dir": INDEX_SUBDIR, "model_config": model_config.to_dict(),
-             "train_config": dataclasses.asdict(train_config),
-             "input_config": dataclasses.asdict(input_config),
-             "captions_file": paths.to_str(captions_file and paths.absolute(captions_file))}
-      if held_out:
-        run["rerank_holdout"] = {"split": rerank.HOLDOUT_SPLIT, "share": rerank.HOLDOUT_SHARE,
-                                 "num_texts": len(held_out)}
-      run_path = model_dir / RUN_FILE
-      if run_path.exists():
-        old = json.loads(run_path.read_text(encoding="utf-8"))
-        if old.get("model_config") != run["model_config"]:
-          raise RunError(f"{run_path}: this MODEL_DIR holds a run of another model config; use a new "
-                         f"MODEL_DIR (or the same config to resume)")
-      resolved = {"model_dir": str(model_dir), "corpus_dir": str(corpus_dir),
-                  "index_dir": paths.to_str(index_dir and paths.absolute(index_dir)),
-                  "embeddings": paths.to_str(embeddings and paths.absolute(embeddings)),
-                  "model_config": model_config.to_dict()}
-    except BaseException as e:  # pylint: disable=broad-except
-      failure = e
+    index, model_config, run, resolved = _agreed(
+        lambda: _run_record(model_dir, corpus_dir, local_corpus, index_dir, embeddings, captions_file,
+                            model_config, train_config, input_config, held_out),
+        "reading MODEL_DIR's index copy and run.json")
     # Every process has read run.json before process 0 replaces it.
-    partitioning.agree(failure is None, "reading MODEL_DIR's index copy and run.json")
-    if failure is not None:
-      raise failure
     if primary:
-      paths.write_json(run_path, run)
+      paths.write_json(model_dir / RUN_FILE, run)
       if operative_config is not None:
         paths.write_text(model_dir / CONFIG_FILE, resolve_config(operative_config, resolved))
-    pseudo, pseudo_summary = [], None
-    if (embeddings is not None and input_config.pseudo_queries > 0 and not paths.is_remote(embeddings)
-        and input_pipeline.resolve_pipeline(input_config.pipeline) == "numpy"):
-      from cart_jax.jobs import pseudo_queries  # pylint: disable=g-import-not-at-top
-      from cart_jax.train import state_cache  # pylint: disable=g-import-not-at-top
-      root = Path(input_config.state_cache_dir) if input_config.state_cache_dir else state_cache.default_root()
-      pseudo, pseudo_summary = pseudo_queries.pseudo_queries(
-          corpus, index, embeddings, input_config.pseudo_queries,
-          cache_dir=root.parent / "pseudo_text_features", log=log)
+    pseudo, pseudo_summary = _pseudo_queries(corpus, index, embeddings, input_config, log)
     pipeline = input_pipeline.make_pipeline(local_corpus, corpus, index, input_config,
                                             paths.to_str(captions_file and paths.stage_file(captions_file)),
                                             pseudo=pseudo)
-    validation = None
-    if train_config.eval_every > 0:
-      validation = evaluation.split_queries(corpus, index, train_config.eval_split,
-                                            train_config.eval_queries)
-      if not validation[0] and held_out:  # no val split: the queries held out for the re-ranker
-        validation = evaluation.text_targets(held_out[:train_config.eval_queries], index,
-                                             rerank.HOLDOUT_SPLIT)
-        log(f"no '{train_config.eval_split}' queries: validating on {len(validation[0])} training "
-            f"queries held out of training")
-      elif not validation[0]:
-        log(f"no '{train_config.eval_split}' queries: no validation during training")
-        validation = None
-    if validation is not None:
-      validation = evaluation.validation(index, *validation, beam_size=train_config.beam_size,
-                                         input_length=input_config.input_length)
+    validation = _validation(corpus, index, held_out, train_config, input_config, log)
     result = trainer.train(model_config=model_config, train_config=train_config, pipeline=pipeline,
                            index=index, checkpoint_dir=model_dir / CHECKPOINT_SUBDIR,
                            metrics_dir=model_dir, validation=validation, progress=progress,
@@ -237,3 +171,107 @@ def train_job(*, model_dir: str, corpus_dir: str, index_dir: str | None, model_c
       paths.write_json(model_dir / "train_summary.json", summary)
     partitioning.sync("cart-train-done")  # MODEL_DIR is complete when any process returns
     return summary
+
+
+def _agreed(step: Callable, what: str):
+  """``step()`` on every process; a failure on any of them raises on all (``partitioning.agree``:
+  none waits for ever at a later collective). Returns what ``step`` returned."""
+  from cart_jax import partitioning  # pylint: disable=g-import-not-at-top
+  failure, out = None, None
+  try:
+    out = step()
+  except BaseException as e:  # pylint: disable=broad-except
+    failure = e
+  partitioning.agree(failure is None, what)
+  if failure is not None:
+    raise failure
+  return out
+
+
+def _read_inputs(model_dir, corpus_dir, index_dir, embeddings, identifier_config, *, primary: bool,
+                 held: contextlib.ExitStack, log: Callable[[str], None]):
+  """Step 1: process 0 takes MODEL_DIR's lock and copies (or builds) the index into it; every
+  process reads the corpus, less the queries held out for the re-ranker (with ``embeddings``).
+  Returns ``(corpus_dir, local_corpus, corpus, held_out)``."""
+  from cart_jax.data.corpus import load_corpus  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+  if primary and not paths.is_remote(model_dir):  # advisory locks exist on local disks only
+    held.enter_context(output_lock(model_dir))
+  _refuse_updated_run(model_dir / RUN_FILE)
+  corpus_dir = paths.absolute(corpus_dir)
+  # A remote corpus: its JSON files are read from a local copy (media are not read here).
+  local_corpus = paths.stage(corpus_dir, CORPUS_FILES) if paths.is_remote(corpus_dir) else corpus_dir
+  corpus = load_corpus(local_corpus, check_media=False)
+  held_out = []
+  if embeddings is not None:  # the re-ranker will be tuned after training
+    corpus, held_out = rerank.without_holdout(corpus)  # no val split: tune on these instead
+  if primary:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_index(index_dir, model_dir, embeddings, identifier_config, log)
+  return corpus_dir, local_corpus, corpus, held_out
+
+
+def _run_record(model_dir, corpus_dir, local_corpus, index_dir, embeddings, captions_file,
+                model_config, train_config, input_config, held_out):
+  """Step 2 (every process): the index copy, the model config sized to its vocabulary, the new
+  ``run.json`` (refused when MODEL_DIR holds a run of another model config) and the resolved
+  values of ``config.gin``. Returns ``(index, model_config, run, resolved)``."""
+  from cart_jax.index.identifiers import load_index  # pylint: disable=g-import-not-at-top
+  from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
+  from cart_jax.models.cart.config import with_vocab  # pylint: disable=g-import-not-at-top
+  index = load_index(paths.stage(model_dir / INDEX_SUBDIR))
+  model_config = with_vocab(model_config, index.vocab)
+  run = {"format": RUN_FORMAT, "version": RUN_VERSION, "corpus_dir": str(corpus_dir),
+         CORPUS_HASHES: corpus_hashes(local_corpus),  # checked by every load (runs.check_corpus)
+         "index_dir": INDEX_SUBDIR, "model_config": model_config.to_dict(),
+         "train_config": dataclasses.asdict(train_config),
+         "input_config": dataclasses.asdict(input_config),
+         "captions_file": paths.to_str(captions_file and paths.absolute(captions_file))}
+  if held_out:
+    run["rerank_holdout"] = {"split": rerank.HOLDOUT_SPLIT, "share": rerank.HOLDOUT_SHARE,
+                             "num_texts": len(held_out)}
+  run_path = model_dir / RUN_FILE
+  if run_path.exists():
+    old = json.loads(run_path.read_text(encoding="utf-8"))
+    if old.get("model_config") != run["model_config"]:
+      raise RunError(f"{run_path}: this MODEL_DIR holds a run of another model config; use a new "
+                     f"MODEL_DIR (or the same config to resume)")
+  resolved = {"model_dir": str(model_dir), "corpus_dir": str(corpus_dir),
+              "index_dir": paths.to_str(index_dir and paths.absolute(index_dir)),
+              "embeddings": paths.to_str(embeddings and paths.absolute(embeddings)),
+              "model_config": model_config.to_dict()}
+  return index, model_config, run, resolved
+
+
+def _pseudo_queries(corpus, index, embeddings, input_config, log):
+  """Step 3: pseudo-queries for the text-less items (with local ``embeddings``, the numpy
+  pipeline and ``InputConfig.pseudo_queries`` > 0); ``(texts, summary)``, else ``([], None)``."""
+  from cart_jax.train import input_pipeline  # pylint: disable=g-import-not-at-top
+  if (embeddings is None or input_config.pseudo_queries <= 0 or paths.is_remote(embeddings)
+      or input_pipeline.resolve_pipeline(input_config.pipeline) != "numpy"):
+    return [], None
+  from cart_jax.jobs import pseudo_queries  # pylint: disable=g-import-not-at-top
+  from cart_jax.train import state_cache  # pylint: disable=g-import-not-at-top
+  root = Path(input_config.state_cache_dir) if input_config.state_cache_dir else state_cache.default_root()
+  return pseudo_queries.pseudo_queries(corpus, index, embeddings, input_config.pseudo_queries,
+                                       cache_dir=root.parent / "pseudo_text_features", log=log)
+
+
+def _validation(corpus, index, held_out, train_config, input_config, log):
+  """Step 4: what the trainer validates on every ``eval_every`` steps: the ``eval_split`` queries,
+  else those held out for the re-ranker; None when ``eval_every`` is 0 or there are none."""
+  from cart_jax.inference import evaluation, rerank  # pylint: disable=g-import-not-at-top
+  if train_config.eval_every <= 0:
+    return None
+  validation = evaluation.split_queries(corpus, index, train_config.eval_split,
+                                        train_config.eval_queries)
+  if not validation[0] and held_out:  # no val split: the queries held out for the re-ranker
+    validation = evaluation.text_targets(held_out[:train_config.eval_queries], index,
+                                         rerank.HOLDOUT_SPLIT)
+    log(f"no '{train_config.eval_split}' queries: validating on {len(validation[0])} training "
+        f"queries held out of training")
+  elif not validation[0]:
+    log(f"no '{train_config.eval_split}' queries: no validation during training")
+    return None
+  return evaluation.validation(index, *validation, beam_size=train_config.beam_size,
+                               input_length=input_config.input_length)

@@ -157,11 +157,14 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
   state = {"draining": False}
   html = page_html()
 
-  def reply(endpoint: str, status: int, doc: dict) -> JSONResponse:
-    response = JSONResponse(doc, status_code=status)  # renders now: a failure is not counted twice
+  def counted(endpoint: str, status: int, response):
     metrics.requests[endpoint] += 1
     metrics.responses[status] += 1
     return response
+
+  def reply(endpoint: str, status: int, doc: dict) -> JSONResponse:
+    # JSONResponse renders at once: a failure to render is not counted twice
+    return counted(endpoint, status, JSONResponse(doc, status_code=status))
 
   def guarded(endpoint: str, handler):
     """``handler`` with whatever it raises answered as a counted 500 (traceback to the log)."""
@@ -174,18 +177,6 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
                                               "server's log"})
     return route
 
-  async def read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-      raise RequestError(413, f"request body is {declared} bytes; at most {MAX_BODY_BYTES}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-      size += len(chunk)
-      if size > MAX_BODY_BYTES:
-        raise RequestError(413, f"request body is over {MAX_BODY_BYTES} bytes")
-      chunks.append(chunk)
-    return b"".join(chunks)
-
   async def search(request: Request):
     metrics.in_flight += 1
     try:
@@ -196,7 +187,7 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
   async def _search(request: Request):
     t0 = time.perf_counter()
     try:
-      body = await read_body(request)
+      body = await _read_body(request)
       queries, batch = parse_search(body, request.headers.get("content-type", ""),
                                     max_k=engine.beam, modalities=engine.modalities,
                                     max_query_chars=max_query_chars, max_queries=max_queries)
@@ -212,13 +203,7 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
     except CartError as e:  # e.g. a modality without items: named, not a 500
       return reply("/search", 400, {"error": str(e)})
     metrics.latencies_ms.append((time.perf_counter() - t0) * 1e3)
-    k, modality = queries[0].k, queries[0].modality
-    if batch:
-      doc = {"queries": [{"query": q.text, "results": r} for q, r in zip(queries, results)]}
-    else:
-      doc = {"query": queries[0].text, "results": results[0]}
-    doc.update(k=k, modality=modality, step=info["step"])
-    return reply("/search", 200, doc)
+    return reply("/search", 200, _search_doc(queries, results, batch, info["step"]))
 
   async def healthz(request: Request):
     if state["draining"]:
@@ -227,39 +212,20 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
 
   async def metrics_route(request: Request):
     doc = metrics.snapshot(batcher.depth)  # counts this request from the next snapshot on
-    response = JSONResponse(doc)
-    metrics.requests["/metrics"] += 1
-    metrics.responses[200] += 1
-    return response
+    return counted("/metrics", 200, JSONResponse(doc))
 
   async def index_page(request: Request):
-    response = HTMLResponse(html, headers={"Content-Security-Policy": _CSP})
-    metrics.requests["/"] += 1
-    metrics.responses[200] += 1
-    return response
+    return counted("/", 200, HTMLResponse(html, headers={"Content-Security-Policy": _CSP}))
 
   async def media(request: Request):
     item_id = request.path_params["item_id"]
-    try:
-      path = engine.media_file(item_id)
-    except CartError as e:  # the real path leaves the corpus: refused, and said so in the log only
-      log.warning("refused media of item %r: %s", item_id, e)
-      return reply("/media", 403, {"error": f"the media of item {item_id!r} lie outside the corpus "
-                                            "directory and the served media roots; not served"})
-    if path is None:
-      return reply("/media", 404, {"error": f"no media for item id {item_id!r} (not an item of "
-                                            "the served index)"})
-    media_type = engine.media_type(item_id)
-    if media_type.split("/")[0] not in MEDIA_TYPES:  # .html, .svgz, .js...: never on this origin
-      log.warning("refused media of item %r: not an image, audio or video file", item_id)
-      return reply("/media", 403, {"error": f"the media of item {item_id!r} are not an image, audio "
-                                            "or video file; not served"})
-    response = FileResponse(path, media_type=media_type, headers={
+    status, found = _media_of(engine, item_id)
+    if status != 200:
+      return reply("/media", status, found)
+    path, media_type = found
+    return counted("/media", 200, FileResponse(path, media_type=media_type, headers={
         "X-Content-Type-Options": "nosniff", "Content-Security-Policy": _MEDIA_CSP,
-        "Cache-Control": "max-age=3600"})
-    metrics.requests["/media"] += 1
-    metrics.responses[200] += 1
-    return response
+        "Cache-Control": "max-age=3600"}))
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -281,6 +247,51 @@ def create_app(engine, *, max_batch: int = 16, max_wait_ms: float = 5.0, queue_s
   app.state.metrics = metrics
   app.state.engine = engine
   return app
+
+
+async def _read_body(request) -> bytes:
+  """The request's body; a RequestError 413 once it is over MAX_BODY_BYTES (declared or read)."""
+  declared = request.headers.get("content-length")
+  if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    raise RequestError(413, f"request body is {declared} bytes; at most {MAX_BODY_BYTES}")
+  chunks, size = [], 0
+  async for chunk in request.stream():
+    size += len(chunk)
+    if size > MAX_BODY_BYTES:
+      raise RequestError(413, f"request body is over {MAX_BODY_BYTES} bytes")
+    chunks.append(chunk)
+  return b"".join(chunks)
+
+
+def _search_doc(queries: list[Query], results: list, batch: bool, step) -> dict:
+  """The JSON answer of ``POST /search``: one query's results, or each query's (a batch)."""
+  k, modality = queries[0].k, queries[0].modality
+  if batch:
+    doc = {"queries": [{"query": q.text, "results": r} for q, r in zip(queries, results)]}
+  else:
+    doc = {"query": queries[0].text, "results": results[0]}
+  doc.update(k=k, modality=modality, step=step)
+  return doc
+
+
+def _media_of(engine, item_id: str):
+  """``(200, (path, media type))`` of the item's media file to serve, or ``(status, error doc)``
+  when there is none (404) or it may not be served from this origin (403, logged)."""
+  from cart_jax.core.errors import CartError  # pylint: disable=g-import-not-at-top
+  try:
+    path = engine.media_file(item_id)
+  except CartError as e:  # the real path leaves the corpus: refused, and said so in the log only
+    log.warning("refused media of item %r: %s", item_id, e)
+    return 403, {"error": f"the media of item {item_id!r} lie outside the corpus "
+                          "directory and the served media roots; not served"}
+  if path is None:
+    return 404, {"error": f"no media for item id {item_id!r} (not an item of the served index)"}
+  media_type = engine.media_type(item_id)
+  if media_type.split("/")[0] not in MEDIA_TYPES:  # .html, .svgz, .js...: never on this origin
+    log.warning("refused media of item %r: not an image, audio or video file", item_id)
+    return 403, {"error": f"the media of item {item_id!r} are not an image, audio "
+                          "or video file; not served"}
+  return 200, (path, media_type)
 
 
 # The page loads nothing from elsewhere: its own script and style, media from /media.

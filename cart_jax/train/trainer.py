@@ -323,50 +323,15 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
       text (``pipeline.token_rows()``) and feed them to the step instead of tokens.
     state_cache_dir: root of those caches (None: ``state_cache.default_root()``).
   """
-  from cart_jax.core.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
   from cart_jax.train.input_pipeline import to_loss_batch  # pylint: disable=g-import-not-at-top
 
   c = train_config
-  if model_config.output_vocab_size != index.vocab.vocab_size:
-    raise ValueError(f"model output_vocab_size {model_config.output_vocab_size} != index vocabulary "
-                     f"{index.vocab.vocab_size} (use model.config.with_vocab)")
-  mesh = mesh or make_mesh(c)
-  n_data = mesh.shape[partitioning.DATA]
-  if getattr(getattr(pipeline, "config", None), "batch_size", 0) % n_data:
-    from cart_jax.core.errors import CartError  # pylint: disable=g-import-not-at-top
-    raise CartError(f"InputConfig.batch_size {pipeline.config.batch_size} is not divisible by the "
-                    f"mesh's data axis ({n_data} devices): use a multiple of {n_data}")
-  ckpt = None
-  if checkpoint_dir is not None:
-    ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
-    try:
-      for dropped in ckpt.drop_interrupted():
-        log(f"dropped checkpoint step {dropped} of {ckpt.directory}: its save was interrupted before "
-            "its manifest was written (the resumed run redoes it)")
-      if ckpt.latest_step() is not None:
-        # Checked against its manifest before anything is built: a corrupt checkpoint is a
-        # CheckpointIntegrityError at once (the restore below does not hash it again).
-        ckpt.verify(ckpt.latest_step())
-    except BaseException:
-      ckpt.close()
-      raise
+  mesh = _checked_mesh(model_config, c, index, pipeline, mesh)
+  ckpt = _open_checkpointer(checkpoint_dir, c, log)
   tx = make_optimizer(c)
   graphdef, state, frozen = create_train_state(model_config, c, mesh, tx)
-  if c.identifier_init != "none":  # a restored checkpoint below overwrites this
-    from cart_jax.models.cart.identifier_init import init_decoder_from_identifiers  # pylint: disable=g-import-not-at-top
-    params, info = init_decoder_from_identifiers(state.params, index, d_model=model_config.d_model,
-                                                 seed=c.seed, output=c.identifier_init == "embed+output")
-    state = state.replace(params=params)
-    log(f"identifier init ({c.identifier_init}): {info['rows_set']} token rows from the index")
-  start = 0
-  if ckpt is not None and ckpt.latest_step() is not None:
-    restored, meta = ckpt.restore({"params": state.params, "opt_state": state.opt_state,
-                                   "frozen": frozen})
-    start = int(meta["step"])
-    state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), state.step.sharding),
-                       params=restored["params"], opt_state=restored["opt_state"])
-    frozen = restored["frozen"]
-    log(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start})")
+  state = _identifier_init(state, model_config, c, index, log)  # a restored checkpoint overwrites it
+  state, frozen, start = _restore(ckpt, state, frozen, log)
   cache = None
   if cache_encoder_states and uses_state_cache(model_config) and start < c.num_steps:
     cache = build_state_cache(graphdef, state.params, frozen, model_config, pipeline.token_rows(),
@@ -383,16 +348,7 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     bar = loop.tqdm_bar(c.num_steps, start, "train")
   say = bar.write if bar is not None else log
   val_history = []
-  # Each process builds only its rows of every global batch where the pipeline can
-  # (iterate_rows); else it builds the whole batch and keeps its rows (shard_batch).
-  global_batch = None
-  if hasattr(pipeline, "iterate_rows"):
-    global_batch = int(pipeline.config.batch_size)
-    rows = partitioning.process_slice(
-        global_batch, jax.sharding.NamedSharding(mesh, jax.P(partitioning.DATA)))
-    it = pipeline.iterate_rows(start, rows)
-  else:
-    it = pipeline.iterate(start)
+  it, global_batch = _batches(pipeline, mesh, start)
 
   def one_step(step: int, state: TrainState) -> tuple[TrainState, dict]:
     del step  # the pipeline yields batches in step order
@@ -432,11 +388,88 @@ def train(*, model_config: ModelConfig, train_config: TrainConfig, pipeline, ind
     if ckpt is not None:
       ckpt.close()
     writer.close()
-  cache_info = None
-  if cache is not None:
-    cache_info = {"directory": str(cache.directory), "texts": cache.num_texts,
-                  "layers": cache.num_layers, "mib": round(cache.nbytes / 2**20, 1),
-                  "build_seconds": cache.meta.get("seconds"), "misses": cache.misses}
   return TrainResult(graphdef=graphdef, state=out.state, frozen=frozen, start_step=start,
                      history=out.history, validation=val_history, seconds=out.seconds,
-                     compile_seconds=out.compile_seconds, state_cache=cache_info)
+                     compile_seconds=out.compile_seconds, state_cache=_cache_info(cache))
+
+
+def _checked_mesh(model_config: ModelConfig, c: TrainConfig, index, pipeline, mesh):
+  """``mesh`` (default: ``make_mesh(c)``), once the model's output vocabulary is found to be the
+  index's and the batch to split over the mesh's data axis."""
+  if model_config.output_vocab_size != index.vocab.vocab_size:
+    raise ValueError(f"model output_vocab_size {model_config.output_vocab_size} != index vocabulary "
+                     f"{index.vocab.vocab_size} (use model.config.with_vocab)")
+  mesh = mesh or make_mesh(c)
+  n_data = mesh.shape[partitioning.DATA]
+  if getattr(getattr(pipeline, "config", None), "batch_size", 0) % n_data:
+    from cart_jax.core.errors import CartError  # pylint: disable=g-import-not-at-top
+    raise CartError(f"InputConfig.batch_size {pipeline.config.batch_size} is not divisible by the "
+                    f"mesh's data axis ({n_data} devices): use a multiple of {n_data}")
+  return mesh
+
+
+def _open_checkpointer(checkpoint_dir, c: TrainConfig, log: Callable[[str], None]):
+  """The run's Checkpointer (None without ``checkpoint_dir``): interrupted saves dropped, the
+  latest step verified against its manifest."""
+  from cart_jax.core.checkpointing import Checkpointer  # pylint: disable=g-import-not-at-top
+  if checkpoint_dir is None:
+    return None
+  ckpt = Checkpointer(checkpoint_dir, keep=c.keep_checkpoints, save_every=c.checkpoint_every)
+  try:
+    for dropped in ckpt.drop_interrupted():
+      log(f"dropped checkpoint step {dropped} of {ckpt.directory}: its save was interrupted before "
+          "its manifest was written (the resumed run redoes it)")
+    if ckpt.latest_step() is not None:
+      # Checked against its manifest before anything is built: a corrupt checkpoint is a
+      # CheckpointIntegrityError at once (the restore does not hash it again).
+      ckpt.verify(ckpt.latest_step())
+  except BaseException:
+    ckpt.close()
+    raise
+  return ckpt
+
+
+def _identifier_init(state: TrainState, model_config: ModelConfig, c: TrainConfig, index,
+                     log: Callable[[str], None]) -> TrainState:
+  """``TrainConfig.identifier_init``: decoder rows initialised from the index (or ``state``)."""
+  if c.identifier_init == "none":
+    return state
+  from cart_jax.models.cart.identifier_init import init_decoder_from_identifiers  # pylint: disable=g-import-not-at-top
+  params, info = init_decoder_from_identifiers(state.params, index, d_model=model_config.d_model,
+                                               seed=c.seed, output=c.identifier_init == "embed+output")
+  log(f"identifier init ({c.identifier_init}): {info['rows_set']} token rows from the index")
+  return state.replace(params=params)
+
+
+def _restore(ckpt, state: TrainState, frozen, log: Callable[[str], None]):
+  """``(state, frozen, start_step)``: from the latest checkpoint, else as given at step 0."""
+  if ckpt is None or ckpt.latest_step() is None:
+    return state, frozen, 0
+  restored, meta = ckpt.restore({"params": state.params, "opt_state": state.opt_state,
+                                 "frozen": frozen})
+  start = int(meta["step"])
+  state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), state.step.sharding),
+                     params=restored["params"], opt_state=restored["opt_state"])
+  log(f"resumed from {ckpt.directory}/{ckpt.latest_step()} (step {start})")
+  return state, restored["frozen"], start
+
+
+def _batches(pipeline, mesh, start: int):
+  """``(iterator of host batches from step start, global batch size or None)``. Each process
+  builds only its rows of every global batch where the pipeline can (``iterate_rows``); else it
+  builds the whole batch and keeps its rows (``shard_batch``, global size None)."""
+  if not hasattr(pipeline, "iterate_rows"):
+    return pipeline.iterate(start), None
+  global_batch = int(pipeline.config.batch_size)
+  rows = partitioning.process_slice(
+      global_batch, jax.sharding.NamedSharding(mesh, jax.P(partitioning.DATA)))
+  return pipeline.iterate_rows(start, rows), global_batch
+
+
+def _cache_info(cache) -> dict | None:
+  """The encoder-state cache in the training summary (None: no cache)."""
+  if cache is None:
+    return None
+  return {"directory": str(cache.directory), "texts": cache.num_texts,
+          "layers": cache.num_layers, "mib": round(cache.nbytes / 2**20, 1),
+          "build_seconds": cache.meta.get("seconds"), "misses": cache.misses}

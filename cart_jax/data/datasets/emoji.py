@@ -113,19 +113,29 @@ def _is_flag(e: str) -> bool:
   return regional or tagged
 
 
-def _unicode_wording(e: str) -> str | None:
-  """Unicode character names of the code points, joined (None where that says nothing)."""
-  if _is_flag(e):
-    return None
-  words, tones = [], []
+def _tones_and_chars(e: str) -> tuple[list[str], list[str]]:
+  """The code points of ``e`` but the ignored ones: (names of its skin tones, its other
+  characters), each in order."""
+  tones, chars = [], []
   for ch in e:
     cp = ord(ch)
     if cp in _IGNORED:
       continue
     if cp in SKIN_TONES:
       tones.append(SKIN_TONES[cp])
-      continue
-    if cp == _KEYCAP:
+    else:
+      chars.append(ch)
+  return tones, chars
+
+
+def _unicode_wording(e: str) -> str | None:
+  """Unicode character names of the code points, joined (None where that says nothing)."""
+  if _is_flag(e):
+    return None
+  tones, chars = _tones_and_chars(e)
+  words = []
+  for ch in chars:
+    if ord(ch) == _KEYCAP:
       words.append("keycap")
       continue
     try:
@@ -335,14 +345,10 @@ def _parts_phrase(e: str, names: dict[str, str]) -> str | None:
   """Component emoji names composed (``man and laptop``); None for flags and single code points."""
   if _is_flag(e):
     return None
-  parts, tones, keycap = [], [], False
-  for ch in e:
-    cp = ord(ch)
-    if cp in _IGNORED:
-      continue
-    if cp in SKIN_TONES:
-      tones.append(SKIN_TONES[cp])
-    elif cp == _KEYCAP:
+  tones, chars = _tones_and_chars(e)
+  parts, keycap = [], False
+  for ch in chars:
+    if ord(ch) == _KEYCAP:
       keycap = True
     else:
       name = names.get(ch) or names.get(ch + "\uFE0F")

@@ -270,18 +270,20 @@ class MultiHeadAttention(nnx.Module):
   def self_attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                   rngs: nnx.Rngs | None) -> jax.Array:
     """q ``[b, k, t, h, d]``, k/v ``[b, k, s, h, d]``, bias broadcastable to ``[b, k, h, t, s]``."""
-    scores = jnp.einsum("bkthd,bkshd->bkhts", q, k) + bias  # [batch, beam, heads, t, s]
-    probs = attention_probs(scores, self.dropout_rate, rngs).astype(v.dtype)
-    ctx = jnp.einsum("bkhts,bkshd->bkthd", probs, v)  # [batch, beam, t, heads, kv]
-    return self.out(ctx)
+    return self._attend("bkthd,bkshd->bkhts", "bkhts,bkshd->bkthd", q, k, v, bias, rngs)
 
   def cross_attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                    rngs: nnx.Rngs | None) -> jax.Array:
     """q ``[b, k, t, h, d]``, k/v ``[b, s, h, d]`` (shared by beams), bias ``[b, 1, 1, 1, s]``."""
-    scores = jnp.einsum("bkthd,bshd->bkhts", q, k) + bias  # [batch, beam, heads, t, src]
+    return self._attend("bkthd,bshd->bkhts", "bkhts,bshd->bkthd", q, k, v, bias, rngs)
+
+  def _attend(self, scores_eq: str, ctx_eq: str, q: jax.Array, k: jax.Array, v: jax.Array,
+              bias: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    """Scores ``[batch, beam, heads, t, s]`` by ``scores_eq`` plus ``bias``, softmax (dropout),
+    then the context ``[batch, beam, t, heads, kv]`` by ``ctx_eq``, projected out."""
+    scores = jnp.einsum(scores_eq, q, k) + bias
     probs = attention_probs(scores, self.dropout_rate, rngs).astype(v.dtype)
-    ctx = jnp.einsum("bkhts,bshd->bkthd", probs, v)  # [batch, beam, t, heads, kv]
-    return self.out(ctx)
+    return self.out(jnp.einsum(ctx_eq, probs, v))
 
   def attend_cache_one_step(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                             rngs: nnx.Rngs | None) -> jax.Array:
