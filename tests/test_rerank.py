@@ -243,7 +243,7 @@ def _index(n_items=12, seed=0):
   all_codes = np.stack(np.meshgrid(*[np.arange(s) for s in vocab.level_sizes], indexing="ij"), -1).reshape(-1, 3)
   codes = all_codes[rs.choice(len(all_codes), n_items, replace=False)].astype(np.int32)
   return types.SimpleNamespace(codes=codes, vocab=vocab, item_ids=[f"it{i}" for i in range(n_items)],
-                               n_items=n_items)
+                               n_items=n_items, prior=lambda: np.zeros(n_items, np.float32))
 
 
 @pytest.fixture(scope="module")
