@@ -205,7 +205,7 @@ def _tiny_searcher(n_items=14, beam=16, seed=0):
   modalities = np.asarray(["image", "audio", "video", "audio", "image", "audio", "image", "video",
                            "audio", "image", "audio", "image", "audio", "image"][:n_items])
   index = types.SimpleNamespace(codes=codes, vocab=vocab, item_ids=[f"it{i}" for i in range(n_items)],
-                                n_items=n_items)
+                                n_items=n_items, prior=lambda: np.zeros(n_items, np.float32))
   model = create_model(with_vocab(tiny(input_vocab_size=40, num_decoder_layers=1), vocab), seed=3,
                        host_init=True)
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)

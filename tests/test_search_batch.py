@@ -25,7 +25,8 @@ def _tiny(batch_size):
   vocab = IdentifierVocab((4, 3, 2))
   codes = np.stack(np.meshgrid(*[np.arange(s) for s in vocab.level_sizes], indexing="ij"), -1).reshape(-1, 3)
   index = types.SimpleNamespace(codes=codes.astype(np.int32), vocab=vocab, n_items=len(codes),
-                                item_ids=[f"it{i}" for i in range(len(codes))])
+                                item_ids=[f"it{i}" for i in range(len(codes))],
+                                prior=lambda: np.zeros(len(codes), np.float32))
   model = create_model(with_vocab(tiny(input_vocab_size=40, num_decoder_layers=1), vocab), seed=1,
                        host_init=True)
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
