@@ -92,10 +92,10 @@ VARIANTS = {
               "of old ones (the add before distillation and the prior)",
     "new_only": "cart index add --replay-ratio 0 --distill 0 --new-item-prior none: fine-tuned on "
                 "the new items' texts only, as many steps as replay",
-    "distill": "replay + distillation from the run before the add on the replayed texts "
-               "(--new-item-prior none)",
-    "prior": "replay + the new items' decode-time prior (--distill 0)",
-    "add": "cart index add (default): replay + distillation + the new items' prior",
+    "distill": "replay + a strong distillation (--distill 1.0) from the run before the add on "
+               "the replayed texts",
+    "prior": "replay + the new items' decode-time prior (--new-item-prior auto --distill 0)",
+    "add": "cart index add (default): replay + a light distillation (--distill 0.1)",
     "textless": "cart index add (default) of the new items with their training texts removed: "
                 "pseudo-queries from the dual tower stand in for them",
     "full_retrain": "identifiers built on all items, CART trained from scratch on all, same steps",
@@ -111,8 +111,8 @@ ADD_OPTIONS = {
     "trie_only": {},
     "replay": {"distill": 0.0, "new_item_prior": "none"},
     "new_only": {"distill": 0.0, "new_item_prior": "none"},
-    "distill": {"new_item_prior": "none"},
-    "prior": {"distill": 0.0},
+    "distill": {"distill": 1.0, "new_item_prior": "none"},
+    "prior": {"distill": 0.0, "new_item_prior": "auto"},
     "add": {},
     "textless": {},
 }

@@ -4,6 +4,7 @@ One tiny run is trained once (20 of 24 emoji, a 16-wide decoder over the frozen 
 the other 4 emoji are the corpus to add. Every test changes a hard-linked copy of that run (the
 operations replace files, never write into them), so the shared run stays as trained.
 """
+import dataclasses
 import hashlib
 import json
 import os
@@ -166,11 +167,17 @@ def test_add_keeps_every_identifier_and_makes_the_new_items_searchable(world, ad
 
 @needs_minilm
 def test_add_distills_from_the_run_before_and_gives_the_new_items_their_corpus_prior(world, added):
-  run, s = added
+  _, s = added
   ft = s["fine_tune"]
   assert ft["distill"] == index_update.DEFAULT_DISTILL > 0
   assert all("distill_kl" in m and m["distill_kl"] >= 0 for m in ft["history"])
-  # auto prior: the new texts' share of the corpus (log-odds) minus their share of a batch (4 of 8)
+  assert s["new_item_prior"] == {"mode": "none", "log_prior": 0.0}
+  # --new-item-prior auto: the new texts' share of the corpus (log-odds) minus their share of a
+  # batch (4 of 8)
+  run = _copy(world, "prior")
+  s = api.index_add(run, world.new, world.new_emb, steps=4, new_item_prior="auto", progress=False,
+                    log=lambda m: None)
+  ft = s["fine_tune"]
   share = ft["new_texts"] / (ft["new_texts"] + ft["old_texts"])
   want = np.log(share / (1 - share)) - np.log(4 / 4)
   assert s["new_item_prior"]["mode"] == "auto"
@@ -185,8 +192,7 @@ def test_add_distills_from_the_run_before_and_gives_the_new_items_their_corpus_p
   with_prior = api.search(run, q, k=20 + N_NEW)
   (run / "versions/2/index").rename(run / "versions/2/index.with_prior")
   try:
-    dataclasses_replace = __import__("dataclasses").replace
-    dataclasses_replace(index, log_prior=None).save(run / "versions/2/index")
+    dataclasses.replace(index, log_prior=None).save(run / "versions/2/index")
     without = api.search(run, q, k=20 + N_NEW)
   finally:
     shutil.rmtree(run / "versions/2/index")
@@ -385,7 +391,6 @@ def test_failure_or_kill_during_add_leaves_the_previous_version_and_add_again_wo
   child = textwrap.dedent(f"""
       import os, signal
       from cart_jax.jobs import index_update
-from cart_jax.train import fine_tune
       real = index_update._save_checkpoint
       def killed(*a, **k):
         real(*a, **k)

@@ -44,16 +44,24 @@ the corpus it was trained on). Each add or remove writes version ``n + 1`` as on
     rerank/         the re-ranker's rows for this index (when the run has one)
     update.json     what the add/remove did (the summary it returned)
 
-``versions/<n>/`` is built in a temporary sibling and renamed into place complete
-(:func:`cart_jax.core.artefacts.atomic_directory`), and only then does ``run.json`` switch to it
-(one atomic file replace: ``index_version``, ``index_dir``, ``checkpoint_dir``, ``rerank_dir``,
-``corpus_dir`` with its ``corpus_sha256``, ``corpus_sources`` (the corpora its media link to: the
-run's own and each add's), ``model_config``). A kill at any moment before that replace leaves
-``run.json`` naming the previous version, whose files nothing touched: the run stays usable as it
-was, and the next ``add``/``remove`` removes the dead writer's temporary directory and writes the
-version again. The whole operation holds MODEL_DIR's output lock (the one ``cart train`` holds).
-Version 1 is never deleted; of ``versions/<n>/``, the newest ``keep_versions`` (current included)
-are kept.
+``versions/<n>/`` is built in ``versions/.<n>.partial`` and renamed into place complete, and only
+then does ``run.json`` switch to it (one atomic file replace: ``index_version``, ``index_dir``,
+``checkpoint_dir``, ``rerank_dir``, ``corpus_dir`` with its ``corpus_sha256``, ``corpus_sources``
+(the corpora its media come from: the run's own and each add's), ``model_config``). A kill at any
+moment before that replace leaves ``run.json`` naming the previous version, whose files nothing
+touched: the run stays usable as it was, and the next ``add``/``remove`` removes what the dead
+writer left and writes the version again. On a local disk the whole operation holds MODEL_DIR's
+output lock (the one ``cart train`` holds). Version 1 is never deleted; of ``versions/<n>/``, the
+newest ``keep_versions`` (current included) are kept.
+
+**Any file system, any number of processes.** MODEL_DIR goes through :mod:`cart_jax.core.paths`:
+on a bucket (``gs://...``) there is no rename, so version ``n`` is written in ``versions/<n>/``
+itself (nothing reads it until ``run.json``, one object upload, names it), and its corpus holds
+the JSON files only (each item keeps the media path of the corpus it came from, named in
+``corpus_sources``). In a multi-process launch (``launch/multi_gpu.sh index add ...``) every
+process loads the run and runs the fine-tune (collective); the checkpoint is saved by all of them
+together (orbax), every other file and ``run.json`` by process 0, with barriers between the steps
+(:class:`_Version`).
 A changed run cannot be trained further with ``cart train`` (it refuses; train a new MODEL_DIR on
 ``corpus_dir``).
 
@@ -99,8 +107,8 @@ ADDED_MEDIA = "added-v{version}"  # under the corpus's media/ directory
 DEFAULT_REPLAY_RATIO = 0.5
 DEFAULT_KEEP_VERSIONS = 2
 DEFAULT_BALANCE_TAIL = 0.0
-DEFAULT_DISTILL = 1.0
-DEFAULT_NEW_ITEM_PRIOR = "auto"
+DEFAULT_DISTILL = 0.1
+DEFAULT_NEW_ITEM_PRIOR = "none"
 DEFAULT_PSEUDO_QUERIES = 8  # as InputConfig.pseudo_queries
 DEFAULT_REPLAY_NEIGHBOURS = False
 
