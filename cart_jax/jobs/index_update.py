@@ -110,7 +110,6 @@ DEFAULT_BALANCE_TAIL = 0.0
 DEFAULT_DISTILL = 0.1
 DEFAULT_NEW_ITEM_PRIOR = "none"
 DEFAULT_PSEUDO_QUERIES = 8  # as InputConfig.pseudo_queries
-DEFAULT_REPLAY_NEIGHBOURS = False
 
 __all__ = ["IndexUpdateError", "add_items", "remove_items", "read_remove_ids"]
 
@@ -433,7 +432,6 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
               balance_tail: float = DEFAULT_BALANCE_TAIL, distill: float = DEFAULT_DISTILL,
               new_item_prior: str | float = DEFAULT_NEW_ITEM_PRIOR,
               pseudo_queries: int = DEFAULT_PSEUDO_QUERIES,
-              replay_neighbours: bool = DEFAULT_REPLAY_NEIGHBOURS,
               keep_versions: int = DEFAULT_KEEP_VERSIONS, verify: bool = True,
               progress: bool = True, log: Callable[[str], None] = print,
               _before_switch: Callable[[Path], None] | None = None) -> dict:
@@ -484,8 +482,7 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
   t0 = time.perf_counter()
   opts = _AddOptions(steps=steps, replay_ratio=replay_ratio, learning_rate=learning_rate,
                      batch_size=batch_size, seed=seed, balance_tail=balance_tail, distill=distill,
-                     new_item_prior=_check_prior(new_item_prior), pseudo_queries=pseudo_queries,
-                     replay_neighbours=bool(replay_neighbours))
+                     new_item_prior=_check_prior(new_item_prior), pseudo_queries=pseudo_queries)
   opts.check()
   _check_keep(keep_versions)
   trainer.maybe_initialize_distributed()
@@ -535,7 +532,6 @@ class _AddOptions:
   distill: float
   new_item_prior: str | float
   pseudo_queries: int
-  replay_neighbours: bool = False
 
   def check(self) -> None:
     if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
@@ -705,9 +701,7 @@ def _fine_tune_added(plan: _AddPlan, opts: _AddOptions, progress: bool,
   share_old = len(old_texts) / (len(old_texts) + len(plan.new_texts))
   tail_num_old = min(b - 1, max(num_old, int(round(share_old * b))))
   need = (steps - tail_steps) * num_old + tail_steps * tail_num_old
-  neighbours = _neighbours(plan) if opts.replay_neighbours else set()
-  passes_new = (steps * (b - num_old)) / max(len(plan.new_texts), 1)
-  sample = replay_sample(old_texts, need, neighbours, passes_new, opts.seed)
+  sample = replay_sample(old_texts, need, opts.seed) if num_old else old_texts
   batches = ReplayBatches(encoded(plan.new_texts), encoded(sample) if num_old else None, b,
                           opts.replay_ratio, opts.seed,
                           tail_from=(steps - tail_steps) if tail_steps else None,
@@ -717,38 +711,19 @@ def _fine_tune_added(plan: _AddPlan, opts: _AddOptions, progress: bool,
                     distill=float(opts.distill), progress=progress, log=log)
   info = {**tuned.info, "new_texts": len(plan.new_texts),
           "replay_texts": len(sample) if num_old else 0, "replay_ratio": opts.replay_ratio,
-          "replay_neighbours": len(neighbours),
           "old_texts": len(old_texts),
           "balance_tail": {"steps": tail_steps, "replay_per_batch": tail_num_old},
           "pseudo_queries": plan.pseudo_summary}
   return tuned.params, tuned.frozen, info
 
 
-def _neighbours(plan: _AddPlan) -> set[str]:
-  """Old items whose identifier shares every level but the counter with a new item's: the items
-  a new one was built beside, whose queries it is most likely to take."""
-  codes = plan.new_index.codes
-  n_old = plan.index.n_items
-  prefixes = {tuple(r[:-1]) for r in codes[n_old:].tolist()}
-  return {i for i, r in zip(plan.index.item_ids, codes[:n_old].tolist()) if tuple(r[:-1]) in prefixes}
-
-
-def replay_sample(old_texts: list, need: int, neighbours: set[str], passes: float,
-                  seed: int) -> list:
-  """The old texts a fine-tune replays (the batches walk them in seeded epochs).
-
-  The texts of ``neighbours`` come ``passes`` times each (as often as the new texts; fewer when
-  they would fill more than half of the ``need`` rows), the rest is a uniform sample of all old
-  texts filling ``need`` rows (all of them when they fit)."""
-  rng = np.random.default_rng([seed, 7])
-  near = [t for t in old_texts if t.item_id in neighbours]
-  reps = int(min(round(passes), (need // 2) // max(len(near), 1))) if near else 0
-  sample = near * reps
-  rest = need - len(sample)
-  if rest >= len(old_texts) or rest <= 0:
-    return sample + (list(old_texts) if rest > 0 or not sample else [])
-  pick = rng.choice(len(old_texts), rest, replace=False)
-  return sample + [old_texts[i] for i in np.sort(pick)]
+def replay_sample(old_texts: list, need: int, seed: int) -> list:
+  """The old texts a fine-tune replays (the batches walk them in seeded epochs): all of them when
+  the steps show at least as many rows, else a seeded uniform sample of ``need``."""
+  if len(old_texts) <= need:
+    return list(old_texts)
+  pick = np.random.default_rng([seed, 7]).choice(len(old_texts), need, replace=False)
+  return [old_texts[i] for i in np.sort(pick)]
 
 
 def _build_added_version(plan: _AddPlan, version: _Version, opts: _AddOptions, progress: bool,
