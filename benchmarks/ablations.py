@@ -65,13 +65,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/ablations.py` from a checkout
   sys.path.insert(0, str(ROOT))
 
-from cart_jax.core.artefacts import atomic_write_json, atomic_write_via  # noqa: E402
+from cart_jax.core.artefacts import atomic_write_json  # noqa: E402
 from cart_jax.core.errors import CartError  # noqa: E402
 from benchmarks.driver_common import load_average as _load  # noqa: E402
 from benchmarks.driver_common import log as _log  # noqa: E402
 from benchmarks.driver_common import quiet_to as _quiet_to  # noqa: E402
 from benchmarks.driver_common import short_hash as _short_hash  # noqa: E402
-from benchmarks.driver_common import split_binding  # noqa: E402
+from benchmarks.driver_common import read_report, save_figure, split_binding, split_extra  # noqa: E402
 from benchmarks.driver_common import train_done as _train_done  # noqa: E402
 
 FORMAT = "cart-ablations"
@@ -117,7 +117,6 @@ RESERVED = set(FULL_BINDINGS) | {"MODEL_DIR", "CORPUS_DIR", "INDEX_DIR", "EMBEDD
                                  "train_job.embeddings", "train_job.index_dir",
                                  "train_job.identifier_config", "IdentifierConfig.use_kmeans",
                                  "IdentifierConfig.use_rqvae", "IdentifierConfig.seed"}
-IDS_PREFIX = "IdentifierConfig."  # an --extra-binding of these changes the identifier config
 CHECKPOINT_EVERY = 250
 
 # The paper's Table 4 (Flickr30K, text-to-image), as /work/shared/paper/CART-paper-summary.txt
@@ -156,31 +155,6 @@ def parse_seeds(text: str) -> list[int]:
   if not seeds or any(s < 0 for s in seeds):
     raise ValueError(f"--seeds {text!r}: expected one or more integers >= 0")
   return seeds
-
-
-def split_extra(extra: list[str]) -> tuple[list[str], dict]:
-  """--extra-binding values -> (gin bindings for training, IdentifierConfig field overrides).
-
-  The driver builds the identifiers itself, so ``IdentifierConfig.X=V`` bindings change the
-  identifier config of every run (``V`` a Python literal) instead of going to gin.
-  """
-  import ast  # pylint: disable=g-import-not-at-top
-  from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
-  fields = {f.name for f in dataclasses.fields(IdentifierConfig)}
-  gin, ids = [], {}
-  for b in extra:
-    name, value = split_binding(b)
-    if not name.startswith(IDS_PREFIX):
-      gin.append(f"{name}={value}")
-      continue
-    field = name[len(IDS_PREFIX):]
-    if field not in fields:
-      raise ValueError(f"--extra-binding {b!r}: IdentifierConfig has no field {field!r}")
-    try:
-      ids[field] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      raise ValueError(f"--extra-binding {b!r}: the value must be a Python literal") from None
-  return gin, ids
 
 
 def variant_bindings(variant: str, has_captions: bool) -> dict[str, str]:
@@ -319,11 +293,7 @@ def plot(summary: dict, path: str | os.PathLike, title: str) -> None:
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   ax.grid(True, axis="y", alpha=0.3)
-  fig.tight_layout()
-  try:
-    atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-  finally:
-    plt.close(fig)
+  save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -334,19 +304,6 @@ def _setting_dir(root: Path, args, extra: list[str]) -> Path:
   if extra:
     name += f"-x{_short_hash(extra)}"
   return root / name
-
-
-def _read_report(path: Path) -> dict:
-  if not path.exists():
-    return {"format": FORMAT, "version": VERSION, "runs": []}
-  try:
-    report = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, json.JSONDecodeError) as e:
-    raise CartError(f"--json {path}: unreadable ({e}); move it away or pass another --json") from None
-  if report.get("format") != FORMAT or not isinstance(report.get("runs"), list):
-    raise CartError(f"--json {path}: not an ablation report (format {report.get('format')!r}); "
-                    f"pass another --json")
-  return report
 
 
 class _Workspace:
@@ -576,7 +533,7 @@ def main(argv=None) -> int:
 
 def _run(args, variants, seeds, extra, recipe, json_path, plot_path, root) -> int:
   t_start = time.perf_counter()
-  report = _read_report(json_path)
+  report = read_report(json_path, FORMAT, VERSION, "an ablation report")
   work = _setting_dir(root, args, extra)
   current = (args.steps, args.dataset, bool(args.no_templates), args.limit, args.embed_steps,
              tuple(extra))  # setting_key of this invocation's runs

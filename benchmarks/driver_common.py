@@ -58,3 +58,61 @@ def train_done(model_dir: Path, steps: int) -> dict | None:
   except (OSError, json.JSONDecodeError):
     return None
   return s if s.get("step", 0) >= steps else None
+
+
+IDS_PREFIX = "IdentifierConfig."  # an --extra-binding of these changes the identifier config
+
+
+def split_extra(extra: list[str]) -> tuple[list[str], dict]:
+  """--extra-binding values -> (gin bindings for training, IdentifierConfig field overrides).
+
+  The drivers build the identifiers themselves, so ``IdentifierConfig.X=V`` bindings change the
+  identifier config of every run (``V`` a Python literal) instead of going to gin.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(IdentifierConfig)}
+  gin, ids = [], {}
+  for b in extra:
+    name, value = split_binding(b)
+    if not name.startswith(IDS_PREFIX):
+      gin.append(f"{name}={value}")
+      continue
+    field = name[len(IDS_PREFIX):]
+    if field not in fields:
+      raise ValueError(f"--extra-binding {b!r}: IdentifierConfig has no field {field!r}")
+    try:
+      ids[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      raise ValueError(f"--extra-binding {b!r}: the value must be a Python literal") from None
+  return gin, ids
+
+
+def read_report(path: Path, fmt: str, version: int, what: str) -> dict:
+  """A driver's JSON report (a fresh one when ``path`` does not exist); CartError naming the file
+  when it is unreadable or of another format (``what``: "an ablation report", ...)."""
+  from cart_jax.core.errors import CartError  # pylint: disable=g-import-not-at-top
+  if not path.exists():
+    return {"format": fmt, "version": version, "runs": []}
+  try:
+    report = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, json.JSONDecodeError) as e:
+    raise CartError(f"--json {path}: unreadable ({e}); move it away or pass another --json") from None
+  if report.get("format") != fmt or not isinstance(report.get("runs"), list):
+    raise CartError(f"--json {path}: not {what} (format {report.get('format')!r}); "
+                    "pass another --json")
+  return report
+
+
+def save_figure(fig, path) -> None:
+  """``fig`` laid out and written to ``path`` as PNG atomically; the figure is closed."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  from cart_jax.core.artefacts import atomic_write_via  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  try:
+    atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+  finally:
+    plt.close(fig)

@@ -72,14 +72,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python benchmarks/incremental.py` from a checkout
   sys.path.insert(0, str(ROOT))
 
-from cart_jax.core.artefacts import atomic_write_json, atomic_write_via  # noqa: E402
+from benchmarks.driver_common import (load_average as _load, log as _log,  # noqa: E402
+                                      quiet_to as _quiet_to, read_report, save_figure,
+                                      short_hash as _short_hash, split_binding, split_extra,
+                                      train_done as _train_done)
+from cart_jax.core.artefacts import atomic_write_json  # noqa: E402
 from cart_jax.core.errors import CartError  # noqa: E402
-from benchmarks.driver_common import load_average as _load  # noqa: E402
-from benchmarks.driver_common import log as _log  # noqa: E402
-from benchmarks.driver_common import quiet_to as _quiet_to  # noqa: E402
-from benchmarks.driver_common import short_hash as _short_hash  # noqa: E402
-from benchmarks.driver_common import split_binding  # noqa: E402
-from benchmarks.driver_common import train_done as _train_done  # noqa: E402
 
 FORMAT = "cart-incremental"
 VERSION = 1
@@ -125,32 +123,10 @@ EVAL_KEYS = ("r@1", "r@5", "r@10", "mrr@10", "qps", "num_queries")
 RESERVED = {"MODEL_DIR", "CORPUS_DIR", "INDEX_DIR", "EMBEDDINGS", "TrainConfig.num_steps",
             "TrainConfig.seed", "TrainConfig.eval_every", "train_job.embeddings",
             "train_job.index_dir", "train_job.identifier_config", "IdentifierConfig.seed"}
-IDS_PREFIX = "IdentifierConfig."  # an --extra-binding of these changes the identifier config
 SPLIT_SALT = 16  # the hold-out sample's rng: default_rng([seed, SPLIT_SALT])
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-def split_extra(extra: list[str]) -> tuple[list[str], dict]:
-  """--extra-binding values -> (gin bindings for training, IdentifierConfig field overrides)."""
-  import ast  # pylint: disable=g-import-not-at-top
-  from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
-  fields = {f.name for f in dataclasses.fields(IdentifierConfig)}
-  gin, ids = [], {}
-  for b in extra:
-    name, value = split_binding(b)
-    if not name.startswith(IDS_PREFIX):
-      gin.append(f"{name}={value}")
-      continue
-    field = name[len(IDS_PREFIX):]
-    if field not in fields:
-      raise ValueError(f"--extra-binding {b!r}: IdentifierConfig has no field {field!r}")
-    try:
-      ids[field] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      raise ValueError(f"--extra-binding {b!r}: the value must be a Python literal") from None
-  return gin, ids
-
 
 def holdout_split(item_ids: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
   """(kept, held back), both in corpus order: a seeded sample of ``round(fraction * N)`` items."""
@@ -271,27 +247,10 @@ def plot(runs: dict[str, dict], path: str | os.PathLike, title: str) -> None:
   at.set_xticklabels(names, rotation=30)
   at.set_ylabel("wall seconds (add, or identifiers + training)")
   at.grid(True, axis="y", alpha=0.3)
-  fig.tight_layout()
-  try:
-    atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-  finally:
-    plt.close(fig)
+  save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- the driver
-
-def _read_report(path: Path) -> dict:
-  if not path.exists():
-    return {"format": FORMAT, "version": VERSION, "runs": []}
-  try:
-    report = json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, json.JSONDecodeError) as e:
-    raise CartError(f"--json {path}: unreadable ({e}); move it away or pass another --json") from None
-  if report.get("format") != FORMAT or not isinstance(report.get("runs"), list):
-    raise CartError(f"--json {path}: not an incremental report (format {report.get('format')!r}); "
-                    "pass another --json")
-  return report
-
 
 def _sub_corpus(full, out: Path, keep: set[str]) -> None:
   from cart_jax.data.corpus import write_corpus  # pylint: disable=g-import-not-at-top
@@ -664,7 +623,7 @@ def main(argv=None) -> int:
 
 def _run(args, extra, recipe, json_path, plot_path, root) -> int:
   t_start = time.perf_counter()
-  report = _read_report(json_path)
+  report = read_report(json_path, FORMAT, VERSION, "an incremental report")
   setting = setting_of(args, extra)
   name = args.dataset + ("-strict" if args.no_templates else "") + \
       (f"-limit{args.limit}" if args.limit else "") + f"-h{args.holdout:g}-seed{args.seed}" + \

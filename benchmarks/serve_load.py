@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/serve_load.py` from a checko
 
 from benchmarks.driver_common import load_average as _load  # noqa: E402
 from benchmarks.driver_common import log as _log  # noqa: E402
+from benchmarks.driver_common import save_figure  # noqa: E402
 from benchmarks.driver_common import train_done as _train_done  # noqa: E402
 from cart_jax.core.artefacts import atomic_write_json, atomic_write_via  # noqa: E402
 
@@ -263,11 +264,7 @@ def plot(report: dict, path: str) -> None:
   m = report["machine"]
   fig.suptitle(f"cart serve load test: {report['run']['num_items']} items, {m['cpus']} CPUs "
                f"({m['device']}), load {m['load_before']} -> {m['load_after']}", fontsize=10)
-  fig.tight_layout()
-  try:
-    atomic_write_via(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-  finally:
-    plt.close(fig)
+  save_figure(fig, path)
 
 
 def table(report: dict) -> str:
