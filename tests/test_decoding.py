@@ -142,14 +142,17 @@ def test_leaf_bias_is_each_items_log_prior_added_to_its_score(seed, n, sizes):
   bias[1] = min(bias[1], -0.7)
   plain = run_search(model, build_trie(codes, vocab, device_put=True), DecodeConfig(n, n), batch)
   biased_trie = build_trie(codes, vocab, device_put=True, leaf_bias=bias)
-  assert biased_trie.leaf_bias is not None
+  assert biased_trie.node_bias is not None and len(biased_trie.node_bias) == len(sizes)
+  # each node's bound is the best offset below it; at the leaves, the items' own
+  np.testing.assert_array_equal(np.asarray(biased_trie.node_bias[-1]),
+                                bias[np.asarray(biased_trie.leaf_row)])
   res = run_search(model, biased_trie, DecodeConfig(n, n), batch)
   check_results_valid(res, codes, sizes, n)
   check_exact_top_k(res, exact + bias[None, :], n)
   for b in range(batch):
     assert res.rows[b][0] != top[b] and plain.rows[b][0] == top[b]
   # all-zero offsets are no bias at all: the same tables as without
-  assert build_trie(codes, vocab, leaf_bias=np.zeros(n)).leaf_bias is None
+  assert build_trie(codes, vocab, leaf_bias=np.zeros(n)).node_bias is None
   with pytest.raises(ValueError, match="leaf_bias"):
     build_trie(codes, vocab, leaf_bias=np.full(n + 1, -1.0))
 

@@ -16,9 +16,13 @@ arXiv 2602.22647):
   ``node_code[d + 1][m]``. The child node id *is* the CSR column index, so no separate column array
   is stored.
 * **Leaves** (depth ``L``) map to the row of the identifier in ``codes``: ``leaf_row[m]``.
-* **Leaf bias** (optional): ``leaf_bias[m]`` is a log-probability offset added to the score of leaf
-  ``m`` when the search reaches it (an item's decode-time prior, ``SemanticIndex.log_prior``);
-  ``None`` (no offsets) keeps the plain search.
+* **Node bias** (optional): a log-probability offset per item (an item's decode-time prior,
+  ``SemanticIndex.log_prior``) is stored per depth: ``node_bias[d - 1][m]`` is the largest offset
+  of the items under node ``m`` of depth ``d`` (at depth ``L``: the item's own). The search adds to
+  a beam the change of that bound at each step, so a finished identifier scores its log-probability
+  plus its item's offset, and a prefix scores its log-probability plus the best offset below it
+  (a prefix under which every item is penalised is penalised already, and leaves the beam to one
+  that can still reach an unpenalised item). ``None`` (no offsets) keeps the plain search.
 
 Each level has a static maximum fan-out ``max_fanout[d]`` (the largest number of children of any
 node at depth ``d``). A decode step at depth ``d`` gathers, for every beam, the ``max_fanout[d]``
@@ -62,8 +66,8 @@ class TrieTables:
     level_sizes: static, the vocabulary size of each level.
     num_nodes: static, number of nodes at depth 0..L (``num_nodes[0] == 1``, ``num_nodes[L] == N``).
     max_fanout: static, largest child count of a node at depth 0..L-1.
-    leaf_bias: float32 [N] or None: log-prior offset of each leaf (depth-L node), added to its
-      score at the last step of the search.
+    node_bias: None, or a tuple over depth d = 1..L of float32 [num_nodes[d]]: the largest
+      log-prior offset of the items under each node (at depth L: the item's own offset).
   """
   root_child: jax.Array
   row_start: tuple[jax.Array, ...]
@@ -72,7 +76,7 @@ class TrieTables:
   level_sizes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   num_nodes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   max_fanout: tuple[int, ...] = flax.struct.field(pytree_node=False)
-  leaf_bias: jax.Array | None = None
+  node_bias: tuple[jax.Array, ...] | None = None
 
   @property
   def id_length(self) -> int:
@@ -183,7 +187,7 @@ def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
     device_put: if True, the returned tables are committed to the default device; otherwise they
       stay numpy arrays (call ``to_device``).
     leaf_bias: optional float [N]: row i's log-prior offset (``SemanticIndex.prior()``); all zeros
-      or None: no bias (the tables carry ``leaf_bias=None``).
+      or None: no bias (the tables carry ``node_bias=None``).
 
   Returns:
     TrieTables.
@@ -239,7 +243,9 @@ def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
     leaf_bias = np.asarray(leaf_bias, np.float32)
     if leaf_bias.shape != (n,) or not np.isfinite(leaf_bias).all():
       raise ValueError(f"leaf_bias: need finite float [{n}], got shape {leaf_bias.shape}")
-    bias = leaf_bias[order]  # [N] by leaf node
+    by_leaf = leaf_bias[order]  # [N] in sorted order: a depth-d node is a run of sorted rows
+    bias = tuple(np.maximum.reduceat(by_leaf, np.flatnonzero(new_prefix[:, d - 1])).astype(np.float32)
+                 for d in range(1, depth_l + 1))
   # Leaves are the sorted rows themselves (all identifiers are distinct).
   tables = TrieTables(
       root_child=root_child,
@@ -249,7 +255,7 @@ def build_trie(codes: np.ndarray, vocab: IdentifierVocab | None = None,
       level_sizes=tuple(int(s) for s in level_sizes),
       num_nodes=tuple(num_nodes),
       max_fanout=tuple(max_fanout),
-      leaf_bias=bias)
+      node_bias=bias)
   return tables.to_device() if device_put else tables
 
 

@@ -255,8 +255,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, trie: TrieTables
       code = next_code[child]  # [batch, beam, fanout]
       logp = jnp.take_along_axis(logp_bkv, code + off, axis=-1)  # [batch, beam, fanout]
       cand = jnp.where(valid, state.scores[:, :, None] + logp, NEG_INF)  # [batch, beam, fanout]
-    if trie.leaf_bias is not None and level == depth_l - 1:  # children are leaves: item priors
-      cand = jnp.where(cand > NEG_INF, cand + trie.leaf_bias[jnp.maximum(child, 0)], NEG_INF)
+    if trie.node_bias is not None:  # item priors: the change of the best offset below the beam
+      step_bias = trie.node_bias[level][jnp.maximum(child, 0)]  # [batch, beam|1, fanout]
+      if level > 0:
+        step_bias = step_bias - trie.node_bias[level - 1][state.nodes][:, :, None]
+      cand = jnp.where(cand > NEG_INF, cand + step_bias, NEG_INF)
     state = select_beams(state, cand, child, code, level, off, beam)
 
   n = config.n_results
