@@ -241,10 +241,8 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
     verify: check the checkpoint against its manifest before loading it (a mismatch raises
       ``CheckpointIntegrityError``); ``False`` skips the hashing (``cart eval --no-verify``).
   """
-  from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
   from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
   from cart_jax.jobs.evaluate import eval_job  # pylint: disable=g-import-not-at-top
-  from cart_jax.runs.restore import load_run  # pylint: disable=g-import-not-at-top
   if beam_size < 10:
     raise CartError(f"--beam {beam_size}: R@10 and MRR@10 need a beam of at least 10")
   if batch_size is not None and batch_size < 1:
@@ -253,11 +251,9 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
     raise CartError(f"--limit {limit}: must be >= 1 (leave it out for every query)")
   if isinstance(rerank_weight, str):
     rerank_weight = rerank_lib.parse_weight(rerank_weight)
-  loaded = load_run(model_dir, step, verify=verify)
-  if items is not None and not isinstance(items, set):
-    items = read_item_ids(items, loaded.corpus)
   return eval_job(str(model_dir), split=split, beam_size=beam_size, batch_size=batch_size,
-                  limit=limit, loaded=loaded, modality=modality, items=items,
+                  limit=limit, step=step, verify=verify, modality=modality,
+                  items=None if items is None else (items if isinstance(items, set) else str(items)),
                   rerank=bool(rerank or embeddings or rerank_weight is not None),
                   rerank_weight=rerank_weight, embeddings=embeddings, log=log, progress=progress)
 

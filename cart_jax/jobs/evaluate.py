@@ -14,7 +14,8 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
              limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None,
              modality: str | None = None, rerank: bool = False, rerank_weight: float | None = None,
              embeddings: str | None = None, log: Callable[[str], None] = print,
-             items: set[str] | None = None, progress: bool = False) -> dict:
+             items: set[str] | str | None = None, progress: bool = False,
+             verify: bool = True) -> dict:
   """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries.
 
   With ``modality`` (image/audio/video): only the queries whose target item has that modality,
@@ -22,8 +23,9 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
   ``unrestricted``: the same queries searched over the whole index (R@k, and how many top-1
   results were items of another modality -- what the restriction removes).
 
-  With ``items`` (a set of item ids): only the queries whose target is one of them (the whole
-  index is still searched); e.g. the unseen items of ``cart data prepare emoji --unseen-items``.
+  With ``items`` (a set of item ids, or a file of them checked against the run's corpus): only
+  the queries whose target is one of them (the whole index is still searched); e.g. the unseen
+  items of ``cart data prepare emoji --unseen-items``.
 
   ``progress``: a bar on stderr over the timed pass.
 
@@ -35,7 +37,10 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
   from cart_jax.inference import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
   from cart_jax.inference.searcher import searcher_for_run  # pylint: disable=g-import-not-at-top
   from cart_jax.jobs.rerank import reranker_for_run  # pylint: disable=g-import-not-at-top
-  r = loaded or load_run(model_dir, step)
+  r = loaded or load_run(model_dir, step, verify=verify)
+  if items is not None and not isinstance(items, set):
+    from cart_jax.data.corpus import read_item_ids  # pylint: disable=g-import-not-at-top
+    items = read_item_ids(items, r.corpus)
   reranker = None
   if rerank:
     try:
