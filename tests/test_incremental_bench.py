@@ -110,12 +110,19 @@ def test_holdout_split_is_seeded_and_in_corpus_order():
 
 def test_goals_against_full_retraining():
   before = {"old": {"r@1": 0.80}}
-  full = {"new": {"r@1": 0.70}, "seconds": 100.0}
+  full = {"new": {"r@1": 0.70}, "old": {"r@1": 0.76}, "seconds": 100.0}
   ok = inc.goals({"new": {"r@1": 0.66}, "old": {"r@1": 0.795}, "seconds": 15.0}, full, before)
   assert ok["new_within_0.05_of_full"] and ok["old_drop_le_0.01"] and ok["time_le_20pct_of_full"]
+  assert ok["old_r1_floor"] == pytest.approx(0.79) and ok["old_r1_at_least_floor"]
   bad = inc.goals({"new": {"r@1": 0.60}, "old": {"r@1": 0.78}, "seconds": 30.0}, full, before)
-  assert not (bad["new_within_0.05_of_full"] or bad["old_drop_le_0.01"] or bad["time_le_20pct_of_full"])
+  assert not (bad["new_within_0.05_of_full"] or bad["old_drop_le_0.01"] or bad["time_le_20pct_of_full"]
+              or bad["old_r1_at_least_floor"])
   assert bad["old_r1_drop"] == pytest.approx(0.02) and bad["time_fraction_of_full"] == pytest.approx(0.3)
+  assert bad["old_r1_vs_full"] == pytest.approx(0.02)
+  # retraining keeps more of the old items than before - 0.01: then the floor is retraining's
+  high = inc.goals({"new": {"r@1": 0.70}, "old": {"r@1": 0.80}, "seconds": 10.0},
+                   {**full, "old": {"r@1": 0.81}}, before)
+  assert high["old_r1_floor"] == pytest.approx(0.81) and not high["old_r1_at_least_floor"]
 
 
 def test_bad_arguments_are_refused(capsys):
