@@ -94,8 +94,8 @@ VARIANTS = {
                "the replayed texts",
     "prior": "replay + the new items' decode-time prior (--new-item-prior auto --distill 0)",
     "add": "cart index add (default): replay + a light distillation (--distill 0.1)",
-    "textless": "cart index add (default) of the new items with their training texts removed: "
-                "pseudo-queries from the dual tower stand in for them",
+    "textless": "cart index add --pseudo-queries 8 of the new items with their training texts "
+                "removed: pseudo-queries from the dual tower stand in for them",
     "full_retrain": "identifiers built on all items, CART trained from scratch on all, same steps",
 }
 ORDER = ("base", "trie_only", "replay", "new_only", "distill", "prior", "add", "textless",
@@ -112,7 +112,7 @@ ADD_OPTIONS = {
     "distill": {"distill": 1.0, "new_item_prior": "none"},
     "prior": {"distill": 0.0, "new_item_prior": "auto"},
     "add": {},
-    "textless": {},
+    "textless": {"pseudo_queries": 8},
 }
 RECORD_KEYS = ("dataset", "new_r1_add", "new_r1_full", "old_r1_before", "old_r1_after",
                "old_r1_full", "seconds_add", "seconds_full")

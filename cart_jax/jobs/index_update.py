@@ -109,7 +109,7 @@ DEFAULT_KEEP_VERSIONS = 2
 DEFAULT_BALANCE_TAIL = 0.0
 DEFAULT_DISTILL = 0.1
 DEFAULT_NEW_ITEM_PRIOR = "none"
-DEFAULT_PSEUDO_QUERIES = 8  # as InputConfig.pseudo_queries
+DEFAULT_PSEUDO_QUERIES = 0  # off: they cost the old items (docs/incremental.md)
 
 __all__ = ["IndexUpdateError", "add_items", "remove_items", "read_remove_ids"]
 
@@ -457,8 +457,10 @@ def add_items(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike,
       corpus's texts against their share of the fine-tune's batches, :func:`new_item_log_prior`),
       ``"none"`` (0) or a number <= 0.
     pseudo_queries: new items with no training text at all get this many pseudo-queries (the
-      nearest training texts in the dual tower's space, :mod:`cart_jax.train.pseudo_queries`;
-      needs ``E.model.npz`` beside ``embeddings``); 0: such items are only given identifiers.
+      nearest training texts in the dual tower's space, :mod:`cart_jax.jobs.pseudo_queries`;
+      needs ``E.model.npz`` beside ``embeddings``); 0 (default): such items are only given
+      identifiers. They are old items' texts relabelled, so they cost the old items recall
+      (measured: docs/incremental.md).
     keep_versions: versions under ``versions/`` kept, the new one included (version 1 always).
     verify: check the run's checkpoint against its manifest before reading it.
     _before_switch: tests only: called with the complete version directory before ``run.json``
@@ -644,6 +646,13 @@ def _plan_add(model_dir, corpus_dir, embeddings, item_ids, opts: _AddOptions, ve
   if opts.steps != 0 and opts.pseudo_queries > 0:
     new_texts, pseudo_summary = _with_pseudo_queries(
         new_texts, new_corpus, old_corpus, embeddings, item_ids, opts.pseudo_queries, run, log)
+  elif opts.steps != 0:
+    have = {t.item_id for t in new_texts}
+    textless = [i for i in new_corpus.item_ids if i not in have]
+    if textless and len(textless) < len(new_corpus.item_ids):
+      log(f"note: {len(textless)} new item(s) have no training text (e.g. {textless[:3]}): they get "
+          "identifiers only (--pseudo-queries K trains them on the K nearest training texts, at a "
+          "cost to the old items)")
   b = int(opts.batch_size or run.get("input_config", {}).get("batch_size", 64))
   num_old = int(round(opts.replay_ratio * b)) if old_texts else 0
   if num_old >= b:

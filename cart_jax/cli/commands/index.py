@@ -72,8 +72,9 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
   add.add_argument("--pseudo-queries", type=int_at_least(0),
                    default=incremental.DEFAULT_PSEUDO_QUERIES,
                    help="pseudo-queries for each new item that has no training text (the nearest "
-                        "training texts in the dual tower's space; needs NEW_E.model.npz; 0: "
-                        f"none; default {incremental.DEFAULT_PSEUDO_QUERIES})")
+                        "training texts in the dual tower's space; needs NEW_E.model.npz): finds "
+                        "such items, at a cost to the old ones (docs/incremental.md); default "
+                        f"{incremental.DEFAULT_PSEUDO_QUERIES}: none")
   add.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default: the run's)")
   add.add_argument("--batch-size", type=int_at_least(1), default=None,
