@@ -8,6 +8,7 @@ it sits below both ``train/`` and ``inference/``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -115,8 +116,9 @@ def check_finite(tree, where: str) -> None:
 
   leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
             if jnp.issubdtype(leaf.dtype, jnp.floating)]
-  # Every count dispatched first, then one transfer (not one device round trip per array).
-  counts = jax.device_get([jnp.sum(~jnp.isfinite(leaf)) for _, leaf in leaves])
+  # One compiled program counts every array (one small program per array shape cost seconds of
+  # compiling at every load), then one transfer.
+  counts = jax.device_get(_count_non_finite(tuple(leaf for _, leaf in leaves)))
   for (path, leaf), bad in zip(leaves, counts):
     bad = int(bad)
     if bad:
@@ -125,6 +127,17 @@ def check_finite(tree, where: str) -> None:
           f"{where}: parameter {name} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or "
           f"inf) of {leaf.size}: the checkpoint is corrupt (loaded with --no-verify, or written "
           "before manifests) or the training diverged; nothing is searched")
+
+
+@functools.lru_cache(maxsize=1)
+def _non_finite_counter():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jax.jit(lambda leaves: [jnp.sum(~jnp.isfinite(x)) for x in leaves])
+
+
+def _count_non_finite(leaves: tuple) -> list:
+  return _non_finite_counter()(leaves)
 
 
 def restore_for_inference(model_config: "ModelConfig", checkpoint_dir: str | os.PathLike,
