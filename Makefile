@@ -51,7 +51,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	# Two workers (the machine's two cores), each module's tests on one worker (module fixtures
+	# such as a tiny trained run are built once).
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15 tests
 
 test-all: install
 	$(PY) -m pytest -q tests
