@@ -55,8 +55,8 @@ EXTRAS = {
     "serve": ["starlette>=0.37", "uvicorn>=0.29"],
     # httpx: Starlette's TestClient and the load test's clients; selenium drives the Debian
     # chromium/chromium-driver (Makefile) in tests/test_browser.py.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29",
-             "httpx>=0.27", "selenium>=4.20"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "nbformat>=5.9",
+             "nbclient>=0.10", "ipykernel>=6.29", "httpx>=0.27", "selenium>=4.20"],
 }
 # tests/test_package.py builds the wheel offline (pip wheel --no-build-isolation): the build backend
 # must be in the environment itself.
