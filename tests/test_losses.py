@@ -113,22 +113,26 @@ def test_compute_loss_distills_the_last_rows_towards_a_teacher():
   _, other = nnx.split(create_model(cfg, seed=1, host_init=True))
   batch = _batch()
 
-  def teacher_logp(st, rows):
-    logits, _ = nnx.merge(graphdef, st)(batch["inputs"][-rows:], shift_right(batch["targets"][-rows:]))
-    return jax.nn.log_softmax(logits, axis=-1)
+  @jax.jit
+  def run(state, teacher_state):
+    def teacher_logp(st, rows):
+      logits, _ = nnx.merge(graphdef, st)(batch["inputs"][-rows:], shift_right(batch["targets"][-rows:]))
+      return jax.nn.log_softmax(logits, axis=-1)
+    m = nnx.merge(graphdef, state)
+    plain, _ = compute_loss(m, batch, omega=0.0, dropout_rng=None)
+    own = compute_loss(m, dict(batch, teacher_logp=teacher_logp(state, 2)), omega=0.0,
+                       dropout_rng=None, distill=3.0)
+    tl = teacher_logp(teacher_state, 2)
+    other_loss = compute_loss(m, dict(batch, teacher_logp=tl), omega=0.0, dropout_rng=None,
+                              distill=3.0)
+    logits, _ = m(batch["inputs"], shift_right(batch["targets"]))
+    want = distillation_kl(logits[-2:], tl, batch["targets"][-2:] != PAD_ID)
+    return plain, own, other_loss, want
 
-  m = nnx.merge(graphdef, state)
-  plain, _ = compute_loss(m, batch, omega=0.0, dropout_rng=None)
+  plain, (loss, aux), (loss2, aux2), want = run(state, other)
   # the model as its own teacher: nothing to learn, the loss is the CE
-  loss, aux = compute_loss(m, dict(batch, teacher_logp=teacher_logp(state, 2)), omega=0.0,
-                           dropout_rng=None, distill=3.0)
   assert float(aux["distill_kl"]) == pytest.approx(0.0, abs=1e-6)
   assert float(loss) == pytest.approx(float(plain), rel=1e-6)
   # another network as the teacher of the last 2 rows: loss = CE + 3 x KL(teacher || student)
-  tl = teacher_logp(other, 2)
-  loss, aux = compute_loss(m, dict(batch, teacher_logp=tl), omega=0.0, dropout_rng=None, distill=3.0)
-  logits, _ = m(batch["inputs"], shift_right(batch["targets"]))
-  mask = batch["targets"][-2:] != PAD_ID
-  want = float(distillation_kl(logits[-2:], tl, mask))
-  assert want > 1e-3 and float(aux["distill_kl"]) == pytest.approx(want, rel=1e-5)
-  assert float(loss) == pytest.approx(float(plain) + 3.0 * want, rel=1e-5)
+  assert float(want) > 1e-3 and float(aux2["distill_kl"]) == pytest.approx(float(want), rel=1e-5)
+  assert float(loss2) == pytest.approx(float(plain) + 3.0 * float(want), rel=1e-5)

@@ -282,8 +282,8 @@ def test_launch_scripts_cite_extras_that_exist_and_tpu_command(monkeypatch):
   setup_part, run_part = argv[-1].split(" && ")[1:]
   assert shlex.split(setup_part) == ["pip", "install", "-q", "-e", ".[tpu]"]
   assert shlex.split(run_part) == ["CART_DISTRIBUTED=1", "cart", "train",
-                                   "--gin_file=gin_configs/experiments/flickr30k.gin",
-                                   "--gin.MODEL_DIR=gs://bucket/run", "--no-progress",
+                                   "--gin-file=gin_configs/experiments/flickr30k.gin",
+                                   "--gin.MODEL_DIR=gs://bucket/run", "--quiet",
                                    "--gin.ModelConfig.fusion='none'"]
   out = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "tpu1", "z", "eval", "gs://bucket/run",
                         "--split", "test"], env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True)
@@ -322,7 +322,7 @@ def test_index_add_on_two_processes_matches_one_process(tmp_path):
   for dst in runs.values():
     shutil.copytree(run, dst)
   add = ["--corpus", str(tmp_path / "new"), "--embeddings", str(tmp_path / "new.npy"),
-         "--steps", "4", "--quiet"]
+         "--steps", "4", "--new-item-prior", "auto", "--quiet"]
   one = Launch(["index", "add", str(runs[1]), *add], tmp_path, "add_1", processes=1, devices=1)
   Launch(["index", "add", str(runs[2]), *add], tmp_path, "add_2").wait()
   one.wait()
