@@ -9,7 +9,7 @@ HERE = Path(__file__).resolve().parent
 VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "cart_jax" / "__init__.py").read_text(),
                     re.M).group(1)
 # The gin configs (gin_configs/ in the repository) install as the package cart_jax.gin_configs, so
-# an installed cart finds them through package resources (cart_jax/gin_bridge.py) from any cwd.
+# an installed cart finds them through package resources (cart_jax/cli/gin_bridge.py) from any cwd.
 GIN_PACKAGES = ["cart_jax.gin_configs"] + sorted(
     "cart_jax.gin_configs." + d.name for d in (HERE / "gin_configs").iterdir()
     if (d / "__init__.py").is_file())

@@ -374,7 +374,7 @@ class _Workspace:
 def run_one(ws: _Workspace, args, variant: str, seed: int, extra: list[str], log_file: Path | None) -> dict:
   """Trains and evaluates one (variant, seed); returns its record."""
   from cart_jax import api  # pylint: disable=g-import-not-at-top
-  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import gin_bridge  # pylint: disable=g-import-not-at-top
   ids_base = ws.recipe.smoke_ids if args.limit else ws.recipe.ids
   gin_extra, ids_extra = split_extra(extra)
   cfg = dataclasses.replace(ids_base, **ids_extra, seed=seed, **dict(VARIANTS[variant].ids))
@@ -512,7 +512,7 @@ def main(argv=None) -> int:
     ap.error("--no-templates is the emoji strict split; not available for " + args.dataset)
   if args.steps < 1 or (args.limit is not None and args.limit < 1):
     ap.error("--steps and --limit must be >= 1")
-  from cart_jax import recipes  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import recipes  # pylint: disable=g-import-not-at-top
   recipe = recipes.recipe_for(MODALITY[args.dataset], full=args.dataset == "emoji")
   if args.embed_steps is None:
     args.embed_steps = recipe.embed.steps

@@ -395,7 +395,7 @@ class _Workspace:
 
   def train(self, model_dir: Path, corpus_dir: Path, index_dir: Path) -> tuple[dict, float, bool]:
     """CART on ``corpus_dir`` (resumes; reused when finished): (summary, seconds, was done)."""
-    from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top  (the demo's gin experiment)
+    from cart_jax.cli import gin_bridge  # pylint: disable=g-import-not-at-top  (the demo's gin experiment)
     args = self.args
     done = _train_done(model_dir, args.steps)
     if done is not None:
@@ -602,7 +602,7 @@ def main(argv=None) -> int:
     args.replay_ratio = DEFAULT_REPLAY_RATIO
   if not 0.0 < args.replay_ratio < 1.0:
     ap.error(f"--replay-ratio {args.replay_ratio}: must be in (0, 1) (new_only is the 0 one)")
-  from cart_jax import recipes  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import recipes  # pylint: disable=g-import-not-at-top
   recipe = recipes.recipe_for(MODALITY[args.dataset])
   if args.embed_steps is None:
     args.embed_steps = recipe.embed.steps

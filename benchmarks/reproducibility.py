@@ -68,8 +68,9 @@ def _params_hash(model_dir: Path) -> str:
 def worker(args) -> dict:
   """One setting's pipeline in this process; returns hashes, losses and recall."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cart_jax import api, recipes  # pylint: disable=g-import-not-at-top
-  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top
+  from cart_jax import api
+  from cart_jax.cli import recipes  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import gin_bridge  # pylint: disable=g-import-not-at-top
   from cart_jax.data.embeddings import BuiltinEmbedOptions, embedding_files  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   out = Path(args.out)

@@ -79,7 +79,7 @@ def ensure_run(args) -> Path:
   if args.model_dir:
     return Path(args.model_dir)
   from cart_jax import api  # pylint: disable=g-import-not-at-top
-  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import gin_bridge  # pylint: disable=g-import-not-at-top
   from cart_jax.data.embeddings import BuiltinEmbedOptions, embedding_files  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   work = Path(args.workdir or Path(tempfile.gettempdir()) /

@@ -59,7 +59,7 @@ def small_run(workdir: Path, *, items: int = 300, steps: int = 30) -> Path:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from cart_jax import api  # pylint: disable=g-import-not-at-top
-  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top
+  from cart_jax.cli import gin_bridge  # pylint: disable=g-import-not-at-top
   from cart_jax.index.identifiers import IdentifierConfig  # pylint: disable=g-import-not-at-top
   run = workdir / "run"
   if (run / "train_summary.json").exists():

@@ -6,7 +6,7 @@ Importing this package imports nothing heavy. The pipeline as functions a notebo
 Imports run one way, down (docs/architecture.md; tests/test_layering.py checks it)::
 
   core < index, media, partitioning < models < data < runs < train | inference < jobs < serve < api
-       < gin_bridge < recipes < cli
+       < cli
 
 * ``core/``      errors, atomic artefact writes and hashes, paths, the item-id rule, the training
   loop, checkpoints, the persistent JAX compilation cache.
@@ -25,7 +25,8 @@ Imports run one way, down (docs/architecture.md; tests/test_layering.py checks i
 * ``jobs/``      whole jobs: train, evaluate, search, baseline, embed, the re-ranker of a run.
 * ``serve/``     the HTTP server.
 * ``api.py``     typed functions, one per command.
-* ``cli/``       the ``cart`` console script (and gin); ``recipes.py`` the demo.
+* ``cli/``       the edge: the ``cart`` console script, gin (``gin_bridge.py``, the only module
+  that imports gin) and the demo's recipes (``recipes.py``).
 
 The SeqIO tasks (``tasks/`` in the repository) install as ``cart_seqio``.
 """

@@ -18,8 +18,8 @@
 
 Each function calls the jobs below it (:mod:`cart_jax.jobs`, composing ``data``, ``index``,
 ``train`` and ``inference``) and returns typed values or the JSON-ready dict its command prints. No
-gin here: ``cart train`` reads its configs from gin files (:mod:`cart_jax.gin_bridge`) and calls
-:func:`train`; the demo (``cart demo``, :mod:`cart_jax.recipes`) composes these functions. User
+gin here: ``cart train`` reads its configs from gin files (:mod:`cart_jax.cli.gin_bridge`) and calls
+:func:`train`; the demo (``cart demo``, :mod:`cart_jax.cli.recipes`) composes these functions. User
 errors raise :class:`cart_jax.core.errors.CartError` (a subclass naming the file/line/field); anything else
 propagates with its traceback. Heavy imports happen inside the functions, so importing this module
 is cheap and needs neither gin nor TensorFlow.

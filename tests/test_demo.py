@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cart_jax import recipes
+from cart_jax.cli import recipes
 from cart_jax.cli.main import main
 from cart_jax.core.errors import CartError
 

@@ -6,7 +6,7 @@ import jax
 import pytest
 from flax import nnx
 
-from cart_jax import gin_bridge
+from cart_jax.cli import gin_bridge
 from cart_jax.index.vocab import IdentifierVocab
 from cart_jax.models.cart.config import with_vocab
 from cart_jax.models.cart.network import CARTNetwork

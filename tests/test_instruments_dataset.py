@@ -161,6 +161,6 @@ def test_demo_recipe_points_at_real_files():
   r = ins.DEMO_RECIPE
   root = Path(__file__).resolve().parents[1]
   assert r["dataset"] == "instruments" and (root / r["experiment"]).is_file()
-  from cart_jax import recipes
+  from cart_jax.cli import recipes
   recipe = recipes.DemoRecipe.from_settings("audio", r)  # typed: the settings name real fields
   assert recipe.embed.steps == 300 and recipe.ids.n_clusters == 32

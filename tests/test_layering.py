@@ -2,7 +2,7 @@
 modules import each other in a circle.
 
   core < index, media, partitioning < models < data < runs < train | inference < jobs < serve < api
-       < gin_bridge < recipes < cli
+       < cli
 
 Every ``import`` / ``from ... import`` statement counts, at module level or inside a function
 (also under ``if TYPE_CHECKING:``): a function-local import is an import all the same. Read with
@@ -27,9 +27,7 @@ LAYERS = (
     ("jobs",),
     ("serve",),
     ("api",),
-    ("gin_bridge",),  # the edge: gin files -> typed configs -> api
-    ("recipes",),     # the demo's recipes (they run gin experiments)
-    ("cli",),         # the console script
+    ("cli",),  # the edge: the console script, gin (cli/gin_bridge.py) and the demo's recipes
 )
 SAME_ROOM: set[tuple[str, str]] = set()
 # Imports against the order that are tolerated (none).

@@ -81,7 +81,7 @@ def test_installed_copy_finds_gin_configs_from_any_directory(wheel, tmp_path):
   script = """
 import json, gin
 import cart_jax
-from cart_jax import gin_bridge
+from cart_jax.cli import gin_bridge
 gin_bridge.parse(["gin_configs/experiments/emoji_demo.gin"], ["MODEL_DIR='/tmp/x'"], finalize=False)
 print(json.dumps({"file": cart_jax.__file__, "repo_root_has_gin": (gin_bridge.REPO_ROOT / "gin_configs").is_dir(),
                   "installed": str(gin_bridge.installed_gin_configs()),

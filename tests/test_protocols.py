@@ -294,7 +294,7 @@ def test_demo_protocol_flags_are_checked(capsys):
     cart("demo", "--textless-items", "1.5")
   assert e.value.code == 2
   assert "expected a share in (0, 1)" in capsys.readouterr().err
-  from cart_jax import recipes
+  from cart_jax.cli import recipes
   with pytest.raises(CartError, match="--unseen-items F"):
     recipes.run_demo(recipes.recipe_for("image"), captions_only_items=0.2, log=lambda m: None)
   with pytest.raises(CartError, match="pick one"):
@@ -303,7 +303,7 @@ def test_demo_protocol_flags_are_checked(capsys):
 
 
 def test_demo_report_says_how_the_weight_was_chosen_and_shows_the_affected_items():
-  from cart_jax.recipes import report, table
+  from cart_jax.cli.recipes import report, table
   m = {"r@1": 0.5, "r@5": 0.75, "r@10": 0.875, "mrr@10": 0.6, "qps": 10.0}
   s = {"n_items": 8, "n_test_queries": 4, "cart": m, "dual_tower": m,
        "cart_rerank": dict(m, weight=64.0)}

@@ -418,7 +418,7 @@ def test_rerank_of_a_run_without_minilm_is_a_clear_error(tmp_path, capsys):
 
 
 def test_demo_table_has_a_cart_rerank_row():
-  from cart_jax.recipes import table
+  from cart_jax.cli.recipes import table
   m = {"r@1": 0.5, "r@5": 0.75, "r@10": 0.875, "mrr@10": 0.6, "qps": 10.0}
   s = {"n_items": 8, "n_test_queries": 4, "cart": m, "dual_tower": m,
        "cart_rerank": dict(m, **{"r@1": 0.625, "weight": 4.0})}

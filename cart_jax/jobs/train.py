@@ -1,6 +1,6 @@
 """The training job: trains CART into a MODEL_DIR (layout: :mod:`cart_jax.runs.layout`).
 
-No gin here (``cart_jax/gin_bridge.py`` makes :func:`train_job` configurable).
+No gin here (``cart_jax/cli/gin_bridge.py`` makes :func:`train_job` configurable).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ The state is split ``(graphdef, params, frozen)``: ``params`` are the trainable 
 (``network.trainable_filter``; a frozen encoder is not among them), ``frozen`` the rest. Both are
 plain nested dicts of arrays (``nnx.to_pure_dict``) so orbax and optax see ordinary pytrees.
 
-No gin here: ``cart_jax/gin_bridge.py`` makes these configurable at the edge.
+No gin here: ``cart_jax/cli/gin_bridge.py`` makes these configurable at the edge.
 """
 from __future__ import annotations
 

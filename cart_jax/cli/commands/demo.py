@@ -8,7 +8,7 @@ video -> ``emoji-motion`` (emoji sprites moving, zooming, rotating, fading). The
 are the image demo's; the audio and video demos run the same five steps with their data set's
 recipe (``DEMO_RECIPE`` in its module: embed steps, identifier shape, gin experiment).
 
-Library: ``cart_jax.recipes.run_demo`` (the same library calls as the
+Library: ``cart_jax.cli.recipes.run_demo`` (the same library calls as the
 commands named below). Steps:
   1. prepare the emoji corpus (``cart data prepare emoji``): 3,944 rendered emoji, English
      queries split train/val/test by wording, captions in 13 other languages;
@@ -106,7 +106,7 @@ def _share(flag: str):
 
 
 def run(args) -> int:
-  from cart_jax import recipes
+  from cart_jax.cli import recipes
   stream = output.text_stream(args)
   log = (lambda m: None) if args.quiet else (lambda m: print(m, file=stream, flush=True))
   result = recipes.run_demo(recipes.recipe_for(args.modality, args.full), workdir=args.workdir,

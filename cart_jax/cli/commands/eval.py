@@ -140,7 +140,7 @@ def _gin_eval_config(args) -> dict:
     return {}
   import dataclasses
 
-  from cart_jax import gin_bridge
+  from cart_jax.cli import gin_bridge
   from cart_jax.core.errors import CartError
   try:
     gin_bridge.parse(args.gin_file, args.gin_bindings)

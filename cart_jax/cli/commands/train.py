@@ -48,7 +48,7 @@ def register(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-  from cart_jax import gin_bridge
+  from cart_jax.cli import gin_bridge
   from cart_jax.core.errors import CartError
 
   if not args.gin_file:

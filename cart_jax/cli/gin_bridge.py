@@ -24,7 +24,7 @@ import gin
 
 from cart_jax.core.errors import CartError, ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # cart_jax/gin_bridge.py -> the repository
+REPO_ROOT = Path(__file__).resolve().parents[2]  # cart_jax/cli/gin_bridge.py -> the repository
 GIN_PACKAGE = "cart_jax.gin_configs"  # gin_configs/ as installed by the wheel (setup.py)
 _REGISTERED = False
 _SEARCH_PATHS: set[str] = set()

@@ -253,7 +253,7 @@ def _train(experiment: str, model_dir: Path, corpus_dir: Path, index_dir: Path, 
            train_steps: int | None, unseen_items: float) -> dict:
   """The demo's train stage: ``cart train`` of the recipe's gin experiment (its re-ranker from
   ``embeddings``); the summary, also printed."""
-  from cart_jax import gin_bridge  # pylint: disable=g-import-not-at-top  (the experiment is a gin file)
+  from cart_jax.cli import gin_bridge  # pylint: disable=g-import-not-at-top  (the experiment is a gin file)
   bindings = [f"MODEL_DIR='{model_dir}'", f"CORPUS_DIR='{corpus_dir}'", f"INDEX_DIR='{index_dir}'",
               f"EMBEDDINGS='{embeddings}'", "train_job.embeddings=%EMBEDDINGS"]  # -> MODEL_DIR/rerank/
   if train_steps:
