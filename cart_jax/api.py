@@ -253,7 +253,7 @@ def evaluate(model_dir: str | os.PathLike, *, split: str = "test", beam_size: in
     rerank_weight = rerank_lib.parse_weight(rerank_weight)
   return eval_job(str(model_dir), split=split, beam_size=beam_size, batch_size=batch_size,
                   limit=limit, step=step, verify=verify, modality=modality,
-                  items=None if items is None else (items if isinstance(items, set) else str(items)),
+                  items=items,
                   rerank=bool(rerank or embeddings or rerank_weight is not None),
                   rerank_weight=rerank_weight, embeddings=embeddings, log=log, progress=progress)
 

@@ -414,9 +414,12 @@ def save(reranker: Reranker, model_dir: str | os.PathLike) -> Path:
   return target
 
 
-def load(model_dir: str | os.PathLike, item_ids: Sequence[str] | None = None) -> Reranker:
-  """Reads ``MODEL_DIR/rerank/``; with ``item_ids`` also checks it follows that index's rows."""
-  d = directory(model_dir)
+def load(model_dir: str | os.PathLike, item_ids: Sequence[str] | None = None, *,
+         rerank_dir: str | os.PathLike | None = None) -> Reranker:
+  """Reads ``MODEL_DIR/rerank/``; with ``item_ids`` also checks it follows that index's rows.
+
+  ``rerank_dir``: read this directory instead (e.g. a local copy of a remote run's)."""
+  d = Path(rerank_dir) if rerank_dir is not None else directory(model_dir)
   meta_path = d / META_FILE
   if not meta_path.is_file():
     raise RerankError(f"{model_dir}: no re-ranker ({meta_path} missing); build one with "

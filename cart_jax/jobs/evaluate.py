@@ -1,6 +1,7 @@
 """``cart eval``: R@1/5/10, MRR@10 and queries/s of a trained run (MODEL_DIR) on a split's queries."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -14,7 +15,7 @@ def eval_job(model_dir: str, *, split: str = "test", beam_size: int = 10, batch_
              limit: int | None = None, step: int | None = None, loaded: LoadedRun | None = None,
              modality: str | None = None, rerank: bool = False, rerank_weight: float | None = None,
              embeddings: str | None = None, log: Callable[[str], None] = print,
-             items: set[str] | str | None = None, progress: bool = False,
+             items: set[str] | str | os.PathLike | None = None, progress: bool = False,
              verify: bool = True) -> dict:
   """R@1/5/10, MRR@10 and queries/s of a trained run on a split's queries.
 

@@ -114,18 +114,15 @@ DEFAULT_PSEUDO_QUERIES = 0  # off: they cost the old items (docs/incremental.md)
 __all__ = ["IndexUpdateError", "add_items", "remove_items", "read_remove_ids"]
 
 
-def _with_pseudo_queries(new_texts: list, new_corpus, old_corpus, embeddings, item_ids, k: int,
-                         run: dict, log: Callable[[str], None]) -> tuple[list, dict | None]:
-  """``new_texts`` plus ``k`` pseudo-queries for every new item that has none; and a summary."""
+def _with_pseudo_queries(new_texts: list, textless: list[str], new_corpus, old_corpus, embeddings,
+                         item_ids, k: int, run: dict,
+                         log: Callable[[str], None]) -> tuple[list, dict]:
+  """``new_texts`` plus ``k`` pseudo-queries for each of the ``textless`` new items; a summary."""
   from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
 
   from cart_jax.data.embeddings import embedding_files  # pylint: disable=g-import-not-at-top
   from cart_jax.jobs import pseudo_queries as pq  # pylint: disable=g-import-not-at-top
   from cart_jax.train import state_cache  # pylint: disable=g-import-not-at-top
-  have = {t.item_id for t in new_texts}
-  textless = [i for i in new_corpus.item_ids if i not in have]
-  if not textless:
-    return new_texts, None
   model = embedding_files(embeddings).model
   if not Path(model).is_file():
     log(f"note: {len(textless)} new item(s) have no training text (e.g. {textless[:3]}) and get no "
@@ -334,18 +331,18 @@ def _reranker_for(model_dir: Path, old_ids: Sequence[str], new_ids: Sequence[str
   from cart_jax.core import paths  # pylint: disable=g-import-not-at-top
   from cart_jax.inference import rerank  # pylint: disable=g-import-not-at-top
   from cart_jax.runs.layout import RUN_FILE, run_subdir  # pylint: disable=g-import-not-at-top
+  local = None
   if paths.is_remote(model_dir):  # its files, read from a local copy
     import json  # pylint: disable=g-import-not-at-top
     run = json.loads((model_dir / RUN_FILE).read_text())
     d = run_subdir(model_dir, run, "rerank_dir", rerank.SUBDIR)
     if not (d / rerank.META_FILE).exists():
       return None, "the run has no re-ranker"
-    model_dir = Path(tempfile.mkdtemp(prefix="cart-rerank-"))  # no run.json: <it>/rerank is read
-    os.symlink(paths.stage(d), model_dir / rerank.SUBDIR)
-  if not rerank.exists(model_dir):
+    local = paths.stage(d)
+  elif not rerank.exists(model_dir):
     return None, "the run has no re-ranker"
   try:
-    r = rerank.load(model_dir, old_ids)
+    r = rerank.load(model_dir, old_ids, rerank_dir=local)
   except rerank.RerankError as e:
     log(f"re-ranker not carried over: {e}")
     return None, f"not carried over: {e}"
@@ -643,16 +640,16 @@ def _plan_add(model_dir, corpus_dir, embeddings, item_ids, opts: _AddOptions, ve
   if rate > 0:
     old_texts += caption_texts(old_corpus, run.get("captions_file"))
   pseudo_summary = None
-  if opts.steps != 0 and opts.pseudo_queries > 0:
+  have = {t.item_id for t in new_texts}
+  textless = [i for i in new_corpus.item_ids if i not in have]
+  if opts.steps != 0 and textless and opts.pseudo_queries > 0:
     new_texts, pseudo_summary = _with_pseudo_queries(
-        new_texts, new_corpus, old_corpus, embeddings, item_ids, opts.pseudo_queries, run, log)
-  elif opts.steps != 0:
-    have = {t.item_id for t in new_texts}
-    textless = [i for i in new_corpus.item_ids if i not in have]
-    if textless and len(textless) < len(new_corpus.item_ids):
-      log(f"note: {len(textless)} new item(s) have no training text (e.g. {textless[:3]}): they get "
-          "identifiers only (--pseudo-queries K trains them on the K nearest training texts, at a "
-          "cost to the old items)")
+        new_texts, textless, new_corpus, old_corpus, embeddings, item_ids, opts.pseudo_queries, run,
+        log)
+  elif opts.steps != 0 and textless and len(textless) < len(new_corpus.item_ids):
+    log(f"note: {len(textless)} new item(s) have no training text (e.g. {textless[:3]}): they get "
+        "identifiers only (--pseudo-queries K trains them on the K nearest training texts, at a "
+        "cost to the old items)")
   b = int(opts.batch_size or run.get("input_config", {}).get("batch_size", 64))
   num_old = int(round(opts.replay_ratio * b)) if old_texts else 0
   if num_old >= b:
